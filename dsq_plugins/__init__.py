@@ -1,0 +1,25 @@
+"""dsq_plugins: DoubleSqueeze (Tang et al., ICML 2019), double-pass error-compensated compressed SGD.
+
+The core: compressors and their wire payloads, error feedback, the double-pass collective, the PyTorch DDP
+communication hook, the single-process reference `Simulator`, and TensorBoard monitoring. The Horovod,
+DeepSpeed and async parameter-server integrations are thin adapters over these.
+"""
+from .collective import DoubleSqueezeCollective
+from .communicator import Communicator, TorchDistributedCommunicator
+from .compressors import Compressor
+from .config import DoubleSqueezeConfig
+from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
+from .memory import ErrorFeedback
+from .monitor import RoundStats, TensorBoardMonitor
+from .payload import Payload
+from .registry import ENTRY_POINT_GROUP, available_compressors, get_compressor, register_compressor
+from .simulator import Simulator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Communicator", "Compressor", "DoubleSqueezeCollective", "DoubleSqueezeConfig", "DoubleSqueezeState",
+    "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor",
+    "TorchDistributedCommunicator", "available_compressors", "doublesqueeze_hook", "get_compressor",
+    "register_compressor",
+]

@@ -1,0 +1,55 @@
+"""Packing of small unsigned integers into bytes, so that a b-bit value costs b bits on the wire.
+
+Bit order is big-endian within each byte (numpy's default): element 0 is the most significant bit of byte 0.
+"""
+import numpy as np
+import torch
+
+__all__ = ["packed_nbytes", "pack_bits", "unpack_bits", "pack_uint", "unpack_uint"]
+
+# Row v holds the 8 bits of the byte v, most significant first: the decoding table of `unpack_bits`.
+_BYTE_BITS = torch.from_numpy(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1))
+
+
+def packed_nbytes(count: int, bits: int = 1) -> int:
+    """Bytes that `count` values of `bits` bits occupy once packed."""
+    return (count * bits + 7) // 8
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor of n elements -> uint8 tensor of ceil(n / 8) bytes (zero padding bits at the end)."""
+    flat = mask.reshape(-1)
+    if flat.dtype != torch.bool:
+        flat = flat != 0
+    return torch.from_numpy(np.packbits(flat.contiguous().numpy()))
+
+
+def unpack_bits(packed: torch.Tensor, count: int, table: torch.Tensor = None) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `count` bits as uint8 0/1, or, with `table` (2 values, dtype D),
+    as `table[bit]` of dtype D, decoded eight elements at a time by one table look-up per byte."""
+    packed = packed.reshape(-1)
+    lut = _BYTE_BITS if table is None else table[_BYTE_BITS.long()]
+    out = torch.empty((packed.numel(), 8), dtype=lut.dtype)
+    torch.index_select(lut, 0, packed.long(), out=out)
+    return out.view(-1)[:count]
+
+
+def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 values, each < 2**bits (1 <= bits <= 8), -> uint8 tensor of ceil(n * bits / 8) bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    values = values.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return values.clone()
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)
+    expanded = (values.unsqueeze(1) >> shifts) & 1
+    return pack_bits(expanded.view(-1).bool())
+
+
+def unpack_uint(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Inverse of `pack_uint`: `count` uint8 values."""
+    if bits == 8:
+        return packed.reshape(-1)[:count].clone()
+    b = unpack_bits(packed, count * bits).view(count, bits)
+    weights = (2 ** torch.arange(bits - 1, -1, -1)).to(torch.uint8)
+    return (b * weights).sum(dim=1, dtype=torch.uint8)

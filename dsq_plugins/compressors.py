@@ -1,0 +1,315 @@
+"""The built-in compressors. Each has one job: tensor -> `Payload` (packed to its true wire size) -> tensor.
+
+Semantics are exact (DESIGN.md section 3) so that results can be checked against a reference:
+
+- ``none``: identity. ``fp16``, ``bf16``: cast (fp16 saturates at +-65504; what saturation drops is error, and
+  error feedback keeps it).
+- ``sign``: ``s * sign(v)`` with ``sign(0) = +1`` and ``s = mean(|v|)``; 1 bit per element + a fp32 scale.
+- ``topk:R``: the ``k = max(1, ceil(R * d))`` entries of largest magnitude, unscaled; values + int32 indices
+  (int16 when ``d <= 32768``).
+- ``randomk:R``: ``k`` entries chosen uniformly without replacement from the payload's seed, scaled by ``d / k``
+  (unbiased); values + the int64 seed (the indices are regenerated from it).
+- ``qsgd:S``: QSGD with ``S`` levels and stochastic rounding (unbiased); fp32 norm + packed signs + levels packed
+  in ``ceil(log2(S + 1))`` bits.
+- ``int8[:C]``: min-max 8-bit quantization per chunk of ``C`` elements (default 512), round to nearest; per chunk a
+  fp32 minimum and step, then one byte per element.
+
+Every compressor takes any floating dtype and shape and returns the same dtype and shape. `compress` accepts a
+``seed`` (ignored by deterministic compressors) so that distributed callers can make randomness reproducible.
+"""
+import math
+from typing import List, Optional
+
+import torch
+
+from . import bitpack
+from .payload import Field, Payload
+
+__all__ = ["Compressor", "NoneCompressor", "CastCompressor", "SignCompressor", "TopKCompressor",
+           "RandomKCompressor", "QSGDCompressor", "Int8Compressor"]
+
+
+class Compressor:
+    """Base class. Subclasses set `name` and implement `layout`, `_compress` and `_decompress`.
+
+    Attributes:
+        spec: the canonical spec string (``"topk:0.01"``) that `get_compressor` turns back into this compressor.
+        uses_seed: whether `compress` draws random numbers (from `seed`).
+        seed_per_rank: whether distributed callers should give each rank its own seed (independent noise)
+            rather than one seed all ranks agree on.
+    """
+
+    name = "base"
+    uses_seed = False
+    seed_per_rank = False
+
+    def __init__(self, arg: Optional[str] = None):
+        self.spec = self.name if arg is None else f"{self.name}:{arg}"
+
+    def layout(self, numel: int, dtype: torch.dtype) -> List[Field]:
+        """The wire fields of a payload for `numel` elements of `dtype`: [(name, dtype, count), ...]."""
+        raise NotImplementedError
+
+    def nbytes(self, numel: int, dtype: torch.dtype) -> int:
+        """Bytes on the wire for a tensor of `numel` elements of `dtype`, known without compressing."""
+        return sum(count * torch.empty((), dtype=dt).element_size() for _, dt, count in self.layout(numel, dtype))
+
+    def compress(self, tensor: torch.Tensor, seed: Optional[int] = None) -> Payload:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"{self.spec}: expected a floating-point tensor, got "
+                            f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        if self.uses_seed and seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        flat = tensor.detach().reshape(-1)
+        fields = self._compress(flat, seed)
+        return Payload(self.spec, tensor.shape, tensor.dtype, fields)
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """The dense tensor (payload's shape and dtype). It may share memory with the payload."""
+        if payload.spec != self.spec:
+            raise ValueError(f"payload was made by {payload.spec!r}, cannot be decompressed by {self.spec!r}")
+        return self._decompress(payload, payload.numel, payload.dtype).view(payload.shape)
+
+    def unpack(self, buffer: torch.Tensor, shape, dtype: torch.dtype) -> Payload:
+        """Wire bytes (uint8 tensor) + context -> `Payload`."""
+        numel = math.prod(shape)
+        return Payload.from_buffer(buffer, self.spec, shape, dtype, self.layout(numel, dtype))
+
+    def _compress(self, flat: torch.Tensor, seed: Optional[int]) -> dict:
+        raise NotImplementedError
+
+    def _decompress(self, payload: Payload, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<Compressor {self.spec}>"
+
+    def __eq__(self, other):
+        return isinstance(other, Compressor) and other.spec == self.spec
+
+    def __hash__(self):
+        return hash(self.spec)
+
+
+class NoneCompressor(Compressor):
+    name = "none"
+
+    def layout(self, numel, dtype):
+        return [("values", dtype, numel)]
+
+    def _compress(self, flat, seed):
+        return {"values": flat}
+
+    def _decompress(self, payload, numel, dtype):
+        return payload.fields["values"]
+
+
+class CastCompressor(Compressor):
+    """Cast to a 16-bit float type on the wire (values outside its range saturate)."""
+
+    def __init__(self, name: str, wire_dtype: torch.dtype):
+        self.name = name
+        self.wire_dtype = wire_dtype
+        super().__init__()
+
+    def layout(self, numel, dtype):
+        return [("values", self.wire_dtype, numel)]
+
+    def _compress(self, flat, seed):
+        if flat.dtype == self.wire_dtype:
+            return {"values": flat}
+        limit = torch.finfo(self.wire_dtype).max
+        if torch.finfo(flat.dtype).max > limit:
+            flat = flat.clamp(-limit, limit)
+        return {"values": flat.to(self.wire_dtype)}
+
+    def _decompress(self, payload, numel, dtype):
+        return payload.fields["values"].to(dtype)
+
+
+class SignCompressor(Compressor):
+    name = "sign"
+
+    def layout(self, numel, dtype):
+        return [("scale", torch.float32, 1), ("bits", torch.uint8, bitpack.packed_nbytes(numel))]
+
+    def _compress(self, flat, seed):
+        acc = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+        scale = (torch.linalg.vector_norm(acc, 1) / flat.numel()).float()
+        return {"scale": scale.reshape(1), "bits": bitpack.pack_bits(flat < 0)}
+
+    def _decompress(self, payload, numel, dtype):
+        s = payload.fields["scale"].to(dtype)
+        return bitpack.unpack_bits(payload.fields["bits"], numel, table=torch.cat([s, -s]))
+
+
+def _parse_ratio(name: str, arg: Optional[str], default: float) -> float:
+    if arg is None:
+        return default
+    try:
+        ratio = float(arg)
+    except ValueError:
+        ratio = float("nan")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{name}: the ratio must be a number in (0, 1], e.g. '{name}:0.01'; got {arg!r}")
+    return ratio
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int16 if numel <= 2 ** 15 else torch.int32
+
+
+class TopKCompressor(Compressor):
+    name = "topk"
+
+    def __init__(self, arg: Optional[str] = None):
+        self.ratio = _parse_ratio(self.name, arg, 0.01)
+        super().__init__(repr(self.ratio))
+
+    def k(self, numel: int) -> int:
+        return max(1, math.ceil(self.ratio * numel))
+
+    def layout(self, numel, dtype):
+        k = self.k(numel)
+        return [("values", dtype, k), ("indices", _index_dtype(numel), k)]
+
+    def _compress(self, flat, seed):
+        idx = topk_indices(flat, self.k(flat.numel()))
+        return {"values": flat[idx], "indices": idx.to(_index_dtype(flat.numel()))}
+
+    def _decompress(self, payload, numel, dtype):
+        out = torch.zeros(numel, dtype=dtype)
+        out[payload.fields["indices"].long()] = payload.fields["values"]
+        return out
+
+
+def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64) of the `k` entries of `flat` of largest magnitude: an exact selection.
+
+    For large tensors and small `k`, a threshold is first estimated from a fixed-seed sample of magnitudes so
+    that about 2k candidates pass it; every entry at or above the threshold is a candidate, so if at least `k`
+    pass, the exact top-k of the candidates is the exact top-k of the whole. Otherwise the threshold is
+    lowered, and past that the plain `torch.topk` is used.
+    """
+    d = flat.numel()
+    if d < 65536 or 4 * k > d:
+        return torch.topk(flat.abs(), k, sorted=False).indices
+    gen = torch.Generator().manual_seed(d)
+    sample = flat[torch.randint(0, d, (32768,), generator=gen)].abs().float()
+    for want in (2 * k, 8 * k):
+        q = 1.0 - want / d
+        if q <= 0:
+            break
+        thr = torch.quantile(sample, q).to(flat.dtype)
+        cand = ((flat >= thr) | (flat <= -thr)).nonzero().squeeze(1)
+        if cand.numel() >= k:
+            top = torch.topk(flat[cand].abs(), k, sorted=False).indices
+            return cand[top]
+    return torch.topk(flat.abs(), k, sorted=False).indices
+
+
+class RandomKCompressor(Compressor):
+    name = "randomk"
+    uses_seed = True
+
+    def __init__(self, arg: Optional[str] = None):
+        self.ratio = _parse_ratio(self.name, arg, 0.01)
+        super().__init__(repr(self.ratio))
+
+    def k(self, numel: int) -> int:
+        return max(1, math.ceil(self.ratio * numel))
+
+    def layout(self, numel, dtype):
+        return [("seed", torch.int64, 1), ("values", dtype, self.k(numel))]
+
+    def _indices(self, seed: int, numel: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(numel, generator=gen)[:self.k(numel)]
+
+    def _compress(self, flat, seed):
+        d = flat.numel()
+        idx = self._indices(seed, d)
+        return {"seed": torch.tensor([seed], dtype=torch.int64), "values": flat[idx] * (d / idx.numel())}
+
+    def _decompress(self, payload, numel, dtype):
+        out = torch.zeros(numel, dtype=dtype)
+        out[self._indices(int(payload.fields["seed"][0]), numel)] = payload.fields["values"]
+        return out
+
+
+class QSGDCompressor(Compressor):
+    name = "qsgd"
+    uses_seed = True
+    seed_per_rank = True
+
+    def __init__(self, arg: Optional[str] = None):
+        try:
+            levels = 16 if arg is None else int(arg)
+        except ValueError:
+            levels = 0
+        if not 1 <= levels <= 255:
+            raise ValueError(f"qsgd: the number of levels must be an integer in 1..255, e.g. 'qsgd:16'; got {arg!r}")
+        self.levels = levels
+        self.bits = max(1, math.ceil(math.log2(levels + 1)))
+        super().__init__(str(levels))
+
+    def layout(self, numel, dtype):
+        return [("norm", torch.float32, 1), ("signs", torch.uint8, bitpack.packed_nbytes(numel)),
+                ("levels", torch.uint8, bitpack.packed_nbytes(numel, self.bits))]
+
+    def _compress(self, flat, seed):
+        v = flat.float()
+        norm = torch.linalg.vector_norm(v)
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.rand(v.numel(), generator=gen)
+        if norm > 0:
+            scaled = v.abs().div_(norm).mul_(self.levels)
+        else:
+            scaled = torch.zeros_like(v)
+        levels = scaled.add_(noise).floor_().clamp_(0, self.levels).to(torch.uint8)
+        return {"norm": norm.reshape(1), "signs": bitpack.pack_bits(v < 0),
+                "levels": bitpack.pack_uint(levels, self.bits)}
+
+    def _decompress(self, payload, numel, dtype):
+        unit = payload.fields["norm"] / self.levels
+        mags = bitpack.unpack_uint(payload.fields["levels"], numel, self.bits).float().mul_(unit)
+        signs = bitpack.unpack_bits(payload.fields["signs"], numel, table=torch.tensor([1.0, -1.0]))
+        return mags.mul_(signs).to(dtype)
+
+
+class Int8Compressor(Compressor):
+    name = "int8"
+
+    def __init__(self, arg: Optional[str] = None):
+        try:
+            chunk = 512 if arg is None else int(arg)
+        except ValueError:
+            chunk = 0
+        if chunk < 1:
+            raise ValueError(f"int8: the chunk size must be a positive integer, e.g. 'int8:512'; got {arg!r}")
+        self.chunk = chunk
+        super().__init__(None if arg is None else str(chunk))
+
+    def layout(self, numel, dtype):
+        chunks = -(-numel // self.chunk)
+        return [("mins", torch.float32, chunks), ("steps", torch.float32, chunks), ("q", torch.uint8, numel)]
+
+    def _chunked(self, flat):
+        d = flat.numel()
+        pad = -d % self.chunk
+        if pad:
+            flat = torch.cat([flat, flat[-1:].expand(pad)])
+        return flat.float().view(-1, self.chunk)
+
+    def _compress(self, flat, seed):
+        x = self._chunked(flat)
+        lo = x.amin(dim=1)
+        step = (x.amax(dim=1) - lo) / 255.0
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        q = ((x - lo[:, None]) / safe[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+        return {"mins": lo, "steps": step, "q": q.view(-1)[:flat.numel()]}
+
+    def _decompress(self, payload, numel, dtype):
+        f = payload.fields
+        idx = torch.arange(numel) // self.chunk
+        return (f["q"].float() * f["steps"][idx] + f["mins"][idx]).to(dtype)

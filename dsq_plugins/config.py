@@ -1,0 +1,73 @@
+"""`DoubleSqueezeConfig`: what to compress with and which switches of DESIGN.md section 1 are on."""
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from .compressors import Compressor
+from .registry import get_compressor
+
+__all__ = ["DoubleSqueezeConfig"]
+
+
+@dataclass(frozen=True)
+class DoubleSqueezeConfig:
+    """Configuration of the double-pass error-compensated collective.
+
+    Args:
+        compressor: spec of the worker compressor `C_w` (``"sign"``, ``"topk:0.01"``, ...).
+        server_compressor: spec of the server compressor `C_s`; None means the same as `compressor`;
+            ``"none"`` gives a dense downlink (single-pass error feedback, MEM-SGD).
+        worker_ef: keep the worker residual `e_i` (False: plain compressed SGD on the uplink).
+        server_ef: keep the server residual `e` (False: the server re-compresses without memory).
+        warmup_steps: communication rounds (steps) done with a dense average before compression starts.
+        min_numel: buckets of fewer elements go dense: compressing them cannot pay for the extra work.
+        bucket_mb: bucket size in MiB for integrations that bucket gradients themselves (DDP buckets its own).
+        seed: base seed of the compressors' randomness (`randomk`, `qsgd`); all ranks must agree on it.
+    """
+
+    compressor: str = "sign"
+    server_compressor: Optional[str] = None
+    worker_ef: bool = True
+    server_ef: bool = True
+    warmup_steps: int = 0
+    min_numel: int = 1024
+    bucket_mb: float = 25.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("worker_ef", "server_ef"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DoubleSqueezeConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "min_numel", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DoubleSqueezeConfig.{name} must be an integer >= 0, got {value!r}")
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
+            raise ValueError(f"DoubleSqueezeConfig.bucket_mb must be a number > 0, got {self.bucket_mb!r}")
+        # Resolve (and so validate) both specs now, and keep them in canonical form.
+        object.__setattr__(self, "compressor", _spec(self.compressor))
+        if self.server_compressor is not None:
+            object.__setattr__(self, "server_compressor", _spec(self.server_compressor))
+
+    @property
+    def worker(self) -> Compressor:
+        return get_compressor(self.compressor)
+
+    @property
+    def server(self) -> Compressor:
+        return get_compressor(self.server_compressor or self.compressor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DoubleSqueezeConfig":
+        """Build from a mapping; an unknown key raises ValueError naming the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown DoubleSqueeze config key(s) {unknown}; valid keys: {', '.join(valid)}")
+        return cls(**d)
+
+
+def _spec(spec) -> str:
+    return get_compressor(spec).spec

@@ -1,0 +1,93 @@
+"""Counters of one communication round and a TensorBoard writer for them."""
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+__all__ = ["RoundStats", "TensorBoardMonitor"]
+
+
+@dataclass
+class RoundStats:
+    """What one rank did in one communication round (or, summed, in many). Bytes are payload bytes that leave
+    or reach this rank over the network (a rank's message to itself is not counted); dense paths count what a
+    ring all-reduce moves, (W - 1) / W of the buffer in each pass."""
+
+    bytes_up_sent: int = 0
+    bytes_up_recv: int = 0
+    bytes_down_sent: int = 0
+    bytes_down_recv: int = 0
+    dense_bytes: int = 0          # size of the gradients handled, uncompressed, in their own dtype
+    payload_bytes: int = 0        # size of this rank's uplink payloads for them (all shards)
+    compress_seconds: float = 0.0
+    worker_error_sq: float = 0.0  # ||v_i - C(v_i)||^2 summed over buckets (only while a monitor is attached)
+    worker_input_sq: float = 0.0  # ||v_i||^2
+    server_error_sq: float = 0.0
+    server_input_sq: float = 0.0
+    skipped: int = 0              # buckets skipped for a non-finite gradient on some rank
+    compressed_buckets: int = 0
+    dense_buckets: int = 0
+
+    def add(self, other: "RoundStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.bytes_up_sent + self.bytes_down_sent
+
+    @property
+    def bytes_recv(self) -> int:
+        return self.bytes_up_recv + self.bytes_down_recv
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv)
+        return d
+
+
+class TensorBoardMonitor:
+    """Writes the collective's per-step metrics (and anything else, such as the loss) as TensorBoard scalars.
+
+    Attach it with ``DoubleSqueezeState(cfg, monitor=TensorBoardMonitor(logdir))`` or ``state.monitor = ...``.
+    `every` logs one step in `every`. Tags live under ``prefix`` (default ``"dsq/"``).
+    """
+
+    def __init__(self, logdir: str, every: int = 1, prefix: str = "dsq/"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self.logdir = logdir
+        self.every = max(1, int(every))
+        self.prefix = prefix
+        self.writer = SummaryWriter(logdir)
+
+    def wants(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def log_round(self, step: int, stats: RoundStats, worker_residual_norm: float, server_residual_norm: float,
+                  skipped_total: int) -> None:
+        s = stats
+        scalars = {
+            "bytes_up": s.bytes_up_sent,
+            "bytes_down": s.bytes_down_recv,
+            "bytes_sent": s.bytes_sent,
+            "bytes_recv": s.bytes_recv,
+            "compression_ratio": s.dense_bytes / s.payload_bytes if s.payload_bytes else 1.0,
+            "worker_residual_norm": worker_residual_norm,
+            "server_residual_norm": server_residual_norm,
+            "worker_rel_error": (s.worker_error_sq / s.worker_input_sq) ** 0.5 if s.worker_input_sq else 0.0,
+            "server_rel_error": (s.server_error_sq / s.server_input_sq) ** 0.5 if s.server_input_sq else 0.0,
+            "skipped_steps": skipped_total,
+            "compress_ms": 1000.0 * s.compress_seconds,
+        }
+        for tag, value in scalars.items():
+            self.writer.add_scalar(self.prefix + tag, value, step)
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

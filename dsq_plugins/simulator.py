@@ -1,0 +1,89 @@
+"""`Simulator`: DoubleSqueeze with n workers and one parameter server, in one process, written straight from
+the four lines of DESIGN.md section 1. It is the reference the distributed code is checked against."""
+from typing import List, Optional, Sequence
+
+import torch
+
+from .config import DoubleSqueezeConfig
+from .seeding import DOWNLINK, UPLINK, derive_seed
+from .sharding import shard_bounds
+
+__all__ = ["Simulator"]
+
+
+class Simulator:
+    """Single-process reference of the synchronous algorithm.
+
+    Args:
+        num_workers: n.
+        config: the `DoubleSqueezeConfig` (compressors, error-feedback switches, warm-up, min_numel, seed).
+        shards: compress each of this many contiguous shards separately on both passes, as the distributed
+            collective does with one shard per rank (1: the classic single server).
+        key: the bucket name used in the seeds of random compressors (the collective's bucket key).
+
+    Attributes:
+        worker_errors: the n worker residuals e_i; server_error: the server residual e.
+        steps, skipped_steps: rounds taken, and rounds skipped for a non-finite gradient.
+    """
+
+    def __init__(self, num_workers: int, config: Optional[DoubleSqueezeConfig] = None, shards: int = 1, key=0):
+        if num_workers < 1 or shards < 1:
+            raise ValueError("num_workers and shards must be >= 1")
+        self.n = num_workers
+        self.config = config or DoubleSqueezeConfig()
+        self.shards = shards
+        self.key = key
+        self.worker_errors: List[torch.Tensor] = []
+        self.server_error: Optional[torch.Tensor] = None
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def step(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One round: per-worker gradients (same shape and dtype) -> the update c_t (that shape and dtype)."""
+        if len(grads) != self.n:
+            raise ValueError(f"expected {self.n} gradients, got {len(grads)}")
+        shape, dtype = grads[0].shape, grads[0].dtype
+        for g in grads:
+            if g.shape != shape or g.dtype != dtype:
+                raise ValueError(f"all gradients must have one shape and dtype: got {tuple(g.shape)} {g.dtype} "
+                                 f"and {tuple(shape)} {dtype}")
+        cfg, t = self.config, self.steps
+        self.steps += 1
+        flat = [g.reshape(-1) for g in grads]
+        d = flat[0].numel()
+        if not self.worker_errors:
+            self.worker_errors = [torch.zeros(d, dtype=dtype) for _ in range(self.n)]
+            self.server_error = torch.zeros(d, dtype=dtype)
+        if any(not torch.isfinite(g).all() for g in flat):
+            self.skipped_steps += 1
+            return torch.full(shape, float("nan"), dtype=dtype)
+        if t < cfg.warmup_steps or d < max(cfg.min_numel, self.shards):
+            return (sum(flat[1:], flat[0].clone()) / self.n).view(shape)
+
+        wc, sc = cfg.worker, cfg.server
+        bounds = shard_bounds(d, self.shards)
+
+        def compress(comp, x, direction, rank):
+            out = torch.empty_like(x)
+            for j, (s, e) in enumerate(bounds):
+                seed_rank = rank if (direction == UPLINK and comp.seed_per_rank) else -1
+                seed = derive_seed(cfg.seed, t, self.key, j, direction, seed_rank)
+                out[s:e] = comp.decompress(comp.compress(x[s:e], seed=seed))
+            return out
+
+        cs = []
+        for i in range(self.n):
+            v = flat[i] + self.worker_errors[i] if cfg.worker_ef else flat[i]
+            c = compress(wc, v, UPLINK, i)
+            if cfg.worker_ef:
+                self.worker_errors[i] = v - c
+            cs.append(c)
+        mean = cs[0].clone()
+        for c in cs[1:]:
+            mean += c
+        mean /= self.n
+        v = mean + self.server_error if cfg.server_ef else mean
+        c = compress(sc, v, DOWNLINK, -1)
+        if cfg.server_ef:
+            self.server_error = v - c
+        return c.view(shape)

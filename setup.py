@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="doublesqueeze",
+    version="0.1.0",
+    description="DoubleSqueeze: double-pass error-compensated compressed SGD for PyTorch DDP, Horovod, DeepSpeed "
+                "and an asynchronous parameter server",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["dsq_plugins", "dsq_plugins.*", "horovod_ext", "horovod_ext.*",
+                                    "deepspeed_ext", "deepspeed_ext.*", "async_ps", "async_ps.*"]),
+    install_requires=["torch>=2.1", "numpy", "tensorboard", "tqdm"],
+    extras_require={
+        "horovod": ["horovod==0.28.1"],
+        "deepspeed": ["deepspeed>=0.19", "pydantic>=2"],
+        "async": ["pyzmq>=25"],
+        "all": ["horovod==0.28.1", "deepspeed>=0.19", "pydantic>=2", "pyzmq>=25"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
+    },
+)
