@@ -10,6 +10,9 @@ __all__ = ["packed_nbytes", "pack_bits", "unpack_bits", "pack_uint", "unpack_uin
 # Row v holds the 8 bits of the byte v, most significant first: the decoding table of `unpack_bits`.
 _BYTE_BITS = torch.from_numpy(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1))
 
+# An integer dtype of each element size, to move any dtype's bit patterns through numpy (which has no bfloat16).
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 def packed_nbytes(count: int, bits: int = 1) -> int:
     """Bytes that `count` values of `bits` bits occupy once packed."""
@@ -29,9 +32,18 @@ def unpack_bits(packed: torch.Tensor, count: int, table: torch.Tensor = None) ->
     as `table[bit]` of dtype D, decoded eight elements at a time by one table look-up per byte."""
     packed = packed.reshape(-1)
     lut = _BYTE_BITS if table is None else table[_BYTE_BITS.long()]
-    out = torch.empty((packed.numel(), 8), dtype=lut.dtype)
-    torch.index_select(lut, 0, packed.long(), out=out)
-    return out.view(-1)[:count]
+    if packed.device.type != "cpu" or lut.device.type != "cpu" or lut.element_size() not in _SAME_SIZE_INT:
+        out = torch.empty((packed.numel(), 8), dtype=lut.dtype, device=lut.device)
+        torch.index_select(lut, 0, packed.long(), out=out)
+        return out.view(-1)[:count]
+    # The look-up is a plain copy of 8-element rows, done by numpy on the bit patterns (an integer view of the
+    # table, so any dtype works, bfloat16 included): numpy's `take` is several times faster than
+    # `index_select` here, and numpy allocates the large output with transparent huge pages (far fewer page
+    # faults than a fresh torch allocation of the same size).
+    int_dtype = _SAME_SIZE_INT[lut.element_size()]
+    lut_np = lut.contiguous().view(int_dtype).numpy()
+    out = np.take(lut_np, packed.contiguous().numpy(), axis=0)
+    return torch.from_numpy(out).view(lut.dtype).view(-1)[:count]
 
 
 def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:

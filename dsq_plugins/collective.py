@@ -1,6 +1,6 @@
 """The double-pass error-compensated collective: DoubleSqueeze on any `Communicator`.
 
-For a flat bucket `g_i` on each of W ranks, rank r being the server of shard r of every bucket:
+For each tensor `g_i` (flat) on each of W ranks, rank r being the server of shard r of every tensor:
 
     worker i:   v_i = g_i + e_i;   c_i[j] = C_w(v_i[j]) for each shard j;   e_i <- v_i - c_i
                 all_to_all: shard j of c_i goes to rank j                    (compressed bytes only)
@@ -9,16 +9,22 @@ For a flat bucket `g_i` on each of W ranks, rank r being the server of shard r o
     every rank: the update is concat_r c[r]
 
 Telescoping gives the conservation law ``sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T`` (DESIGN.md).
-A bucket with a NaN/Inf on any rank is skipped on every rank: each uplink message carries a one-byte flag, so all
+Compression is per tensor (a parameter's gradient) and per shard, so the result does not depend on how an
+integration groups tensors into buckets; a group of tensors travels in one all_to_all and one all_gather.
+Tensors below `min_numel` elements, and all tensors during warm-up, travel uncompressed through the same two
+passes (what a ring all-reduce moves) and keep no residual.
+
+A step with a NaN/Inf on any rank is skipped on every rank: each uplink message carries a one-byte flag, so all
 ranks learn it in the same all_to_all; no residual changes and the update is all-NaN, so that an AMP
 `GradScaler` skips the optimiser step exactly as with plain DDP.
 """
 import time
-from typing import Hashable, Optional
+from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .communicator import Communicator
+from .compressors import NoneCompressor
 from .config import DoubleSqueezeConfig
 from .memory import ErrorFeedback
 from .monitor import RoundStats, TensorBoardMonitor
@@ -27,12 +33,15 @@ from .sharding import shard_bounds
 
 __all__ = ["DoubleSqueezeCollective"]
 
+_DENSE = NoneCompressor()
+
 
 class DoubleSqueezeCollective:
     """Owns what persists between steps (residuals, step, counters) and runs the double pass.
 
-    Call `reduce(key, flat)` for every bucket of a step, then `finish_step()` once. `key` names the bucket
-    (its residuals are kept under it); buckets must be reduced in the same order on every rank.
+    Call `reduce(items)` for each group of tensors of a step, then `finish_step()` once. Each item is
+    ``(key, flat_tensor)``; `key` names the tensor (its residuals are kept under it, and it seeds random
+    compressors). Groups must be reduced in the same order, with the same keys and sizes, on every rank.
     """
 
     def __init__(self, config: DoubleSqueezeConfig, communicator: Communicator,
@@ -55,111 +64,112 @@ class DoubleSqueezeCollective:
 
     # -- the algorithm -------------------------------------------------------------------------------------
     def compresses(self, numel: int) -> bool:
-        """Whether a bucket of `numel` elements is compressed at the current step (else: dense average)."""
+        """Whether a tensor of `numel` elements is compressed at the current step (else: sent dense)."""
         return self.step >= self.config.warmup_steps and numel >= max(self.config.min_numel, self.world_size)
 
-    def reduce(self, key: Hashable, flat: torch.Tensor) -> torch.Tensor:
-        """The update for a bucket: the compressed mean over ranks of `flat` (1-D, any float dtype), as a new
-        tensor of the same size and dtype."""
-        if flat.dim() != 1 or not flat.is_floating_point():
-            raise ValueError(f"reduce expects a 1-D floating-point tensor, got shape {tuple(flat.shape)} "
-                             f"dtype {flat.dtype}")
-        if not self.compresses(flat.numel()):
-            return self._dense(flat)
-        return self._double_pass(key, flat)
+    def reduce(self, items: Sequence[Tuple[Hashable, torch.Tensor]]) -> List[torch.Tensor]:
+        """The updates for a group of tensors: for each ``(key, flat)`` (1-D, any float dtype), the compressed
+        mean over ranks, as a new tensor of the same size and dtype. One all_to_all and one all_gather."""
+        for key, flat in items:
+            if flat.dim() != 1 or not flat.is_floating_point():
+                raise ValueError(f"tensor {key!r}: reduce expects 1-D floating-point tensors, got shape "
+                                 f"{tuple(flat.shape)} dtype {flat.dtype}")
+        if not items:
+            return []
+        w, me, r = self.world_size, self.rank, self.round
+        track = self.monitor is not None
+        plan = []   # per item: key, flat, worker compressor, server compressor, shard bounds, up/down sizes
+        for key, flat in items:
+            dense = not self.compresses(flat.numel())
+            wc, sc = (_DENSE, _DENSE) if dense else (self._wc, self._sc)
+            bounds = shard_bounds(flat.numel(), w)
+            up = [wc.nbytes(e - s, flat.dtype) for s, e in bounds]
+            down = [sc.nbytes(e - s, flat.dtype) for s, e in bounds]
+            plan.append((key, flat, wc, sc, bounds, up, down, dense))
+            r.dense_bytes += flat.numel() * flat.element_size()
+            r.payload_bytes += sum(up)
+            r.dense_tensors += dense
+            r.compressed_tensors += not dense
+        finite = all(bool(torch.isfinite(flat.sum())) for _, flat in items)
 
-    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
-        out = self.comm.all_reduce_sum(flat.clone()).div_(self.world_size)
-        w, nbytes = self.world_size, flat.numel() * flat.element_size()
-        ring = nbytes * (w - 1) // w
-        r = self.round
-        r.bytes_up_sent += ring
-        r.bytes_up_recv += ring
-        r.bytes_down_sent += ring
-        r.bytes_down_recv += ring
-        r.dense_bytes += nbytes
-        r.payload_bytes += nbytes
-        r.dense_buckets += 1
-        if not bool(torch.isfinite(out.sum())):
-            r.skipped += 1
-        return out
-
-    def _double_pass(self, key, flat):
-        wc, sc, w, me = self._wc, self._sc, self.world_size, self.rank
-        r, track = self.round, self.monitor is not None
-        dtype, n = flat.dtype, flat.numel()
-        bounds = shard_bounds(n, w)
-        up = [wc.nbytes(e - s, dtype) for s, e in bounds]
-        finite = bool(torch.isfinite(flat.sum()))
-
-        # Worker pass: compensate, compress each shard; message j = [flag byte][payload of shard j].
+        # Worker pass. Message to rank j: [flag byte][payload of shard j of item 0][... of item 1]...
         t0 = time.perf_counter()
-        send = torch.zeros(sum(up) + w, dtype=torch.uint8)
-        v = self.worker_memory.compensate(key, flat) if finite else flat
-        sent = []
-        offset = 0
-        for j, (s, e) in enumerate(bounds):
-            if finite:
-                seed = derive_seed(self.config.seed, self.step, key, j, UPLINK, me if wc.seed_per_rank else -1)
-                p = wc.compress(v[s:e], seed=seed)
-                send[offset + 1:offset + 1 + up[j]] = p.to_buffer()
-                sent.append(wc.decompress(p))
-            else:
-                send[offset] = 1
-            offset += 1 + up[j]
+        to = [1 + sum(p[5][j] for p in plan) for j in range(w)]
+        send = torch.zeros(sum(to), dtype=torch.uint8)
+        starts = [sum(to[:j]) for j in range(w)]
+        cursor = [s + 1 for s in starts]
+        compensated, sent = [], []
+        for key, flat, wc, sc, bounds, up, down, dense in plan:
+            v = flat if dense or not finite else self.worker_memory.compensate(key, flat)
+            parts = []
+            for j, (s, e) in enumerate(bounds):
+                if finite:
+                    seed = derive_seed(self.config.seed, self.step, key, j, UPLINK, me if wc.seed_per_rank else -1)
+                    p = wc.compress(v[s:e], seed=seed)
+                    p.write_into(send[cursor[j]:cursor[j] + up[j]])
+                    parts.append(wc.decompress(p))
+                cursor[j] += up[j]
+            compensated.append(v)
+            sent.append(parts)
+        if not finite:
+            send[starts] = 1
         r.compress_seconds += time.perf_counter() - t0
 
-        mine = bounds[me][1] - bounds[me][0]
-        recv = self.comm.all_to_all(send, [1 + b for b in up], [1 + up[me]] * w).view(w, 1 + up[me])
-        r.bytes_up_sent += sum(1 + b for j, b in enumerate(up) if j != me)
-        r.bytes_up_recv += (w - 1) * (1 + up[me])
-        r.dense_bytes += n * flat.element_size()
-        r.payload_bytes += sum(up)
-
+        recv = self.comm.all_to_all(send, to, [to[me]] * w).view(w, to[me])
+        r.bytes_up_sent += sum(b for j, b in enumerate(to) if j != me)
+        r.bytes_up_recv += (w - 1) * to[me]
         if bool(recv[:, 0].any()):
             r.skipped += 1
-            return torch.full_like(flat, float("nan"))
+            return [torch.full_like(flat, float("nan")) for _, flat in items]
 
+        # Worker residuals, then the server pass for shard `me` of every item.
         t0 = time.perf_counter()
-        if self.worker_memory.enabled:
-            c = torch.cat(sent) if len(sent) > 1 else sent[0]
-            self.worker_memory.update(key, v, c)
-            if track:
-                r.worker_error_sq += _sq(self.worker_memory.get(key))
-                r.worker_input_sq += _sq(v)
-
-        # Server pass for shard `me`: average, compensate, compress.
-        total = None
-        for i in range(w):
-            ci = wc.decompress(wc.unpack(recv[i, 1:], (mine,), dtype))
-            total = ci.clone() if total is None else total.add_(ci)
-        mean = total.div_(w)
-        vs = self.server_memory.compensate(key, mean)
-        ps = sc.compress(vs, seed=derive_seed(self.config.seed, self.step, key, me, DOWNLINK))
-        cs = sc.decompress(ps)
-        self.server_memory.update(key, vs, cs)
-        if track and self.server_memory.enabled:
-            r.server_error_sq += _sq(self.server_memory.get(key))
-            r.server_input_sq += _sq(vs)
+        gather = torch.empty(sum(p[6][me] for p in plan), dtype=torch.uint8)
+        mine, offset, g_off = [], 1, 0
+        for (key, flat, wc, sc, bounds, up, down, dense), v, parts in zip(plan, compensated, sent):
+            if not dense and self.worker_memory.enabled:
+                self.worker_memory.update(key, v, torch.cat(parts) if len(parts) > 1 else parts[0])
+                if track:
+                    r.worker_error_sq += _sq(self.worker_memory.get(key))
+                    r.worker_input_sq += _sq(v)
+            n_me = bounds[me][1] - bounds[me][0]
+            total = None
+            for i in range(w):
+                ci = wc.decompress(wc.unpack(recv[i, offset:offset + up[me]], (n_me,), flat.dtype))
+                total = ci.clone() if total is None else total.add_(ci)
+            offset += up[me]
+            mean = total.div_(w)
+            vs = mean if dense else self.server_memory.compensate(key, mean)
+            ps = sc.compress(vs, seed=derive_seed(self.config.seed, self.step, key, me, DOWNLINK))
+            ps.write_into(gather[g_off:g_off + down[me]])
+            g_off += down[me]
+            cs = sc.decompress(ps)
+            if not dense and self.server_memory.enabled:
+                self.server_memory.update(key, vs, cs)
+                if track:
+                    r.server_error_sq += _sq(self.server_memory.get(key))
+                    r.server_input_sq += _sq(vs)
+            mine.append(cs)
         r.compress_seconds += time.perf_counter() - t0
 
-        down = [sc.nbytes(e - s, dtype) for s, e in bounds]
-        gathered = self.comm.all_gather(ps.to_buffer(), down)
-        r.bytes_down_sent += (w - 1) * down[me]
-        r.bytes_down_recv += sum(b for j, b in enumerate(down) if j != me)
+        # Downlink: everyone's shards of every item, in rank order; rank j's block holds its shard of each item.
+        sizes = [sum(p[6][j] for p in plan) for j in range(w)]
+        gathered = self.comm.all_gather(gather, sizes)
+        r.bytes_down_sent += (w - 1) * sizes[me]
+        r.bytes_down_recv += sum(b for j, b in enumerate(sizes) if j != me)
 
         t0 = time.perf_counter()
-        out = torch.empty_like(flat)
-        offset = 0
-        for j, (s, e) in enumerate(bounds):
-            if j == me:
-                out[s:e] = cs
-            else:
-                out[s:e] = sc.decompress(sc.unpack(gathered[offset:offset + down[j]], (e - s,), dtype))
-            offset += down[j]
+        outs = [torch.empty_like(flat) for _, flat in items]
+        block = [sum(sizes[:j]) for j in range(w)]
+        for (key, flat, wc, sc, bounds, up, down, dense), out, cs in zip(plan, outs, mine):
+            for j, (s, e) in enumerate(bounds):
+                if j == me:
+                    out[s:e] = cs
+                else:
+                    out[s:e] = sc.decompress(sc.unpack(gathered[block[j]:block[j] + down[j]], (e - s,), flat.dtype))
+                block[j] += down[j]
         r.compress_seconds += time.perf_counter() - t0
-        r.compressed_buckets += 1
-        return out
+        return outs
 
     # -- steps, counters, monitoring -----------------------------------------------------------------------
     def finish_step(self) -> RoundStats:

@@ -20,6 +20,7 @@ Every compressor takes any floating dtype and shape and returns the same dtype a
 import math
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from . import bitpack
@@ -120,6 +121,10 @@ class CastCompressor(Compressor):
             return {"values": flat}
         limit = torch.finfo(self.wire_dtype).max
         if torch.finfo(flat.dtype).max > limit:
+            if flat.dtype == torch.bfloat16:
+                # fp16's limit 65504 is not a bfloat16: clamped in bf16 it would round up to 65536, which
+                # overflows to inf in fp16. bf16 -> fp32 is exact, so clamping in fp32 changes nothing else.
+                flat = flat.float()
             flat = flat.clamp(-limit, limit)
         return {"values": flat.to(self.wire_dtype)}
 
@@ -136,11 +141,40 @@ class SignCompressor(Compressor):
     def _compress(self, flat, seed):
         acc = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
         scale = (torch.linalg.vector_norm(acc, 1) / flat.numel()).float()
-        return {"scale": scale.reshape(1), "bits": bitpack.pack_bits(flat < 0)}
+        return {"scale": scale.reshape(1), "bits": _pack_negative(flat)}
 
     def _decompress(self, payload, numel, dtype):
         s = payload.fields["scale"].to(dtype)
         return bitpack.unpack_bits(payload.fields["bits"], numel, table=torch.cat([s, -s]))
+
+
+# Elements per block of the numpy fast paths below: a multiple of 8 (so that bit packing of a block ends on a
+# byte boundary) whose temporaries stay in cache and are reused rather than allocated per call.
+_BLOCK = 1 << 18
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def _numpy_view(flat: torch.Tensor):
+    """`flat` as a numpy array sharing its memory, or None where the numpy fast paths do not apply."""
+    if flat.device.type != "cpu" or flat.dtype not in _NUMPY_FLOATS or flat.requires_grad:
+        return None
+    return flat.resolve_conj().resolve_neg().numpy()
+
+
+def _pack_negative(flat: torch.Tensor) -> torch.Tensor:
+    """``bitpack.pack_bits(flat < 0)`` (so ``-0.0`` and NaN give 0 bits), block by block for fp32/fp64 on the
+    CPU: no full-size bool temporary, and numpy's comparison is faster than torch's here."""
+    x = _numpy_view(flat)
+    if x is None or x.size <= _BLOCK:
+        return bitpack.pack_bits(flat < 0)
+    n = x.size
+    out = np.empty(bitpack.packed_nbytes(n), dtype=np.uint8)
+    mask = np.empty(_BLOCK, dtype=bool)
+    for a in range(0, n, _BLOCK):
+        m = mask[:min(_BLOCK, n - a)]
+        np.less(x[a:a + m.size], 0, out=m)
+        out[a // 8:a // 8 + bitpack.packed_nbytes(m.size)] = np.packbits(m)
+    return torch.from_numpy(out)
 
 
 def _parse_ratio(name: str, arg: Optional[str], default: float) -> float:
@@ -178,9 +212,25 @@ class TopKCompressor(Compressor):
         return {"values": flat[idx], "indices": idx.to(_index_dtype(flat.numel()))}
 
     def _decompress(self, payload, numel, dtype):
+        return _scatter(numel, dtype, payload.fields["indices"], payload.fields["values"])
+
+
+def _scatter(numel: int, dtype: torch.dtype, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A zero tensor of `numel` elements of `dtype` with ``out[indices] = values``.
+
+    Done by numpy on the bit patterns where it can: a zeroed numpy allocation gets transparent huge pages and
+    lazily zeroed memory, several times cheaper than `torch.zeros` of a large tensor (page faults)."""
+    int_dtype = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}.get(torch.empty((), dtype=dtype).element_size())
+    if int_dtype is None or indices.device.type != "cpu" or values.device.type != "cpu" or values.dtype != dtype:
         out = torch.zeros(numel, dtype=dtype)
-        out[payload.fields["indices"].long()] = payload.fields["values"]
+        out[indices.long()] = values
         return out
+    out = np.zeros(numel, dtype=int_dtype)
+    out[indices.contiguous().numpy()] = values.contiguous().view(_TORCH_INT[int_dtype]).numpy()
+    return torch.from_numpy(out).view(dtype)
+
+
+_TORCH_INT = {np.uint8: torch.uint8, np.int16: torch.int16, np.int32: torch.int32, np.int64: torch.int64}
 
 
 def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -201,11 +251,33 @@ def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
         if q <= 0:
             break
         thr = torch.quantile(sample, q).to(flat.dtype)
-        cand = ((flat >= thr) | (flat <= -thr)).nonzero().squeeze(1)
+        cand = _at_least(flat, thr)
         if cand.numel() >= k:
             top = torch.topk(flat[cand].abs(), k, sorted=False).indices
             return cand[top]
     return torch.topk(flat.abs(), k, sorted=False).indices
+
+
+def _at_least(flat: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """Ascending int64 indices of the entries with ``|flat| >= thr`` (``thr >= 0`` or NaN; NaN entries never
+    pass). Block by block with numpy for fp32/fp64 on the CPU: no full-size temporaries."""
+    x = _numpy_view(flat)
+    if x is None:
+        return ((flat >= thr) | (flat <= -thr)).nonzero().squeeze(1)
+    t = x.dtype.type(thr.item())
+    n = x.size
+    absb = np.empty(min(n, _BLOCK), dtype=x.dtype)
+    mask = np.empty(min(n, _BLOCK), dtype=bool)
+    parts = []
+    for a in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - a)
+        np.abs(x[a:a + m], out=absb[:m])
+        np.greater_equal(absb[:m], t, out=mask[:m])
+        nz = np.flatnonzero(mask[:m])
+        if a:
+            nz += a
+        parts.append(nz)
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
 
 
 class RandomKCompressor(Compressor):

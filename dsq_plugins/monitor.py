@@ -19,13 +19,13 @@ class RoundStats:
     dense_bytes: int = 0          # size of the gradients handled, uncompressed, in their own dtype
     payload_bytes: int = 0        # size of this rank's uplink payloads for them (all shards)
     compress_seconds: float = 0.0
-    worker_error_sq: float = 0.0  # ||v_i - C(v_i)||^2 summed over buckets (only while a monitor is attached)
+    worker_error_sq: float = 0.0  # ||v_i - C(v_i)||^2 summed over tensors (only while a monitor is attached)
     worker_input_sq: float = 0.0  # ||v_i||^2
     server_error_sq: float = 0.0
     server_input_sq: float = 0.0
-    skipped: int = 0              # buckets skipped for a non-finite gradient on some rank
-    compressed_buckets: int = 0
-    dense_buckets: int = 0
+    skipped: int = 0              # reductions skipped for a non-finite gradient on some rank
+    compressed_tensors: int = 0   # tensors sent compressed, and sent dense (small, or warm-up)
+    dense_tensors: int = 0
 
     def add(self, other: "RoundStats") -> None:
         for f in fields(self):

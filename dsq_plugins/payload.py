@@ -43,6 +43,17 @@ class Payload:
             return torch.empty(0, dtype=torch.uint8)
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
+    def write_into(self, out: torch.Tensor) -> None:
+        """Write the wire bytes into `out` (a uint8 tensor of exactly `nbytes` elements), without a copy of
+        the whole payload on the way."""
+        if out.numel() != self.nbytes:
+            raise ValueError(f"write_into needs {self.nbytes} bytes, got a buffer of {out.numel()}")
+        offset = 0
+        for t in self.fields.values():
+            b = t.contiguous().reshape(-1).view(torch.uint8)
+            out[offset:offset + b.numel()] = b
+            offset += b.numel()
+
     def to_bytes(self) -> bytes:
         return self.to_buffer().numpy().tobytes()
 

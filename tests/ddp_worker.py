@@ -1,0 +1,141 @@
+"""Runs under torchrun: DDP training with the DoubleSqueeze hook, recording what the tests check.
+
+Each rank writes OUT/rank{r}.pt with, per step, its local gradient and the update DDP handed back (by parameter
+name), and at the end its residuals by parameter name and the state's counters.
+"""
+import argparse
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dsq_plugins as dsq
+
+
+def build_model(kind: str) -> nn.Module:
+    torch.manual_seed(1234)
+    if kind == "single":        # one parameter, one bucket: comparable with the Simulator bucket for bucket
+        return nn.Linear(50, 40, bias=False)
+    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+def batch(step: int, micro: int, rank: int, model_kind: str):
+    g = torch.Generator().manual_seed(100_000 * step + 100 * micro + rank)
+    d_in = 50 if model_kind == "single" else 20
+    d_out = 40 if model_kind == "single" else 5
+    return torch.randn(32, d_in, generator=g), torch.randn(32, d_out, generator=g)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--model", default="multi")
+    ap.add_argument("--compressor", default="sign")
+    ap.add_argument("--server-compressor", default=None)
+    ap.add_argument("--no-worker-ef", action="store_true")
+    ap.add_argument("--no-server-ef", action="store_true")
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--min-numel", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--first-step", type=int, default=0)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--momentum", type=float, default=0.0)
+    ap.add_argument("--nan-at", type=int, default=-1)
+    ap.add_argument("--nan-rank", type=int, default=1)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--load", default=None)
+    ap.add_argument("--expect-load-error", action="store_true")
+    ap.add_argument("--load-rank", type=int, default=-1, help="load this rank's checkpoint on every rank")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(args.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ddp = DDP(model, bucket_cap_mb=0.01)      # ~2600 floats per bucket: several buckets, and a rebuild
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
+    cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, server_compressor=args.server_compressor,
+                                  worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
+                                  warmup_steps=args.warmup, min_numel=args.min_numel)
+    state = dsq.DoubleSqueezeState(cfg)
+
+    if args.load:
+        src = rank if args.load_rank < 0 else args.load_rank
+        ckpt = torch.load(f"{args.load}/ckpt_rank{src}.pt", weights_only=False)
+        try:
+            state.load_state_dict(ckpt["dsq"])
+        except ValueError as e:
+            if args.expect_load_error:
+                (out / f"error{rank}.txt").write_text(str(e))
+                dist.destroy_process_group()
+                return
+            raise
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+
+    records = []
+
+    buckets_seen = set()
+
+    def recording_hook(st, bucket):
+        params = bucket.parameters()
+        buckets_seen.add(bucket.index())
+        local = bucket.buffer().clone()
+        fut = dsq.doublesqueeze_hook(st, bucket)
+        rec = records[-1]
+        for p, g in zip(params, local.split([p.numel() for p in params])):
+            rec["g"][names[id(p)]] = g.clone()
+        return fut
+
+    ddp.register_comm_hook(state, recording_hook)
+
+    def residuals():
+        w, s = {}, {}
+        for p, ew, es in state.parameter_residuals():
+            if ew is not None:
+                w[names[id(p)]] = ew.clone()
+            if es is not None:
+                s[names[id(p)]] = es.clone()
+        return w, s
+
+    snapshots = []
+    for step in range(args.first_step, args.first_step + args.steps):
+        records.append({"step": step, "g": {}, "c": {}})
+        opt.zero_grad()
+        for micro in range(args.accum):
+            x, y = batch(step, micro, rank, args.model)
+            ctx = ddp.no_sync() if micro < args.accum - 1 else nullcontext()
+            with ctx:
+                loss = ((ddp(x) - y) ** 2).mean()
+                if step == args.nan_at and rank == args.nan_rank:
+                    loss = loss * float("nan")
+                loss.backward()
+        for n, p in model.named_parameters():
+            records[-1]["c"][n] = p.grad.detach().reshape(-1).clone()
+        snapshots.append(residuals())
+        if all(torch.isfinite(p.grad).all() for p in model.parameters()):
+            opt.step()
+        if step + 1 == args.save_at:
+            torch.save({"dsq": state.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()},
+                       out / f"ckpt_rank{rank}.pt")
+
+    w, s = residuals()
+    torch.save({"records": records, "worker_residual": w, "server_residual": s, "snapshots": snapshots,
+                "skipped_steps": state.skipped_steps, "step": state.step, "buckets_seen": len(buckets_seen), "totals": state.totals.as_dict(),
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "world": world}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The DDP communication hook under real torchrun + gloo with 2 and 3 ranks."""
+import math
+
+import pytest
+import torch
+
+import dsq_plugins as dsq
+from .conftest import ROOT, load_ranks
+
+WORKER = ROOT / "tests" / "ddp_worker.py"
+
+
+def run(torchrun, tmp_path, nproc, *args, name="run"):
+    out = tmp_path / name
+    torchrun(nproc, WORKER, [out, *args])
+    return load_ranks(out, nproc)
+
+
+def assert_conservation(ranks, atol=1e-5, steps=None):
+    """sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T, parameter by parameter (DESIGN.md section 1)."""
+    w = len(ranks)
+    records = ranks[0]["records"]
+    steps = range(len(records)) if steps is None else steps
+    for name, c0 in records[0]["c"].items():
+        applied = sum(records[t]["c"][name] for t in steps)
+        true = sum(sum(ranks[r]["records"][t]["g"][name] for r in range(w)) / w for t in steps)
+        worker = sum(ranks[r]["worker_residual"].get(name, torch.zeros_like(c0)) for r in range(w)) / w
+        server = sum(ranks[r]["server_residual"].get(name, torch.zeros_like(c0)) for r in range(w))
+        scale = 1 + max(float(x.abs().max()) for x in (applied, true, worker, server))
+        torch.testing.assert_close(applied, true - worker - server, rtol=0, atol=atol * scale,
+                                   msg=lambda m: f"conservation broken for {name}: {m}")
+
+
+def assert_same_update_everywhere(ranks):
+    for t, rec in enumerate(ranks[0]["records"]):
+        for r in ranks[1:]:
+            for name, c in rec["c"].items():
+                assert torch.equal(c, r["records"][t]["c"][name]), f"ranks disagree on {name} at step {t}"
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_conservation_across_bucket_rebuild(torchrun, tmp_path, nproc):
+    ranks = run(torchrun, tmp_path, nproc, "--compressor", "sign", "--steps", "10")
+    assert all(r["buckets_seen"] >= 2 for r in ranks), "expected several DDP buckets"
+    assert all(r["step"] == 10 and r["skipped_steps"] == 0 for r in ranks)
+    assert any(r["worker_residual"] for r in ranks) and any(r["server_residual"] for r in ranks)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
+
+
+def test_gradient_accumulation_with_no_sync(torchrun, tmp_path):
+    ranks = run(torchrun, tmp_path, 2, "--compressor", "topk:0.1", "--steps", "6", "--accum", "3")
+    # The hook runs once per optimiser step, not once per micro-batch.
+    assert all(r["step"] == 6 for r in ranks)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
+
+
+SIM_CASES = [(3, "none", ()), (3, "fp16", ()), (3, "sign", ()), (3, "topk:0.05", ()), (3, "randomk:0.1", ()),
+             (3, "qsgd:4", ()), (3, "int8:64", ()), (2, "sign", ()), (2, "qsgd:4", ()),
+             (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
+             (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
+
+
+@pytest.mark.parametrize("nproc,spec,extra", SIM_CASES, ids=[f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES])
+def test_hook_equals_simulator(torchrun, tmp_path, nproc, spec, extra):
+    """One parameter, one bucket: the hook's updates equal the Simulator's (one shard per rank) on the same
+    per-rank gradients, for every compressor and baseline switch."""
+    ranks = run(torchrun, tmp_path, nproc, "--model", "single", "--compressor", spec, "--steps", "6", *extra)
+    cfg = dsq.DoubleSqueezeConfig(
+        compressor=spec, min_numel=16,
+        server_compressor="none" if "none" in extra else None,
+        worker_ef="--no-worker-ef" not in extra, server_ef="--no-server-ef" not in extra,
+        warmup_steps=3 if "--warmup" in extra else 0)
+    sim = dsq.Simulator(nproc, cfg, shards=nproc, key=0)
+    for t, rec in enumerate(ranks[0]["records"]):
+        grads = [ranks[r]["records"][t]["g"]["weight"] for r in range(nproc)]
+        expected = sim.step(grads)
+        torch.testing.assert_close(rec["c"]["weight"], expected, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"step {t}: {m}")
+    if cfg.worker_ef:
+        for r in range(nproc):
+            torch.testing.assert_close(ranks[r]["worker_residual"]["weight"], sim.worker_errors[r],
+                                       rtol=1e-6, atol=1e-7)
+    if cfg.server_ef:
+        server = sum(ranks[r]["server_residual"]["weight"] for r in range(nproc))
+        torch.testing.assert_close(server, sim.server_error, rtol=1e-6, atol=1e-7)
+    if cfg.worker_ef and cfg.server_ef:
+        assert_conservation(ranks)
+
+
+def test_warmup_is_dense_then_compressed(torchrun, tmp_path):
+    ranks = run(torchrun, tmp_path, 2, "--compressor", "sign", "--warmup", "3", "--steps", "5")
+    for t, rec in enumerate(ranks[0]["records"][:3]):
+        for name, c in rec["c"].items():
+            mean = (ranks[0]["records"][t]["g"][name] + ranks[1]["records"][t]["g"][name]) / 2
+            torch.testing.assert_close(c, mean)
+    assert all(not s[0] for s in ranks[0]["snapshots"][:3]), "residuals appeared during warm-up"
+    # After warm-up the update is compressed: sign gives at most 2 distinct magnitudes per shard.
+    c = ranks[0]["records"][4]["c"]["2.weight"]
+    assert c.abs().unique().numel() <= 2 * 2 * 2
+    assert_conservation(ranks)
+
+
+def test_resume_is_bit_identical(torchrun, tmp_path):
+    common = ["--compressor", "sign", "--momentum", "0.9"]
+    full = run(torchrun, tmp_path, 2, *common, "--steps", "8", "--save-at", "4", name="full")
+    resumed = run(torchrun, tmp_path, 2, *common, "--load", tmp_path / "full", "--first-step", "4",
+                  "--steps", "4", name="resumed")
+    for r in range(2):
+        assert resumed[r]["step"] == 8
+        for name, p in full[r]["params"].items():
+            assert torch.equal(p, resumed[r]["params"][name]), f"rank {r} {name} differs after resume"
+        for name, e in full[r]["worker_residual"].items():
+            assert torch.equal(e, resumed[r]["worker_residual"][name])
+
+
+def test_state_from_other_world_size_or_config_is_refused(torchrun, tmp_path):
+    run(torchrun, tmp_path, 2, "--compressor", "sign", "--steps", "3", "--save-at", "3", name="saved")
+    torchrun(3, WORKER, [tmp_path / "bad", "--compressor", "sign", "--load", tmp_path / "saved", "--load-rank", "0",
+                         "--expect-load-error"])
+    msg = (tmp_path / "bad" / "error2.txt").read_text()
+    assert "world_size=2" in msg and "world_size=3" in msg
+    torchrun(2, WORKER, [tmp_path / "bad2", "--compressor", "topk:0.1", "--load", tmp_path / "saved",
+                         "--expect-load-error"])
+    msg = (tmp_path / "bad2" / "error0.txt").read_text()
+    assert "compressor" in msg and "sign" in msg and "topk:0.1" in msg
+
+
+def test_nan_gradient_is_skipped_on_all_ranks(torchrun, tmp_path):
+    ranks = run(torchrun, tmp_path, 3, "--compressor", "sign", "--steps", "6", "--nan-at", "3", "--nan-rank", "1")
+    for r in ranks:
+        assert r["skipped_steps"] == 1 and r["totals"]["skipped"] >= 1
+        assert all(torch.isnan(c).all() for c in r["records"][3]["c"].values()), "the skipped step must be NaN"
+        before, after = r["snapshots"][2], r["snapshots"][3]
+        for part in (0, 1):
+            assert before[part].keys() == after[part].keys()
+            for name in before[part]:
+                assert torch.equal(before[part][name], after[part][name]), "a NaN step touched a residual"
+        for s in r["snapshots"][3:]:
+            assert all(torch.isfinite(e).all() for part in s for e in part.values())
+    assert_conservation(ranks, steps=[0, 1, 2, 4, 5])
