@@ -46,6 +46,10 @@ def unpack_bits(packed: torch.Tensor, count: int, table: torch.Tensor = None) ->
     return torch.from_numpy(out).view(lut.dtype).view(-1)[:count]
 
 
+# Groups of 8 values per block in `pack_uint` / `unpack_uint` (bounds the temporaries; they stay in cache).
+_GROUPS_PER_BLOCK = 1 << 15
+
+
 def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 values, each < 2**bits (1 <= bits <= 8), -> uint8 tensor of ceil(n * bits / 8) bytes."""
     if not 1 <= bits <= 8:
@@ -53,15 +57,48 @@ def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
     values = values.reshape(-1).to(torch.uint8)
     if bits == 8:
         return values.clone()
-    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)
-    expanded = (values.unsqueeze(1) >> shifts) & 1
-    return pack_bits(expanded.view(-1).bool())
+    # Eight values of `bits` bits are exactly `bits` bytes: each group of eight is assembled into one big-endian
+    # integer (value 0 in the most significant bits), whose bytes are then written out most significant first.
+    v = values.cpu().contiguous().numpy()
+    n = v.size
+    groups = -(-n // 8)
+    out = np.empty(groups * bits, dtype=np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for g0 in range(0, groups, _GROUPS_PER_BLOCK):
+        g1 = min(groups, g0 + _GROUPS_PER_BLOCK)
+        block = v[g0 * 8:g1 * 8]
+        if block.size < (g1 - g0) * 8:                      # the last group: zero padding, as np.packbits does
+            block = np.concatenate([block, np.zeros((g1 - g0) * 8 - block.size, dtype=np.uint8)])
+        block = block.reshape(-1, 8)
+        acc = np.zeros(g1 - g0, dtype=np.uint64)
+        for i in range(8):
+            acc |= (block[:, i].astype(np.uint64) & mask) << np.uint64(bits * (7 - i))
+        dest = out[g0 * bits:g1 * bits].reshape(-1, bits)
+        for j in range(bits):
+            dest[:, j] = acc >> np.uint64(8 * (bits - 1 - j))     # the assignment keeps the low byte
+    return torch.from_numpy(out[:packed_nbytes(n, bits)])
 
 
 def unpack_uint(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     """Inverse of `pack_uint`: `count` uint8 values."""
     if bits == 8:
         return packed.reshape(-1)[:count].clone()
-    b = unpack_bits(packed, count * bits).view(count, bits)
-    weights = (2 ** torch.arange(bits - 1, -1, -1)).to(torch.uint8)
-    return (b * weights).sum(dim=1, dtype=torch.uint8)
+    p = packed.reshape(-1).cpu().contiguous().numpy()
+    if p.size < packed_nbytes(count, bits):
+        raise ValueError(f"{p.size} packed bytes hold fewer than {count} values of {bits} bits")
+    groups = -(-count // 8)
+    out = np.empty(groups * 8, dtype=np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for g0 in range(0, groups, _GROUPS_PER_BLOCK):
+        g1 = min(groups, g0 + _GROUPS_PER_BLOCK)
+        block = p[g0 * bits:g1 * bits]
+        if block.size < (g1 - g0) * bits:
+            block = np.concatenate([block, np.zeros((g1 - g0) * bits - block.size, dtype=np.uint8)])
+        block = block.reshape(-1, bits)
+        acc = np.zeros(g1 - g0, dtype=np.uint64)
+        for j in range(bits):
+            acc = (acc << np.uint64(8)) | block[:, j]
+        dest = out[g0 * 8:g1 * 8].reshape(-1, 8)
+        for i in range(8):
+            dest[:, i] = (acc >> np.uint64(bits * (7 - i))) & mask
+    return torch.from_numpy(out[:count])

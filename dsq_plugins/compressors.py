@@ -125,11 +125,12 @@ class CastCompressor(Compressor):
                 # fp16's limit 65504 is not a bfloat16: clamped in bf16 it would round up to 65536, which
                 # overflows to inf in fp16. bf16 -> fp32 is exact, so clamping in fp32 changes nothing else.
                 flat = flat.float()
-            flat = flat.clamp(-limit, limit)
-        return {"values": flat.to(self.wire_dtype)}
+            flat = torch.clamp(flat, -limit, limit, out=_fresh(flat.numel(), flat.dtype))
+        return {"values": _fresh(flat.numel(), self.wire_dtype).copy_(flat)}          # the cast
 
     def _decompress(self, payload, numel, dtype):
-        return payload.fields["values"].to(dtype)
+        values = payload.fields["values"]
+        return values if values.dtype == dtype else _fresh(numel, dtype).copy_(values)
 
 
 class SignCompressor(Compressor):
@@ -159,6 +160,16 @@ def _numpy_view(flat: torch.Tensor):
     if flat.device.type != "cpu" or flat.dtype not in _NUMPY_FLOATS or flat.requires_grad:
         return None
     return flat.resolve_conj().resolve_neg().numpy()
+
+
+def _fresh(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialized CPU tensor allocated by numpy: large numpy allocations get transparent huge pages, so
+    they cost far fewer page faults than a fresh torch allocation (which dominates the cost of a 64 MB tensor)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.empty(numel, dtype=_NP_INT[size])).view(dtype)     # any dtype, bfloat16 included
+
+
+_NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def _pack_negative(flat: torch.Tensor) -> torch.Tensor:
@@ -331,20 +342,20 @@ class QSGDCompressor(Compressor):
 
     def _compress(self, flat, seed):
         v = flat.float()
+        n = v.numel()
         norm = torch.linalg.vector_norm(v)
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.rand(v.numel(), generator=gen)
+        noise = torch.rand(n, generator=gen, out=_fresh(n))
         if norm > 0:
-            scaled = v.abs().div_(norm).mul_(self.levels)
-        else:
-            scaled = torch.zeros_like(v)
-        levels = scaled.add_(noise).floor_().clamp_(0, self.levels).to(torch.uint8)
-        return {"norm": norm.reshape(1), "signs": bitpack.pack_bits(v < 0),
+            # noise + |v| / norm * S (the same operations, in place in the noise's buffer)
+            noise.add_(torch.abs(v, out=_fresh(n)).div_(norm).mul_(self.levels))
+        levels = _fresh(n, torch.uint8).copy_(noise.floor_().clamp_(0, self.levels))
+        return {"norm": norm.reshape(1), "signs": _pack_negative(v),
                 "levels": bitpack.pack_uint(levels, self.bits)}
 
     def _decompress(self, payload, numel, dtype):
         unit = payload.fields["norm"] / self.levels
-        mags = bitpack.unpack_uint(payload.fields["levels"], numel, self.bits).float().mul_(unit)
+        mags = _fresh(numel).copy_(bitpack.unpack_uint(payload.fields["levels"], numel, self.bits)).mul_(unit)
         signs = bitpack.unpack_bits(payload.fields["signs"], numel, table=torch.tensor([1.0, -1.0]))
         return mags.mul_(signs).to(dtype)
 
@@ -378,10 +389,17 @@ class Int8Compressor(Compressor):
         lo = x.amin(dim=1)
         step = (x.amax(dim=1) - lo) / 255.0
         safe = torch.where(step > 0, step, torch.ones_like(step))
-        q = ((x - lo[:, None]) / safe[:, None]).round_().clamp_(0, 255).to(torch.uint8)
-        return {"mins": lo, "steps": step, "q": q.view(-1)[:flat.numel()]}
+        r = torch.sub(x, lo[:, None], out=_fresh(x.numel()).view(x.shape))
+        r.div_(safe[:, None]).round_().clamp_(0, 255)
+        q = _fresh(flat.numel(), torch.uint8).copy_(r.view(-1)[:flat.numel()])
+        return {"mins": lo, "steps": step, "q": q}
 
     def _decompress(self, payload, numel, dtype):
         f = payload.fields
-        idx = torch.arange(numel) // self.chunk
-        return (f["q"].float() * f["steps"][idx] + f["mins"][idx]).to(dtype)
+        chunks = f["mins"].numel()
+        out = _fresh(chunks * self.chunk)
+        out[:numel].copy_(f["q"])
+        out[numel:].zero_()
+        # q * step + min, chunk by chunk (each chunk's step and min broadcast over its row)
+        out.view(chunks, self.chunk).mul_(f["steps"][:, None]).add_(f["mins"][:, None])
+        return out[:numel].to(dtype)

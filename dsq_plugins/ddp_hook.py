@@ -85,7 +85,7 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
         super().load_state_dict(sd)
 
 
-def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> torch.futures.Future:
+def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's gradients -> their DoubleSqueeze average over the process group.
 
     Math (per parameter, see `DoubleSqueezeCollective`): returns ``concat_r C_s(mean_i C_w(g_i + e_i)[r] + e[r])``
