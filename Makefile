@@ -22,7 +22,8 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) examples/ddp_digits.py --world-size 2 --logdir runs/demo
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 examples/ddp_digits.py \
+		--methods dense,sign --logdir runs/demo --json runs/demo/results.json
 
 bench: setup
 	$(PY) benchmarks/compressors.py --json runs/bench/compressors.json

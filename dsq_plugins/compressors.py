@@ -169,7 +169,9 @@ def _fresh(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.empty(numel, dtype=_NP_INT[size])).view(dtype)     # any dtype, bfloat16 included
 
 
+# Integer dtypes of each element size: any dtype's bit patterns go through numpy (which has no bfloat16) as these.
 _NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+_TORCH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _pack_negative(flat: torch.Tensor) -> torch.Tensor:
@@ -231,17 +233,14 @@ def _scatter(numel: int, dtype: torch.dtype, indices: torch.Tensor, values: torc
 
     Done by numpy on the bit patterns where it can: a zeroed numpy allocation gets transparent huge pages and
     lazily zeroed memory, several times cheaper than `torch.zeros` of a large tensor (page faults)."""
-    int_dtype = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}.get(torch.empty((), dtype=dtype).element_size())
-    if int_dtype is None or indices.device.type != "cpu" or values.device.type != "cpu" or values.dtype != dtype:
+    size = torch.empty((), dtype=dtype).element_size()
+    if size not in _NP_INT or indices.device.type != "cpu" or values.device.type != "cpu" or values.dtype != dtype:
         out = torch.zeros(numel, dtype=dtype)
         out[indices.long()] = values
         return out
-    out = np.zeros(numel, dtype=int_dtype)
-    out[indices.contiguous().numpy()] = values.contiguous().view(_TORCH_INT[int_dtype]).numpy()
+    out = np.zeros(numel, dtype=_NP_INT[size])
+    out[indices.contiguous().numpy()] = values.contiguous().view(_TORCH_INT[size]).numpy()
     return torch.from_numpy(out).view(dtype)
-
-
-_TORCH_INT = {np.uint8: torch.uint8, np.int16: torch.int16, np.int32: torch.int32, np.int64: torch.int64}
 
 
 def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:

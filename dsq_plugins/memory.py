@@ -27,7 +27,7 @@ class ErrorFeedback:
             return x
         if e.shape != x.shape or e.dtype != x.dtype:
             raise ValueError(f"residual {key!r} is {tuple(e.shape)} {e.dtype} but the tensor is "
-                             f"{tuple(x.shape)} {x.dtype}: the layout changed without a remap")
+                             f"{tuple(x.shape)} {x.dtype}: was the state loaded from another model or run?")
         return x + e
 
     def update(self, key: Hashable, compensated: torch.Tensor, sent: torch.Tensor) -> None:
