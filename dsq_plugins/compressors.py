@@ -43,6 +43,7 @@ class Compressor:
     name = "base"
     uses_seed = False
     seed_per_rank = False
+    accepts_empty = False
 
     def __init__(self, arg: Optional[str] = None):
         self.spec = self.name if arg is None else f"{self.name}:{arg}"
@@ -59,6 +60,8 @@ class Compressor:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise TypeError(f"{self.spec}: expected a floating-point tensor, got "
                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        if tensor.numel() == 0 and not self.accepts_empty:
+            raise ValueError(f"{self.spec}: cannot compress an empty tensor")
         if self.uses_seed and seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         flat = tensor.detach().reshape(-1)
@@ -94,6 +97,7 @@ class Compressor:
 
 class NoneCompressor(Compressor):
     name = "none"
+    accepts_empty = True
 
     def layout(self, numel, dtype):
         return [("values", dtype, numel)]
@@ -107,6 +111,8 @@ class NoneCompressor(Compressor):
 
 class CastCompressor(Compressor):
     """Cast to a 16-bit float type on the wire (values outside its range saturate)."""
+
+    accepts_empty = True
 
     def __init__(self, name: str, wire_dtype: torch.dtype):
         self.name = name
@@ -370,7 +376,7 @@ class Int8Compressor(Compressor):
         if chunk < 1:
             raise ValueError(f"int8: the chunk size must be a positive integer, e.g. 'int8:512'; got {arg!r}")
         self.chunk = chunk
-        super().__init__(None if arg is None else str(chunk))
+        super().__init__(None if chunk == 512 else str(chunk))
 
     def layout(self, numel, dtype):
         chunks = -(-numel // self.chunk)

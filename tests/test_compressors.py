@@ -1,0 +1,512 @@
+"""Property tests of every built-in compressor against plain-torch references written here (DESIGN.md section 3).
+
+Every compressor: any float dtype and shape in, the same out; the payload packs to exactly `nbytes` bytes, which
+is what `Compressor.nbytes` predicts; `Payload.from_bytes` of those bytes decompresses to the same tensor, bit for
+bit. Then each compressor's exact semantics, and the bit packing of `bitpack`.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dsq_plugins as dsq
+from dsq_plugins import bitpack
+from dsq_plugins.compressors import topk_indices
+from dsq_plugins.payload import Payload
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+BUILTINS = ["none", "fp16", "bf16", "sign", "topk", "randomk", "qsgd", "int8"]
+SPECS = ["none", "fp16", "bf16", "sign", "topk:0.01", "topk:0.3", "topk:1", "randomk:0.01", "randomk:0.5",
+         "qsgd:16", "qsgd:1", "qsgd:255", "int8", "int8:7"]
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of `t` (so that -0.0 != 0.0 and comparisons are exact)."""
+    return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor):
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    assert torch.equal(bits(a), bits(b)), (a, b)
+
+
+def make(shape, dtype, seed, scale=1.0, zeros=0.0, ties=False) -> torch.Tensor:
+    """A random tensor: normal values times `scale` (or small integers, many ties), a fraction `zeros` of them
+    set to 0.0 or -0.0, built in float64 and cast (so every dtype sees values it can hold)."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    if ties:
+        x = torch.randint(-3, 4, (n,), generator=g).double()
+    else:
+        x = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    if zeros:
+        z = torch.rand(n, generator=g) < zeros
+        x[z] = 0.0
+        x[z & (torch.rand(n, generator=g) < 0.5)] = -0.0
+    return x.to(dtype).reshape(shape)
+
+
+shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple)   # () and (1,) are d = 1
+tensors = st.builds(make, shapes, st.sampled_from(FLOATS), st.integers(0, 2 ** 31),
+                    scale=st.sampled_from([1e-3, 1.0, 10.0]), zeros=st.sampled_from([0.0, 0.3]),
+                    ties=st.booleans())
+
+
+def k_of(ratio: float, d: int) -> int:
+    return max(1, math.ceil(ratio * d))
+
+
+def roundtrip(spec, x, seed=7):
+    c = dsq.get_compressor(spec)
+    p = c.compress(x, seed=seed)
+    return c, p, c.decompress(p)
+
+
+# --------------------------------------------------------------------------------------------- every compressor
+
+
+def test_specs_cover_every_builtin():
+    assert set(BUILTINS) <= set(dsq.available_compressors())
+    assert {s.partition(":")[0] for s in SPECS} == set(BUILTINS)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@FAST
+@given(x=tensors, seed=st.integers(0, 2 ** 62))
+def test_contract(spec, x, seed):
+    before = x.clone()
+    c, p, y = roundtrip(spec, x, seed)
+    assert_same(x, before)                                          # the input is left alone
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert p.spec == c.spec and dsq.get_compressor(p.spec) == c
+    data = p.to_bytes()
+    assert len(data) == p.nbytes == c.nbytes(x.numel(), x.dtype)
+    again = Payload.from_bytes(data, p.spec, x.shape, x.dtype)
+    assert again.nbytes == p.nbytes
+    assert_same(c.decompress(again), y)
+    assert c.compress(x, seed=seed).to_bytes() == data              # deterministic given the seed
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_non_contiguous_input(spec, dtype):
+    base = make((40, 30), dtype, 3, zeros=0.1)
+    for x in (base.t(), base[:, ::3], base[::2]):
+        assert not x.is_contiguous()
+        _, p, y = roundtrip(spec, x, seed=11)
+        _, q, z = roundtrip(spec, x.contiguous(), seed=11)
+        assert p.to_bytes() == q.to_bytes()
+        assert_same(y, z)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_large_input_contract(spec):
+    x = make((300_007,), torch.float32, 5, zeros=0.01)              # more than one block of the numpy paths
+    c, p, y = roundtrip(spec, x)
+    assert len(p.to_bytes()) == p.nbytes == c.nbytes(x.numel(), x.dtype)
+    assert_same(c.decompress(Payload.from_bytes(p.to_bytes(), p.spec, x.shape, x.dtype)), y)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_rejects_non_float(spec):
+    with pytest.raises(TypeError):
+        dsq.get_compressor(spec).compress(torch.arange(10))
+
+
+def test_payload_of_another_compressor_is_refused():
+    p = dsq.get_compressor("topk:0.5").compress(torch.randn(10))
+    with pytest.raises(ValueError):
+        dsq.get_compressor("topk:0.25").decompress(p)
+
+
+def test_unpack_checks_size():
+    c = dsq.get_compressor("sign")
+    with pytest.raises(ValueError):
+        c.unpack(torch.zeros(5, dtype=torch.uint8), (100,), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------- semantics
+
+
+@FAST
+@given(x=tensors)
+def test_none_is_identity(x):
+    _, p, y = roundtrip("none", x)
+    assert_same(y, x)
+    assert p.nbytes == x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("name,wire", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+@FAST
+@given(x=tensors)
+def test_cast(name, wire, x):
+    _, p, y = roundtrip(name, x)
+    assert p.fields["values"].dtype == wire
+    assert p.nbytes == 2 * x.numel()
+    assert_same(y, x.to(wire).to(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fp16_saturates(dtype):
+    x = torch.tensor([1e5, -1e5, 7e4, -65519.0, 1.5], dtype=dtype)
+    _, p, y = roundtrip("fp16", x)
+    expected = torch.tensor([65504.0, -65504.0, 65504.0, -65504.0, 1.5], dtype=torch.float16)
+    assert_same(p.fields["values"], expected)
+    assert torch.isfinite(y).all()
+    assert_same(y, expected.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bf16_saturates(dtype):
+    big = torch.finfo(torch.bfloat16).max
+    x = torch.tensor([3.4e38, -3.4e38, 1.0], dtype=dtype)
+    _, p, y = roundtrip("bf16", x)
+    assert_same(p.fields["values"], torch.tensor([big, -big, 1.0], dtype=torch.bfloat16))
+    assert torch.isfinite(y).all()
+
+
+def sign_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    s = scale.reshape(()).to(x.dtype)
+    return torch.where(x < 0, -s, s)            # -0.0 < 0 is False: sign(-0.0) = sign(0) = +1
+
+
+def check_sign(x):
+    _, p, y = roundtrip("sign", x)
+    d = x.numel()
+    assert p.nbytes == 4 + math.ceil(d / 8)
+    scale = p.fields["scale"]
+    assert scale.dtype == torch.float32 and scale.numel() == 1
+    mean_abs = x.double().abs().mean()
+    torch.testing.assert_close(scale.double()[0], mean_abs, rtol=1e-5, atol=0.0)
+    assert_same(y, sign_reference(x, scale))
+
+
+@FAST
+@given(x=tensors)
+def test_sign(x):
+    check_sign(x)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sign_of_zeros_is_plus(dtype):
+    x = torch.tensor([0.0, -0.0, 1.0, -2.0, -0.0, 3.0, 0.0, -4.0, 5.0], dtype=dtype)
+    _, p, y = roundtrip("sign", x)
+    s = 15.0 / 9
+    assert p.fields["scale"][0].item() == pytest.approx(s, rel=1e-6)
+    signs = torch.tensor([1, 1, 1, -1, 1, 1, 1, -1, 1], dtype=dtype)
+    assert_same(y, signs * p.fields["scale"].to(dtype))
+    assert (y[[0, 1, 4, 6]] > 0).all()
+    # the bits on the wire: 1 for negative only, most significant bit first, zero padding
+    assert p.fields["bits"].tolist() == [0b00010001, 0b00000000]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sign_of_zero_tensor(dtype):
+    x = torch.tensor([0.0, -0.0, 0.0], dtype=dtype)
+    _, p, y = roundtrip("sign", x)
+    assert p.fields["scale"].tolist() == [0.0]
+    assert (y == 0).all()
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 1 << 18, (1 << 18) + 13, 1 << 19, 3 * (1 << 18) + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sign_sizes(d, dtype):
+    x = make((d,), dtype, d, zeros=0.2)
+    check_sign(x)
+    p = dsq.get_compressor("sign").compress(x)
+    assert p.fields["bits"].numpy().tobytes() == np.packbits((x < 0).numpy()).tobytes()
+
+
+def check_topk(x, ratio):
+    c, p, y = roundtrip(f"topk:{ratio}", x)
+    d = x.numel()
+    k = k_of(ratio, d)
+    assert c.k(d) == k
+    idx = p.fields["indices"]
+    assert idx.dtype == (torch.int16 if d <= 32768 else torch.int32)
+    assert idx.numel() == p.fields["values"].numel() == k
+    assert p.nbytes == k * (x.element_size() + idx.element_size())
+    idx = idx.long()
+    assert idx.min() >= 0 and idx.max() < d and idx.unique().numel() == k
+    flat = x.reshape(-1)
+    assert_same(p.fields["values"], flat[idx])                         # kept values are unscaled
+    # the kept magnitudes are the k largest (as a multiset: ties may be broken either way)
+    kept = flat[idx].abs().double().sort(descending=True).values
+    top = flat.abs().double().sort(descending=True).values[:k]
+    assert torch.equal(kept, top)
+    # the rest is zero
+    expected = torch.zeros(d, dtype=x.dtype)
+    expected[idx] = flat[idx]
+    assert_same(y.reshape(-1), expected)
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 1.0])
+@FAST
+@given(x=tensors)
+def test_topk(ratio, x):
+    check_topk(x, ratio)
+
+
+@pytest.mark.parametrize("d,dtype", [(65536, torch.float32), (100_003, torch.float64), (300_007, torch.float32),
+                                     (70_001, torch.float16), (70_001, torch.bfloat16)])
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.05])
+def test_topk_large(d, dtype, ratio):
+    check_topk(make((d,), dtype, d, zeros=0.1), ratio)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.2])
+def test_topk_large_with_ties(dtype, ratio):
+    check_topk(make((200_000,), dtype, 1, ties=True), ratio)                  # 7 distinct values
+    x = torch.zeros(131_072, dtype=dtype)
+    x[::1000] = 2.0
+    x[1::1000] = -2.0
+    x[5::7] = 1.0
+    check_topk(x, ratio)                                                       # mostly zeros, ties at the top
+    check_topk(torch.full((80_000,), -1.5, dtype=dtype), ratio)               # all equal
+
+
+def test_topk_large_unrepresentative_sample():
+    """Inputs where the sampled threshold lets through fewer than k candidates: the selection must lower the
+    threshold or fall back, and stay exact."""
+    d = 200_000
+    pos = torch.randint(0, d, (32768,), generator=torch.Generator().manual_seed(d))
+    g = torch.Generator().manual_seed(0)
+    for ratio in (0.02, 0.2):
+        x = torch.rand(d, generator=g) + 1.0                    # unsampled entries: medium
+        big = pos[torch.rand(pos.numel(), generator=g) < 0.06]
+        x[pos] = torch.rand(pos.numel(), generator=g) * 1e-3   # most sampled entries: tiny
+        x[big] = 100.0 + torch.rand(big.numel(), generator=g)   # a few sampled entries: large
+        check_topk(x, ratio)
+        check_topk(-x, ratio)
+
+
+@pytest.mark.parametrize("d", [32768, 32769, 65536])
+def test_topk_index_width_at_the_edge(d):
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d)) * 1e-3
+    x[-1] = 100.0
+    x[0] = -50.0
+    _, p, y = roundtrip("topk:0.0001", x)
+    assert p.fields["indices"].dtype == (torch.int16 if d <= 32768 else torch.int32)
+    assert y[-1] == 100.0 and y[0] == -50.0
+
+
+@pytest.mark.parametrize("d,ratio", [(10, 0.5), (70_000, 0.01), (200_000, 0.2), (70_000, 0.3)])
+def test_topk_indices_direct(d, ratio):
+    x = make((d,), torch.float32, d)
+    k = k_of(ratio, d)
+    idx = topk_indices(x, k)
+    assert idx.dtype == torch.int64 and idx.numel() == k and idx.unique().numel() == k
+    assert torch.equal(x[idx].abs().sort().values, x.abs().topk(k).values.sort().values)
+
+
+def test_randomk_exact_k_scaled():
+    for d, ratio in [(1, 0.5), (9, 0.3), (1000, 0.01), (12345, 0.1), (100, 1.0)]:
+        x = torch.rand(d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) + 0.5   # no zeros
+        for dtype in FLOATS:
+            xd = x.to(dtype)
+            c, p, y = roundtrip(f"randomk:{ratio}", xd, seed=d)
+            k = k_of(ratio, d)
+            assert p.nbytes == 8 + k * xd.element_size()
+            assert p.fields["seed"].tolist() == [d]
+            nz = y.nonzero().squeeze(1)
+            assert nz.numel() == k
+            assert_same(y[nz], xd[nz] * (d / k))
+            assert_same(p.fields["values"].sort().values, (xd[nz] * (d / k)).sort().values)
+
+
+@FAST
+@given(x=tensors, seed=st.integers(0, 2 ** 62))
+def test_randomk_properties(x, seed):
+    c, p, y = roundtrip("randomk:0.3", x, seed=seed)
+    d = x.numel()
+    k = k_of(0.3, d)
+    assert p.fields["values"].numel() == k
+    nz = y.reshape(-1).nonzero().squeeze(1)
+    assert nz.numel() <= k                                  # fewer where x itself has zeros at kept positions
+    assert (x.reshape(-1)[nz] != 0).all()
+    assert_same(y.reshape(-1)[nz], x.reshape(-1)[nz] * (d / k))
+
+
+def test_randomk_seeded():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    c = dsq.get_compressor("randomk:0.01")
+    a, b, other = c.compress(x, seed=5), c.compress(x, seed=5), c.compress(x, seed=6)
+    assert a.to_bytes() == b.to_bytes()
+    assert_same(c.decompress(a), c.decompress(b))
+    assert not torch.equal(c.decompress(a) != 0, c.decompress(other) != 0)
+    # no seed: one is drawn, and it travels in the payload
+    p = c.compress(x)
+    y = c.decompress(Payload.from_bytes(p.to_bytes(), p.spec, x.shape, x.dtype))
+    assert_same(y, c.decompress(p))
+    assert (y != 0).sum() == 10
+
+
+def test_randomk_unbiased():
+    d, ratio, n = 40, 0.1, 4000
+    x = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    c = dsq.get_compressor(f"randomk:{ratio}")
+    total = torch.zeros(d, dtype=torch.float64)
+    for s in range(n):
+        total += c.decompress(c.compress(x, seed=s))
+    mean = total / n
+    # per coordinate the estimate has variance x_i^2 (d/k - 1) = 9 x_i^2: standard error 3|x_i|/sqrt(n) ~ 0.05|x_i|
+    assert torch.all((mean - x).abs() <= 0.25 * x.abs() + 1e-12), (mean, x)
+    assert (mean - x).abs().max() < 0.15 * x.abs().max()
+
+
+def qsgd_levels(c, p, d):
+    return bitpack.unpack_uint(p.fields["levels"], d, c.bits)
+
+
+@pytest.mark.parametrize("levels", [1, 4, 16, 255])
+@FAST
+@given(x=tensors, seed=st.integers(0, 2 ** 62))
+def test_qsgd(levels, x, seed):
+    c, p, y = roundtrip(f"qsgd:{levels}", x, seed=seed)
+    d = x.numel()
+    b = max(1, math.ceil(math.log2(levels + 1)))
+    assert p.nbytes == 4 + math.ceil(d / 8) + math.ceil(d * b / 8)
+    v = x.reshape(-1).double()
+    norm = p.fields["norm"].double()[0]
+    torch.testing.assert_close(norm, v.norm(), rtol=1e-5, atol=0.0)
+    lv = qsgd_levels(c, p, d)
+    assert int(lv.max()) <= levels
+    if norm > 0:
+        # stochastic rounding of |v| / norm * S goes to one of the two neighbouring levels
+        a = v.abs() / norm * levels
+        lvd = lv.double()
+        assert torch.all(lvd >= torch.floor(a - 1e-4)) and torch.all(lvd <= torch.ceil(a + 1e-4))
+    # decoding: sign(v) * level * norm / S, in float32 then cast
+    sign = torch.where(x.reshape(-1).float() < 0, -1.0, 1.0)
+    expected = (lv.float() * (p.fields["norm"] / levels)) * sign
+    torch.testing.assert_close(y.reshape(-1), expected.to(x.dtype), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qsgd_zero_tensor(dtype):
+    for x in (torch.zeros(37, dtype=dtype), torch.full((3, 5), -0.0, dtype=dtype)):
+        c, p, y = roundtrip("qsgd:16", x, seed=3)
+        assert p.fields["norm"].tolist() == [0.0]
+        assert (y == 0).all() and y.dtype == dtype and y.shape == x.shape
+
+
+@pytest.mark.parametrize("levels", [1, 3, 16])
+def test_qsgd_unbiased(levels):
+    d, n = 30, 3000
+    x = torch.randn(d, generator=torch.Generator().manual_seed(levels), dtype=torch.float64)
+    c = dsq.get_compressor(f"qsgd:{levels}")
+    total = torch.zeros(d, dtype=torch.float64)
+    for s in range(n):
+        total += c.decompress(c.compress(x, seed=s))
+    mean = total / n
+    # per coordinate the variance is at most (norm / S)^2 / 4: standard error <= norm / (2 S sqrt(n))
+    tol = 6 * x.norm() / (2 * levels * math.sqrt(n))
+    assert (mean - x).abs().max() <= tol, ((mean - x).abs().max(), tol)
+
+
+def test_qsgd_seed_per_rank_and_independent_noise():
+    c = dsq.get_compressor("qsgd:4")
+    assert c.uses_seed and c.seed_per_rank
+    x = torch.randn(2000, generator=torch.Generator().manual_seed(0))
+    assert c.compress(x, seed=1).to_bytes() != c.compress(x, seed=2).to_bytes()
+
+
+def check_int8(x, chunk):
+    spec = "int8" if chunk is None else f"int8:{chunk}"
+    c, p, y = roundtrip(spec, x)
+    size = 512 if chunk is None else chunk
+    d = x.numel()
+    chunks = math.ceil(d / size)
+    assert p.nbytes == 8 * chunks + d
+    v = x.reshape(-1).double()
+    w = y.reshape(-1).double()
+    err = (w - v).abs()
+    eps = torch.finfo(x.dtype).eps
+    for i in range(chunks):
+        part = v[i * size:(i + 1) * size]
+        lo, hi = part.min(), part.max()
+        step = (hi - lo) / 255
+        torch.testing.assert_close(p.fields["mins"].double()[i], lo, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(p.fields["steps"].double()[i], step, rtol=1e-5, atol=1e-30)
+        scale = max(abs(lo.item()), abs(hi.item()))
+        # half a step, plus float32 arithmetic, plus the final rounding to the tensor's dtype
+        tol = step / 2 + 8 * torch.finfo(torch.float32).eps * scale + eps * w[i * size:(i + 1) * size].abs()
+        assert torch.all(err[i * size:(i + 1) * size] <= tol), (i, err[i * size:(i + 1) * size].max(), step)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 100, 1000])
+@FAST
+@given(x=tensors)
+def test_int8(chunk, x):
+    check_int8(x, chunk)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_sizes_not_dividing(dtype):
+    for d, chunk in [(1, 512), (511, 512), (513, 512), (1000, 7), (100_003, None), (5, 5)]:
+        check_int8(make((d,), dtype, d, scale=3.0), chunk)
+    const = torch.full((700,), 2.5, dtype=dtype)                     # step 0: exact
+    _, _, y = roundtrip("int8", const)
+    assert_same(y, const)
+
+
+# ---------------------------------------------------------------------------------------------------- bitpack
+
+
+@FAST
+@given(nbits=st.integers(1, 8), data=st.data())
+def test_pack_uint_roundtrip(nbits, data):
+    values = data.draw(st.lists(st.integers(0, 2 ** nbits - 1), min_size=0, max_size=100))
+    t = torch.tensor(values, dtype=torch.uint8)
+    packed = bitpack.pack_uint(t, nbits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == bitpack.packed_nbytes(len(values), nbits) == math.ceil(len(values) * nbits / 8)
+    assert torch.equal(bitpack.unpack_uint(packed, len(values), nbits), t)
+
+
+@pytest.mark.parametrize("nbits", range(1, 9))
+def test_pack_uint_layout_and_large(nbits):
+    # big-endian: the first value's most significant bit is the first byte's most significant bit
+    if nbits < 8:
+        assert bitpack.pack_uint(torch.tensor([1 << (nbits - 1)], dtype=torch.uint8), nbits).tolist() == [128]
+    n = 100_001
+    t = torch.randint(0, 2 ** nbits, (n,), generator=torch.Generator().manual_seed(nbits)).to(torch.uint8)
+    packed = bitpack.pack_uint(t, nbits)
+    assert packed.numel() == math.ceil(n * nbits / 8)
+    assert torch.equal(bitpack.unpack_uint(packed, n, nbits), t)
+
+
+@pytest.mark.parametrize("nbits", [0, 9])
+def test_pack_uint_rejects_bits(nbits):
+    with pytest.raises(ValueError):
+        bitpack.pack_uint(torch.zeros(3, dtype=torch.uint8), nbits)
+
+
+@FAST
+@given(mask=st.lists(st.booleans(), min_size=0, max_size=200))
+def test_pack_bits_roundtrip(mask):
+    m = torch.tensor(mask, dtype=torch.bool)
+    packed = bitpack.pack_bits(m)
+    assert packed.numel() == math.ceil(len(mask) / 8)
+    assert torch.equal(bitpack.unpack_bits(packed, len(mask)), m.to(torch.uint8))
+    for dtype in FLOATS:
+        table = torch.tensor([0.5, -2.0], dtype=dtype)
+        out = bitpack.unpack_bits(packed, len(mask), table=table)
+        assert out.dtype == dtype
+        assert_same(out, table[m.long()])
+
+
+def test_pack_bits_order_and_large():
+    assert bitpack.pack_bits(torch.tensor([True] + [False] * 8)).tolist() == [128, 0]
+    m = torch.rand(1_000_003, generator=torch.Generator().manual_seed(0)) < 0.3
+    packed = bitpack.pack_bits(m)
+    assert packed.numpy().tobytes() == np.packbits(m.numpy()).tobytes()
+    assert torch.equal(bitpack.unpack_bits(packed, m.numel()).bool(), m)
