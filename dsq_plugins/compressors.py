@@ -212,8 +212,8 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int16 if numel <= 2 ** 15 else torch.int32
 
 
-class TopKCompressor(Compressor):
-    name = "topk"
+class _RatioCompressor(Compressor):
+    """Keeps `k = max(1, ceil(ratio * d))` of d elements; spec ``name:ratio`` (default 0.01)."""
 
     def __init__(self, arg: Optional[str] = None):
         self.ratio = _parse_ratio(self.name, arg, 0.01)
@@ -221,6 +221,10 @@ class TopKCompressor(Compressor):
 
     def k(self, numel: int) -> int:
         return max(1, math.ceil(self.ratio * numel))
+
+
+class TopKCompressor(_RatioCompressor):
+    name = "topk"
 
     def layout(self, numel, dtype):
         k = self.k(numel)
@@ -296,16 +300,9 @@ def _at_least(flat: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
 
 
-class RandomKCompressor(Compressor):
+class RandomKCompressor(_RatioCompressor):
     name = "randomk"
     uses_seed = True
-
-    def __init__(self, arg: Optional[str] = None):
-        self.ratio = _parse_ratio(self.name, arg, 0.01)
-        super().__init__(repr(self.ratio))
-
-    def k(self, numel: int) -> int:
-        return max(1, math.ceil(self.ratio * numel))
 
     def layout(self, numel, dtype):
         return [("seed", torch.int64, 1), ("values", dtype, self.k(numel))]

@@ -49,7 +49,21 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
         self._params: List[torch.Tensor] = []     # by number; keeps them alive so that ids stay unique
 
     def __getstate__(self):
-        raise TypeError("DoubleSqueezeState holds a process group; save `state.state_dict()` instead")
+        """Pickles like PowerSGD's state: without the process group (the default group on unpickling), the
+        monitor, or the parameter objects (renumbered, in the same order, by the first backward pass)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("comm", "process_group", "monitor")}
+        state.update(_numbers={}, _params=[])
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.process_group = None
+        self.monitor = None
+        self.comm = TorchDistributedCommunicator(None)
+        if (self.comm.rank, self.comm.size) != (state["rank"], state["world_size"]):
+            raise ValueError(f"cannot unpickle a DoubleSqueezeState of rank {state['rank']} of "
+                             f"{state['world_size']} into rank {self.comm.rank} of {self.comm.size}: residuals "
+                             f"are per rank and per shard")
 
     def parameter_numbers(self, params) -> List[int]:
         numbers = []

@@ -6,6 +6,7 @@ name), and at the end its residuals by parameter name and the state's counters.
 import argparse
 import math
 import os
+import pickle
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
     ap.add_argument("--expect-load-error", action="store_true")
+    ap.add_argument("--pickled", action="store_true", help="resume from the pickled state, not state_dict()")
     ap.add_argument("--load-rank", type=int, default=-1, help="load this rank's checkpoint on every rank")
     args = ap.parse_args()
 
@@ -73,7 +75,10 @@ def main():
         src = rank if args.load_rank < 0 else args.load_rank
         ckpt = torch.load(f"{args.load}/ckpt_rank{src}.pt", weights_only=False)
         try:
-            state.load_state_dict(ckpt["dsq"])
+            if args.pickled:
+                state = pickle.loads(ckpt["pickled"])
+            else:
+                state.load_state_dict(ckpt["dsq"])
         except ValueError as e:
             if args.expect_load_error:
                 (out / f"error{rank}.txt").write_text(str(e))
@@ -126,7 +131,7 @@ def main():
         if all(torch.isfinite(p.grad).all() for p in model.parameters()):
             opt.step()
         if step + 1 == args.save_at:
-            torch.save({"dsq": state.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()},
+            torch.save({"dsq": state.state_dict(), "pickled": pickle.dumps(state), "model": model.state_dict(), "opt": opt.state_dict()},
                        out / f"ckpt_rank{rank}.pt")
 
     w, s = residuals()

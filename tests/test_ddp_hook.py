@@ -102,11 +102,12 @@ def test_warmup_is_dense_then_compressed(torchrun, tmp_path):
     assert_conservation(ranks)
 
 
-def test_resume_is_bit_identical(torchrun, tmp_path):
+@pytest.mark.parametrize("how", ["state_dict", "pickled"])
+def test_resume_is_bit_identical(torchrun, tmp_path, how):
     common = ["--compressor", "sign", "--momentum", "0.9"]
     full = run(torchrun, tmp_path, 2, *common, "--steps", "8", "--save-at", "4", name="full")
     resumed = run(torchrun, tmp_path, 2, *common, "--load", tmp_path / "full", "--first-step", "4",
-                  "--steps", "4", name="resumed")
+                  "--steps", "4", *(["--pickled"] if how == "pickled" else []), name="resumed")
     for r in range(2):
         assert resumed[r]["step"] == 8
         for name, p in full[r]["params"].items():
