@@ -253,6 +253,21 @@ def _scatter(numel: int, dtype: torch.dtype, indices: torch.Tensor, values: torc
     return torch.from_numpy(out).view(dtype)
 
 
+def random_subset(d: int, k: int, seed: int) -> torch.Tensor:
+    """`k` distinct indices in [0, d), a uniformly random k-subset determined by `seed` (sorted when k << d).
+
+    For k << d: the distinct values among iid uniform draws are a uniformly random subset of their number, and
+    k of them chosen by a random permutation are a uniformly random k-subset; this costs O(k log k), not the
+    O(d) of a full `randperm`."""
+    gen = torch.Generator().manual_seed(seed)
+    if 8 * k > d:
+        return torch.randperm(d, generator=gen)[:k]
+    draws = torch.randint(0, d, (k + k // 16 + 16,), generator=gen).unique()
+    while draws.numel() < k:
+        draws = torch.cat([draws, torch.randint(0, d, (k,), generator=gen)]).unique()
+    return draws[torch.randperm(draws.numel(), generator=gen)[:k]].sort().values
+
+
 def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (int64) of the `k` entries of `flat` of largest magnitude: an exact selection.
 
@@ -308,8 +323,7 @@ class RandomKCompressor(_RatioCompressor):
         return [("seed", torch.int64, 1), ("values", dtype, self.k(numel))]
 
     def _indices(self, seed: int, numel: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randperm(numel, generator=gen)[:self.k(numel)]
+        return random_subset(numel, self.k(numel), seed)
 
     def _compress(self, flat, seed):
         d = flat.numel()

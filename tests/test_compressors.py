@@ -510,3 +510,18 @@ def test_pack_bits_order_and_large():
     packed = bitpack.pack_bits(m)
     assert packed.numpy().tobytes() == np.packbits(m.numpy()).tobytes()
     assert torch.equal(bitpack.unpack_bits(packed, m.numel()).bool(), m)
+
+
+def test_random_subset_is_uniform_and_distinct():
+    from dsq_plugins.compressors import random_subset
+
+    d, k, trials = 50, 5, 4000
+    counts = torch.zeros(d)
+    for seed in range(trials):
+        idx = random_subset(d, k, seed)
+        assert idx.numel() == k and idx.unique().numel() == k and 0 <= int(idx.min()) and int(idx.max()) < d
+        counts[idx] += 1
+    expected = trials * k / d               # 400 per index; binomial sd ~ 19
+    assert float((counts - expected).abs().max()) < 6 * (expected * (1 - k / d)) ** 0.5
+    big = random_subset(10 ** 6, 1000, 7)
+    assert big.unique().numel() == 1000 and torch.equal(big, random_subset(10 ** 6, 1000, 7))
