@@ -19,7 +19,7 @@ ranks learn it in the same all_to_all; no residual changes and the update is all
 `GradScaler` skips the optimiser step exactly as with plain DDP.
 """
 import time
-from typing import Hashable, List, Optional, Sequence, Tuple
+from typing import Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,18 @@ from .sharding import shard_bounds
 __all__ = ["DoubleSqueezeCollective"]
 
 _DENSE = NoneCompressor()
+
+
+class _Planned(NamedTuple):
+    """One tensor of a `reduce` call: its compressors this step, shard bounds, and payload bytes per shard."""
+    key: Hashable
+    flat: torch.Tensor
+    wc: object
+    sc: object
+    bounds: List[Tuple[int, int]]
+    up: List[int]
+    down: List[int]
+    dense: bool
 
 
 class DoubleSqueezeCollective:
@@ -78,37 +90,39 @@ class DoubleSqueezeCollective:
             return []
         w, me, r = self.world_size, self.rank, self.round
         track = self.monitor is not None
-        plan = []   # per item: key, flat, worker compressor, server compressor, shard bounds, up/down sizes
+        plan = []
         for key, flat in items:
             dense = not self.compresses(flat.numel())
             wc, sc = (_DENSE, _DENSE) if dense else (self._wc, self._sc)
             bounds = shard_bounds(flat.numel(), w)
-            up = [wc.nbytes(e - s, flat.dtype) for s, e in bounds]
-            down = [sc.nbytes(e - s, flat.dtype) for s, e in bounds]
-            plan.append((key, flat, wc, sc, bounds, up, down, dense))
+            plan.append(_Planned(key, flat, wc, sc, bounds, [wc.nbytes(e - s, flat.dtype) for s, e in bounds],
+                                 [sc.nbytes(e - s, flat.dtype) for s, e in bounds], dense))
             r.dense_bytes += flat.numel() * flat.element_size()
-            r.payload_bytes += sum(up)
+            r.payload_bytes += sum(plan[-1].up)
             r.dense_tensors += dense
             r.compressed_tensors += not dense
-        finite = all(bool(torch.isfinite(flat.sum())) for _, flat in items)
+        # One check (one sync on an accelerator) for all tensors: a sum is finite only if every element is.
+        finite = bool(torch.isfinite(torch.stack([flat.sum().double() for _, flat in items])).all())
 
         # Worker pass. Message to rank j: [flag byte][payload of shard j of item 0][... of item 1]...
         t0 = time.perf_counter()
-        to = [1 + sum(p[5][j] for p in plan) for j in range(w)]
+        to = [1 + sum(t.up[j] for t in plan) for j in range(w)]
         send = torch.zeros(sum(to), dtype=torch.uint8)
         starts = [sum(to[:j]) for j in range(w)]
         cursor = [s + 1 for s in starts]
         compensated, sent = [], []
-        for key, flat, wc, sc, bounds, up, down, dense in plan:
-            v = flat if dense or not finite else self.worker_memory.compensate(key, flat)
+        for t in plan:
+            keeps_residual = finite and not t.dense and self.worker_memory.enabled
+            v = self.worker_memory.compensate(t.key, t.flat) if keeps_residual else t.flat
             parts = []
-            for j, (s, e) in enumerate(bounds):
+            for j, (s, e) in enumerate(t.bounds):
                 if finite:
-                    seed = derive_seed(self.config.seed, self.step, key, j, UPLINK, me if wc.seed_per_rank else -1)
-                    p = wc.compress(v[s:e], seed=seed)
-                    p.write_into(send[cursor[j]:cursor[j] + up[j]])
-                    parts.append(wc.decompress(p))
-                cursor[j] += up[j]
+                    seed = derive_seed(self.config.seed, self.step, t.key, j, UPLINK, me if t.wc.seed_per_rank else -1)
+                    p = t.wc.compress(v[s:e], seed=seed)
+                    p.write_into(send[cursor[j]:cursor[j] + t.up[j]])
+                    if keeps_residual:
+                        parts.append(t.wc.decompress(p))
+                cursor[j] += t.up[j]
             compensated.append(v)
             sent.append(parts)
         if not finite:
@@ -124,36 +138,36 @@ class DoubleSqueezeCollective:
 
         # Worker residuals, then the server pass for shard `me` of every item.
         t0 = time.perf_counter()
-        gather = torch.empty(sum(p[6][me] for p in plan), dtype=torch.uint8)
+        gather = torch.empty(sum(t.down[me] for t in plan), dtype=torch.uint8)
         mine, offset, g_off = [], 1, 0
-        for (key, flat, wc, sc, bounds, up, down, dense), v, parts in zip(plan, compensated, sent):
-            if not dense and self.worker_memory.enabled:
-                self.worker_memory.update(key, v, torch.cat(parts) if len(parts) > 1 else parts[0])
+        for t, v, parts in zip(plan, compensated, sent):
+            if parts:
+                self.worker_memory.update(t.key, v, torch.cat(parts) if len(parts) > 1 else parts[0])
                 if track:
-                    r.worker_error_sq += _sq(self.worker_memory.get(key))
+                    r.worker_error_sq += _sq(self.worker_memory.get(t.key))
                     r.worker_input_sq += _sq(v)
-            n_me = bounds[me][1] - bounds[me][0]
+            n_me = t.bounds[me][1] - t.bounds[me][0]
             total = None
             for i in range(w):
-                ci = wc.decompress(wc.unpack(recv[i, offset:offset + up[me]], (n_me,), flat.dtype))
+                ci = t.wc.decompress(t.wc.unpack(recv[i, offset:offset + t.up[me]], (n_me,), t.flat.dtype))
                 total = ci.clone() if total is None else total.add_(ci)
-            offset += up[me]
+            offset += t.up[me]
             mean = total.div_(w)
-            vs = mean if dense else self.server_memory.compensate(key, mean)
-            ps = sc.compress(vs, seed=derive_seed(self.config.seed, self.step, key, me, DOWNLINK))
-            ps.write_into(gather[g_off:g_off + down[me]])
-            g_off += down[me]
-            cs = sc.decompress(ps)
-            if not dense and self.server_memory.enabled:
-                self.server_memory.update(key, vs, cs)
+            vs = mean if t.dense else self.server_memory.compensate(t.key, mean)
+            ps = t.sc.compress(vs, seed=derive_seed(self.config.seed, self.step, t.key, me, DOWNLINK))
+            ps.write_into(gather[g_off:g_off + t.down[me]])
+            g_off += t.down[me]
+            cs = t.sc.decompress(ps)
+            if not t.dense and self.server_memory.enabled:
+                self.server_memory.update(t.key, vs, cs)
                 if track:
-                    r.server_error_sq += _sq(self.server_memory.get(key))
+                    r.server_error_sq += _sq(self.server_memory.get(t.key))
                     r.server_input_sq += _sq(vs)
             mine.append(cs)
         r.compress_seconds += time.perf_counter() - t0
 
         # Downlink: everyone's shards of every item, in rank order; rank j's block holds its shard of each item.
-        sizes = [sum(p[6][j] for p in plan) for j in range(w)]
+        sizes = [sum(t.down[j] for t in plan) for j in range(w)]
         gathered = self.comm.all_gather(gather, sizes)
         r.bytes_down_sent += (w - 1) * sizes[me]
         r.bytes_down_recv += sum(b for j, b in enumerate(sizes) if j != me)
@@ -161,13 +175,14 @@ class DoubleSqueezeCollective:
         t0 = time.perf_counter()
         outs = [torch.empty_like(flat) for _, flat in items]
         block = [sum(sizes[:j]) for j in range(w)]
-        for (key, flat, wc, sc, bounds, up, down, dense), out, cs in zip(plan, outs, mine):
-            for j, (s, e) in enumerate(bounds):
+        for t, out, cs in zip(plan, outs, mine):
+            for j, (s, e) in enumerate(t.bounds):
                 if j == me:
                     out[s:e] = cs
                 else:
-                    out[s:e] = sc.decompress(sc.unpack(gathered[block[j]:block[j] + down[j]], (e - s,), flat.dtype))
-                block[j] += down[j]
+                    out[s:e] = t.sc.decompress(t.sc.unpack(gathered[block[j]:block[j] + t.down[j]], (e - s,),
+                                                            t.flat.dtype))
+                block[j] += t.down[j]
         r.compress_seconds += time.perf_counter() - t0
         return outs
 

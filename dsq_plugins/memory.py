@@ -38,12 +38,6 @@ class ErrorFeedback:
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         return self.residuals.get(key)
 
-    def set(self, key: Hashable, value: torch.Tensor) -> None:
-        self.residuals[key] = value
-
-    def pop(self, key: Hashable) -> Optional[torch.Tensor]:
-        return self.residuals.pop(key, None)
-
     def norm(self) -> float:
         """L2 norm over all residuals."""
         if not self.residuals:
