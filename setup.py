@@ -18,4 +18,10 @@ setup(
         "all": ["horovod==0.28.1", "deepspeed>=0.19", "pydantic>=2", "pyzmq>=25"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
     },
+    entry_points={
+        "console_scripts": [
+            "dsq-horovodrun = horovod_ext.launcher:main",
+            "dsq-async-ps = async_ps.launcher:main",
+        ],
+    },
 )
