@@ -31,7 +31,7 @@ from .monitor import RoundStats, TensorBoardMonitor
 from .seeding import DOWNLINK, UPLINK, derive_seed
 from .sharding import shard_bounds
 
-__all__ = ["DoubleSqueezeCollective"]
+__all__ = ["DoubleSqueezeCollective", "Exchange"]
 
 _DENSE = NoneCompressor()
 
@@ -46,6 +46,23 @@ class _Planned(NamedTuple):
     up: List[int]
     down: List[int]
     dense: bool
+
+
+class Exchange:
+    """One `reduce` in flight, between its stages: the plan, the worker pass's uplink buffer and sizes (bytes
+    per rank), the server pass's downlink buffer and sizes, and whether a non-finite gradient skipped it."""
+
+    def __init__(self):
+        self.plan: List[_Planned] = []
+        self.finite = True
+        self.skipped = False
+        self.compensated: List[torch.Tensor] = []
+        self.sent: List[List[torch.Tensor]] = []
+        self.mine: List[torch.Tensor] = []
+        self.send = self.gather = None
+        self.send_sizes: List[int] = []
+        self.recv_sizes: List[int] = []
+        self.gather_sizes: List[int] = []
 
 
 class DoubleSqueezeCollective:
@@ -81,66 +98,90 @@ class DoubleSqueezeCollective:
 
     def reduce(self, items: Sequence[Tuple[Hashable, torch.Tensor]]) -> List[torch.Tensor]:
         """The updates for a group of tensors: for each ``(key, flat)`` (1-D, any float dtype), the compressed
-        mean over ranks, as a new tensor of the same size and dtype. One all_to_all and one all_gather."""
+        mean over ranks, as a new tensor of the same size and dtype. One all_to_all and one all_gather.
+
+        It is `begin`, the uplink all_to_all, `serve`, the downlink all_gather and `end`; an integration with
+        asynchronous collectives (Horovod) runs those stages itself to overlap them with backward."""
+        ex = self.begin(items)
+        if not ex.plan:
+            return []
+        self.serve(ex, self.comm.all_to_all(ex.send, ex.send_sizes, ex.recv_sizes))
+        if ex.skipped:
+            return self.end(ex, None)
+        return self.end(ex, self.comm.all_gather(ex.gather, ex.gather_sizes))
+
+    def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]]) -> "Exchange":
+        """Stage 1, the worker pass: compress ``g + e_i`` per tensor and shard into the uplink buffer
+        `ex.send`, of which `ex.send_sizes[j]` bytes go to rank j and `ex.recv_sizes[j]` bytes come from it."""
         for key, flat in items:
             if flat.dim() != 1 or not flat.is_floating_point():
                 raise ValueError(f"tensor {key!r}: reduce expects 1-D floating-point tensors, got shape "
                                  f"{tuple(flat.shape)} dtype {flat.dtype}")
+        ex = Exchange()
         if not items:
-            return []
+            return ex
         w, me, r = self.world_size, self.rank, self.round
-        track = self.monitor is not None
-        plan = []
         for key, flat in items:
             dense = not self.compresses(flat.numel())
             wc, sc = (_DENSE, _DENSE) if dense else (self._wc, self._sc)
             bounds = shard_bounds(flat.numel(), w)
-            plan.append(_Planned(key, flat, wc, sc, bounds, [wc.nbytes(e - s, flat.dtype) for s, e in bounds],
-                                 [sc.nbytes(e - s, flat.dtype) for s, e in bounds], dense))
+            ex.plan.append(_Planned(key, flat, wc, sc, bounds, [wc.nbytes(e - s, flat.dtype) for s, e in bounds],
+                                    [sc.nbytes(e - s, flat.dtype) for s, e in bounds], dense))
             r.dense_bytes += flat.numel() * flat.element_size()
-            r.payload_bytes += sum(plan[-1].up)
+            r.payload_bytes += sum(ex.plan[-1].up)
             r.dense_tensors += dense
             r.compressed_tensors += not dense
         # One check (one sync on an accelerator) for all tensors: a sum is finite only if every element is.
-        finite = bool(torch.isfinite(torch.stack([flat.sum().double() for _, flat in items])).all())
+        ex.finite = bool(torch.isfinite(torch.stack([flat.sum().double() for _, flat in items])).all())
 
-        # Worker pass. Message to rank j: [flag byte][payload of shard j of item 0][... of item 1]...
+        # Message to rank j: [flag byte][payload of shard j of item 0][... of item 1]...
         t0 = time.perf_counter()
-        to = [1 + sum(t.up[j] for t in plan) for j in range(w)]
-        send = torch.zeros(sum(to), dtype=torch.uint8)
+        to = ex.send_sizes = [1 + sum(t.up[j] for t in ex.plan) for j in range(w)]
+        ex.recv_sizes = [to[me]] * w
+        send = ex.send = torch.zeros(sum(to), dtype=torch.uint8)
         starts = [sum(to[:j]) for j in range(w)]
         cursor = [s + 1 for s in starts]
-        compensated, sent = [], []
-        for t in plan:
-            keeps_residual = finite and not t.dense and self.worker_memory.enabled
+        for t in ex.plan:
+            keeps_residual = ex.finite and not t.dense and self.worker_memory.enabled
             v = self.worker_memory.compensate(t.key, t.flat) if keeps_residual else t.flat
             parts = []
             for j, (s, e) in enumerate(t.bounds):
-                if finite:
+                if ex.finite:
                     seed = derive_seed(self.config.seed, self.step, t.key, j, UPLINK, me if t.wc.seed_per_rank else -1)
                     p = t.wc.compress(v[s:e], seed=seed)
                     p.write_into(send[cursor[j]:cursor[j] + t.up[j]])
                     if keeps_residual:
                         parts.append(t.wc.decompress(p))
                 cursor[j] += t.up[j]
-            compensated.append(v)
-            sent.append(parts)
-        if not finite:
+            ex.compensated.append(v)
+            ex.sent.append(parts)
+        if not ex.finite:
             send[starts] = 1
         r.compress_seconds += time.perf_counter() - t0
+        return ex
 
-        recv = self.comm.all_to_all(send, to, [to[me]] * w).view(w, to[me])
-        r.bytes_up_sent += sum(b for j, b in enumerate(to) if j != me)
-        r.bytes_up_recv += (w - 1) * to[me]
+    def serve(self, ex: "Exchange", recv: torch.Tensor) -> None:
+        """Stage 2, given the uplink bytes received (`sum(ex.recv_sizes)`): update the worker residuals, then
+        the server pass for this rank's shard of every tensor into the downlink buffer `ex.gather`
+        (`ex.gather_sizes[j]` bytes from rank j). If any rank flagged a non-finite gradient, `ex.skipped` is
+        set instead and no residual changes."""
+        w, me, r = self.world_size, self.rank, self.round
+        track = self.monitor is not None
+        if recv.numel() != sum(ex.recv_sizes):
+            raise RuntimeError(f"uplink: received {recv.numel()} bytes, expected {sum(ex.recv_sizes)}: the ranks "
+                               f"disagree on the tensors of this group (shapes, dtypes or order)")
+        recv = recv.view(w, ex.recv_sizes[0])
+        r.bytes_up_sent += sum(b for j, b in enumerate(ex.send_sizes) if j != me)
+        r.bytes_up_recv += (w - 1) * ex.recv_sizes[0]
         if bool(recv[:, 0].any()):
             r.skipped += 1
-            return [torch.full_like(flat, float("nan")) for _, flat in items]
+            ex.skipped = True
+            return
 
-        # Worker residuals, then the server pass for shard `me` of every item.
         t0 = time.perf_counter()
-        gather = torch.empty(sum(t.down[me] for t in plan), dtype=torch.uint8)
-        mine, offset, g_off = [], 1, 0
-        for t, v, parts in zip(plan, compensated, sent):
+        ex.gather = torch.empty(sum(t.down[me] for t in ex.plan), dtype=torch.uint8)
+        offset, g_off = 1, 0
+        for t, v, parts in zip(ex.plan, ex.compensated, ex.sent):
             if parts:
                 self.worker_memory.update(t.key, v, torch.cat(parts) if len(parts) > 1 else parts[0])
                 if track:
@@ -155,7 +196,7 @@ class DoubleSqueezeCollective:
             mean = total.div_(w)
             vs = mean if t.dense else self.server_memory.compensate(t.key, mean)
             ps = t.sc.compress(vs, seed=derive_seed(self.config.seed, self.step, t.key, me, DOWNLINK))
-            ps.write_into(gather[g_off:g_off + t.down[me]])
+            ps.write_into(ex.gather[g_off:g_off + t.down[me]])
             g_off += t.down[me]
             cs = t.sc.decompress(ps)
             if not t.dense and self.server_memory.enabled:
@@ -163,19 +204,27 @@ class DoubleSqueezeCollective:
                 if track:
                     r.server_error_sq += _sq(self.server_memory.get(t.key))
                     r.server_input_sq += _sq(vs)
-            mine.append(cs)
+            ex.mine.append(cs)
+        ex.gather_sizes = [sum(t.down[j] for t in ex.plan) for j in range(w)]
         r.compress_seconds += time.perf_counter() - t0
 
-        # Downlink: everyone's shards of every item, in rank order; rank j's block holds its shard of each item.
-        sizes = [sum(t.down[j] for t in plan) for j in range(w)]
-        gathered = self.comm.all_gather(gather, sizes)
+    def end(self, ex: "Exchange", gathered: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """Stage 3, given the downlink bytes (every rank's `ex.gather`, in rank order): the updates, one per
+        tensor. A skipped exchange (no downlink) gives all-NaN updates."""
+        if ex.skipped:
+            return [torch.full_like(t.flat, float("nan")) for t in ex.plan]
+        w, me, r = self.world_size, self.rank, self.round
+        sizes = ex.gather_sizes
+        if gathered.numel() != sum(sizes):
+            raise RuntimeError(f"downlink: received {gathered.numel()} bytes, expected {sum(sizes)}: the ranks "
+                               f"disagree on the tensors of this group (shapes, dtypes or order)")
         r.bytes_down_sent += (w - 1) * sizes[me]
         r.bytes_down_recv += sum(b for j, b in enumerate(sizes) if j != me)
 
         t0 = time.perf_counter()
-        outs = [torch.empty_like(flat) for _, flat in items]
+        outs = [torch.empty_like(t.flat) for t in ex.plan]
         block = [sum(sizes[:j]) for j in range(w)]
-        for t, out, cs in zip(plan, outs, mine):
+        for t, out, cs in zip(ex.plan, outs, ex.mine):
             for j, (s, e) in enumerate(t.bounds):
                 if j == me:
                     out[s:e] = cs
