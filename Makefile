@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.dsq-setup-stamp
 
 setup: $(STAMP)
 
-$(STAMP): setup.py requirements.txt constraints.txt
+$(STAMP): setup.py requirements.txt constraints.txt tools/horovod_wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0           # the local CPU wheel; pinned by constraints.txt from here on
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q -c constraints.txt --no-build-isolation --no-deps -e .
+	bash tools/horovod_wheel.sh $(PY)        # builds Horovod once (about 4 min), then reuses the cached wheel
 	$(PY) -c "import torch, dsq_plugins; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 

@@ -14,28 +14,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dsq_plugins as dsq
-
-
-def digits(seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.25, random_state=seed, stratify=y)
-    t = lambda a, dt: torch.tensor(np.asarray(a), dtype=dt)  # noqa: E731
-    return t(x_tr, torch.float32), t(y_tr, torch.long), t(x_te, torch.float32), t(y_te, torch.long)
-
-
-def mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+from digits_common import accuracy, digits, mlp
 
 
 def count_dense(state, bucket) -> torch.futures.Future[torch.Tensor]:
@@ -86,11 +72,6 @@ def train(method: str, args, data, rank: int, world: int) -> dict:
     return {"method": method, "accuracy": accuracy(model, x_te, y_te), "final_loss": loss_ema,
             "mb_sent_per_worker": sent / 1e6, "steps": step, "seconds": seconds,
             "parameters": sum(p.numel() for p in model.parameters())}
-
-
-@torch.no_grad()
-def accuracy(model, x, y) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def main():

@@ -1,0 +1,24 @@
+"""Assertions shared by the integration tests: the conservation law and agreement between ranks."""
+import torch
+
+
+def assert_conservation(ranks, atol=1e-5, steps=None):
+    """sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T, parameter by parameter (DESIGN.md section 1)."""
+    w = len(ranks)
+    records = ranks[0]["records"]
+    steps = range(len(records)) if steps is None else steps
+    for name, c0 in records[0]["c"].items():
+        applied = sum(records[t]["c"][name] for t in steps)
+        true = sum(sum(ranks[r]["records"][t]["g"][name] for r in range(w)) / w for t in steps)
+        worker = sum(ranks[r]["worker_residual"].get(name, torch.zeros_like(c0)) for r in range(w)) / w
+        server = sum(ranks[r]["server_residual"].get(name, torch.zeros_like(c0)) for r in range(w))
+        scale = 1 + max(float(x.abs().max()) for x in (applied, true, worker, server))
+        torch.testing.assert_close(applied, true - worker - server, rtol=0, atol=atol * scale,
+                                   msg=lambda m: f"conservation broken for {name}: {m}")
+
+
+def assert_same_update_everywhere(ranks):
+    for t, rec in enumerate(ranks[0]["records"]):
+        for r in ranks[1:]:
+            for name, c in rec["c"].items():
+                assert torch.equal(c, r["records"][t]["c"][name]), f"ranks disagree on {name} at step {t}"

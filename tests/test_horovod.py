@@ -1,0 +1,220 @@
+"""The Horovod integration under real horovodrun (Gloo) with 2 and 3 ranks, and its launcher flag."""
+import json
+import os
+import subprocess
+import sys
+
+import horovod.torch.compression as hvd_compression
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dsq_plugins as dsq
+import horovod_ext
+from horovod_ext.launcher import split_argv
+
+from .checks import assert_conservation, assert_same_update_everywhere
+from .conftest import ROOT, load_ranks
+
+WORKER = ROOT / "tests" / "hvd_worker.py"
+EXAMPLE = ROOT / "examples" / "horovod_digits.py"
+
+
+def run(horovodrun, tmp_path, nproc, *args, name="run", tags=("sign",), **kw):
+    out = tmp_path / name
+    horovodrun(nproc, WORKER, [out, *args], **kw)
+    return {tag: load_ranks(out, nproc, f"{tag}_rank") for tag in tags}
+
+
+# -- in one process: the compressor API and the launcher's argument split ------------------------------------
+
+def test_compression_fits_horovods_api():
+    for c in (horovod_ext.Compression.none, horovod_ext.Compression.fp16, horovod_ext.Compression.bf16,
+              horovod_ext.Compression.sign, horovod_ext.Compression.int8, horovod_ext.Compression.topk(0.01),
+              horovod_ext.Compression.randomk(0.1), horovod_ext.Compression.qsgd(16)):
+        assert isinstance(c, hvd_compression.Compressor)
+    t = torch.randn(100)
+    out, ctx = horovod_ext.Compression.fp16.compress(t)
+    assert out.dtype == torch.float16 and horovod_ext.Compression.fp16.decompress(out, ctx).dtype == torch.float32
+    assert horovod_ext.Compression.none.compress(t)[0] is t
+    for c in (horovod_ext.Compression.sign, horovod_ext.Compression.topk(0.01), horovod_ext.Compression.bf16):
+        with pytest.raises(TypeError, match="horovod_ext.DistributedOptimizer"):
+            c.compress(t)
+    assert horovod_ext.Compression.from_spec("topk:0.01").spec == "topk:0.01"
+    assert horovod_ext.Compression.from_spec("fp16") is horovod_ext.Compression.fp16
+    with pytest.raises(ValueError, match="valid names: .*sign"):
+        horovod_ext.Compression.from_spec("bogus")
+
+
+def test_launcher_takes_only_its_flags_before_the_command():
+    ours, rest = split_argv(["-np", "2", "--dsq-compressor", "sign", "--gloo", "python", "t.py",
+                             "--dsq-compressor", "mine"])
+    assert ours == ["--dsq-compressor", "sign"]
+    assert rest == ["-np", "2", "--gloo", "python", "t.py", "--dsq-compressor", "mine"]
+    ours, rest = split_argv(["--dsq-compressor=topk:0.01", "--dsq-no-server-ef", "-np", "2", "python", "t.py"])
+    assert ours == ["--dsq-compressor=topk:0.01", "--dsq-no-server-ef"] and rest == ["-np", "2", "python", "t.py"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dsq-compressor", "bogus"], "valid names: bf16, fp16, int8, none, qsgd, randomk, sign, topk"),
+    (["--dsq-compressor", "topk:2"], "topk"),
+    (["--dsq-compressor", "sign", "--dsq-server-compressor", "nope"], "valid names"),
+    (["--dsq-compressor", "sign", "--dsq-warmup-steps", "-3"], "warmup_steps"),
+    (["--dsq-compresor", "sign"], "unrecognized arguments: --dsq-compresor"),
+    (["--dsq-no-server-ef"], "--dsq-compressor is required"),
+])
+def test_bad_flag_exits_before_any_worker_starts(tmp_path, flags, message):
+    out = tmp_path / "never"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "dsq-horovodrun"), *flags, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, str(WORKER), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not out.exists(), "a worker started"
+
+
+# -- under horovodrun --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_conservation_and_agreement_over_buckets(horovodrun, tmp_path, nproc):
+    """Several buckets (bucket_mb=0.01), a NaN on one rank at step 4: skipped on every rank, residuals kept;
+    the conservation law over the other steps; every rank applies the same update."""
+    ranks = run(horovodrun, tmp_path, nproc, "--compressors", "sign", "--steps", "8", "--nan-at", "4",
+                "--momentum", "0.9")["sign"]
+    assert ranks[0]["buckets"] >= 2
+    assert all(r["step"] == 8 and r["skipped_steps"] == 1 for r in ranks)
+    assert all(r["class_module"] == "horovod.torch.optimizer" and r["step_after_broadcast"] == 0 for r in ranks)
+    for r in ranks:
+        assert all(torch.isnan(c).all() for c in r["records"][4]["c"].values())
+        for kind in (0, 1):      # worker, server residuals unchanged by the skipped step
+            for name, e in r["snapshots"][3][kind].items():
+                assert torch.equal(e, r["snapshots"][4][kind][name])
+    assert any(r["worker_residual"] for r in ranks) and any(r["server_residual"] for r in ranks)
+    ok = [t for t in range(8) if t != 4]
+    assert_same_update_everywhere([dict(r, records=[r["records"][t] for t in ok]) for r in ranks])
+    assert_conservation(ranks, steps=ok)
+    totals = ranks[0]["totals"]
+    dense = totals["dense_bytes"]
+    assert totals["bytes_up_sent"] + totals["bytes_down_sent"] < dense / 8, totals
+
+
+SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
+             (2, "sign,qsgd:4", ()), (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
+             (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
+
+
+@pytest.mark.parametrize("nproc,specs,extra", SIM_CASES, ids=[f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES])
+def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
+    """One parameter: the optimizer's updates and residuals equal the Simulator's (one shard per rank) on the
+    same per-rank gradients, for every compressor and baseline switch."""
+    tags = [s.replace(":", "_") for s in specs.split(",")]
+    runs = run(horovodrun, tmp_path, nproc, "--model", "single", "--compressors", specs, "--steps", "6", *extra,
+               tags=tags)
+    for spec, tag in zip(specs.split(","), tags):
+        ranks = runs[tag]
+        cfg = dsq.DoubleSqueezeConfig(
+            compressor=spec, min_numel=16, server_compressor="none" if "none" in extra else None,
+            worker_ef="--no-worker-ef" not in extra, server_ef="--no-server-ef" not in extra,
+            warmup_steps=3 if "--warmup" in extra else 0)
+        sim = dsq.Simulator(nproc, cfg, shards=nproc, key="weight")
+        for t, rec in enumerate(ranks[0]["records"]):
+            expected = sim.step([ranks[r]["records"][t]["g"]["weight"] for r in range(nproc)])
+            for r in ranks:
+                torch.testing.assert_close(r["records"][t]["c"]["weight"], expected, rtol=1e-6, atol=1e-7,
+                                           msg=lambda m: f"{spec} step {t}: {m}")
+        for r, rank in enumerate(ranks):
+            if cfg.worker_ef and cfg.warmup_steps < 6:
+                torch.testing.assert_close(rank["worker_residual"]["weight"], sim.worker_errors[r], rtol=1e-6,
+                                           atol=1e-7)
+        if cfg.server_ef:
+            server = sum(r["server_residual"].get("weight", torch.zeros(2000)) for r in ranks)
+            torch.testing.assert_close(server, sim.server_error, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_accumulation(horovodrun, tmp_path):
+    """backward_passes_per_step=3: one exchange per step, of the summed gradients of three micro-batches."""
+    ranks = run(horovodrun, tmp_path, 2, "--compressors", "topk:0.1", "--steps", "5", "--accum", "3",
+                tags=("topk_0.1",))["topk_0.1"]
+    assert all(r["step"] == 5 for r in ranks)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
+
+
+def test_resume_from_state_dict_is_exact(horovodrun, tmp_path):
+    """Save at step 4 of 8 (optimizer state_dict with the residuals, momentum), resume in fresh processes:
+    the same parameters and residuals, bit for bit, as the uninterrupted run. A state from another world
+    size is refused, saying why."""
+    common = ["--compressors", "sign", "--momentum", "0.9"]
+    full = run(horovodrun, tmp_path, 2, *common, "--steps", "8", "--save-at", "4", name="full")["sign"]
+    resumed = run(horovodrun, tmp_path, 2, *common, "--steps", "4", "--first-step", "4",
+                  "--load", tmp_path / "full", name="resumed")["sign"]
+    for a, b in zip(full, resumed):
+        assert b["step"] == 8
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+        for kind in ("worker_residual", "server_residual"):
+            for name in a[kind]:
+                assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
+    out = tmp_path / "wrong"
+    horovodrun(3, WORKER, [out, *common, "--steps", "1", "--load", tmp_path / "full"], check=False)
+    # ranks 0 and 1 find a checkpoint of world size 2 and refuse it
+    for r in (0, 1):
+        assert "world_size=2" in (out / f"error{r}.txt").read_text()
+
+
+def test_non_summable_compressor_in_stock_optimizer_is_refused(horovodrun, tmp_path):
+    proc = horovodrun(2, WORKER, [tmp_path / "stock", "--mode", "stock", "--compressors", "sign"], check=False)
+    assert proc.returncode != 0
+    assert "cannot use it. Use horovod_ext.DistributedOptimizer" in proc.stdout + proc.stderr
+    # a summable one works in the stock optimizer, as Horovod's own fp16 does
+    ranks = run(horovodrun, tmp_path, 2, "--mode", "stock", "--compressors", "fp16", "--steps", "3",
+                name="fp16", tags=("fp16",))["fp16"]
+    assert not ranks[0]["dsq"]
+    assert_same_update_everywhere(ranks)
+    mean = (ranks[0]["records"][0]["g"]["0.weight"] + ranks[1]["records"][0]["g"]["0.weight"]) / 2
+    torch.testing.assert_close(ranks[0]["records"][0]["c"]["0.weight"], mean, rtol=2e-3, atol=1e-3)
+
+
+def test_flag_switches_a_script_that_names_no_compressor(horovodrun, tmp_path):
+    """The same unedited script: plain Horovod under horovodrun (exact averages), DoubleSqueeze under
+    dsq-horovodrun --dsq-* (the flag's config reaches every rank; bytes are compressed; TensorBoard)."""
+    plain = run(horovodrun, tmp_path, 2, "--mode", "flag", "--steps", "3", name="plain")["sign"]
+    assert not plain[0]["dsq"]
+    mean = (plain[0]["records"][0]["g"]["0.weight"] + plain[1]["records"][0]["g"]["0.weight"]) / 2
+    torch.testing.assert_close(plain[0]["records"][0]["c"]["0.weight"], mean, rtol=1e-6, atol=1e-7)
+
+    flags = ["--dsq-compressor", "topk:0.05", "--dsq-server-compressor", "sign", "--dsq-warmup-steps", "2",
+             "--dsq-no-server-ef", "--dsq-logdir", tmp_path / "tb"]
+    ranks = run(horovodrun, tmp_path, 3, "--mode", "flag", "--steps", "6", name="flag", launcher="dsq-horovodrun",
+                flags=flags)["sign"]
+    for r in ranks:
+        assert r["dsq"] and r["config"]["compressor"] == "topk:0.05" and r["config"]["server_compressor"] == "sign"
+        assert r["config"]["warmup_steps"] == 2 and r["config"]["server_ef"] is False
+        assert not r["server_residual"]
+    assert_same_update_everywhere(ranks)
+    cfg = dsq.DoubleSqueezeConfig(**ranks[0]["config"])
+    # bytes: dense during the 2 warm-up steps, compressed after
+    assert ranks[0]["totals"]["compressed_tensors"] > 0 and ranks[0]["totals"]["dense_tensors"] > 0
+    assert cfg.warmup_steps == 2
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("bytes_up", "bytes_down", "compression_ratio", "worker_residual_norm", "worker_rel_error",
+                "skipped_steps"):
+        assert f"dsq/{tag}" in tags
+    assert len(events.Scalars("dsq/bytes_up")) == 6
+    ratios = [e.value for e in events.Scalars("dsq/compression_ratio")]
+    assert max(ratios[:2]) < 1.5 and min(ratios[2:]) > 3, ratios
+
+
+def test_example_sign_by_flag_within_two_points_of_plain_horovod(horovodrun, tmp_path):
+    plain, sign = tmp_path / "plain.json", tmp_path / "sign.json"
+    horovodrun(3, EXAMPLE, ["--json", plain], timeout=300)
+    proc = horovodrun(3, EXAMPLE, ["--json", sign], timeout=300, launcher="dsq-horovodrun",
+                      flags=["--dsq-compressor", "sign"])
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"final_accuracy={json.loads(sign.read_text())['accuracy']:.4f}")
+    plain, sign = json.loads(plain.read_text()), json.loads(sign.read_text())
+    assert not plain["doublesqueeze"] and sign["doublesqueeze"] and sign["config"]["compressor"] == "sign"
+    assert plain["accuracy"] > 0.95
+    assert sign["accuracy"] >= plain["accuracy"] - 0.02, (sign["accuracy"], plain["accuracy"])
+    assert plain["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 20
