@@ -1,2 +1,15 @@
-"""Asynchronous parameter server with compressed, error-compensated pushes and pulls.
-Not implemented yet: this package is reserved and empty until it lands."""
+"""Asynchronous parameter server for DoubleSqueeze: compressed, error-compensated pushes and pulls over ZeroMQ.
+
+- `ParameterServer`: holds the model, applies pushes as they arrive with a staleness-aware step and bound,
+  compresses each worker's downlink against the copy it holds (server.py).
+- `Worker`: pulls, pushes with its residual, heartbeats, rejoins after a server restart; `Worker.from_env` and
+  `Worker.step` are the training-loop helper (worker.py).
+- the wire format: JSON header + exactly `Payload.to_bytes()` per tensor, no pickle (protocol.py).
+- `dsq-async-ps`: the launcher (launcher.py); checkpoints (checkpoint.py).
+"""
+from .protocol import PROTOCOL_VERSION, Limits, ProtocolError
+from .server import STALENESS_POLICIES, ParameterServer
+from .worker import ServerError, ServerLost, StepResult, Worker
+
+__all__ = ["PROTOCOL_VERSION", "Limits", "ParameterServer", "ProtocolError", "STALENESS_POLICIES", "ServerError",
+           "ServerLost", "StepResult", "Worker"]

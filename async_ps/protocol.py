@@ -1,0 +1,219 @@
+"""The wire protocol of the asynchronous parameter server: ZeroMQ multipart messages, no pickle.
+
+A message is ``[header, payload_0, ..., payload_{k-1}]`` (the server's ROUTER socket sees the peer's identity
+frame in front). ``header`` is a small UTF-8 JSON object; each payload frame is exactly
+``Payload.to_bytes()`` of one model tensor, in the model's layout order. Shape, dtype and compressor spec are
+context both ends agree on at the handshake (``hello`` -> ``welcome``), so a frame carries no metadata and its
+size is checked against the exact size the compressor produces (`Compressor.nbytes`).
+
+Every header carries:
+
+- ``p``: the protocol version (`PROTOCOL_VERSION`); a peer speaking another version gets an error reply.
+- ``t``: the shared token (``DSQ_PS_TOKEN``); compared in constant time, a wrong one gets an ``auth`` error.
+- ``type``: the message type (`REQUEST_TYPES` from workers, `REPLY_TYPES` from the server).
+- ``w``: the worker's id (a short string), ``s``: the request's sequence number, echoed by the reply.
+
+Requests and their type-specific header fields (replies echo ``s``):
+
+========== ============================================================ =====================================
+request    fields and frames                                            reply
+========== ============================================================ =====================================
+hello      ``layout`` [[name, shape, dtype], ...]; frames: the          ``welcome``: ``session``, ``epoch``,
+           worker's current parameters, dense (used only if the         ``version``, ``up``/``down`` specs,
+           server has no model yet)                                     ``max_staleness``, ``mode``
+pull       ``session``                                                  ``model``: ``kind`` full|delta,
+                                                                        ``version``; frames: dense tensors
+                                                                        (full) or ``down``-spec payloads
+push       ``session``, ``base`` (version the update was computed at),  ``ack``: ``status`` applied|rejected|
+           ``loss``, ``rnorm`` (worker residual norm), ``skipped``;     skipped, ``version``, ``tau``,
+           frames: ``up``-spec payloads of the compensated update       ``scale``, ``reason``
+heartbeat  ``session``, ``skipped``                                     ``hb``: ``known``, ``epoch``
+done       ``session``                                                  ``status``
+status     (none)                                                       ``status``: ``version``, ``done``,
+                                                                        ``live``, ``applied``, ...
+bye        ``session`` (the worker leaves; its downlink state goes)     ``status``
+========== ============================================================ =====================================
+
+Any request can instead get ``error``: ``code`` (one of `ERROR_CODES`) and a human ``message``.
+"""
+import hmac
+import json
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from dsq_plugins.payload import Payload
+
+__all__ = ["PROTOCOL_VERSION", "REQUEST_TYPES", "REPLY_TYPES", "ERROR_CODES", "ProtocolError", "Limits",
+           "encode", "decode", "dtype_name", "dtype_from_name", "layout_of", "check_layout"]
+
+PROTOCOL_VERSION = 1
+REQUEST_TYPES = ("hello", "pull", "push", "heartbeat", "done", "status", "bye")
+REPLY_TYPES = ("welcome", "model", "ack", "hb", "status", "error")
+ERROR_CODES = ("malformed", "auth", "version", "too_many_frames", "oversized", "bad_type", "bad_field",
+               "bad_payload", "layout", "unknown_worker", "internal")
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float64": torch.float64}
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol. `code` is one of `ERROR_CODES`; the text says what was wrong."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Limits:
+    """Bounds on what the server reads before it trusts a message.
+
+    Args:
+        max_frames: frames in one message, header included (before the layout is known).
+        max_header_bytes: bytes of the JSON header.
+        max_frame_bytes: bytes of any one frame; ZeroMQ itself drops a connection that sends a bigger frame
+            (``ZMQ_MAXMSGSIZE``), so such a frame never reaches the server's memory.
+    """
+
+    def __init__(self, max_frames: int = 4097, max_header_bytes: int = 1 << 20, max_frame_bytes: int = 1 << 30):
+        self.max_frames = max_frames
+        self.max_header_bytes = max_header_bytes
+        self.max_frame_bytes = max_frame_bytes
+
+
+def encode(msg_type: str, token: str, worker: str = "", seq: int = 0, frames: Sequence[bytes] = (),
+           **fields) -> List[bytes]:
+    """The frames of one message: the JSON header then `frames` (each ``Payload.to_bytes()`` output)."""
+    header = {"p": PROTOCOL_VERSION, "t": token, "type": msg_type, "w": worker, "s": seq, **fields}
+    return [json.dumps(header, separators=(",", ":")).encode("utf-8"), *frames]
+
+
+def decode(frames: Sequence[bytes], token: str, limits: Limits, types=REQUEST_TYPES) -> Tuple[dict, List[bytes]]:
+    """Check and parse one message (without the ROUTER identity frame): ``(header, payload frames)``.
+
+    Raises `ProtocolError` for an empty, oversized, unparsable, unauthenticated or wrong-version message.
+    ``token=None`` skips the token check (the worker reading the server's replies, which carry none).
+    """
+    if not frames:
+        raise ProtocolError("malformed", "empty message")
+    if len(frames) > limits.max_frames:
+        raise ProtocolError("too_many_frames", f"{len(frames)} frames, at most {limits.max_frames} allowed")
+    raw = frames[0]
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError("oversized", f"header of {len(raw)} bytes, at most {limits.max_header_bytes}")
+    for i, f in enumerate(frames[1:], 1):
+        if len(f) > limits.max_frame_bytes:
+            raise ProtocolError("oversized", f"frame {i} has {len(f)} bytes, at most {limits.max_frame_bytes}")
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("malformed", f"header is not UTF-8 JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", "header is not a JSON object")
+    if token is not None and (not isinstance(header.get("t"), str)
+                              or not hmac.compare_digest(header["t"].encode(), token.encode())):
+        raise ProtocolError("auth", "missing or wrong token (DSQ_PS_TOKEN)")
+    if header.get("p") != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {header.get('p')!r}, this end speaks {PROTOCOL_VERSION}")
+    if header.get("type") not in types:
+        raise ProtocolError("bad_type", f"message type {header.get('type')!r}, expected one of {list(types)}")
+    for key, kind in (("w", str), ("s", int)):
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise ProtocolError("bad_field", f"header field {key!r} must be a {kind.__name__}")
+    return header, list(frames[1:])
+
+
+def field(header: dict, key: str, kind, default=None):
+    """`header[key]` checked to be of `kind` (a type or tuple); `default` when absent and a default is given."""
+    if key not in header and default is not None:
+        return default
+    value = header.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ProtocolError("bad_field", f"header field {key!r} must be a {name}, got {value!r}")
+    return value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ProtocolError("layout", f"dtype {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+Layout = List[Tuple[str, Tuple[int, ...], torch.dtype]]
+
+
+def layout_of(named_tensors) -> Layout:
+    """``[(name, shape, dtype), ...]`` of (name, tensor) pairs: the context every payload frame is read in."""
+    return [(name, tuple(t.shape), t.dtype) for name, t in named_tensors]
+
+
+def layout_to_json(layout: Layout) -> list:
+    return [[name, list(shape), dtype_name(dt)] for name, shape, dt in layout]
+
+
+def layout_from_json(value) -> Layout:
+    """Parse a ``layout`` header field, checking every entry (names, non-negative int dims, float dtypes)."""
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("layout", "layout must be a non-empty list of [name, shape, dtype]")
+    out = []
+    for entry in value:
+        if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
+                or not isinstance(entry[1], list) or not isinstance(entry[2], str)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 40 for d in entry[1])):
+            raise ProtocolError("layout", f"bad layout entry {str(entry)[:200]}: expected [name, [dims], dtype]")
+        out.append((entry[0], tuple(entry[1]), dtype_from_name(entry[2])))
+    return out
+
+
+def check_layout(expected: Layout, got: Layout) -> None:
+    """Raise ``ProtocolError('layout')`` naming the first tensor whose name, shape or dtype differ."""
+    if len(expected) != len(got):
+        raise ProtocolError("layout", f"the server's model has {len(expected)} tensors, this one {len(got)}")
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if e != g:
+            raise ProtocolError("layout", f"tensor {i}: the server has {e[0]!r} {list(e[1])} {dtype_name(e[2])}, "
+                                          f"this worker {g[0]!r} {list(g[1])} {dtype_name(g[2])} "
+                                          "(shape/dtype mismatch: a different model?)")
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def header_summary(header: Dict) -> str:
+    """The header without its token, for logs."""
+    return json.dumps({k: v for k, v in header.items() if k != "t"})[:300]
+
+
+def pack(compressor, tensors) -> Tuple[List[bytes], list]:
+    """Compress each tensor: ``(frames, dense)`` where ``frames[i]`` is exactly ``Payload.to_bytes()`` and
+    ``dense[i]`` the decompressed value the receiver will reconstruct from it."""
+    frames, dense = [], []
+    for t in tensors:
+        p = compressor.compress(t)
+        frames.append(p.to_bytes())
+        dense.append(compressor.decompress(p))
+    return frames, dense
+
+
+def unpack(compressor, frames: Sequence[bytes], layout: Layout) -> List[torch.Tensor]:
+    """Decompress one payload frame per layout entry, checking the count and each frame's exact size first."""
+    if len(frames) != len(layout):
+        raise ProtocolError("bad_payload", f"{len(frames)} payload frames for a model of {len(layout)} tensors")
+    out = []
+    for i, (frame, (name, shape, dtype)) in enumerate(zip(frames, layout)):
+        expected = compressor.nbytes(numel(shape), dtype)
+        if len(frame) != expected:
+            raise ProtocolError("bad_payload", f"frame {i + 1} ({name!r}, {compressor.spec}) has {len(frame)} "
+                                               f"bytes, expected exactly {expected}")
+        out.append(compressor.decompress(Payload.from_bytes(frame, compressor.spec, shape, dtype)))
+    return out
