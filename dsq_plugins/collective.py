@@ -14,12 +14,12 @@ integration groups tensors into buckets; a group of tensors travels in one all_t
 Tensors below `min_numel` elements, and all tensors during warm-up, travel uncompressed through the same two
 passes (what a ring all-reduce moves) and keep no residual.
 
-A step with a NaN/Inf on any rank is skipped on every rank: each uplink message carries a one-byte flag, so all
+A step with a NaN/Inf on any rank is skipped on every rank: each uplink message carries a flag, so all
 ranks learn it in the same all_to_all; no residual changes and the update is all-NaN, so that an AMP
 `GradScaler` skips the optimiser step exactly as with plain DDP.
 """
 import time
-from typing import Hashable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,7 @@ from .sharding import shard_bounds
 __all__ = ["DoubleSqueezeCollective", "Exchange"]
 
 _DENSE = NoneCompressor()
+_HEADER = 4          # bytes in front of each uplink message; the first is the non-finite flag
 
 
 class _Planned(NamedTuple):
@@ -90,6 +91,7 @@ class DoubleSqueezeCollective:
         self.round = RoundStats()
         self._wc = config.worker
         self._sc = config.server
+        self._buffers: Dict[Tuple, torch.Tensor] = {}
 
     # -- the algorithm -------------------------------------------------------------------------------------
     def compresses(self, numel: int) -> bool:
@@ -134,15 +136,17 @@ class DoubleSqueezeCollective:
         # One check (one sync on an accelerator) for all tensors: a sum is finite only if every element is.
         ex.finite = bool(torch.isfinite(torch.stack([flat.sum().double() for _, flat in items])).all())
 
-        # Message to rank j: [flag byte][payload of shard j of item 0][... of item 1]...
+        # Message to rank j: [flag, 3 zero bytes][payload of shard j of item 0][... of item 1]... The header is 4
+        # bytes so that 4-byte-aligned payloads (fp32 values) stay aligned and unpack without a copy.
         t0 = time.perf_counter()
-        to = ex.send_sizes = [1 + sum(t.up[j] for t in ex.plan) for j in range(w)]
+        to = ex.send_sizes = [_HEADER + sum(t.up[j] for t in ex.plan) for j in range(w)]
         ex.recv_sizes = [to[me]] * w
-        send = ex.send = torch.zeros(sum(to), dtype=torch.uint8)
+        send = ex.send = self._buffer(("send",) + tuple(t.key for t in ex.plan), sum(to))
         starts = [sum(to[:j]) for j in range(w)]
-        cursor = [s + 1 for s in starts]
+        send[[i for j in starts for i in range(j, j + _HEADER)]] = 0
+        cursor = [s + _HEADER for s in starts]
         for t in ex.plan:
-            keeps_residual = ex.finite and not t.dense and self.worker_memory.enabled
+            keeps_residual = ex.finite and not t.dense and self.worker_memory.enabled and not t.wc.lossless
             v = self.worker_memory.compensate(t.key, t.flat) if keeps_residual else t.flat
             parts = []
             for j, (s, e) in enumerate(t.bounds):
@@ -179,8 +183,8 @@ class DoubleSqueezeCollective:
             return
 
         t0 = time.perf_counter()
-        ex.gather = torch.empty(sum(t.down[me] for t in ex.plan), dtype=torch.uint8)
-        offset, g_off = 1, 0
+        ex.gather = self._buffer(("gather",) + tuple(t.key for t in ex.plan), sum(t.down[me] for t in ex.plan))
+        offset, g_off = _HEADER, 0
         for t, v, parts in zip(ex.plan, ex.compensated, ex.sent):
             if parts:
                 self.worker_memory.update(t.key, v, torch.cat(parts) if len(parts) > 1 else parts[0])
@@ -188,18 +192,21 @@ class DoubleSqueezeCollective:
                     r.worker_error_sq += _sq(self.worker_memory.get(t.key))
                     r.worker_input_sq += _sq(v)
             n_me = t.bounds[me][1] - t.bounds[me][0]
-            total = None
-            for i in range(w):
-                ci = t.wc.decompress(t.wc.unpack(recv[i, offset:offset + t.up[me]], (n_me,), t.flat.dtype))
-                total = ci.clone() if total is None else total.add_(ci)
+            received = [t.wc.decompress(t.wc.unpack(recv[i, offset:offset + t.up[me]], (n_me,), t.flat.dtype))
+                        for i in range(w)]
+            total = self._buffer(("mean", t.key), n_me, t.flat.dtype)
+            torch.add(received[0], received[1], out=total) if w > 1 else total.copy_(received[0])
+            for ci in received[2:]:
+                total.add_(ci)
             offset += t.up[me]
             mean = total.div_(w)
-            vs = mean if t.dense else self.server_memory.compensate(t.key, mean)
+            server_residual = not t.dense and self.server_memory.enabled and not t.sc.lossless
+            vs = self.server_memory.compensate(t.key, mean) if server_residual else mean
             ps = t.sc.compress(vs, seed=derive_seed(self.config.seed, self.step, t.key, me, DOWNLINK))
             ps.write_into(ex.gather[g_off:g_off + t.down[me]])
             g_off += t.down[me]
             cs = t.sc.decompress(ps)
-            if not t.dense and self.server_memory.enabled:
+            if server_residual:
                 self.server_memory.update(t.key, vs, cs)
                 if track:
                     r.server_error_sq += _sq(self.server_memory.get(t.key))
@@ -208,11 +215,17 @@ class DoubleSqueezeCollective:
         ex.gather_sizes = [sum(t.down[j] for t in ex.plan) for j in range(w)]
         r.compress_seconds += time.perf_counter() - t0
 
-    def end(self, ex: "Exchange", gathered: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    def end(self, ex: "Exchange", gathered: Optional[torch.Tensor],
+            outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Stage 3, given the downlink bytes (every rank's `ex.gather`, in rank order): the updates, one per
-        tensor. A skipped exchange (no downlink) gives all-NaN updates."""
+        tensor, written into `outs` if given (1-D, each the size and dtype of its tensor; it may be the input
+        tensor itself), else into new tensors. A skipped exchange (no downlink) gives all-NaN updates."""
+        if outs is None:
+            outs = [torch.empty_like(t.flat) for t in ex.plan]
         if ex.skipped:
-            return [torch.full_like(t.flat, float("nan")) for t in ex.plan]
+            for out in outs:
+                out.fill_(float("nan"))
+            return outs
         w, me, r = self.world_size, self.rank, self.round
         sizes = ex.gather_sizes
         if gathered.numel() != sum(sizes):
@@ -222,7 +235,6 @@ class DoubleSqueezeCollective:
         r.bytes_down_recv += sum(b for j, b in enumerate(sizes) if j != me)
 
         t0 = time.perf_counter()
-        outs = [torch.empty_like(t.flat) for t in ex.plan]
         block = [sum(sizes[:j]) for j in range(w)]
         for t, out, cs in zip(ex.plan, outs, ex.mine):
             for j, (s, e) in enumerate(t.bounds):
@@ -234,6 +246,15 @@ class DoubleSqueezeCollective:
                 block[j] += t.down[j]
         r.compress_seconds += time.perf_counter() - t0
         return outs
+
+    def _buffer(self, key: Tuple, numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """A scratch tensor reused from step to step (a fresh large allocation costs page faults every step).
+        Keys name a role and the tensors it serves; an exchange's buffers are free again once it has ended,
+        which is always before the next exchange of the same tensors begins."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != numel or buf.dtype != dtype:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype)
+        return buf
 
     # -- steps, counters, monitoring -----------------------------------------------------------------------
     def finish_step(self) -> RoundStats:

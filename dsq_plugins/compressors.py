@@ -38,9 +38,12 @@ class Compressor:
         uses_seed: whether `compress` draws random numbers (from `seed`).
         seed_per_rank: whether distributed callers should give each rank its own seed (independent noise)
             rather than one seed all ranks agree on.
+        lossless: whether `decompress(compress(t))` always equals `t`: error feedback then has nothing to keep,
+            and the collective skips it.
     """
 
     name = "base"
+    lossless = False
     uses_seed = False
     seed_per_rank = False
     accepts_empty = False
@@ -97,6 +100,7 @@ class Compressor:
 
 class NoneCompressor(Compressor):
     name = "none"
+    lossless = True
     accepts_empty = True
 
     def layout(self, numel, dtype):

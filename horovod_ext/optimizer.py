@@ -154,19 +154,21 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
             if b not in self._flights:
                 self._launch(b)
         self._advance(block=True)
-        w = self.doublesqueeze.world_size
+        scale = self.doublesqueeze.world_size if self.op == hvd.Sum else self.gradient_predivide_factor
         for f in self._flights.values():
-            outs = self.doublesqueeze.end(f.exchange, f.down.wait() if f.down is not None else None)
-            for p, out in zip(self._buckets[f.bucket], outs):
-                if self.op == hvd.Sum:
-                    out.mul_(w)
-                elif self.gradient_predivide_factor != 1.0:
-                    out.mul_(self.gradient_predivide_factor)
-                out = out.view(p.shape)
-                if p.grad.is_sparse:
-                    p.grad.zero_().add_(out.to_sparse())
-                else:
-                    p.grad.copy_(out)
+            params = self._buckets[f.bucket]
+            # The averages go straight into the gradients where they are plain contiguous tensors.
+            direct = [not p.grad.is_sparse and p.grad.is_contiguous() for p in params]
+            outs = [p.grad.view(-1) if d else torch.empty(p.numel(), dtype=p.dtype) for p, d in zip(params, direct)]
+            self.doublesqueeze.end(f.exchange, f.down.wait() if f.down is not None else None, outs)
+            for p, out, d in zip(params, outs, direct):
+                if scale != 1.0:
+                    out.mul_(scale)
+                if not d:
+                    if p.grad.is_sparse:
+                        p.grad.zero_().add_(out.view(p.shape).to_sparse())
+                    else:
+                        p.grad.copy_(out.view(p.shape))
         self.doublesqueeze.finish_step()
         self._flights.clear()
         self._ready = [0] * len(self._buckets)
