@@ -50,7 +50,8 @@ def run(args, spec, out: Path, tag: str):
     rank = hvd.rank()
     model = build_model(args.model)
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    kwargs = dict(named_parameters=model.named_parameters(), backward_passes_per_step=args.accum)
+    kwargs = dict(named_parameters=model.named_parameters(), backward_passes_per_step=args.accum,
+                  op=hvd.Sum if args.op == "sum" else hvd.Average, gradient_predivide_factor=args.predivide)
     if args.mode == "stock":
         opt = hvd.DistributedOptimizer(base, compression=horovod_ext.Compression.from_spec(spec), **kwargs)
     elif args.mode == "flag":
@@ -75,7 +76,7 @@ def run(args, spec, out: Path, tag: str):
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     step_after_broadcast = dsq.step if dsq else None
 
-    records, snapshots = [], []
+    records, snapshots, zero_grad_error = [], [], None
     for step in range(args.first_step, args.first_step + args.steps):
         opt.zero_grad()
         for micro in range(args.accum):
@@ -84,6 +85,11 @@ def run(args, spec, out: Path, tag: str):
             if step == args.nan_at and rank == args.nan_rank:
                 loss = loss * float("nan")
             loss.backward()
+        if dsq and step == args.first_step:
+            try:
+                opt.zero_grad()
+            except AssertionError as e:     # as in Horovod: not between backward and step
+                zero_grad_error = str(e)
         rec = {"step": step, "g": {n: p.grad.detach().reshape(-1).clone() for n, p in model.named_parameters()}}
         opt.synchronize()
         rec["c"] = {n: p.grad.detach().reshape(-1).clone() for n, p in model.named_parameters()}
@@ -97,6 +103,7 @@ def run(args, spec, out: Path, tag: str):
             torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, out / f"ckpt_{tag}_rank{rank}.pt")
 
     result = {"records": records, "world": hvd.size(), "class_module": type(opt).__module__,
+              "zero_grad_error": zero_grad_error,
               "dsq": dsq is not None, "step_after_broadcast": step_after_broadcast,
               "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
     if dsq:
@@ -126,6 +133,8 @@ def main():
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.0)
+    ap.add_argument("--op", choices=["average", "sum"], default="average")
+    ap.add_argument("--predivide", type=float, default=1.0)
     ap.add_argument("--nan-at", type=int, default=-1)
     ap.add_argument("--nan-rank", type=int, default=1)
     ap.add_argument("--save-at", type=int, default=-1)

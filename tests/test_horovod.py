@@ -83,6 +83,7 @@ def test_conservation_and_agreement_over_buckets(horovodrun, tmp_path, nproc):
     assert ranks[0]["buckets"] >= 2
     assert all(r["step"] == 8 and r["skipped_steps"] == 1 for r in ranks)
     assert all(r["class_module"] == "horovod.torch.optimizer" and r["step_after_broadcast"] == 0 for r in ranks)
+    assert all("zero_grad() was called after loss.backward()" in r["zero_grad_error"] for r in ranks)
     for r in ranks:
         assert all(torch.isnan(c).all() for c in r["records"][4]["c"].values())
         for kind in (0, 1):      # worker, server residuals unchanged by the skipped step
@@ -131,6 +132,19 @@ def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
         if cfg.server_ef:
             server = sum(r["server_residual"].get("weight", zero) for r in ranks)
             torch.testing.assert_close(server, sim.server_error, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("option", [("--op", "sum"), ("--predivide", "4")], ids=["op_sum", "predivide"])
+def test_sum_and_predivide_as_in_horovod(horovodrun, tmp_path, option):
+    """op=hvd.Sum gives W times the average; gradient_predivide_factor only splits the scaling (the compressor
+    sees g / f, the result is scaled back), so both match the Simulator's average."""
+    ranks = run(horovodrun, tmp_path, 2, "--model", "single", "--compressors", "sign", "--steps", "4",
+                *option)["sign"]
+    sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16), shards=2, key="weight")
+    factor = 2 if option[0] == "--op" else 1
+    for t, rec in enumerate(ranks[0]["records"]):
+        expected = sim.step([ranks[r]["records"][t]["g"]["weight"] for r in range(2)])
+        torch.testing.assert_close(rec["c"]["weight"], factor * expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_accumulation(horovodrun, tmp_path):
