@@ -1,0 +1,328 @@
+"""The asynchronous parameter server with real processes and real sockets on loopback: malformed traffic, a
+worker killed with SIGKILL and restarted, server checkpoint / kill / resume with the worker reconnecting, the
+launcher (restarts, failure, Ctrl-C) and the example's accuracy under a kill plus malformed traffic."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+import zmq
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import async_ps
+from async_ps import checkpoint
+from async_ps.protocol import encode, layout_of, layout_to_json
+
+from .conftest import ROOT
+from .test_async_ps_inproc import assert_server_conservation, fake_step, model, pushes, worker
+
+PROC = ROOT / "tests" / "async_ps_proc.py"
+EXAMPLE = ROOT / "examples" / "async_digits.py"
+LAUNCHER = [sys.executable, "-m", "async_ps.launcher"]
+
+
+class Proc:
+    """A child process in its own process group whose output lines are collected by reader threads."""
+
+    def __init__(self, cmd, env=None):
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+        self.p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=full_env, start_new_session=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out, self.err = [], []
+        self._readers = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
+                         for s, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
+        for r in self._readers:
+            r.start()
+
+    @staticmethod
+    def _read(stream, buf):
+        for line in stream:
+            buf.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern, timeout=60.0, stream="err"):
+        buf = self.err if stream == "err" else self.out
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(buf):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.p.poll() is not None and not any(r.is_alive() for r in self._readers):
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; {self.text()}")
+
+    def wait(self, timeout):
+        rc = self.p.wait(timeout=timeout)
+        for r in self._readers:
+            r.join(5)
+        return rc
+
+    def kill(self, sig=signal.SIGKILL):
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def text(self):
+        return "\n--- stdout\n" + "\n".join(self.out[-30:]) + "\n--- stderr\n" + "\n".join(self.err[-60:])
+
+
+@contextmanager
+def cleanup():
+    procs = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(sock, frames, timeout=5.0):
+    sock.send_multipart(frames)
+    assert sock.poll(int(timeout * 1000)), "no reply"
+    reply = sock.recv_multipart()
+    return json.loads(reply[0]), reply[1:]
+
+
+def malformed_traffic(address: str, token: str, net: torch.nn.Module, huge_bytes: int) -> dict:
+    """Hit the server with garbage of every kind; return the error code of each reply that came back."""
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=2) as raw:        # not even ZeroMQ
+        raw.sendall(os.urandom(4096))
+    ctx = zmq.Context.instance()
+    codes = {}
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        codes["random"] = request(sock, [os.urandom(100), os.urandom(50)])[0]["code"]
+        codes["not_object"] = request(sock, [b"[1, 2, 3]"])[0]["code"]
+        codes["bad_token"] = request(sock, encode("status", "not-the-token", "intruder", 1))[0]["code"]
+        codes["no_token"] = request(sock, [json.dumps({"p": 1, "type": "status", "w": "x", "s": 1}).encode()])[0]["code"]
+        codes["version"] = request(sock, [json.dumps({"p": 99, "t": token, "type": "status", "w": "x",
+                                                      "s": 1}).encode()])[0]["code"]
+        codes["bad_type"] = request(sock, encode("rm -rf", token, "intruder", 1))[0]["code"]
+        codes["bad_seq"] = request(sock, encode("status", token, "intruder", "one"))[0]["code"]
+        codes["too_many_frames"] = request(sock, encode("status", token, "intruder", 1, [b""] * 5000))[0]["code"]
+        codes["no_session"] = request(sock, encode("push", token, "intruder", 1, [b"x"], session="nope",
+                                                   base=0))[0]["code"]
+        # An authenticated client that joins properly, then sends broken pushes.
+        lay = layout_of(net.named_parameters())
+        dense = [p.detach().numpy().tobytes() for p in net.parameters()]
+        welcome, _ = request(sock, encode("hello", token, "intruder", 2, dense, layout=layout_to_json(lay)))
+        assert welcome["type"] == "welcome", welcome
+        session = welcome["session"]
+        frames = [b"\x00" * 3 for _ in lay]                                     # truncated payloads
+        codes["truncated"] = request(sock, encode("push", token, "intruder", 3, frames, session=session,
+                                                  base=0))[0]["code"]
+        codes["missing_frames"] = request(sock, encode("push", token, "intruder", 4, frames[:1], session=session,
+                                                       base=0))[0]["code"]
+        big = [b"\x01" * (4 << 20)] + frames[1:]                                 # a 4 MiB frame, within the limit
+        codes["big_frame"] = request(sock, encode("push", token, "intruder", 5, big, session=session,
+                                                  base=0))[0]["code"]
+        codes["future_base"] = request(sock, encode("push", token, "intruder", 6, frames, session=session,
+                                                    base=10 ** 9))[0]["code"]
+        request(sock, encode("bye", token, "intruder", 7, session=session))
+    finally:
+        sock.close(0)
+    huge = ctx.socket(zmq.DEALER)                                               # over the limit: ZeroMQ drops it
+    huge.setsockopt(zmq.LINGER, 0)
+    huge.connect(address)
+    huge.send_multipart(encode("status", token, "intruder", 1, [b"\x00" * huge_bytes]))
+    codes["huge_frame_reply"] = huge.poll(1000)
+    huge.close(0)
+    return codes
+
+
+EXPECTED_CODES = {"random": "malformed", "not_object": "malformed", "bad_token": "auth", "no_token": "auth",
+                  "version": "version", "bad_type": "bad_type", "bad_seq": "bad_field",
+                  "too_many_frames": "too_many_frames", "no_session": "unknown_worker", "truncated": "bad_payload",
+                  "missing_frames": "bad_payload", "big_frame": "bad_payload", "future_base": "bad_field",
+                  "huge_frame_reply": 0}
+
+
+def test_malformed_traffic_leaves_the_server_serving():
+    limits = async_ps.Limits(max_frame_bytes=8 << 20)
+    with async_ps.ParameterServer(bind="tcp://127.0.0.1:0", limits=limits, max_staleness=10_000) as srv:
+        good = worker(srv, "good")
+        stop = threading.Event()
+
+        def train():
+            g = torch.Generator().manual_seed(0)
+            while not stop.is_set():
+                fake_step(good, g)
+        t = threading.Thread(target=train)
+        t.start()
+        try:
+            codes = malformed_traffic(srv.address, srv.token, model(), huge_bytes=16 << 20)
+            before = good.accepted
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            t.join(30)
+        assert codes == EXPECTED_CODES
+        assert good.accepted > before, "the good worker stopped making progress"
+        snap = srv.snapshot()
+        errors = snap["errors"]
+        for code in ("malformed", "auth", "bad_payload", "bad_field"):
+            assert errors[code] >= 2, (code, errors)
+        assert errors["too_many_frames"] == errors["version"] == errors["bad_type"] == 1
+        assert snap["counters"]["applied"] == good.accepted and snap["counters"].get("rejected", 0) == 0
+        assert_server_conservation(snap, [good])
+        good.close()
+
+
+def test_sigkilled_worker_is_dropped_others_go_on_and_a_restart_rejoins_with_a_full_pull():
+    with async_ps.ParameterServer(bind="tcp://127.0.0.1:0", heartbeat_timeout=1.5, max_staleness=10_000) as srv, \
+            cleanup() as procs:
+        env = {"DSQ_PS_ADDR": srv.address, "DSQ_PS_TOKEN": srv.token}
+        for wid in ("0", "1"):
+            procs.append(Proc([sys.executable, PROC, "--steps", "100000", "--sleep", "0.01"],
+                              dict(env, DSQ_PS_WORKER=wid)))
+        assert srv.wait_for(lambda s: all(w in s.slots and s.slots[w].accepted >= 5 for w in "01"), 60), \
+            procs[0].text()
+        procs[1].kill(signal.SIGKILL)
+        procs[1].wait(10)
+        t_kill = time.monotonic()
+        assert srv.wait_for(lambda s: "1" not in s.slots, 10), "the killed worker was not detected"
+        detected_after = time.monotonic() - t_kill
+        assert 1.0 <= detected_after < 5.0, detected_after
+        snap = srv.snapshot()
+        assert snap["counters"]["dropped"] == 1 and "1" not in snap["workers"]
+        survivor = snap["workers"]["0"]["accepted"]
+        assert srv.wait_for(lambda s: s.slots["0"].accepted >= survivor + 10, 20), "the survivor stopped"
+        full_before = snap["counters"]["full_pulls"]
+        procs.append(Proc([sys.executable, PROC, "--steps", "100000", "--sleep", "0.01"],
+                          dict(env, DSQ_PS_WORKER="1")))
+        assert srv.wait_for(lambda s: "1" in s.slots and s.slots["1"].accepted >= 3, 60), procs[-1].text()
+        snap = srv.snapshot()
+        assert snap["counters"]["full_pulls"] == full_before + 1
+        assert snap["workers"]["1"]["pulls"] >= 3 and snap["counters"]["dropped"] == 1
+
+
+def test_checkpoint_kill_resume_and_the_worker_reconnects(tmp_path):
+    port = free_port()
+    ckpt = tmp_path / "ckpt"
+    cmd = [*LAUNCHER, "--role", "server", "--bind", f"tcp://127.0.0.1:{port}", "--checkpoint-dir", ckpt,
+           "--checkpoint-every-pushes", "5", "--checkpoint-every-s", "3600", "--max-staleness", "100",
+           "--no-progress"]
+    token = "t" * 32
+    with cleanup() as procs:
+        procs.append(Proc(cmd, {"DSQ_PS_TOKEN": token}))
+        address = procs[0].wait_line(r"^(tcp://\S+)$", 60, stream="out").group(1)
+        m = model()
+        w = async_ps.Worker(m, torch.optim.SGD(m.parameters(), lr=0.05), address, token, worker_id="w",
+                            record=True, heartbeat_interval=0.2, server_timeout=2.0, reconnect_timeout=60)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            assert fake_step(w, g).status == "applied"
+        procs[0].kill(signal.SIGKILL)
+        procs[0].wait(10)
+        state = checkpoint.load(ckpt)
+        assert state["version"] == 10 and state["counters"]["applied"] == 10
+        # The checkpoint holds x0 minus exactly the first 10 applied pushes, and the worker's downlink copy.
+        first10 = {"x": state["x"], "x0": state["x0"]}
+        w_records = w.records
+        w.records = [r for r in w_records if r["kind"] != "push"] + pushes(w)[:10]
+        assert_server_conservation(first10, [w])
+        w.records = w_records
+        assert len(state["workers"]["w"]["x_hat"]) == len(state["x"])
+
+        procs.append(Proc([*cmd, "--resume"], {"DSQ_PS_TOKEN": token}))
+        procs[1].wait_line(r"^tcp://", 60, stream="out")
+        r = fake_step(w, g)                      # the server is gone mid-step: the worker rejoins and re-pulls
+        assert r.status == "lost" and w.rejoins == 1 and w.version == 10
+        assert all(torch.equal(p.detach(), x) for p, x in zip(w.params, state["x"]))
+        for _ in range(3):
+            assert fake_step(w, g).status == "applied"
+        assert w.version == 13
+        w.close()
+        procs[1].kill(signal.SIGTERM)
+        assert procs[1].wait(20) == 130, procs[1].text()
+        final = checkpoint.load(ckpt)
+        assert final["version"] == 13 and final["counters"]["resumed"] == 1 and final["counters"]["applied"] == 13
+
+
+def test_launcher_restarts_then_fails_with_nonzero_exit():
+    with cleanup() as procs:
+        procs.append(Proc([*LAUNCHER, "--num-workers", "2", "--max-restarts", "1", "--no-progress", "--",
+                           sys.executable, "-c", "import os, sys; sys.exit(3 if os.environ['DSQ_PS_WORKER'] == '1' "
+                                                 "else 0)"]))
+        assert procs[0].wait(60) == 1, procs[0].text()
+        text = procs[0].text()
+        assert "worker 1 died (exit code 3); restart 1/1" in text
+        assert "worker 1 failed (exit code 3) and has no restarts left" in text and "FAILED" in text
+
+
+def test_launcher_ctrl_c_stops_everything():
+    with cleanup() as procs:
+        procs.append(Proc([*LAUNCHER, "--num-workers", "2", "--no-progress", "--",
+                           sys.executable, "-c", "import time; time.sleep(600)"]))
+        pids = [int(procs[0].wait_line(rf"worker {i} started \(pid (\d+)\)", 60).group(1)) for i in range(2)]
+        procs[0].p.send_signal(signal.SIGINT)
+        assert procs[0].wait(30) == 130, procs[0].text()
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
+    """The acceptance run: 3 workers on the digits example, worker 1 SIGKILLed once (and restarted), malformed
+    traffic at the server; the job succeeds with accuracy >= 0.85 and TensorBoard has the server's metrics."""
+    token = "s" * 32
+    logdir = tmp_path / "tb"
+    with cleanup() as procs:
+        procs.append(Proc([*LAUNCHER, "--num-workers", "3", "--compressor", "sign", "--max-staleness", "8",
+                           "--max-restarts", "1", "--heartbeat-timeout", "3", "--logdir", logdir,
+                           "--max-frame-mb", "8", "--no-progress", "--",
+                           sys.executable, EXAMPLE, "--epochs", "30"], {"DSQ_PS_TOKEN": token}))
+        launcher = procs[0]
+        address = launcher.wait_line(r"^(tcp://\S+)$", 60, stream="out").group(1)
+        pid = int(launcher.wait_line(r"worker 1 started \(pid (\d+)\)", 60).group(1))
+        ctx = zmq.Context.instance()
+        probe = ctx.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.connect(address)
+        deadline = time.monotonic() + 60
+        while request(probe, encode("status", token, "probe", 1))[0]["applied"] < 100:
+            assert time.monotonic() < deadline, launcher.text()
+            time.sleep(0.2)
+        probe.close(0)
+        os.kill(pid, signal.SIGKILL)
+        from examples.async_digits import mlp
+        codes = malformed_traffic(address, token, mlp(0), huge_bytes=16 << 20)
+        assert codes == EXPECTED_CODES
+        assert launcher.wait(240) == 0, launcher.text()
+        assert launcher.out[-1].startswith("final_accuracy=")
+        acc = float(launcher.out[-1].split("=")[1])
+        assert acc >= 0.85, launcher.text()
+        text = launcher.text()
+        assert "worker 1 died (signal SIGKILL); restart 1/1" in text
+        assert re.search(r"[1-9]\d* rejoined|[1-9]\d* workers dropped", text), text
+    events = EventAccumulator(str(logdir), size_guidance={"histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("ps/applied", "ps/rejected", "ps/skipped", "ps/bytes_up", "ps/bytes_down", "ps/protocol_errors",
+                "ps/pushes_per_s/0", "ps/downlink_residual_norm/0", "ps/worker_residual_norm/0", "ps/loss/0"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert "ps/staleness" in events.Tags()["histograms"]
+    assert events.Scalars("ps/protocol_errors")[-1].value >= 10
