@@ -10,18 +10,14 @@ accuracy, and the hook's bytes, residuals and compression error), and with --jso
 """
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import dsq_plugins as dsq
-from digits_common import accuracy, digits, mlp
+from digits_common import accuracy, digits, mlp, train_epochs
 
 
 def count_dense(state, bucket) -> torch.futures.Future[torch.Tensor]:
@@ -32,7 +28,7 @@ def count_dense(state, bucket) -> torch.futures.Future[torch.Tensor]:
 
 
 def train(method: str, args, data, rank: int, world: int) -> dict:
-    x_tr, y_tr, x_te, y_te = data
+    _, _, x_te, y_te = data
     model = mlp(args.seed)
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
@@ -44,33 +40,12 @@ def train(method: str, args, data, rank: int, world: int) -> dict:
     else:
         state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=method, seed=args.seed), monitor=monitor)
         ddp.register_comm_hook(state, dsq.doublesqueeze_hook)
-    mine = torch.arange(rank, x_tr.shape[0], world)        # this rank's shard of the training set
-    loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = len(mine) // args.batch_size
-    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"{method:>10}", disable=rank != 0, leave=False)
-    step, loss_ema, t0 = 0, None, time.perf_counter()
-    for epoch in range(args.epochs):
-        order = mine[torch.randperm(len(mine), generator=torch.Generator().manual_seed(args.seed + epoch))]
-        for b in range(steps_per_epoch):
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-            opt.zero_grad()
-            loss = loss_fn(ddp(x_tr[idx]), y_tr[idx])
-            loss.backward()
-            opt.step()
-            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-            if monitor:
-                monitor.log_scalar("train/loss", loss.item(), step)
-            step += 1
-            bar.update()
-        if monitor:
-            monitor.log_scalar("test/accuracy", accuracy(model, x_te, y_te), step)
-    bar.close()
-    seconds = time.perf_counter() - t0
+    run = train_epochs(model, ddp, opt, data, rank, world, args, monitor, desc=f"{method:>10}")
     sent = counter["bytes"] if method == "dense" else state.totals.bytes_sent
     if monitor:
         monitor.close()
-    return {"method": method, "accuracy": accuracy(model, x_te, y_te), "final_loss": loss_ema,
-            "mb_sent_per_worker": sent / 1e6, "steps": step, "seconds": seconds,
+    return {"method": method, "accuracy": accuracy(model, x_te, y_te), "final_loss": run["final_loss"],
+            "mb_sent_per_worker": sent / 1e6, "steps": run["steps"], "seconds": run["seconds"],
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

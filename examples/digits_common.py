@@ -1,9 +1,12 @@
-"""What the digits examples share: scikit-learn's bundled digits data, the MLP, and test accuracy."""
+"""What the digits examples share: scikit-learn's bundled digits data, the MLP, test accuracy, the loop."""
+import time
+
 import numpy as np
 import torch
 import torch.nn as nn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 
 def digits(seed: int = 0):
@@ -22,3 +25,33 @@ def mlp(seed: int) -> nn.Module:
 @torch.no_grad()
 def accuracy(model, x, y) -> float:
     return float((model(x).argmax(1) == y).float().mean())
+
+
+def train_epochs(model, forward, optimizer, data, rank: int, world: int, args, monitor=None, desc: str = "") -> dict:
+    """SGD on this rank's shard of the training set: `args.epochs` epochs of `args.batch_size` samples, the
+    same order on every run (seeded by `args.seed`). `forward` is the model or its wrapper (DDP). Logs
+    train/loss per step and test/accuracy per epoch to `monitor`. Returns steps, seconds and final loss
+    (an exponential moving average)."""
+    x_tr, y_tr, x_te, y_te = data
+    mine = torch.arange(rank, x_tr.shape[0], world)
+    loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = len(mine) // args.batch_size
+    bar = tqdm(total=args.epochs * steps_per_epoch, desc=desc, disable=rank != 0, leave=False)
+    step, loss_ema, t0 = 0, None, time.perf_counter()
+    for epoch in range(args.epochs):
+        order = mine[torch.randperm(len(mine), generator=torch.Generator().manual_seed(args.seed + epoch))]
+        for b in range(steps_per_epoch):
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(forward(x_tr[idx]), y_tr[idx])
+            loss.backward()
+            optimizer.step()
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            if monitor:
+                monitor.log_scalar("train/loss", loss.item(), step)
+            step += 1
+            bar.update()
+        if monitor:
+            monitor.log_scalar("test/accuracy", accuracy(model, x_te, y_te), step)
+    bar.close()
+    return {"steps": step, "seconds": time.perf_counter() - t0, "final_loss": loss_ema}

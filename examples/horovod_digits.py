@@ -12,16 +12,13 @@ Rank 0 prints the test accuracy, the MB each worker sent, and `final_accuracy=0.
 """
 import argparse
 import json
-import time
 from pathlib import Path
 
 import horovod.torch as hvd
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
 import horovod_ext
-from digits_common import accuracy, digits, mlp
+from digits_common import accuracy, digits, mlp, train_epochs
 
 
 def main():
@@ -36,7 +33,8 @@ def main():
     torch.set_num_threads(1)
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
-    x_tr, y_tr, x_te, y_te = digits(args.seed)
+    data = digits(args.seed)
+    x_te, y_te = data[2], data[3]
     model = mlp(args.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     optimizer = horovod_ext.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
@@ -45,28 +43,9 @@ def main():
     dsq = getattr(optimizer, "doublesqueeze", None)        # None: plain Horovod
     monitor = dsq.monitor if dsq else None
 
-    mine = torch.arange(rank, x_tr.shape[0], world)        # this rank's shard of the training set
-    loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = len(mine) // args.batch_size
-    bar = tqdm(total=args.epochs * steps_per_epoch, disable=rank != 0, leave=False,
-               desc=dsq.config.compressor if dsq else "horovod")
-    step, t0 = 0, time.perf_counter()
-    for epoch in range(args.epochs):
-        order = mine[torch.randperm(len(mine), generator=torch.Generator().manual_seed(args.seed + epoch))]
-        for b in range(steps_per_epoch):
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(x_tr[idx]), y_tr[idx])
-            loss.backward()
-            optimizer.step()
-            if monitor:
-                monitor.log_scalar("train/loss", loss.item(), step)
-            step += 1
-            bar.update()
-        if monitor:
-            monitor.log_scalar("test/accuracy", accuracy(model, x_te, y_te), step)
-    bar.close()
-    seconds = time.perf_counter() - t0
+    run = train_epochs(model, model, optimizer, data, rank, world, args, monitor,
+                       desc=dsq.config.compressor if dsq else "horovod")
+    step, seconds = run["steps"], run["seconds"]
     acc = accuracy(model, x_te, y_te)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # Plain Horovod: what a ring allreduce sends per rank, 2 (W - 1) / W of the gradients each step.
