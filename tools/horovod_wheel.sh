@@ -19,6 +19,7 @@ PY_TAG=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[
 CACHE_ROOT=${DSQ_WHEEL_CACHE:-$HOME/.cache/doublesqueeze/wheels}
 CACHE="$CACHE_ROOT/horovod-$HVD_VERSION-torch$TORCH_VERSION-$PY_TAG"
 RUNTIME_DEPS=(cloudpickle psutil pyyaml packaging cffi)
+CONSTRAINTS="$(cd "$(dirname "$0")/.." && pwd)/constraints.txt"      # keeps torch pinned
 
 installed() {
     "$PY" - "$HVD_VERSION" <<'EOF'
@@ -42,25 +43,31 @@ if ! ls "$CACHE"/horovod-*.whl >/dev/null 2>&1; then
     LOG="$CACHE_ROOT/horovod-$HVD_VERSION-torch$TORCH_VERSION-$PY_TAG.build.log"
     mkdir -p "$CACHE_ROOT"
     echo "Building Horovod $HVD_VERSION against torch $TORCH_VERSION ($PY_TAG); about 4 minutes, log: $LOG"
-    build() {
-        set -e
-        "$PY" -m pip install -q "${RUNTIME_DEPS[@]}" setuptools wheel
-        "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HVD_VERSION" -d "$WORK"
-        tar -xzf "$WORK/horovod-$HVD_VERSION.tar.gz" -C "$WORK"
-        local src="$WORK/horovod-$HVD_VERSION"
-        sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-            "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-        grep -q 'set(CMAKE_CXX_STANDARD 17)' "$src/horovod/torch/CMakeLists.txt"
-        HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
-            HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
-            MAKEFLAGS="-j${HOROVOD_BUILD_JOBS:-$(nproc)}" \
-            "$PY" -m pip wheel -v --no-deps --no-build-isolation "$src" -w "$WORK/dist"
-        mkdir -p "$CACHE"
-        cp "$WORK"/dist/horovod-*.whl "$CACHE"/
+    STEP=""
+    step() {     # run one build step, logging it; `set -e` does not apply inside `... || handler`, so check here
+        STEP=$1; shift
+        echo "== $STEP: $*" >>"$LOG"
+        "$@" >>"$LOG" 2>&1
     }
-    if ! (build) >"$LOG" 2>&1; then
-        echo "ERROR: building Horovod $HVD_VERSION failed. The last lines of $LOG:" >&2
-        tail -n 40 "$LOG" >&2
+    src="$WORK/horovod-$HVD_VERSION"
+    : >"$LOG"
+    if ! { step "installing build requirements" "$PY" -m pip install -c "$CONSTRAINTS" "${RUNTIME_DEPS[@]}" \
+               setuptools wheel &&
+           step "downloading the sdist" "$PY" -m pip download --no-deps --no-binary :all: "horovod==$HVD_VERSION" \
+               -d "$WORK" &&
+           step "unpacking the sdist" tar -xzf "$WORK/horovod-$HVD_VERSION.tar.gz" -C "$WORK" &&
+           step "raising CMAKE_CXX_STANDARD to 17" sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+               "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt" &&
+           step "checking the C++17 fix" grep -q 'set(CMAKE_CXX_STANDARD 17)' "$src/horovod/torch/CMakeLists.txt" &&
+           step "compiling (cmake, g++)" env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+               HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
+               MAKEFLAGS="-j${HOROVOD_BUILD_JOBS:-$(nproc)}" \
+               "$PY" -m pip wheel -v --no-deps --no-build-isolation "$src" -w "$WORK/dist" &&
+           step "caching the wheel" mkdir -p "$CACHE" &&
+           step "caching the wheel" cp "$WORK"/dist/horovod-$HVD_VERSION-*.whl "$CACHE"/; }; then
+        rm -rf "$CACHE"
+        echo "ERROR: building Horovod $HVD_VERSION failed while $STEP. The last lines of $LOG:" >&2
+        tail -n 30 "$LOG" >&2
         echo "It needs cmake >= 3.13, g++ with C++17 and network access to PyPI." >&2
         echo "Retry with: tools/horovod_wheel.sh $PY   (or: make setup).  Build dir kept: $WORK" >&2
         exit 1
@@ -68,7 +75,7 @@ if ! ls "$CACHE"/horovod-*.whl >/dev/null 2>&1; then
     rm -rf "$WORK"
 fi
 
-"$PY" -m pip install -q -c "$(dirname "$0")/../constraints.txt" "${RUNTIME_DEPS[@]}"
+"$PY" -m pip install -q -c "$CONSTRAINTS" "${RUNTIME_DEPS[@]}"
 "$PY" -m pip install -q --no-deps --force-reinstall "$CACHE"/horovod-*.whl
 if ! installed; then
     echo "ERROR: Horovod from $CACHE installed but does not import with Gloo. Delete that folder and retry." >&2
