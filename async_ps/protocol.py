@@ -204,8 +204,8 @@ def pack(compressor, tensors) -> Tuple[List[bytes], list]:
     return frames, dense
 
 
-def unpack(compressor, frames: Sequence[bytes], layout: Layout) -> List[torch.Tensor]:
-    """Decompress one payload frame per layout entry, checking the count and each frame's exact size first."""
+def unpack_payloads(compressor, frames: Sequence[bytes], layout: Layout) -> list:
+    """One `Payload` per layout entry from its frame, checking the frame count and each frame's exact size."""
     if len(frames) != len(layout):
         raise ProtocolError("bad_payload", f"{len(frames)} payload frames for a model of {len(layout)} tensors")
     out = []
@@ -217,5 +217,17 @@ def unpack(compressor, frames: Sequence[bytes], layout: Layout) -> List[torch.Te
         # What `Payload.from_bytes` does, without its registry lookup by spec (it scans the installed packages'
         # entry points on every call: milliseconds per tensor).
         buffer = torch.frombuffer(bytearray(frame), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
-        out.append(compressor.decompress(compressor.unpack(buffer, shape, dtype)))
+        out.append(compressor.unpack(buffer, shape, dtype))
     return out
+
+
+def payloads_finite(payloads) -> bool:
+    """Whether every floating-point field of the payloads is finite. For the built-in compressors the dense
+    value is finite exactly when these fields are (sign: the scale; top-k: the values; int8: mins and steps;
+    QSGD: the norm), and checking them costs a few elements instead of a pass over the whole tensor."""
+    return all(bool(torch.isfinite(f).all()) for p in payloads for f in p.fields.values() if f.is_floating_point())
+
+
+def unpack(compressor, frames: Sequence[bytes], layout: Layout) -> List[torch.Tensor]:
+    """Decompress one payload frame per layout entry (see `unpack_payloads` for the checks)."""
+    return [compressor.decompress(p) for p in unpack_payloads(compressor, frames, layout)]

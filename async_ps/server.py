@@ -39,7 +39,7 @@ from dsq_plugins.registry import get_compressor
 
 from . import checkpoint
 from .protocol import (Limits, ProtocolError, check_layout, decode, encode, header_summary, layout_from_json,
-                       layout_to_json, pack, unpack)
+                       layout_to_json, pack, payloads_finite, unpack, unpack_payloads)
 from .protocol import field as hfield
 
 __all__ = ["ParameterServer", "STALENESS_POLICIES"]
@@ -426,11 +426,14 @@ class ParameterServer:
         base = hfield(header, "base", int)
         if not 0 <= base <= self.version:
             raise ProtocolError("bad_field", f"base version {base} is outside [0, {self.version}]")
-        c = unpack(self.up, payload, self.layout)
-        loss = header.get("loss")
-        slot.loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else slot.loss
-        rnorm = header.get("rnorm")
-        slot.worker_rnorm = float(rnorm) if isinstance(rnorm, (int, float)) else slot.worker_rnorm
+        if self.mode == "sync" and slot.worker in self._round:
+            raise ProtocolError("bad_field", "a second push in one synchronous round: pull first")
+        payloads = unpack_payloads(self.up, payload, self.layout)
+        loss, rnorm = header.get("loss"), header.get("rnorm")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            slot.loss = float(loss)
+        if isinstance(rnorm, (int, float)) and not isinstance(rnorm, bool):
+            slot.worker_rnorm = float(rnorm)
         slot.clock += 1
         tau = self.version - base
         status, reason, scale = "applied", "", 0.0
@@ -439,23 +442,22 @@ class ParameterServer:
             slot.rejected += 1
             slot.behind = True
             self.counters["rejected"] += 1
-        elif not all(bool(torch.isfinite(t).all()) for t in c):
+        elif not payloads_finite(payloads):
             status, reason = "skipped", "the update holds NaN or Inf"
             slot.skipped += 1
             self.counters["skipped"] += 1
-        elif self.mode == "sync":
-            if slot.worker in self._round:
-                raise ProtocolError("bad_field", "a second push in one synchronous round: pull first")
-            self._round[slot.worker] = c
-            scale = 1.0
         else:
-            scale = 1.0 / (1 + tau) if self.staleness_policy == "inverse" else 1.0
-            for x, ci in zip(self.x, c):
-                x.add_(ci, alpha=-scale)
-            self.version += 1
-            self.taus[tau] += 1
-            self._recent_taus.append(tau)
-        if status == "applied":
+            c = [self.up.decompress(p) for p in payloads]
+            if self.mode == "sync":
+                self._round[slot.worker] = c         # applied, as the round's mean, when the round closes
+                scale = 1.0
+            else:
+                scale = 1.0 / (1 + tau) if self.staleness_policy == "inverse" else 1.0
+                for x, ci in zip(self.x, c):
+                    x.add_(ci, alpha=-scale)
+                self.version += 1
+                self.taus[tau] += 1
+                self._recent_taus.append(tau)
             slot.accepted += 1
             slot.behind = False
             self.counters["applied"] += 1

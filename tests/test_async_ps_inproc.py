@@ -2,6 +2,7 @@
 conservation laws of both residuals, the staleness bound (blocking and rejection), no lost updates under many
 concurrent pushes, a straggler not slowing the others, the synchronous baseline, and bad input."""
 import itertools
+import json
 import threading
 import time
 
@@ -205,11 +206,13 @@ def test_straggler_does_not_slow_the_others():
                 if sleep:
                     time.sleep(sleep)
                 fake_step(w, g)
+            w.finish(wait=False)            # a worker that stops pushing says so, or the bound waits for it
         ts = [threading.Thread(target=run, args=(w, 0.25 if i == 0 else 0.0)) for i, w in enumerate(ws)]
         [t.start() for t in ts]
         time.sleep(2.5)
         stop.set()
         [t.join(30) for t in ts]
+        assert not any(t.is_alive() for t in ts)
         slow = ws[0].accepted + ws[0].rejected
         fast = [w.accepted for w in ws[1:]]
         assert slow >= 3 and min(fast) >= 3 * slow, (slow, fast)
@@ -285,3 +288,38 @@ def test_from_env_explains_what_is_missing(monkeypatch):
     m = model()
     with pytest.raises(RuntimeError, match="dsq-async-ps"):
         async_ps.Worker.from_env(m, torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+def test_server_skips_a_nonfinite_push_and_counts_it():
+    """A push whose payload decodes to NaN (a sign payload with a NaN scale, sent by a raw client) is skipped:
+    acknowledged as such, counted, and x and the version are untouched."""
+    import zmq
+
+    from async_ps.protocol import encode, layout_of, layout_to_json
+
+    with server(bind="tcp://127.0.0.1:0") as srv:
+        net = model()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(srv.address)
+        try:
+            dense = [p.detach().numpy().tobytes() for p in net.parameters()]
+            sock.send_multipart(encode("hello", srv.token, "raw", 1, dense,
+                                       layout=layout_to_json(layout_of(net.named_parameters()))))
+            assert sock.poll(5000)
+            session = json.loads(sock.recv_multipart()[0])["session"]
+            frames = []
+            for p in net.parameters():
+                payload = srv.up.compress(torch.ones_like(p))
+                payload.fields["scale"][0] = float("nan")
+                frames.append(payload.to_bytes())
+            x_before = srv.snapshot()["x"]
+            sock.send_multipart(encode("push", srv.token, "raw", 2, frames, session=session, base=0))
+            assert sock.poll(5000)
+            ack = json.loads(sock.recv_multipart()[0])
+        finally:
+            sock.close(0)
+        assert (ack["type"], ack["status"]) == ("ack", "skipped")
+        snap = srv.snapshot()
+        assert snap["counters"]["skipped"] == 1 and snap["version"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(x_before, snap["x"]))
