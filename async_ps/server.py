@@ -11,10 +11,12 @@ compensated update) computed at version ``b`` has staleness ``tau = version - b`
 - else applied as ``x -= s(tau) * c_i`` with ``s(tau) = 1 / (1 + tau)`` (policy ``inverse``, the default) or
   ``1`` (``constant``), and ``version += 1``.
 
-Blocking bound (stale synchronous parallel): a worker whose clock (its pushes) is ``max_staleness`` or more ahead of
-the slowest live worker waits at its next pull until that one pushes. A worker whose last push was rejected as
-stale, or that said it is done, is not waited for (it already fell out of the bound, and waiting for it would let
-one straggler stall everyone); a worker silent for ``heartbeat_timeout`` seconds is dropped with its ``x_hat_j``.
+Blocking bound: a worker whose clock (its pushes) is ``max_staleness`` or more ahead of the pack waits at its next
+pull until the pack catches up. The pack's clock is the lower median of the live workers' clocks (with two workers:
+the slower one's, i.e. stale synchronous parallel), so one worker cannot run away from the others, while a single
+straggler does not hold the majority back: its pushes become too stale and are rejected instead. A worker whose
+last push was rejected as stale, or that said it is done, is left out of the pack; a worker silent for
+``heartbeat_timeout`` seconds is dropped with its ``x_hat_j``; a worker that joins starts at the pack's clock.
 
 ``mode="sync"`` is the synchronous parameter server on the same code, the baseline of the benchmark: each round
 waits for one push from every live worker, applies their mean, and only then answers their pulls.
@@ -369,8 +371,7 @@ class ParameterServer:
         if wid in self.slots:
             self.counters["rejoined"] += 1
             log.info("worker %s rejoined: its downlink state is reset, it gets a full pull", wid)
-        members = [s.clock for s in self._gate_members()]
-        slot = _Slot(worker=wid, session=secrets.token_hex(8), identity=identity, clock=min(members, default=0))
+        slot = _Slot(worker=wid, session=secrets.token_hex(8), identity=identity, clock=self._pack_clock())
         self.slots[wid] = slot
         self.done_workers.discard(wid)
         self._seen[wid] = time.monotonic()
@@ -384,13 +385,17 @@ class ParameterServer:
     def _gate_members(self):
         return [s for s in self.slots.values() if not s.done and not s.behind and s.x_hat is not None]
 
+    def _pack_clock(self) -> int:
+        """The lower median of the clocks of the workers the bound waits for (0 when there are none)."""
+        clocks = sorted(s.clock for s in self._gate_members())
+        return clocks[(len(clocks) - 1) // 2] if clocks else 0
+
     def _may_pull(self, slot: _Slot) -> bool:
         if self.mode == "sync":
             return slot.worker not in self._round
-        members = self._gate_members()
-        if slot not in members:
+        if slot not in self._gate_members():
             return True
-        return slot.clock - min(s.clock for s in members) < self.max_staleness
+        return slot.clock - self._pack_clock() < self.max_staleness
 
     def _model_reply(self, slot: _Slot, seq: int, full: bool) -> list:
         if slot.x_hat is None or full:
