@@ -10,7 +10,7 @@ from .compressors import Compressor
 from .config import DoubleSqueezeConfig
 from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
 from .memory import ErrorFeedback
-from .monitor import RoundStats, TensorBoardMonitor
+from .monitor import Monitor, RoundStats, TensorBoardMonitor
 from .payload import Payload
 from .registry import ENTRY_POINT_GROUP, available_compressors, get_compressor, register_compressor
 from .simulator import Simulator
@@ -18,7 +18,7 @@ from .simulator import Simulator
 __version__ = "0.1.0"
 
 __all__ = [
-    "Communicator", "Compressor", "DoubleSqueezeCollective", "DoubleSqueezeConfig", "DoubleSqueezeState",
+    "Communicator", "Compressor", "DoubleSqueezeCollective", "Monitor", "DoubleSqueezeConfig", "DoubleSqueezeState",
     "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor",
     "TorchDistributedCommunicator", "available_compressors", "doublesqueeze_hook", "get_compressor",
     "register_compressor",

@@ -27,7 +27,7 @@ from .communicator import Communicator
 from .compressors import NoneCompressor
 from .config import DoubleSqueezeConfig
 from .memory import ErrorFeedback
-from .monitor import RoundStats, TensorBoardMonitor
+from .monitor import Monitor, RoundStats
 from .seeding import DOWNLINK, UPLINK, derive_seed
 from .sharding import shard_bounds
 
@@ -75,7 +75,7 @@ class DoubleSqueezeCollective:
     """
 
     def __init__(self, config: DoubleSqueezeConfig, communicator: Communicator,
-                 monitor: Optional[TensorBoardMonitor] = None):
+                 monitor: Optional[Monitor] = None):
         if not isinstance(config, DoubleSqueezeConfig):
             raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
         self.config = config

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from .collective import DoubleSqueezeCollective
 from .communicator import TorchDistributedCommunicator
 from .config import DoubleSqueezeConfig
-from .monitor import TensorBoardMonitor
+from .monitor import Monitor
 from .sharding import shard_bounds
 
 __all__ = ["DoubleSqueezeState", "doublesqueeze_hook"]
@@ -38,11 +38,11 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
     Args:
         config: a `DoubleSqueezeConfig` (default: ``sign`` on both passes with both residuals).
         process_group: the group to communicate in (default: the world).
-        monitor: optional `TensorBoardMonitor`.
+        monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
     """
 
     def __init__(self, config: Optional[DoubleSqueezeConfig] = None, process_group=None,
-                 monitor: Optional[TensorBoardMonitor] = None):
+                 monitor: Optional[Monitor] = None):
         super().__init__(config or DoubleSqueezeConfig(), TorchDistributedCommunicator(process_group), monitor)
         self.process_group = process_group
         self._numbers: Dict[int, int] = {}       # id(param) -> parameter number

@@ -1,9 +1,8 @@
 """Counters of one communication round and a TensorBoard writer for them."""
 import os
 from dataclasses import dataclass, fields
-from typing import Optional
 
-__all__ = ["RoundStats", "TensorBoardMonitor"]
+__all__ = ["Monitor", "RoundStats", "TensorBoardMonitor", "round_scalars"]
 
 
 @dataclass
@@ -45,7 +44,53 @@ class RoundStats:
         return d
 
 
-class TensorBoardMonitor:
+def round_scalars(stats: RoundStats, worker_residual_norm: float, server_residual_norm: float,
+                  skipped_total: int) -> dict:
+    """The metrics of one round, by tag (without prefix): bytes, compression ratio, residual norms, relative
+    compression error of each pass, skipped steps, milliseconds spent compressing."""
+    s = stats
+    return {
+        "bytes_up": s.bytes_up_sent,
+        "bytes_down": s.bytes_down_recv,
+        "bytes_sent": s.bytes_sent,
+        "bytes_recv": s.bytes_recv,
+        "compression_ratio": s.dense_bytes / s.payload_bytes if s.payload_bytes else 1.0,
+        "worker_residual_norm": worker_residual_norm,
+        "server_residual_norm": server_residual_norm,
+        "worker_rel_error": (s.worker_error_sq / s.worker_input_sq) ** 0.5 if s.worker_input_sq else 0.0,
+        "server_rel_error": (s.server_error_sq / s.server_input_sq) ** 0.5 if s.server_input_sq else 0.0,
+        "skipped_steps": skipped_total,
+        "compress_ms": 1000.0 * s.compress_seconds,
+    }
+
+
+class Monitor:
+    """Where the collective's per-step metrics go; subclasses say how a scalar is written (`log_scalar`).
+    `every` logs one step in `every`; tags live under `prefix`."""
+
+    def __init__(self, every: int = 1, prefix: str = "dsq/"):
+        self.every = max(1, int(every))
+        self.prefix = prefix
+
+    def wants(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def log_round(self, step: int, stats: RoundStats, worker_residual_norm: float, server_residual_norm: float,
+                  skipped_total: int) -> None:
+        for tag, value in round_scalars(stats, worker_residual_norm, server_residual_norm, skipped_total).items():
+            self.log_scalar(self.prefix + tag, value, step)
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardMonitor(Monitor):
     """Writes the collective's per-step metrics (and anything else, such as the loss) as TensorBoard scalars.
 
     Attach it with ``DoubleSqueezeState(cfg, monitor=TensorBoardMonitor(logdir))`` or ``state.monitor = ...``.
@@ -55,33 +100,10 @@ class TensorBoardMonitor:
     def __init__(self, logdir: str, every: int = 1, prefix: str = "dsq/"):
         from torch.utils.tensorboard import SummaryWriter
 
+        super().__init__(every, prefix)
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
-        self.every = max(1, int(every))
-        self.prefix = prefix
         self.writer = SummaryWriter(logdir)
-
-    def wants(self, step: int) -> bool:
-        return step % self.every == 0
-
-    def log_round(self, step: int, stats: RoundStats, worker_residual_norm: float, server_residual_norm: float,
-                  skipped_total: int) -> None:
-        s = stats
-        scalars = {
-            "bytes_up": s.bytes_up_sent,
-            "bytes_down": s.bytes_down_recv,
-            "bytes_sent": s.bytes_sent,
-            "bytes_recv": s.bytes_recv,
-            "compression_ratio": s.dense_bytes / s.payload_bytes if s.payload_bytes else 1.0,
-            "worker_residual_norm": worker_residual_norm,
-            "server_residual_norm": server_residual_norm,
-            "worker_rel_error": (s.worker_error_sq / s.worker_input_sq) ** 0.5 if s.worker_input_sq else 0.0,
-            "server_rel_error": (s.server_error_sq / s.server_input_sq) ** 0.5 if s.server_input_sq else 0.0,
-            "skipped_steps": skipped_total,
-            "compress_ms": 1000.0 * s.compress_seconds,
-        }
-        for tag, value in scalars.items():
-            self.writer.add_scalar(self.prefix + tag, value, step)
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)
