@@ -544,11 +544,13 @@ class ParameterServer:
                 "skipped": c["skipped"], "dropped": c["dropped"], "live": len(self.slots),
                 "done": len(self.done_workers), "num_workers": self.num_workers,
                 "errors": sum(self.errors.values()), "bytes_up": c["bytes_up"], "bytes_down": c["bytes_down"],
-                "initialised": self.x is not None}
+                "initialised": self.x is not None,
+                "workers": {w: {"accepted": s.accepted, "rejected": s.rejected, "version": s.base}
+                            for w, s in self.slots.items()}}
 
     def status(self) -> dict:
         """Counters for progress displays: version, applied/rejected/skipped pushes, live and done workers,
-        protocol errors, bytes up/down."""
+        protocol errors, bytes up/down, and per live worker its accepted and rejected pushes and pulled version."""
         with self._lock:
             return self._status()
 

@@ -285,6 +285,27 @@ def test_launcher_ctrl_c_stops_everything():
                 os.kill(pid, 0)
 
 
+def test_launcher_server_and_worker_roles_on_two_launchers():
+    port = free_port()
+    env = {"DSQ_PS_TOKEN": "r" * 32}
+    with cleanup() as procs:
+        procs.append(Proc([*LAUNCHER, "--role", "server", "--bind", f"tcp://127.0.0.1:{port}", "--num-workers", "2",
+                           "--no-progress"], env))
+        assert procs[0].wait_line(r"^(tcp://\S+)$", 60, stream="out").group(1) == f"tcp://127.0.0.1:{port}"
+        procs.append(Proc([*LAUNCHER, "--role", "worker", "--server", f"tcp://127.0.0.1:{port}", "--num-workers",
+                           "2", "--worker-prefix", "hostB-", "--no-progress", "--", sys.executable, PROC,
+                           "--steps", "20", "--finish"], env))
+        assert procs[1].wait(120) == 0, procs[1].text()
+        assert procs[0].wait(60) == 0, procs[0].text()
+        reports = sorted((json.loads(line) for line in procs[1].out if line.startswith("{")),
+                         key=lambda r: r["worker"])
+        assert [r["worker"] for r in reports] == ["hostB-0", "hostB-1"]
+        assert all(r["accepted"] + r["rejected"] == 20 for r in reports)
+        applied = sum(r["accepted"] for r in reports)
+        assert f"version {applied}, {applied} pushes applied" in procs[0].text()
+        assert all(r["version"] == applied for r in reports), "finish() must leave the final model"
+
+
 def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
     """The acceptance run: 3 workers on the digits example, worker 1 SIGKILLed once (and restarted), malformed
     traffic at the server; the job succeeds with accuracy >= 0.85 and TensorBoard has the server's metrics."""
@@ -303,7 +324,7 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
         probe.setsockopt(zmq.LINGER, 0)
         probe.connect(address)
         deadline = time.monotonic() + 60
-        while request(probe, encode("status", token, "probe", 1))[0]["applied"] < 100:
+        while request(probe, encode("status", token, "probe", 1))[0]["workers"].get("1", {}).get("accepted", 0) < 30:
             assert time.monotonic() < deadline, launcher.text()
             time.sleep(0.2)
         probe.close(0)
@@ -318,6 +339,8 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
         text = launcher.text()
         assert "worker 1 died (signal SIGKILL); restart 1/1" in text
         assert re.search(r"[1-9]\d* rejoined|[1-9]\d* workers dropped", text), text
+        version = int(re.search(r"done: version (\d+)", text).group(1))
+        assert version >= 3 * 450 + 30, "the killed worker's pushes before the kill were not kept"
     events = EventAccumulator(str(logdir), size_guidance={"histograms": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
