@@ -105,12 +105,13 @@ def throughput(n: int, seconds: float, compressor: str, max_staleness: int) -> d
     with async_ps.ParameterServer(compressor=compressor, max_staleness=max_staleness) as server:
         procs = _spawn(n, server, ["--worker", "throughput"])
         try:
-            ok = server.wait_for(lambda s: len(s.slots) == n and all(w.clock >= 1 for w in s.slots.values()), 180)
+            ok = server.wait_for(lambda s: len(s.slots) == n and all(w.accepted >= 1 for w in s.slots.values()), 180)
             if not ok:
                 raise RuntimeError(f"{n} throughput workers did not all start within 180 s")
             s0, t0 = server.status(), time.monotonic()
             time.sleep(seconds)
             s1, t1 = server.status(), time.monotonic()
+            events = {k: server.counters[k] for k in ("full_pulls", "rejoined", "dropped")}
         finally:
             _kill(procs)
     dt = t1 - t0
@@ -120,7 +121,7 @@ def throughput(n: int, seconds: float, compressor: str, max_staleness: int) -> d
     return {"workers": n, "seconds": dt, "pushes": handled, "pushes_per_s": handled / dt,
             "applied_per_s": applied / dt, "rejected": s1["rejected"] - s0["rejected"],
             "bytes_up_per_push": (s1["bytes_up"] - s0["bytes_up"]) / pulls,
-            "bytes_down_per_pull": (s1["bytes_down"] - s0["bytes_down"]) / pulls}
+            "bytes_down_per_pull": (s1["bytes_down"] - s0["bytes_down"]) / pulls, **events}
 
 
 def time_to_target(mode: str, args) -> dict:
