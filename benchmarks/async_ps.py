@@ -59,7 +59,7 @@ def _throughput_worker(args) -> None:
 
 
 def _digits_worker(args) -> None:
-    from examples.async_digits import digits, mlp
+    from examples.digits_common import digits, mlp
 
     torch.set_num_threads(1)
     n, wid = int(os.environ["DSQ_PS_NUM_WORKERS"]), int(os.environ["DSQ_PS_WORKER"])
@@ -125,7 +125,7 @@ def throughput(n: int, seconds: float, compressor: str, max_staleness: int) -> d
 
 
 def time_to_target(mode: str, args) -> dict:
-    from examples.async_digits import accuracy, digits, mlp
+    from examples.digits_common import accuracy, digits, mlp
 
     _, _, x_te, y_te = digits(0)
     probe = mlp(0)

@@ -329,7 +329,7 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
             time.sleep(0.2)
         probe.close(0)
         os.kill(pid, signal.SIGKILL)
-        from examples.async_digits import mlp
+        from examples.digits_common import mlp
         codes = malformed_traffic(address, token, mlp(0), huge_bytes=16 << 20)
         assert codes == EXPECTED_CODES
         assert launcher.wait(240) == 0, launcher.text()
