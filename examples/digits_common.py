@@ -27,9 +27,11 @@ def accuracy(model, x, y) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def train_epochs(model, forward, optimizer, data, rank: int, world: int, args, monitor=None, desc: str = "") -> dict:
+def train_epochs(model, forward, optimizer, data, rank: int, world: int, args, monitor=None, desc: str = "",
+                 backward=None) -> dict:
     """SGD on this rank's shard of the training set: `args.epochs` epochs of `args.batch_size` samples, the
-    same order on every run (seeded by `args.seed`). `forward` is the model or its wrapper (DDP). Logs
+    same order on every run (seeded by `args.seed`). `forward` is the model or its wrapper (DDP, a DeepSpeed
+    engine), `backward(loss)` defaults to ``loss.backward()``. Logs
     train/loss per step and test/accuracy per epoch to `monitor`. Returns steps, seconds and final loss
     (an exponential moving average)."""
     x_tr, y_tr, x_te, y_te = data
@@ -44,7 +46,7 @@ def train_epochs(model, forward, optimizer, data, rank: int, world: int, args, m
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
             optimizer.zero_grad()
             loss = loss_fn(forward(x_tr[idx]), y_tr[idx])
-            loss.backward()
+            loss.backward() if backward is None else backward(loss)
             optimizer.step()
             loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
             if monitor:

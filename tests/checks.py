@@ -22,3 +22,21 @@ def assert_same_update_everywhere(ranks):
         for r in ranks[1:]:
             for name, c in rec["c"].items():
                 assert torch.equal(c, r["records"][t]["c"][name]), f"ranks disagree on {name} at step {t}"
+
+
+def residuals_by_name(collective, named_numels):
+    """({name: worker residual}, {name: server residual, this rank's shard in place, zero elsewhere}) of a
+    `DoubleSqueezeCollective` whose tensors are keyed by parameter name; `named_numels` is [(name, numel)]."""
+    from dsq_plugins.sharding import shard_bounds
+
+    worker, server = {}, {}
+    for name, numel in named_numels:
+        ew, es = collective.worker_memory.get(name), collective.server_memory.get(name)
+        if ew is not None:
+            worker[name] = ew.clone()
+        if es is not None:
+            full = torch.zeros(numel, dtype=es.dtype)
+            start, end = shard_bounds(numel, collective.world_size)[collective.rank]
+            full[start:end] = es
+            server[name] = full
+    return worker, server

@@ -25,6 +25,13 @@ def horovodrun(nproc: int, script, args=(), timeout: float = 180.0, check: bool 
     return _run(cmd, timeout, check)
 
 
+def deepspeed_launch(nproc: int, script, args=(), timeout: float = 180.0, check: bool = True):
+    """Run `script` under the real `deepspeed` launcher with `nproc` local CPU ranks (gloo)."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(nproc), str(script),
+           *map(str, args)]
+    return _run(cmd, timeout, check)
+
+
 def _run(cmd, timeout, check) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 import horovod_ext
+from checks import residuals_by_name
 from dsq_plugins.config import DoubleSqueezeConfig
-from dsq_plugins.sharding import shard_bounds
 
 
 def build_model(kind: str) -> nn.Module:
@@ -32,18 +32,7 @@ def batch(step: int, micro: int, rank: int, kind: str):
 
 
 def residuals(opt, model):
-    dsq = opt.doublesqueeze
-    w, s = {}, {}
-    for name, p in model.named_parameters():
-        ew, es = dsq.worker_memory.get(name), dsq.server_memory.get(name)
-        if ew is not None:
-            w[name] = ew.clone()
-        if es is not None:
-            full = torch.zeros(p.numel(), dtype=es.dtype)
-            start, end = shard_bounds(p.numel(), dsq.world_size)[dsq.rank]
-            full[start:end] = es
-            s[name] = full
-    return w, s
+    return residuals_by_name(opt.doublesqueeze, [(n, p.numel()) for n, p in model.named_parameters()])
 
 
 def run(args, spec, out: Path, tag: str):

@@ -1,0 +1,74 @@
+"""The ``"doublesqueeze"`` section of a DeepSpeed config, validated with pydantic as DeepSpeed validates its own.
+
+    {"train_micro_batch_size_per_gpu": 32, ...,
+     "doublesqueeze": {"enabled": true, "compressor": "sign", "server_compressor": null, "worker_ef": true,
+                       "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0}}
+
+Absent, or ``"enabled": false``, means stock DeepSpeed.
+"""
+import json
+import os
+from typing import Any, Dict, Optional, Union
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, ValidationError, field_validator
+
+from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.registry import get_compressor
+
+__all__ = ["SECTION", "DoubleSqueezeSection", "read_section"]
+
+SECTION = "doublesqueeze"
+
+
+class DoubleSqueezeSection(DeepSpeedConfigModel):
+    """The fields of `dsq_plugins.DoubleSqueezeConfig`, plus `enabled`. Unknown keys are refused."""
+
+    enabled: bool = False
+    compressor: str = "sign"
+    server_compressor: Optional[str] = None
+    worker_ef: bool = True
+    server_ef: bool = True
+    warmup_steps: int = Field(0, ge=0)
+    min_numel: int = Field(1024, ge=0)
+    bucket_mb: float = Field(25.0, gt=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("compressor", "server_compressor")
+    @classmethod
+    def _known_compressor(cls, spec):
+        return spec if spec is None else get_compressor(spec).spec     # ValueError names the valid ones
+
+    def to_config(self) -> DoubleSqueezeConfig:
+        return DoubleSqueezeConfig(**self.model_dump(exclude={"enabled"}))
+
+
+def _load(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    if isinstance(config, dict):
+        return config
+    with open(config) as f:
+        try:
+            return json.load(f)
+        except ValueError:                      # DeepSpeed also reads hjson
+            import hjson
+            f.seek(0)
+            return hjson.load(f)
+
+
+def read_section(config: Union[str, os.PathLike, Dict[str, Any], None]) -> Optional[DoubleSqueezeSection]:
+    """The validated section of a DeepSpeed config (a dict or a JSON file), or None if it is absent or
+    disabled. A bad key or value raises ValueError naming the valid keys, or the valid compressors."""
+    if config is None:
+        return None
+    section = _load(config).get(SECTION)
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ValueError(f'DeepSpeed config: "{SECTION}" must be an object, got {section!r}')
+    try:
+        parsed = DoubleSqueezeSection(**section)
+    except ValidationError as e:
+        valid = ", ".join(DoubleSqueezeSection.model_fields)
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or SECTION}: {err['msg']}" for err in e.errors())
+        raise ValueError(f'DeepSpeed config "{SECTION}" section is invalid: {problems}. Valid keys: {valid}') from None
+    return parsed if parsed.enabled else None

@@ -1,0 +1,243 @@
+"""DoubleSqueeze in a DeepSpeed engine's gradient communication.
+
+DeepSpeed has no communication-hook API, so `install` replaces the one method through which the engine reduces
+the gradients of an accumulation boundary, on this engine instance only (nothing in DeepSpeed is patched):
+
+* ZeRO stage 0 (and DeepSpeed's BF16_Optimizer): `engine.buffered_allreduce_fallback`, which stock DeepSpeed
+  calls from `allreduce_gradients` at each boundary (so `no_sync`, `enable_backward_allreduce` and gradient
+  accumulation keep their meaning);
+* ZeRO stage 1: `optimizer.reduce_gradients`. Ours averages the full gradients, then runs the optimizer's
+  own epilogue, which finds its buckets empty and copies this rank's partition (no communication).
+
+Either way each parameter's gradient goes through `DoubleSqueezeCollective.reduce` (per tensor and shard, one
+all_to_all up and one all_gather down, compressed bytes only), keyed by its name in the model. DeepSpeed's
+averaging settings keep their math: the collective receives ``g * pre`` and the gradient becomes
+``W * post * mean``, with (pre, post) = (1, 1) for `"gradient_allreduce_op": "sum"` (no averaging),
+(1/f, f/W) by default (f = `gradient_predivide_factor`), (1/W, 1) with `prescale_gradients`; so residuals
+live in units of ``g * pre``. Clipping and the optimizer step run after, on the averaged gradient, as in stock
+DeepSpeed.
+
+Checkpoints: `engine.save_checkpoint` also writes ``doublesqueeze_rank_XXXXX.pt`` per rank in the tag's
+folder (before DeepSpeed writes `latest`), and `engine.load_checkpoint` reads it back. A checkpoint from
+another world size (or without the files) resets the residuals with a warning; one from another
+DoubleSqueeze config is refused.
+"""
+import os
+import types
+import warnings
+from typing import List, Optional, Tuple
+
+import deepspeed.comm as ds_dist
+import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils import groups
+
+from dsq_plugins.collective import DoubleSqueezeCollective
+from dsq_plugins.communicator import TorchDistributedCommunicator
+from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.monitor import Monitor
+
+from .config import DoubleSqueezeSection
+
+__all__ = ["DeepSpeedMonitor", "install"]
+
+_FILE = "doublesqueeze_rank_{:05d}.pt"
+
+
+class DeepSpeedMonitor(Monitor):
+    """Writes the metrics through the engine's own monitor (its "tensorboard", "csv_monitor"... sections), so
+    they appear beside DeepSpeed's, on its x-axis: the samples seen once this step is taken (the reduction
+    runs before `engine.step()` adds the step's `train_batch_size`). Only global rank 0 writes."""
+
+    def __init__(self, engine, every: int = 1, prefix: str = "dsq/"):
+        super().__init__(every, prefix)
+        self.engine = engine
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        samples = self.engine.global_samples + self.engine.train_batch_size()
+        self.engine.monitor.write_events([(tag, float(value), samples)])
+
+
+def _refuse_unsupported(engine) -> None:
+    stage = engine.zero_optimization_stage()
+    if getattr(engine, "pipeline_parallelism", False):
+        raise NotImplementedError("DoubleSqueeze does not support DeepSpeed pipeline parallelism yet")
+    if stage >= 2:
+        raise NotImplementedError(
+            f"DoubleSqueeze supports ZeRO stages 0 and 1, not {stage}: stage 2 reduces gradient partitions at every "
+            f"micro-step and has no gradient downlink (each owner steps and all-gathers parameters), and stage 3 "
+            f"partitions the parameters too. Use stage 1, or disable the \"doublesqueeze\" section.")
+    reasons = {
+        "fp16 training (overflow is detected after the gradients are compressed; use bf16 or fp32)":
+            engine.fp16_enabled(),
+        "mixture-of-experts layers": getattr(engine, "has_moe_layers", False),
+        "sequence parallelism": getattr(engine, "sequence_parallel_size", 1) > 1,
+        "ZeRO CPU offload": bool(engine.zero_cpu_offload()),
+        "DeepCompile": engine.is_deepcompile_active() if hasattr(engine, "is_deepcompile_active") else False,
+        "ZenFlow": bool(getattr(engine, "zenflow", False)),
+    }
+    if stage == 1 and not isinstance(engine.optimizer, BF16_Optimizer):
+        reasons["zero_optimization.overlap_comm (it reduces inside backward hooks)"] = bool(engine.zero_overlap_comm())
+    bad = [what for what, on in reasons.items() if on]
+    if bad:
+        raise NotImplementedError(f"DoubleSqueeze does not support {', '.join(bad)} yet; disable it or the "
+                                  f"\"doublesqueeze\" section")
+
+
+def _scaling(engine, world: int) -> Tuple[float, float]:
+    """(pre, post) of DeepSpeed's averaging settings: stock reduces to ``post * sum_i(pre * g_i)``."""
+    if not engine.gradient_average:
+        return 1.0, 1.0
+    if engine.postscale_gradients():
+        f = engine.gradient_predivide_factor()
+        return 1.0 / f, f / world
+    return 1.0 / world, 1.0
+
+
+def _average(engine, named: List[Tuple[str, torch.Tensor]]) -> None:
+    """Replace each gradient in `named` by its DoubleSqueeze average over the data-parallel group, in place."""
+    dsq: DoubleSqueezeCollective = engine.doublesqueeze
+    pre, post = _scaling(engine, dsq.world_size)
+    out_scale = dsq.world_size * post
+    limit = dsq.config.bucket_mb * 2 ** 20
+    bucket, size = [], 0
+
+    def flush():
+        items = [(name, g.reshape(-1) * pre if pre != 1.0 else g.reshape(-1)) for name, g in bucket]
+        for (_, g), out in zip(bucket, dsq.reduce(items)):
+            g.copy_((out * out_scale if out_scale != 1.0 else out).view_as(g))
+
+    for name, g in named:
+        nbytes = g.numel() * g.element_size()
+        if bucket and size + nbytes > limit:
+            flush()
+            bucket, size = [], 0
+        bucket.append((name, g))
+        size += nbytes
+    if bucket:
+        flush()
+    dsq.finish_step()
+
+
+def _stage0_reduce(self, grads=None, elements_per_buffer=500000000):
+    """`engine.buffered_allreduce_fallback`, with DoubleSqueeze in place of the all-reduce."""
+    if grads is not None:
+        raise NotImplementedError("DoubleSqueeze reduces the engine's own gradients (grads=None)")
+    names = self.param_names
+    if isinstance(self.optimizer, BF16_Optimizer):
+        named = [(names[p], self.optimizer.fp32_groups_gradients[i][j])
+                 for i, group in enumerate(self.optimizer.bf16_groups) for j, p in enumerate(group)]
+    else:
+        named = []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad or p.numel() == 0:
+                continue
+            if p.grad is None:      # another rank may have one: every rank must send the same tensors
+                p.grad = torch.zeros_like(p)
+            if p.grad.is_sparse:
+                raise NotImplementedError(f"parameter {name!r} has a sparse gradient; DoubleSqueeze compresses "
+                                          f"dense gradients")
+            named.append((name, p.grad))
+    _average(self, named)
+
+
+def _stage1_reduce(self, pipeline_parallel=False):
+    """`DeepSpeedZeroOptimizer.reduce_gradients` for stage 1: average every gradient with DoubleSqueeze, then
+    the optimizer's own epilogue (its buckets are empty, so it only copies this rank's partition)."""
+    engine = self._doublesqueeze_engine
+    named = []
+    for group in self.bit16_groups:
+        for p in group:
+            g = self.get_gradient_for_reduction(p)
+            if g is None:
+                g = torch.zeros_like(p, dtype=self._gradient_reduction_buffer_dtype())
+                if self.use_grad_accum_attribute:
+                    p.grad_accum = g
+                else:
+                    p.grad = g
+            named.append((engine.param_names[p], g))
+    _average(engine, named)
+    if self.contiguous_gradients:
+        self.setup_buckets()
+    self.overlapping_partition_gradients_reduce_epilogue()
+
+
+def _refuse_coalesced(self, *args, **kwargs):
+    raise NotImplementedError("engine.coalesce_grad_reduction() bypasses DoubleSqueeze's gradient reduction")
+
+
+def _checkpoint_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, _FILE.format(rank))
+
+
+def _wrap_checkpoints(engine) -> None:
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
+        tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
+        folder = os.path.join(save_dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(engine.doublesqueeze.state_dict(), _checkpoint_file(folder, engine.doublesqueeze.rank))
+        ds_dist.barrier()        # every rank's file exists before DeepSpeed writes `latest`
+        return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+
+    def load_checkpoint(load_dir, tag=None, *args, **kwargs):
+        load_path, client_state = load(load_dir, tag, *args, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+        dsq = engine.doublesqueeze
+        path = _checkpoint_file(os.path.dirname(load_path), dsq.rank)
+        sd = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+        if sd is None or sd.get("world_size") != dsq.world_size:
+            found = "no DoubleSqueeze state" if sd is None else f"world size {sd.get('world_size')}"
+            warnings.warn(f"checkpoint {os.path.dirname(load_path)} has {found} for this rank ({dsq.rank} of "
+                          f"{dsq.world_size}): DoubleSqueeze residuals start from zero")
+            dsq.worker_memory.residuals.clear()
+            dsq.server_memory.residuals.clear()
+        else:
+            dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
+        return load_path, client_state
+
+    save_checkpoint.__doc__, load_checkpoint.__doc__ = save.__doc__, load.__doc__
+    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+def install(engine, config, monitor: Optional[Monitor] = None):
+    """Install DoubleSqueeze in `engine`'s gradient communication; returns the engine.
+
+    Args:
+        engine: a `DeepSpeedEngine` (ZeRO stage 0 or 1).
+        config: a `DoubleSqueezeConfig`, a `DoubleSqueezeSection`, or the section as a dict.
+        monitor: where the metrics go; default: the engine's own monitor, when its config enables one.
+    The collective is `engine.doublesqueeze` (residuals, counters, `state_dict`).
+    """
+    if getattr(engine, "doublesqueeze", None) is not None:
+        raise RuntimeError("DoubleSqueeze is already installed in this engine")
+    if isinstance(config, dict):
+        config = DoubleSqueezeSection(**dict(config, enabled=True))
+    if isinstance(config, DoubleSqueezeSection):
+        config = config.to_config()
+    if not isinstance(config, DoubleSqueezeConfig):
+        raise TypeError(f"config must be a DoubleSqueezeConfig, a DoubleSqueezeSection or a dict, got "
+                        f"{type(config).__name__}")
+    _refuse_unsupported(engine)
+    if monitor is None and getattr(getattr(engine, "monitor", None), "enabled", False):
+        monitor = DeepSpeedMonitor(engine)
+    group = groups._get_data_parallel_group()
+    engine.doublesqueeze = DoubleSqueezeCollective(config, TorchDistributedCommunicator(group), monitor)
+
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 0 or isinstance(optimizer, BF16_Optimizer):
+        engine.buffered_allreduce_fallback = types.MethodType(_stage0_reduce, engine)
+    elif isinstance(optimizer, DeepSpeedZeroOptimizer):
+        if optimizer.cpu_offload:
+            raise NotImplementedError("DoubleSqueeze does not support ZeRO CPU offload yet")
+        optimizer._doublesqueeze_engine = engine
+        optimizer.reduce_gradients = types.MethodType(_stage1_reduce, optimizer)
+    else:
+        raise NotImplementedError(f"DoubleSqueeze cannot hook ZeRO stage {engine.zero_optimization_stage()} "
+                                  f"with optimizer {type(optimizer).__name__}")
+    engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
+    _wrap_checkpoints(engine)
+    return engine

@@ -1,0 +1,125 @@
+"""Runs under torchrun or the deepspeed launcher: DeepSpeed training through deepspeed_ext, recording what the
+tests check. Each rank writes OUT/rank{r}.pt with, per optimizer step, its local gradient computed by plain torch
+on a copy of the model (the independent reference) and the update DeepSpeed applied, recovered from the weights
+(SGD without momentum: c = (w_before - w_after) / lr), by parameter name; at the end its residuals.
+"""
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import deepspeed_ext
+from checks import residuals_by_name
+
+LR = 0.5          # a power of two: (w_before - w_after) / LR recovers the update up to the weights' rounding
+
+
+def build_model(kind: str) -> nn.Module:
+    torch.manual_seed(1234)
+    if kind == "single":
+        return nn.Linear(50, 40, bias=False)
+    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+def batch(step: int, micro: int, rank: int, kind: str):
+    g = torch.Generator().manual_seed(100_000 * step + 100 * micro + rank)
+    d_in, d_out = (50, 40) if kind == "single" else (20, 5)
+    return torch.randn(8, d_in, generator=g), torch.randn(8, d_out, generator=g)
+
+
+def ds_config(args) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": args.accum, "steps_per_print": 10 ** 6,
+           "gradient_clipping": args.clip, "zero_optimization": {"stage": args.stage},
+           "zero_allow_untested_optimizer": True}
+    if args.bf16:
+        cfg["bf16"] = {"enabled": True}
+    if args.predivide != 1.0:
+        cfg["gradient_predivide_factor"] = args.predivide
+    if args.prescale:
+        cfg["prescale_gradients"] = True
+    if args.sum:
+        cfg["gradient_allreduce_op"] = "sum"
+    if args.tensorboard:
+        cfg["tensorboard"] = {"enabled": True, "output_path": args.tensorboard, "job_name": "job"}
+    if args.compressor != "stock":
+        cfg["doublesqueeze"] = {"enabled": True, "compressor": args.compressor, "min_numel": 16,
+                                "bucket_mb": 0.01, **json.loads(args.dsq)}
+    return cfg
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--compressor", default="sign", help="a spec, or 'stock' for no doublesqueeze section")
+    ap.add_argument("--dsq", default="{}", help="more keys of the doublesqueeze section, as JSON")
+    ap.add_argument("--model", default="multi")
+    ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--predivide", type=float, default=1.0)
+    ap.add_argument("--prescale", action="store_true")
+    ap.add_argument("--sum", action="store_true")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--first-step", type=int, default=0)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--load", default=None)
+    ap.add_argument("--tensorboard", default=None)
+    ap.add_argument("--config-file", action="store_true", help="pass the config as a JSON file path")
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model)
+    reference = copy.deepcopy(model).float()
+    cfg = ds_config(args)
+    if args.config_file:
+        path = out / f"ds_config_{args.local_rank}.json"
+        path.write_text(json.dumps(cfg))
+        cfg = str(path)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    engine, _, _, _ = deepspeed_ext.initialize(model=model, optimizer=optimizer, config=cfg)
+    rank = engine.global_rank
+    dsq = getattr(engine, "doublesqueeze", None)
+    if args.load:
+        engine.load_checkpoint(args.load)
+
+    names = [(n, p.numel()) for n, p in engine.module.named_parameters()]
+    records, losses = [], []
+    for step in range(args.first_step, args.first_step + args.steps):
+        before = {n: p.detach().float().reshape(-1).clone() for n, p in engine.module.named_parameters()}
+        reference.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
+        reference.zero_grad()
+        for micro in range(args.accum):
+            x, y = batch(step, micro, rank, args.model)
+            (((reference(x) - y) ** 2).mean() / args.accum).backward()
+            dtype = next(engine.module.parameters()).dtype
+            loss = ((engine(x.to(dtype)) - y.to(dtype)).float() ** 2).mean()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        after = {n: p.detach().float().reshape(-1) for n, p in engine.module.named_parameters()}
+        records.append({"step": step, "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
+                        "c": {n: (before[n] - after[n]) / LR for n in before}})
+        if step + 1 == args.save_at:
+            engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
+
+    result = {"records": records, "world": engine.world_size, "losses": losses, "dsq": dsq is not None,
+              "optimizer": type(engine.optimizer).__name__,
+              "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}}
+    if dsq is not None:
+        w, s = residuals_by_name(dsq, names)
+        result.update(worker_residual=w, server_residual=s, step=dsq.step, skipped_steps=dsq.skipped_steps,
+                      totals=dsq.totals.as_dict(), config=dsq.config.to_dict())
+    torch.save(result, out / f"rank{rank}.pt")
+    if engine.monitor.enabled:
+        engine.monitor.write_events([])
+
+
+if __name__ == "__main__":
+    main()

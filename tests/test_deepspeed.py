@@ -1,0 +1,177 @@
+"""The DeepSpeed integration with real multi-process DeepSpeed (gloo, CPU) under torchrun and the deepspeed
+launcher, 2 and 3 ranks. Updates are recovered from the weights and compared with the Simulator run on
+gradients that plain torch computes on a copy of the model."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import deepspeed_ext
+import dsq_plugins as dsq
+from deepspeed_ext.config import read_section
+
+from .checks import assert_conservation, assert_same_update_everywhere
+from .conftest import ROOT, deepspeed_launch, load_ranks
+
+WORKER = ROOT / "tests" / "ds_worker.py"
+EXAMPLE = ROOT / "examples" / "deepspeed_digits.py"
+EXAMPLE_CONFIG = ROOT / "examples" / "ds_config_doublesqueeze.json"
+
+
+def run(torchrun, tmp_path, nproc, *args, name="run", launcher=None, **kw):
+    out = tmp_path / name
+    proc = (launcher or torchrun)(nproc, WORKER, [out, *args], **kw)
+    return (load_ranks(out, nproc) if (out / "rank0.pt").exists() else None), proc
+
+
+def simulate(ranks, cfg, name="weight", scale=1.0):
+    """The Simulator's updates (times `scale`) on the ranks' reference gradients, one shard per rank."""
+    w = len(ranks)
+    sim = dsq.Simulator(w, cfg, shards=w, key=name)
+    return [scale * sim.step([r["records"][t]["g"][name] for r in ranks]) for t in range(len(ranks[0]["records"]))]
+
+
+# -- the config section, in one process ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("section,message", [
+    ({"enabled": True, "compresor": "sign"}, "compresor: Extra inputs are not permitted. Valid keys: enabled, compressor"),
+    ({"enabled": True, "compressor": "bogus"}, "valid names: bf16, fp16, int8, none, qsgd, randomk, sign, topk"),
+    ({"enabled": True, "warmup_steps": -1}, "warmup_steps: Input should be greater than or equal to 0"),
+    ({"enabled": True, "bucket_mb": 0}, "bucket_mb"),
+    ({"enabled": "maybe"}, "enabled: Input should be a valid boolean"),
+    ("sign", 'must be an object'),
+])
+def test_bad_section_is_refused_before_the_engine_is_built(section, message, tmp_path):
+    with pytest.raises(ValueError) as err:
+        read_section({"doublesqueeze": section})
+    assert message in str(err.value)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "doublesqueeze": section}))
+    with pytest.raises(ValueError) as err:      # fails before deepspeed.initialize touches anything
+        deepspeed_ext.initialize(model=nn.Linear(2, 2), config=str(path))
+    assert message in str(err.value)
+
+
+def test_section_absent_or_disabled_means_stock():
+    assert read_section({"train_batch_size": 8}) is None
+    assert read_section({"doublesqueeze": {"enabled": False, "compressor": "sign"}}) is None
+    cfg = read_section({"doublesqueeze": {"enabled": True, "compressor": "topk:0.01"}}).to_config()
+    assert cfg == dsq.DoubleSqueezeConfig(compressor="topk:0.01")
+
+
+# -- real multi-process DeepSpeed --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nproc,spec", [(2, "sign"), (3, "sign"), (3, "topk:0.05")])
+def test_stage0_equals_simulator_and_conserves(torchrun, tmp_path, nproc, spec):
+    ranks, _ = run(torchrun, tmp_path, nproc, "--model", "single", "--compressor", spec, "--steps", "5")
+    cfg = dsq.DoubleSqueezeConfig(compressor=spec, min_numel=16)
+    for t, expected in enumerate(simulate(ranks, cfg)):
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], expected, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"step {t}: {m}")
+    assert all(r["step"] == 5 and r["optimizer"] == "SGD" for r in ranks)
+    assert_conservation(ranks)
+    t = ranks[0]["totals"]
+    assert t["bytes_up_sent"] + t["bytes_down_sent"] < t["dense_bytes"] / 4
+
+
+def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, tmp_path):
+    """Same gradients, same updates: ZeRO 1 (optimizer partitions, the config as a file, launched by
+    `deepspeed`) ends with the weights of ZeRO 0 (torchrun), bit for bit."""
+    zero0, _ = run(torchrun, tmp_path, 2, "--stage", "0", "--accum", "2", name="zero0")
+    zero1, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--accum", "2", "--config-file", name="zero1",
+                   launcher=deepspeed_launch)
+    assert zero1[0]["optimizer"] == "DeepSpeedZeroOptimizer" and zero1[0]["step"] == 6
+    for a, b in zip(zero0, zero1):
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+    assert_conservation(zero1, atol=2e-5)
+
+
+def test_accumulation_monitor_and_three_ranks_zero1(torchrun, tmp_path):
+    """3 ranks, ZeRO 1, 3 micro-batches per step: one exchange per optimizer step; the metrics land in
+    DeepSpeed's own TensorBoard output beside its tags."""
+    tb = tmp_path / "tb"
+    ranks, _ = run(torchrun, tmp_path, 3, "--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tb)
+    assert all(r["step"] == 4 for r in ranks)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks, atol=2e-5)
+    events = EventAccumulator(str(tb / "job"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "Train/Samples/lr" in tags
+    for tag in ("bytes_up", "bytes_down", "compression_ratio", "worker_residual_norm", "server_residual_norm",
+                "worker_rel_error", "skipped_steps"):
+        assert f"dsq/{tag}" in tags
+    samples = [e.step for e in events.Scalars("dsq/bytes_up")]
+    assert samples == [8 * 3 * 3 * k for k in range(1, 5)]        # x-axis: DeepSpeed's global samples
+
+
+@pytest.mark.parametrize("option,scale", [(("--predivide", "4"), 1.0), (("--prescale",), 1.0), (("--sum",), 2.0)],
+                         ids=["predivide", "prescale", "sum"])
+def test_averaging_settings_as_in_deepspeed(torchrun, tmp_path, option, scale):
+    """gradient_predivide_factor and prescale_gradients only move the scaling (same average); the "sum"
+    all-reduce op gives W times the average."""
+    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--steps", "3", *option)
+    for t, expected in enumerate(simulate(ranks, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16),
+                                          scale=scale)):
+        torch.testing.assert_close(ranks[0]["records"][t]["c"]["weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_applies_to_the_decompressed_average(torchrun, tmp_path):
+    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--steps", "3", "--clip", "0.05")
+    for t, c in enumerate(simulate(ranks, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16))):
+        expected = c * min(1.0, 0.05 / (float(c.norm()) + 1e-6))
+        assert float(c.norm()) > 0.05
+        torch.testing.assert_close(ranks[0]["records"][t]["c"]["weight"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_gradients(torchrun, tmp_path):
+    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--bf16", "--steps", "4")
+    assert all(r["step"] == 4 and r["skipped_steps"] == 0 for r in ranks)
+    assert_same_update_everywhere(ranks)
+    assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["worker_residual"].values())
+    assert all(torch.isfinite(p).all() for r in ranks for p in r["params"].values())
+
+
+def test_stock_when_section_absent(torchrun, tmp_path):
+    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "stock", "--steps", "2")
+    assert not ranks[0]["dsq"]
+    mean = (ranks[0]["records"][0]["g"]["weight"] + ranks[1]["records"][0]["g"]["weight"]) / 2
+    torch.testing.assert_close(ranks[0]["records"][0]["c"]["weight"], mean, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_resume_is_exact_and_another_world_size_resets(torchrun, tmp_path):
+    full, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--steps", "6", "--save-at", "3", name="full")
+    resumed, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--steps", "3", "--first-step", "3",
+                     "--load", tmp_path / "full" / "ckpt", name="resumed")
+    for a, b in zip(full, resumed):
+        assert b["step"] == 6
+        for kind in ("params", "worker_residual", "server_residual"):
+            for name in a[kind]:
+                assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
+    run(torchrun, tmp_path, 2, "--stage", "0", "--steps", "2", "--save-at", "2", name="zero0")
+    three, proc = run(torchrun, tmp_path, 3, "--stage", "0", "--steps", "1", "--load", tmp_path / "zero0" / "ckpt",
+                      name="three")
+    assert "has world size 2 for this rank" in proc.stderr and "residuals start from zero" in proc.stderr
+    assert three[0]["step"] == 1          # the 3-rank run started afresh: its first step has no residual
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stages_2_and_3_are_refused(torchrun, tmp_path, stage):
+    _, proc = run(torchrun, tmp_path, 2, "--stage", str(stage), check=False)
+    assert proc.returncode != 0
+    assert f"DoubleSqueeze supports ZeRO stages 0 and 1, not {stage}" in proc.stderr
+
+
+def test_example_sign_within_two_points_of_stock(torchrun, tmp_path):
+    out = tmp_path / "results.json"
+    deepspeed_launch(3, EXAMPLE, ["--deepspeed_config", EXAMPLE_CONFIG, "--compare-stock", "--json", out],
+                     timeout=400)
+    results = json.loads(out.read_text())
+    stock, sign = results["stock"], results["doublesqueeze"]
+    assert stock["accuracy"] > 0.95
+    assert sign["accuracy"] >= stock["accuracy"] - 0.02, (sign["accuracy"], stock["accuracy"])
+    assert stock["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 20
