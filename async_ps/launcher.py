@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from dsq_plugins.registry import get_compressor
+
 from .protocol import Limits
 from .server import MODES, STALENESS_POLICIES, ParameterServer
 from .worker import ENV_ADDR, ENV_NUM_WORKERS, ENV_TOKEN, ENV_WORKER
@@ -74,6 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--role worker needs {ENV_TOKEN} (printed by the server's launcher) in the environment")
     if args.num_workers < 1 or args.max_restarts < 0:
         p.error("--num-workers must be >= 1 and --max-restarts >= 0")
+    if args.max_staleness < 1:
+        p.error(f"--max-staleness must be >= 1 (versions), got {args.max_staleness}")
+    for flag, spec in (("--compressor", args.compressor), ("--server-compressor", args.server_compressor)):
+        try:
+            spec is None or get_compressor(spec)
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
     return args
 
 

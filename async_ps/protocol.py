@@ -18,10 +18,10 @@ Requests and their type-specific header fields (replies echo ``s``):
 ========== ============================================================ =====================================
 request    fields and frames                                            reply
 ========== ============================================================ =====================================
-hello      ``layout`` [[name, shape, dtype], ...]; frames: the          ``welcome``: ``session``, ``epoch``,
-           worker's current parameters, dense (used only if the         ``version``, ``up``/``down`` specs,
-           server has no model yet)                                     ``max_staleness``, ``mode``
-pull       ``session``                                                  ``model``: ``kind`` full|delta,
+hello      ``layout`` [[name, shape, dtype], ...], ``held`` (the        ``welcome``: ``session``, ``epoch``,
+           previous session and its pull count, or null); frames: the   ``version``, ``up``/``down`` specs,
+           worker's parameters, dense (used if the server has no model) ``max_staleness``, ``mode``
+pull       ``session``, ``full`` (true: send x dense)                   ``model``: ``kind`` full|delta,
                                                                         ``version``; frames: dense tensors
                                                                         (full) or ``down``-spec payloads
 push       ``session``, ``base`` (version the update was computed at),  ``ack``: ``status`` applied|rejected|

@@ -3,7 +3,8 @@ worker a compressed delta against the copy it holds (DESIGN.md section 1, "Async
 
 Per worker j the server keeps ``x_hat_j``, the model copy j holds. A pull sends ``c = C_s(x - x_hat_j)`` and does
 ``x_hat_j += c``, so the downlink residual ``x - x_hat_j`` is kept, never lost; a worker's first pull (and any pull
-after it rejoined) sends ``x`` dense and sets ``x_hat_j = x``. A push carrying ``c_i`` (the worker's compressed,
+after it rejoined) sends ``x`` dense and sets ``x_hat_j = x``. A checkpoint keeps every ``x_hat_j``; after a resume,
+a worker that proves (by its old session and pull count) that it still holds exactly that copy keeps it. A push carrying ``c_i`` (the worker's compressed,
 compensated update) computed at version ``b`` has staleness ``tau = version - b``; it is
 
 - rejected (counted, not applied, the worker told) when ``tau > max_staleness``;
@@ -151,6 +152,7 @@ class ParameterServer:
         self._round: Dict[str, List[torch.Tensor]] = {}   # sync mode: this round's pushes
         self._last_ckpt = (time.monotonic(), 0)
         self._monitor = None
+        self._resumable: Dict[str, dict] = {}   # downlink state from a checkpoint, by worker, until it rejoins
         if resume:
             self._restore(checkpoint.load(checkpoint_dir))
 
@@ -372,6 +374,14 @@ class ParameterServer:
             self.counters["rejoined"] += 1
             log.info("worker %s rejoined: its downlink state is reset, it gets a full pull", wid)
         slot = _Slot(worker=wid, session=secrets.token_hex(8), identity=identity, clock=self._pack_clock())
+        saved, held = self._resumable.pop(wid, None), header.get("held")
+        if saved and isinstance(held, dict) and [held.get("session"), held.get("pulls")] == [saved["session"],
+                                                                                              saved["pulls"]]:
+            # The worker still holds what it had pulled when the checkpoint was written: keep its x_hat_j (and so
+            # its downlink residual x - x_hat_j) instead of sending the full model again.
+            slot.x_hat = [t.clone() for t in saved["x_hat"]]
+            slot.base = saved["base"]
+            self.counters["resumed_downlinks"] += 1
         self.slots[wid] = slot
         self.done_workers.discard(wid)
         self._seen[wid] = time.monotonic()
@@ -515,8 +525,8 @@ class ParameterServer:
         with self._lock:
             state = {"layout": layout_to_json(self.layout), "x": self.x, "x0": self.x0, "version": self.version,
                      "counters": dict(self.counters), "taus": dict(self.taus),
-                     "workers": {w: {"x_hat": s.x_hat, "pulls": s.pulls, "accepted": s.accepted,
-                                     "rejected": s.rejected, "skipped": s.skipped}
+                     "workers": {w: {"x_hat": s.x_hat, "session": s.session, "pulls": s.pulls, "base": s.base,
+                                     "accepted": s.accepted, "rejected": s.rejected, "skipped": s.skipped}
                                  for w, s in self.slots.items() if s.x_hat is not None}}
             path = checkpoint.save(self.checkpoint_dir, state)
             self._last_ckpt = (time.monotonic(), self.counters["applied"])
@@ -534,6 +544,7 @@ class ParameterServer:
         self.counters = Counter(state["counters"])
         self.taus = Counter({int(k): v for k, v in state["taus"].items()})
         self.counters["resumed"] += 1
+        self._resumable = dict(state["workers"])
         self._last_ckpt = (time.monotonic(), self.counters["applied"])
         log.info("resumed from %s at version %d (%d pushes applied)", self.checkpoint_dir, self.version,
                  self.counters["applied"])

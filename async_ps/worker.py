@@ -107,6 +107,7 @@ class Worker:
         self.records = []
         self.version = -1
         self.session: Optional[str] = None
+        self._pulls = 0                                  # pulls applied in this session
         self.epoch: Optional[str] = None
         self.up = self.down = None
         self.accepted = self.rejected = self.skipped = self.lost = self.rejoins = 0
@@ -140,14 +141,19 @@ class Worker:
             self._reset_socket()
             frames, _ = pack(dense, [p.detach() for p in self.params])
             try:
+                held = {"session": self.session, "pulls": self._pulls} if self.session else None
                 reply, _ = self._request("hello", frames, timeout=min(2.0, self.reconnect_timeout),
-                                         layout=layout_to_json(self.layout))
+                                         layout=layout_to_json(self.layout), held=held)
                 break
+            except ServerError:
+                self._sock.close(0)             # refused (wrong model, token...): nothing to retry
+                self._sock = None
+                raise
             except ServerLost:
                 if time.monotonic() > deadline:
                     raise ServerLost(f"no parameter server answered at {self.address} within "
                                      f"{self.reconnect_timeout:.0f} s") from None
-        self.session, self.epoch = reply["session"], reply["epoch"]
+        self.session, self.epoch, self._pulls = reply["session"], reply["epoch"], 0
         self.up, self.down = get_compressor(reply["up"]), get_compressor(reply["down"])
         self.mode = reply["mode"]
         self._hb_state.update(last_answer=time.monotonic(), forgotten=False)
@@ -227,7 +233,7 @@ class Worker:
                 sock.close(0)
 
     def _rejoin(self, why: Exception) -> None:
-        log.warning("worker %s: %s; rejoining with a full pull", self.worker_id, why)
+        log.warning("worker %s: %s; rejoining", self.worker_id, why)
         self.rejoins += 1
         self._hb_stop.set()
         if self._hb_thread is not None:
@@ -250,6 +256,7 @@ class Worker:
         if self.record:
             self.records.append({"kind": header["kind"], "values": [v.clone() for v in values]})
         self.version = header["version"]
+        self._pulls += 1
         return self.version
 
     def dense_or_down(self, kind: str):

@@ -18,6 +18,7 @@ import zmq
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import async_ps
+import dsq_plugins as dsq
 from async_ps import checkpoint
 from async_ps.protocol import encode, layout_of, layout_to_json
 
@@ -255,11 +256,39 @@ def test_checkpoint_kill_resume_and_the_worker_reconnects(tmp_path):
         for _ in range(3):
             assert fake_step(w, g).status == "applied"
         assert w.version == 13
-        w.close()
-        procs[1].kill(signal.SIGTERM)
+        procs[1].kill(signal.SIGTERM)                    # a clean stop writes a final checkpoint
         assert procs[1].wait(20) == 130, procs[1].text()
         final = checkpoint.load(ckpt)
         assert final["version"] == 13 and final["counters"]["resumed"] == 1 and final["counters"]["applied"] == 13
+        held = [p.detach().clone() for p in w.params]
+        assert all(torch.equal(a, b) for a, b in zip(held, final["workers"]["w"]["x_hat"]))
+
+        # Resumed again: the worker still holds exactly its checkpointed x_hat, so it keeps it (a delta pull,
+        # no full model) and goes on.
+        procs.append(Proc([*cmd, "--resume"], {"DSQ_PS_TOKEN": token}))
+        procs[2].wait_line(r"^tcp://", 60, stream="out")
+        n_records = len(w.records)
+        assert fake_step(w, g).status == "lost" and w.rejoins == 2
+        assert [r["kind"] for r in w.records[n_records:]] == ["delta"]
+        sign = dsq.get_compressor("sign")
+        for p, h, x, x_hat, got in zip(w.params, held, final["x"], final["workers"]["w"]["x_hat"],
+                                       w.records[-1]["values"]):
+            assert torch.equal(got, sign.decompress(sign.compress(x - x_hat)))   # C_s of the kept residual
+            assert torch.equal(p.detach(), h + got)
+        assert fake_step(w, g).status == "applied" and w.version == 14
+        w.close()
+
+
+def test_launcher_refuses_bad_arguments(capsys):
+    from async_ps.launcher import parse_args
+
+    for argv, message in ((["--compressor", "nope", "--", "x"], "valid names: bf16"),
+                          (["--max-staleness", "0", "--", "x"], "--max-staleness must be >= 1"),
+                          (["--num-workers", "2"], "give the training command"),
+                          (["--role", "worker", "--", "x"], "--server tcp://HOST:PORT")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_launcher_restarts_then_fails_with_nonzero_exit():
