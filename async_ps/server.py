@@ -331,8 +331,7 @@ class ParameterServer:
                 slot.pending_pull = (identity, seq, full)
                 return []
             if kind == "push":
-                self.counters["bytes_up"] += nbytes
-                return self._push(slot, header, payload)
+                return self._push(slot, header, payload, nbytes)
             if kind == "bye":
                 del self.slots[wid]
                 self.counters["left"] += 1
@@ -437,13 +436,14 @@ class ParameterServer:
         return replies
 
     # -- pushes
-    def _push(self, slot: _Slot, header: dict, payload: list) -> list:
+    def _push(self, slot: _Slot, header: dict, payload: list, nbytes: int) -> list:
         base = hfield(header, "base", int)
         if not 0 <= base <= self.version:
             raise ProtocolError("bad_field", f"base version {base} is outside [0, {self.version}]")
         if self.mode == "sync" and slot.worker in self._round:
             raise ProtocolError("bad_field", "a second push in one synchronous round: pull first")
         payloads = unpack_payloads(self.up, payload, self.layout)
+        self.counters["bytes_up"] += nbytes          # payload bytes of well-formed pushes
         loss, rnorm = header.get("loss"), header.get("rnorm")
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             slot.loss = float(loss)

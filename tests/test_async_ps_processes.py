@@ -188,6 +188,8 @@ def test_malformed_traffic_leaves_the_server_serving():
             assert errors[code] >= 2, (code, errors)
         assert errors["too_many_frames"] == errors["version"] == errors["bad_type"] == 1
         assert snap["counters"]["applied"] == good.accepted and snap["counters"].get("rejected", 0) == 0
+        per_push = sum(srv.up.nbytes(p.numel(), p.dtype) for p in good.params)
+        assert snap["counters"]["bytes_up"] == good.accepted * per_push, "broken pushes counted as bytes up"
         assert_server_conservation(snap, [good])
         good.close()
 
