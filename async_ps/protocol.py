@@ -216,7 +216,8 @@ def unpack_payloads(compressor, frames: Sequence[bytes], layout: Layout) -> list
                                                f"bytes, expected exactly {expected}")
         # What `Payload.from_bytes` does, without its registry lookup by spec (it scans the installed packages'
         # entry points on every call: milliseconds per tensor).
-        buffer = torch.frombuffer(bytearray(frame), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        buffer = (torch.frombuffer(bytearray(frame), dtype=torch.uint8) if expected
+                  else torch.empty(0, dtype=torch.uint8))
         out.append(compressor.unpack(buffer, shape, dtype))
     return out
 

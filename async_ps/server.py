@@ -4,8 +4,10 @@ worker a compressed delta against the copy it holds (DESIGN.md section 1, "Async
 Per worker j the server keeps ``x_hat_j``, the model copy j holds. A pull sends ``c = C_s(x - x_hat_j)`` and does
 ``x_hat_j += c``, so the downlink residual ``x - x_hat_j`` is kept, never lost; a worker's first pull (and any pull
 after it rejoined) sends ``x`` dense and sets ``x_hat_j = x``. A checkpoint keeps every ``x_hat_j``; after a resume,
-a worker that proves (by its old session and pull count) that it still holds exactly that copy keeps it. A push carrying ``c_i`` (the worker's compressed,
-compensated update) computed at version ``b`` has staleness ``tau = version - b``; it is
+a worker that proves (by its old session and pull count) that it still holds exactly that copy keeps it.
+
+A push carrying ``c_i`` (the worker's compressed, compensated update) computed at version ``b`` has staleness
+``tau = version - b``; it is
 
 - rejected (counted, not applied, the worker told) when ``tau > max_staleness``;
 - skipped (counted, not applied) when its values are not finite;

@@ -185,7 +185,7 @@ class Worker:
                     raise ServerError(str(header.get("code")), str(header.get("message")))
                 return header, payload
             if time.monotonic() > deadline:
-                raise ServerLost(f"no answer to {kind!r} from {self.address} within {timeout or self.request_timeout} s")
+                raise ServerLost(f"no answer to {kind!r} from {self.address} in {timeout or self.request_timeout} s")
             if kind != "hello" and self._server_gone():
                 raise ServerLost(f"the parameter server at {self.address} stopped answering or restarted")
 

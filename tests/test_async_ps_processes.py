@@ -118,7 +118,8 @@ def malformed_traffic(address: str, token: str, net: torch.nn.Module, huge_bytes
         codes["random"] = request(sock, [os.urandom(100), os.urandom(50)])[0]["code"]
         codes["not_object"] = request(sock, [b"[1, 2, 3]"])[0]["code"]
         codes["bad_token"] = request(sock, encode("status", "not-the-token", "intruder", 1))[0]["code"]
-        codes["no_token"] = request(sock, [json.dumps({"p": 1, "type": "status", "w": "x", "s": 1}).encode()])[0]["code"]
+        no_token = json.dumps({"p": 1, "type": "status", "w": "x", "s": 1}).encode()
+        codes["no_token"] = request(sock, [no_token])[0]["code"]
         codes["version"] = request(sock, [json.dumps({"p": 99, "t": token, "type": "status", "w": "x",
                                                       "s": 1}).encode()])[0]["code"]
         codes["bad_type"] = request(sock, encode("rm -rf", token, "intruder", 1))[0]["code"]
