@@ -83,6 +83,7 @@ def main():
                                                    "results": results}, indent=2))
         if args.logdir:
             print(f"TensorBoard logs: tensorboard --logdir {args.logdir}")
+    dist.barrier()          # no rank tears down its connections while another still uses them
     dist.destroy_process_group()
 
 

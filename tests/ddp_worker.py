@@ -4,8 +4,6 @@ Each rank writes OUT/rank{r}.pt with, per step, its local gradient and the updat
 name), and at the end its residuals by parameter name and the state's counters.
 """
 import argparse
-import math
-import os
 import pickle
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +14,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsq_plugins as dsq
+from checks import shut_down_and_exit
 
 
 def build_model(kind: str) -> nn.Module:
@@ -82,8 +81,7 @@ def main():
         except ValueError as e:
             if args.expect_load_error:
                 (out / f"error{rank}.txt").write_text(str(e))
-                dist.destroy_process_group()
-                return
+                shut_down_and_exit()
             raise
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
@@ -139,7 +137,7 @@ def main():
                 "skipped_steps": state.skipped_steps, "step": state.step, "buckets_seen": len(buckets_seen), "totals": state.totals.as_dict(),
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "world": world}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    shut_down_and_exit()
 
 
 if __name__ == "__main__":

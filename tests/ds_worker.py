@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import deepspeed_ext
-from checks import residuals_by_name
+from checks import residuals_by_name, shut_down_and_exit
 
 LR = 0.5          # a power of two: (w_before - w_after) / LR recovers the update up to the weights' rounding
 
@@ -119,6 +119,7 @@ def main():
     torch.save(result, out / f"rank{rank}.pt")
     if engine.monitor.enabled:
         engine.monitor.write_events([])
+    shut_down_and_exit()
 
 
 if __name__ == "__main__":
