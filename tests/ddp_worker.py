@@ -10,25 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsq_plugins as dsq
 from checks import shut_down_and_exit
-
-
-def build_model(kind: str) -> nn.Module:
-    torch.manual_seed(1234)
-    if kind == "single":        # one parameter, one bucket: comparable with the Simulator bucket for bucket
-        return nn.Linear(50, 40, bias=False)
-    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
-
-
-def batch(step: int, micro: int, rank: int, model_kind: str):
-    g = torch.Generator().manual_seed(100_000 * step + 100 * micro + rank)
-    d_in = 50 if model_kind == "single" else 20
-    d_out = 40 if model_kind == "single" else 5
-    return torch.randn(32, d_in, generator=g), torch.randn(32, d_out, generator=g)
+from workload import batch, build_model
 
 
 def main():

@@ -9,25 +9,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import deepspeed_ext
 from checks import residuals_by_name, shut_down_and_exit
+from workload import batch, build_model
 
 LR = 0.5          # a power of two: (w_before - w_after) / LR recovers the update up to the weights' rounding
-
-
-def build_model(kind: str) -> nn.Module:
-    torch.manual_seed(1234)
-    if kind == "single":
-        return nn.Linear(50, 40, bias=False)
-    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
-
-
-def batch(step: int, micro: int, rank: int, kind: str):
-    g = torch.Generator().manual_seed(100_000 * step + 100 * micro + rank)
-    d_in, d_out = (50, 40) if kind == "single" else (20, 5)
-    return torch.randn(8, d_in, generator=g), torch.randn(8, d_out, generator=g)
 
 
 def ds_config(args) -> dict:
@@ -96,7 +83,7 @@ def main():
         reference.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
         reference.zero_grad()
         for micro in range(args.accum):
-            x, y = batch(step, micro, rank, args.model)
+            x, y = batch(step, micro, rank, args.model, size=8)
             (((reference(x) - y) ** 2).mean() / args.accum).backward()
             dtype = next(engine.module.parameters()).dtype
             loss = ((engine(x.to(dtype)) - y.to(dtype)).float() ** 2).mean()

@@ -11,24 +11,11 @@ from pathlib import Path
 
 import horovod.torch as hvd
 import torch
-import torch.nn as nn
 
 import horovod_ext
 from checks import residuals_by_name
+from workload import batch, build_model
 from dsq_plugins.config import DoubleSqueezeConfig
-
-
-def build_model(kind: str) -> nn.Module:
-    torch.manual_seed(1234)
-    if kind == "single":        # one parameter: comparable with the Simulator tensor for tensor
-        return nn.Linear(50, 40, bias=False)
-    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
-
-
-def batch(step: int, micro: int, rank: int, kind: str):
-    g = torch.Generator().manual_seed(100_000 * step + 100 * micro + rank)
-    d_in, d_out = (50, 40) if kind == "single" else (20, 5)
-    return torch.randn(32, d_in, generator=g), torch.randn(32, d_out, generator=g)
 
 
 def residuals(opt, model):

@@ -1,5 +1,4 @@
 """The DDP communication hook under real torchrun + gloo with 2 and 3 ranks."""
-import math
 
 import pytest
 import torch

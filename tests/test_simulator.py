@@ -1,5 +1,4 @@
 """The reference Simulator against plain torch, and the algorithm's laws on it."""
-import math
 
 import pytest
 import torch

@@ -1,0 +1,18 @@
+"""The models and per-rank batches the integration test workers train on (every rank builds the same model;
+each rank draws its own batches, reproducibly, from step, micro-batch and rank)."""
+import torch
+import torch.nn as nn
+
+
+def build_model(kind: str) -> nn.Module:
+    """`single`: one 50x40 weight (one tensor, comparable with the Simulator); `multi`: a small MLP."""
+    torch.manual_seed(1234)
+    if kind == "single":
+        return nn.Linear(50, 40, bias=False)
+    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+def batch(step: int, micro: int, rank: int, kind: str, size: int = 32):
+    g = torch.Generator().manual_seed(100_000 * step + 100 * micro + rank)
+    d_in, d_out = (50, 40) if kind == "single" else (20, 5)
+    return torch.randn(size, d_in, generator=g), torch.randn(size, d_out, generator=g)
