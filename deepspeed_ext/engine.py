@@ -105,8 +105,13 @@ def _average(engine, named: List[Tuple[str, torch.Tensor]]) -> None:
 
     def flush():
         items = [(name, g.reshape(-1) * pre if pre != 1.0 else g.reshape(-1)) for name, g in bucket]
-        for (_, g), out in zip(bucket, dsq.reduce(items)):
-            g.copy_((out * out_scale if out_scale != 1.0 else out).view_as(g))
+        # The averages go straight into the gradients (contiguous ones; others through a copy).
+        outs = [g.view(-1) if g.is_contiguous() else torch.empty(g.numel(), dtype=g.dtype) for _, g in bucket]
+        for (_, g), out in zip(bucket, dsq.reduce(items, outs)):
+            if out_scale != 1.0:
+                out.mul_(out_scale)
+            if out.data_ptr() != g.data_ptr():
+                g.copy_(out.view_as(g))
 
     for name, g in named:
         nbytes = g.numel() * g.element_size()

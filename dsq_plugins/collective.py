@@ -98,9 +98,11 @@ class DoubleSqueezeCollective:
         """Whether a tensor of `numel` elements is compressed at the current step (else: sent dense)."""
         return self.step >= self.config.warmup_steps and numel >= max(self.config.min_numel, self.world_size)
 
-    def reduce(self, items: Sequence[Tuple[Hashable, torch.Tensor]]) -> List[torch.Tensor]:
+    def reduce(self, items: Sequence[Tuple[Hashable, torch.Tensor]],
+               outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """The updates for a group of tensors: for each ``(key, flat)`` (1-D, any float dtype), the compressed
-        mean over ranks, as a new tensor of the same size and dtype. One all_to_all and one all_gather.
+        mean over ranks, as a new tensor of the same size and dtype (or written into `outs`, see `end`). One
+        all_to_all and one all_gather.
 
         It is `begin`, the uplink all_to_all, `serve`, the downlink all_gather and `end`; an integration with
         asynchronous collectives (Horovod) runs those stages itself to overlap them with backward."""
@@ -108,9 +110,8 @@ class DoubleSqueezeCollective:
         if not ex.plan:
             return []
         self.serve(ex, self.comm.all_to_all(ex.send, ex.send_sizes, ex.recv_sizes))
-        if ex.skipped:
-            return self.end(ex, None)
-        return self.end(ex, self.comm.all_gather(ex.gather, ex.gather_sizes))
+        gathered = None if ex.skipped else self.comm.all_gather(ex.gather, ex.gather_sizes)
+        return self.end(ex, gathered, outs)
 
     def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]]) -> "Exchange":
         """Stage 1, the worker pass: compress ``g + e_i`` per tensor and shard into the uplink buffer
@@ -195,7 +196,10 @@ class DoubleSqueezeCollective:
             received = [t.wc.decompress(t.wc.unpack(recv[i, offset:offset + t.up[me]], (n_me,), t.flat.dtype))
                         for i in range(w)]
             total = self._buffer(("mean", t.key), n_me, t.flat.dtype)
-            torch.add(received[0], received[1], out=total) if w > 1 else total.copy_(received[0])
+            if w > 1:
+                torch.add(received[0], received[1], out=total)      # one pass for the first two
+            else:
+                total.copy_(received[0])
             for ci in received[2:]:
                 total.add_(ci)
             offset += t.up[me]

@@ -289,7 +289,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         raise ValueError("DoubleSqueeze averages (op=hvd.Average) or sums (op=hvd.Sum); Adasum is not supported")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
-    if process_set is not hvd.global_process_set and process_set != hvd.global_process_set:
+    if process_set != hvd.global_process_set:
         raise ValueError("DoubleSqueeze runs over all Horovod processes; process sets are not supported yet")
     if groups is None and num_groups:
         groups = num_groups

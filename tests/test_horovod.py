@@ -208,10 +208,8 @@ def test_flag_switches_a_script_that_names_no_compressor(horovodrun, tmp_path):
         assert r["config"]["warmup_steps"] == 2 and r["config"]["server_ef"] is False
         assert not r["server_residual"]
     assert_same_update_everywhere(ranks)
-    cfg = dsq.DoubleSqueezeConfig(**ranks[0]["config"])
-    # bytes: dense during the 2 warm-up steps, compressed after
+    # dense during the 2 warm-up steps, compressed after
     assert ranks[0]["totals"]["compressed_tensors"] > 0 and ranks[0]["totals"]["dense_tensors"] > 0
-    assert cfg.warmup_steps == 2
 
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
