@@ -1,0 +1,537 @@
+"""A bandwidth-limited cluster on one machine: DoubleSqueeze against dense and torch's compression hooks, for DDP,
+Horovod and DeepSpeed, side by side in one invocation. Needs root.
+
+    python benchmarks/cluster.py --quick --json runs/bench/cluster.json                       # about 4 minutes
+    python benchmarks/cluster.py --bandwidth 100mbit,1gbit,10gbit --json runs/bench/cluster.json
+
+The cluster (benchmarks/netns.py): --hosts network namespaces (default 4), one rank each, joined by a Linux bridge;
+every host's link is shaped with tc's token-bucket filter in both directions (on the host's eth0 and on its bridge
+port), so each host has a full-duplex link of the given rate. Ranks bind to eth0 (GLOO_SOCKET_IFNAME / Horovod's
+--network-interface), MASTER_ADDR is host 0's address. The namespaces, veths and bridge carry the prefix
+`dsqc<pid>`; they are removed on exit, on SIGINT/SIGTERM/SIGHUP and on failure, and a set left by a killed run is
+removed at the next start. Without root the script refuses (exit status 2) before creating anything.
+
+Methods (one job each, the same model, synthetic data, batch, seeds and steps; SGD, lr 0.01):
+    dense            DDP, no hook (gloo ring allreduce of fp32 gradients)
+    ddp-fp16         DDP + torch's default_hooks.fp16_compress_hook
+    ddp-powersgd     DDP + torch's powerSGD_hook: matrix_approximation_rank 2, start_powerSGD_iter 2, warm_start,
+                     use_error_feedback, min_compression_rate 2 (its defaults otherwise)
+    dsq-sign         DDP + dsq_plugins.doublesqueeze_hook, DoubleSqueezeConfig(compressor="sign")
+    dsq-topk:0.01    the same with compressor "topk:0.01"
+    hvd-stock        horovodrun, hvd.DistributedOptimizer (allreduce, no compression)
+    hvd-dsq-sign     dsq-horovodrun --dsq-compressor sign, horovod_ext.DistributedOptimizer
+    ds-stock         DeepSpeed ZeRO stage 0, fp32, gradient_clipping 0
+    ds-dsq-sign      deepspeed_ext.initialize with {"doublesqueeze": {"enabled": true, "compressor": "sign"}}
+
+Horovod is launched by the real horovodrun (Gloo), run inside host 0's namespace with `-H <ip0>:1,<ip1>:1,...
+--network-interface eth0`: host 0 is local to it, and it reaches the other hosts through a stand-in `ssh`
+(first on PATH) that runs the command with `ip netns exec <host's namespace> sh -c`.
+
+Each job has phases: --warmup steps on the unshaped link, then --steps steps on the unshaped link ("compute"),
+then --steps steps at each bandwidth. Between phases the workers wait for the parent (a file in the run folder)
+while it changes the shaping. Reported per method and bandwidth:
+    step time     median over the steps of the slowest rank's step time (seconds)
+    bytes/step    what all hosts sent, and per rank (the larger of sent and received, of the busiest rank),
+                  counted by the kernel on each host's interface from after warm-up to the end of the phase
+                  (the barriers that open and close a phase are included; TCP/IP headers too)
+    compute       the same job's median step time on the unshaped link: forward, backward, compression,
+                  optimizer and the (fast, a few Gbit/s) unshaped veth; everything except the shaped wire
+    floor         compute + bytes per rank / effective bandwidth (what the wire must carry, at the rate the link
+                  actually delivers: a TCP stream between two hosts, measured at the start, bytes counted like
+                  the jobs' bytes); `vs floor` = step time / floor
+    break-even    bandwidth below which the DoubleSqueeze method is faster than its dense baseline:
+                  B = (bytes_dense - bytes_dsq) / (compute_dsq - compute_dense), per rank; infinite when the
+                  DoubleSqueeze method computes no slower than dense
+All ranks share this machine's cores (4 ranks on 2 cores here): compute time includes that contention.
+
+Where PowerSGD beats DoubleSqueeze: on this MLP, rank-2 PowerSGD sends the factors P (n x 2) and Q (m x 2) of each
+weight matrix, about 2 (n + m) floats instead of n m: for 4096x4096 that is 64 KiB instead of 64 MiB, far below
+sign's 1 bit per element (2 MiB), and it uses allreduce, so its bytes per rank do not grow with the shard
+exchange of a double pass. Its compute (a few thin matmuls and an orthogonalisation) is small too. It is biased in
+its own way (low-rank) and needs its own error feedback and warm start, is DDP-only, and works on matrices only
+(vectors go dense); DoubleSqueeze works with any compressor and any framework. The measured figures are in the
+table this script prints.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-sign", "dsq-topk:0.01", "hvd-stock", "hvd-dsq-sign",
+               "ds-stock", "ds-dsq-sign")
+BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
+NEEDS_ROOT = ("cluster.py: needs root (it creates network namespaces, veth pairs, a bridge and tc qdiscs); "
+              "run it as root")
+
+
+def mlp_parameters(hidden: int) -> int:
+    """Parameters of the benchmark's MLP 1024 -> hidden -> hidden -> 1000."""
+    return 1024 * hidden + hidden + hidden * hidden + hidden + hidden * 1000 + 1000
+
+
+def framework(method: str) -> str:
+    return "hvd" if method.startswith("hvd-") else "ds" if method.startswith("ds-") else "ddp"
+
+
+# ----------------------------------------------------------------------------------------------------- workers
+def _net_bytes(ifname: str = "eth0"):
+    """(sent, received) bytes of this namespace's interface, from /proc/net/dev."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == ifname:
+            f = rest.split()
+            return int(f[8]), int(f[0])
+    raise RuntimeError(f"no {ifname} in /proc/net/dev")
+
+
+def _wait_file(path: Path, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise TimeoutError(f"waited {timeout:.0f} s for {path}")
+        time.sleep(0.02)
+
+
+def worker(args) -> None:
+    """One rank: build the model and the method's distributed wrapper, then run the phases."""
+    import torch
+    import torch.nn as nn
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    h, m = args.hidden, args.method
+    model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1000))
+    fw = framework(m)
+    if fw == "ddp":
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        net = DDP(model)
+        if m == "ddp-fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            net.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif m == "ddp-powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+            state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2,
+                                     warm_start=True, use_error_feedback=True, min_compression_rate=2)
+            net.register_comm_hook(state, ps.powerSGD_hook)
+        elif m.startswith("dsq-"):
+            import dsq_plugins as dsq
+            state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=m[len("dsq-"):]))
+            net.register_comm_hook(state, dsq.doublesqueeze_hook)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        barrier = dist.barrier
+
+        def forward_backward(x, y):
+            loss = nn.functional.cross_entropy(net(x), y)
+            t = time.perf_counter()
+            loss.backward()
+            return t
+    elif fw == "hvd":
+        import horovod.torch as hvd
+
+        import horovod_ext
+        hvd.init()
+        rank = hvd.rank()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        if m == "hvd-stock":
+            opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        else:           # switched on by dsq-horovodrun's --dsq-compressor (DSQ_HOROVOD_CONFIG)
+            opt = horovod_ext.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+        def barrier():
+            hvd.allreduce(torch.zeros(1), name="cluster.barrier")
+
+        def forward_backward(x, y):
+            loss = nn.functional.cross_entropy(model(x), y)
+            t = time.perf_counter()
+            loss.backward()
+            return t
+    else:
+        import torch.distributed as dist
+
+        import deepspeed_ext
+        config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 0.0,
+                  "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0}}
+        if m != "ds-stock":
+            config["doublesqueeze"] = {"enabled": True, "compressor": m[len("ds-dsq-"):]}
+        engine, _, _, _ = deepspeed_ext.initialize(model=model, config=config,
+                                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+        rank = engine.global_rank
+        barrier = dist.barrier
+
+        class _Opt:
+            zero_grad = staticmethod(lambda: None)
+            step = staticmethod(engine.step)
+        opt = _Opt()
+
+        def forward_backward(x, y):
+            loss = nn.functional.cross_entropy(engine(x), y)
+            t = time.perf_counter()
+            engine.backward(loss)
+            return t
+
+    gen = torch.Generator().manual_seed(1000 + rank)
+
+    def step():
+        """One training step; returns (forward, backward, optimizer) seconds."""
+        x, y = torch.randn(args.batch, 1024, generator=gen), torch.randint(0, 1000, (args.batch,), generator=gen)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        t1 = forward_backward(x, y)
+        t2 = time.perf_counter()
+        opt.step()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    run = Path(args.rundir)
+    for _ in range(args.warmup):
+        step()
+    out = {"rank": rank, "phases": {}}
+    for k, phase in enumerate(args.phases.split(",")):
+        barrier()
+        if rank == 0:
+            (run / f"ready-{k}").touch()
+        _wait_file(run / f"go-{k}", args.phase_timeout)
+        barrier()
+        tx0, rx0 = _net_bytes()
+        parts = [step() for _ in range(args.steps)]
+        barrier()
+        tx1, rx1 = _net_bytes()
+        out["phases"][phase] = {"step_s": [sum(p) for p in parts], "forward_s": [p[0] for p in parts],
+                                "backward_s": [p[1] for p in parts], "optimizer_s": [p[2] for p in parts],
+                                "tx_bytes": tx1 - tx0, "rx_bytes": rx1 - rx0}
+    (run / f"rank{rank}.json").write_text(json.dumps(out))
+    barrier()
+    sys.stdout.flush()
+    os._exit(0)         # no interpreter finalisation with Gloo threads alive (see tests/checks.py)
+
+
+# ------------------------------------------------------------------------------------------------------ parent
+class Runner:
+    """Runs the jobs on a `netns.Cluster`, one method at a time, and kills what it started on the way out."""
+
+    def __init__(self, cluster, args, base: Path):
+        self.cl, self.args, self.base = cluster, args, base
+        self.procs = []
+        self.bin = base / "bin"
+        self.bin.mkdir()
+        cases = "\n".join(f"    {ip}) ns={ns} ;;" for ip, ns in zip(cluster.addresses, cluster.namespaces))
+        (self.bin / "ssh").write_text(f"""#!/bin/sh
+# horovodrun's ssh, on the cluster of benchmarks/cluster.py: ssh [-o OPT]... HOST [-p P] [-i F] [-o OPT] COMMAND
+while [ $# -gt 0 ]; do case "$1" in -o|-p|-i) shift 2 ;; -*) shift ;; *) break ;; esac; done
+host=$1; shift
+while [ $# -gt 0 ]; do case "$1" in -o|-p|-i) shift 2 ;; *) break ;; esac; done
+case "$host" in
+{cases}
+    *) echo "cluster ssh: unknown host $host" >&2; exit 255 ;;
+esac
+exec ip netns exec "$ns" sh -c "$*"
+""")
+        (self.bin / "ssh").chmod(0o755)
+
+    def _env(self, **extra):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
+                   PATH=os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        env.pop("DSQ_HOROVOD_CONFIG", None)
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def _worker_args(self, method, rundir, phases):
+        a = self.args
+        return [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--rundir", str(rundir),
+                "--phases", ",".join(phases), "--steps", str(a.steps), "--warmup", str(a.warmup), "--hidden",
+                str(a.hidden), "--batch", str(a.batch), "--phase-timeout", str(a.phase_timeout)]
+
+    def _launch(self, method, rundir, phases, log):
+        cl, n = self.cl, self.args.hosts
+        if framework(method) == "hvd":
+            hosts = ",".join(f"{ip}:1" for ip in cl.addresses)
+            bindir = Path(sys.executable).parent
+            launcher = [str(bindir / "dsq-horovodrun"), "--dsq-compressor", method[len("hvd-dsq-"):]] \
+                if method != "hvd-stock" else [str(bindir / "horovodrun")]
+            cmd = cl.exec_prefix(0) + launcher + ["--gloo", "-np", str(n), "-H", hosts, "--network-interface",
+                                                   cl.ifname, "--disable-cache", "--start-timeout", "120",
+                                                   *self._worker_args(method, rundir, phases)]
+            return [subprocess.Popen(cmd, cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)]
+        procs = []
+        for r in range(n):
+            env = self._env(RANK=r, WORLD_SIZE=n, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR=cl.addresses[0],
+                            MASTER_PORT=29555, GLOO_SOCKET_IFNAME=cl.ifname)
+            procs.append(subprocess.Popen(cl.exec_prefix(r) + self._worker_args(method, rundir, phases), cwd=ROOT,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return procs
+
+    def kill_all(self) -> None:
+        """Kill the processes this run started: its launchers, and whatever still runs in its namespaces."""
+        pids = {p.pid for p in self.procs if p.poll() is None}
+        for ns in self.cl.namespaces:
+            got = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            pids |= {int(x) for x in got.stdout.split()}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs = []
+
+    def run(self, method: str, bandwidths):
+        """One job: returns the per-rank phase records, or raises RuntimeError with the job's log tail."""
+        rundir = Path(tempfile.mkdtemp(prefix=f"{method.replace(':', '_')}-", dir=self.base))
+        phases = ["unshaped"] + list(bandwidths)
+        self.cl.shape(None)
+        with open(rundir / "log.txt", "w") as log:
+            self.procs = self._launch(method, rundir, phases, log)
+            try:
+                for k, phase in enumerate(phases):
+                    end = time.monotonic() + self.args.phase_timeout
+                    while not (rundir / f"ready-{k}").exists():
+                        if any(p.poll() is not None for p in self.procs) or time.monotonic() > end:
+                            raise RuntimeError(f"{method}: the job stopped or stalled before phase {phase}")
+                        time.sleep(0.05)
+                    self.cl.shape(None if phase == "unshaped" else phase)
+                    (rundir / f"go-{k}").touch()
+                end = time.monotonic() + self.args.phase_timeout
+                for p in self.procs:
+                    p.wait(timeout=max(1.0, end - time.monotonic()))
+                ranks = [json.loads((rundir / f"rank{r}.json").read_text()) for r in range(self.args.hosts)]
+            except (RuntimeError, subprocess.TimeoutExpired, FileNotFoundError) as e:
+                self.kill_all()
+                log.flush()
+                raise RuntimeError(f"{e}\n--- log tail\n{(rundir / 'log.txt').read_text()[-4000:]}") from None
+            finally:
+                self.cl.shape(None)
+        self.procs = []
+        return ranks
+
+    def probe(self, rate: str, seconds: float = 1.0) -> dict:
+        """A TCP stream host 0 -> host 1 for about `seconds` at `rate`: goodput and counted bytes per second."""
+        server = ("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                  "s.bind(('0.0.0.0', 29556)); s.listen(1); print('up', flush=True); c, _ = s.accept()\n"
+                  "while c.recv(1 << 20): pass\nc.close()")
+        client = ("import socket, sys, time\nc = socket.create_connection((sys.argv[1], 29556)); b = bytes(1 << 20)\n"
+                  "n = int(sys.argv[2]); t = time.perf_counter()\nfor _ in range(n): c.sendall(b)\n"
+                  "c.shutdown(socket.SHUT_WR); c.recv(1); print(time.perf_counter() - t)")
+        from netns import parse_rate
+        mib = max(2, int(parse_rate(rate) / 8 * seconds / 2 ** 20))
+        self.cl.shape(rate)
+        try:
+            srv = subprocess.Popen(self.cl.exec_prefix(1) + [sys.executable, "-c", server], stdout=subprocess.PIPE,
+                                   text=True)
+            self.procs = [srv]
+            srv.stdout.readline()
+            before = self.cl.counters(0)["tx"]
+            out = subprocess.run(self.cl.exec_prefix(0) + [sys.executable, "-c", client, self.cl.addresses[1],
+                                                           str(mib)], capture_output=True, text=True, check=True)
+            srv.wait(timeout=30)
+            seconds = float(out.stdout.split()[-1])
+            counted = self.cl.counters(0)["tx"] - before
+        finally:
+            self.cl.shape(None)
+            self.kill_all()
+        return {"nominal_bps": parse_rate(rate), "goodput_Bps": mib * 2 ** 20 / seconds,
+                "counted_Bps": counted / seconds, "seconds": seconds}
+
+
+def summarise(ranks, steps: int) -> dict:
+    """Per phase: median step (slowest rank per step), parts (rank 0's medians), bytes per step."""
+    out = {}
+    for phase in ranks[0]["phases"]:
+        per = [r["phases"][phase] for r in ranks]
+        slowest = [max(p["step_s"][i] for p in per) for i in range(steps)]
+        out[phase] = {
+            "step_time_s": statistics.median(slowest), "step_times_s": slowest,
+            "forward_s": statistics.median(per[0]["forward_s"]), "backward_s": statistics.median(per[0]["backward_s"]),
+            "optimizer_s": statistics.median(per[0]["optimizer_s"]),
+            "bytes_per_step_all_hosts": sum(p["tx_bytes"] for p in per) / steps,
+            "bytes_per_step_per_rank": max(max(p["tx_bytes"], p["rx_bytes"]) for p in per) / steps,
+            "tx_bytes_per_rank": [p["tx_bytes"] for p in per], "rx_bytes_per_rank": [p["rx_bytes"] for p in per]}
+    return out
+
+
+def report(results, bandwidths, probes, args) -> dict:
+    """Prints the tables; returns the JSON document."""
+    doc = {"hosts": args.hosts, "parameters": mlp_parameters(args.hidden), "hidden": args.hidden, "batch": args.batch,
+           "steps": args.steps, "warmup": args.warmup, "bandwidths": list(bandwidths), "probes": probes,
+           "load_average": os.getloadavg(), "methods": {}, "by_bandwidth": {}, "errors": {}}
+    for m, r in results.items():
+        if isinstance(r, str):
+            doc["errors"][m] = r
+        else:
+            doc["methods"][m] = r
+    ok = {m: r for m, r in doc["methods"].items()}
+    compute = {m: r["unshaped"]["step_time_s"] for m, r in ok.items()}
+    print(f"\n{args.hosts} hosts x 1 rank, MLP 1024-{args.hidden}-{args.hidden}-1000 "
+          f"({mlp_parameters(args.hidden) / 1e6:.1f}M parameters), batch {args.batch}, {args.steps} steps per "
+          f"phase after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f}")
+    print("compute = the same job's median step on the unshaped link (forward, backward, compression, optimizer; "
+          "no shaped wire);\nfloor = compute + bytes per rank / effective bandwidth; bytes counted by the kernel "
+          "on each host's interface")
+    for bw in bandwidths:
+        eff = probes[bw]["counted_Bps"]
+        print(f"\n== {bw}: effective {eff * 8 / 1e6:.0f} Mbit/s (TCP stream, counted bytes; goodput "
+              f"{probes[bw]['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s)")
+        print(f"{'method':>14} {'s/step':>8} {'speed-up':>9} {'MB/step':>9} {'MB/rank':>8} {'fewer B':>8} "
+              f"{'compute':>8} {'floor':>7} {'vs floor':>8}  {'vs own stock':>12}")
+        rows = {}
+        for m, r in ok.items():
+            p = r[bw]
+            row = {"step_time_s": p["step_time_s"], "bytes_per_step_all_hosts": p["bytes_per_step_all_hosts"],
+                   "bytes_per_step_per_rank": p["bytes_per_step_per_rank"], "compute_s": compute[m],
+                   "floor_s": compute[m] + p["bytes_per_step_per_rank"] / eff,
+                   "forward_s": p["forward_s"], "backward_s": p["backward_s"], "optimizer_s": p["optimizer_s"]}
+            row["ratio_to_floor"] = row["step_time_s"] / row["floor_s"]
+            for base_key, base in (("dense", "dense"), ("own", BASELINE.get(m))):
+                b = ok.get(base, {}).get(bw) if base else None
+                row[f"speedup_vs_{base_key}"] = b["step_time_s"] / p["step_time_s"] if b else None
+                row[f"bytes_fewer_vs_{base_key}"] = (b["bytes_per_step_per_rank"] / p["bytes_per_step_per_rank"]
+                                                     if b else None)
+            rows[m] = row
+            f = lambda x, fmt: format(x, fmt) if x is not None else "-"  # noqa: E731
+            own = (f"{row['speedup_vs_own']:.2f}x t {row['bytes_fewer_vs_own']:.0f}x B"
+                   if row["speedup_vs_own"] else "")
+            print(f"{m:>14} {row['step_time_s']:>8.3f} {f(row['speedup_vs_dense'], '.2f'):>8}x "
+                  f"{row['bytes_per_step_all_hosts'] / 1e6:>9.2f} {row['bytes_per_step_per_rank'] / 1e6:>8.2f} "
+                  f"{f(row['bytes_fewer_vs_dense'], '.1f'):>7}x {row['compute_s']:>8.3f} {row['floor_s']:>7.3f} "
+                  f"{row['ratio_to_floor']:>8.2f}  {own:>12}")
+        doc["by_bandwidth"][bw] = {"effective_bps": eff * 8, "rows": rows,
+                                   "step_time_s": {m: x["step_time_s"] for m, x in rows.items()}}
+    first = bandwidths[0]
+    doc["step_time_s"] = doc["by_bandwidth"][first]["step_time_s"] if first in doc["by_bandwidth"] else {}
+    doc["bytes_per_step_per_rank"] = {m: x["bytes_per_step_per_rank"]
+                                      for m, x in doc["by_bandwidth"].get(first, {}).get("rows", {}).items()}
+
+    print("\nbreak-even bandwidth (DoubleSqueeze faster below it): B = (bytes_dense - bytes_dsq) / "
+          "(compute_dsq - compute_dense), per rank, bytes at the first bandwidth")
+    doc["break_even"] = {}
+    for m in ok:
+        base = BASELINE.get(m, "dense") if "dsq" in m else None
+        if not base or base not in ok:
+            continue
+        db = ok[base][first]["bytes_per_step_per_rank"] - ok[m][first]["bytes_per_step_per_rank"]
+        dc = compute[m] - compute[base]
+        bps = db * 8 / dc if dc > 0 else float("inf")
+        wins = {bw: ("dsq" if ok[m][bw]["step_time_s"] < ok[base][bw]["step_time_s"] else base) for bw in bandwidths}
+        doc["break_even"][m] = {"baseline": base, "bits_per_s": bps, "bytes_saved_per_rank": db,
+                                "extra_compute_s": dc, "measured_winner": wins}
+        say = "any bandwidth (no extra compute)" if bps == float("inf") else f"{bps / 1e9:.2f} Gbit/s"
+        print(f"  {m:>14} vs {base:<9}: {say:>20}  (saves {db / 1e6:.1f} MB/rank/step, costs {dc * 1e3:+.0f} ms "
+              f"compute); measured winner: " + ", ".join(f"{bw} {w}" for bw, w in wins.items()))
+    for m, e in doc["errors"].items():
+        print(f"\n{m} FAILED: {e.splitlines()[0]}")
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=4, help="hosts (namespaces), one rank each")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--bandwidth", default=None,
+                    help="comma-separated tc rates, e.g. 100mbit,1gbit,10gbit (default 100mbit,1gbit,10gbit; "
+                         "--quick: 100mbit)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per phase (default 8; --quick: 3)")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first, unshaped (PowerSGD starts at 2)")
+    ap.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: 25.2M parameters)")
+    ap.add_argument("--batch", type=int, default=32, help="samples per rank per step")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, 100mbit only unless --bandwidth is given")
+    ap.add_argument("--phase-timeout", type=float, default=600.0, help="seconds a phase may take")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--rundir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--phases", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if os.geteuid() != 0:
+        print(NEEDS_ROOT, file=sys.stderr)
+        return 2
+    missing = [t for t in ("ip", "tc") if not shutil.which(t)]
+    if missing:
+        print(f"cluster.py: needs the {' and '.join(missing)} command(s) (iproute2)", file=sys.stderr)
+        return 2
+    from netns import Cluster, parse_rate, remove_stale
+    bandwidths = [b.strip() for b in (args.bandwidth or ("100mbit" if args.quick else "100mbit,1gbit,10gbit"))
+                  .split(",") if b.strip()]
+    for b in bandwidths:
+        try:
+            parse_rate(b)
+        except ValueError as e:
+            ap.error(str(e))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}")
+    if args.steps is None:
+        args.steps = 3 if args.quick else 8
+    if args.hosts < 2:
+        ap.error("--hosts must be at least 2")
+
+    t_start = time.monotonic()
+    stale = remove_stale()
+    if stale:
+        print(f"removed a stale cluster left by a killed run: {' '.join(stale)}", flush=True)
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    base = Path(tempfile.mkdtemp(prefix="dsq-cluster-"))
+    cluster = Cluster(args.hosts)
+    runner = None
+    try:
+        cluster.create()
+        runner = Runner(cluster, args, base)
+        probes = {}
+        for bw in bandwidths:
+            probes[bw] = runner.probe(bw)
+            print(f"link {bw}: TCP stream {probes[bw]['goodput_Bps'] * 8 / 1e6:.0f} Mbit/s goodput, "
+                  f"{probes[bw]['counted_Bps'] * 8 / 1e6:.0f} Mbit/s counted", flush=True)
+        results = {}
+        for m in methods:
+            t0 = time.monotonic()
+            try:
+                results[m] = summarise(runner.run(m, bandwidths), args.steps)
+                print(f"{m}: " + ", ".join(f"{ph} {r['step_time_s']:.3f} s/step" for ph, r in results[m].items())
+                      + f"  ({time.monotonic() - t0:.0f} s)", flush=True)
+            except RuntimeError as e:
+                results[m] = str(e)
+                print(f"{m}: FAILED ({time.monotonic() - t0:.0f} s)\n{e}", flush=True)
+    finally:
+        if runner:
+            runner.kill_all()
+        cluster.close()
+        shutil.rmtree(base, ignore_errors=True)
+    doc = report(results, bandwidths, probes, args)
+    doc["wall_time_s"] = time.monotonic() - t_start
+    print(f"\nwall time {doc['wall_time_s']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 1 if doc["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
