@@ -17,9 +17,10 @@ def digits(seed: int = 0):
     return t(x_tr, torch.float32), t(y_tr, torch.long), t(x_te, torch.float32), t(y_te, torch.long)
 
 
-def mlp(seed: int) -> nn.Module:
+def mlp(seed: int, hidden: int = 128) -> nn.Module:
+    """64 -> hidden -> hidden -> 10 with ReLUs, initialised from `seed`."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
 @torch.no_grad()

@@ -32,3 +32,45 @@ def test_ddp_digits_sign_within_two_points_of_dense(torchrun, tmp_path, nproc):
     assert all(0 < e.value < 1.5 for e in events.Scalars("dsq/worker_rel_error"))
     assert all(e.value == 0 for e in events.Scalars("dsq/skipped_steps"))
     assert len(events.Scalars("dsq/bytes_up")) == sign["steps"]
+
+
+DEMO = ROOT / "examples" / "demo.py"
+
+
+def test_demo_four_ranks_five_methods(torchrun, tmp_path):
+    """`make demo`'s script, shortened: every method trains, bytes follow from the payload sizes, the modelled
+    times add the bytes over each link to the measured time, and the plots and TensorBoard logs are written."""
+    proc = torchrun(4, DEMO, ["--epochs", "3", "--hidden", "128", "--outdir", tmp_path], timeout=300)
+    out = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["method"]: r for r in out["results"]}
+    assert list(runs) == ["dense", "dsq-sign", "dsq-topk:0.01", "sign-no-ef", "sign-1pass-ef"]
+    for name in runs:
+        assert name in proc.stdout
+    w, steps = 4, runs["dense"]["steps"]
+    assert steps == 3 * (1347 // w // 32)                     # 1347 training images, 336 per rank, 32 per step
+    params = 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
+    # dense: a ring all-reduce of fp32 gradients sends 2 (W - 1) / W of them per step
+    assert runs["dense"]["mb_sent_per_worker"] * 1e6 == pytest.approx(steps * 2 * (w - 1) * params * 4 / w, rel=1e-3)
+    dense_mb = runs["dense"]["mb_sent_per_worker"]
+    for name in ("dsq-sign", "sign-no-ef"):                   # 1 bit per element plus scales and headers
+        assert 20 < dense_mb / runs[name]["mb_sent_per_worker"] < 32
+    assert dense_mb / runs["dsq-topk:0.01"]["mb_sent_per_worker"] > 20
+    # single-pass EF: sign uplink, dense (fp32) downlink: about half of dense
+    assert 1.8 < dense_mb / runs["sign-1pass-ef"]["mb_sent_per_worker"] < 2.0
+    for r in runs.values():
+        assert r["accuracy"] > 0.3 and r["final_loss"] < 2.3   # chance is 0.1 and ln(10) = 2.30
+        assert r["curve"]["bytes"][-1] == pytest.approx(r["mb_sent_per_worker"] * 1e6)
+        for link, bps in (("100 Mbit/s", 100e6), ("1 Gbit/s", 1e9)):
+            expected = r["measured_seconds"] + r["mb_sent_per_worker"] * 1e6 * 8 / bps
+            assert r["modelled_seconds"][link] == pytest.approx(expected)
+    for png in ("loss_vs_steps.png", "accuracy_vs_mb.png", "loss_vs_modelled_time.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(tmp_path / "tb" / "dsq-sign"))
+    events.Reload()
+    assert {"train/loss", "test/accuracy", "dsq/bytes_up", "dsq/worker_residual_norm"} <= set(events.Tags()["scalars"])
+
+
+def test_demo_rejects_unknown_method(torchrun, tmp_path):
+    proc = torchrun(1, DEMO, ["--methods", "dense,bogus", "--outdir", tmp_path], check=False)
+    assert proc.returncode != 0
+    assert "unknown method(s) bogus" in proc.stderr
