@@ -466,10 +466,11 @@ def plot_compressors(out, path, P):
     ax.axhline(100 * dense, color="k", ls=":", lw=1, label=f"dense SGD {100 * dense:.1f}")
     ax.set_xticks(range(len(specs)))
     ax.set_xticklabels(specs, rotation=20, fontsize=7)
-    ax.set_ylim(0, 115)
+    ax.set_ylim(0, 128)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"digits, n={P['n']}: best accuracy over lr {P['grid_lrs']}")
-    ax.legend(loc="lower left", fontsize=6)
+    ax.legend(loc="upper center", fontsize=6, ncol=3)
     _save(fig, path)
 
 
