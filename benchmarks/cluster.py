@@ -15,7 +15,8 @@ Methods (one job each, the same model, synthetic data, batch, seeds and steps; S
     dense            DDP, no hook (gloo ring allreduce of fp32 gradients)
     ddp-fp16         DDP + torch's default_hooks.fp16_compress_hook
     ddp-powersgd     DDP + torch's powerSGD_hook: matrix_approximation_rank 2, start_powerSGD_iter 2, warm_start,
-                     use_error_feedback, min_compression_rate 2 (its defaults otherwise)
+                     use_error_feedback, min_compression_rate 2 (its defaults otherwise); DDP bucket_cap_mb 1024
+                     (one bucket: with several, the hook deadlocks on Gloo, see the worker)
     dsq-sign         DDP + dsq_plugins.doublesqueeze_hook, DoubleSqueezeConfig(compressor="sign")
     dsq-topk:0.01    the same with compressor "topk:0.01"
     hvd-stock        horovodrun, hvd.DistributedOptimizer (allreduce, no compression)
@@ -105,9 +106,12 @@ def _wait_file(path: Path, timeout: float) -> None:
 
 def worker(args) -> None:
     """One rank: build the model and the method's distributed wrapper, then run the phases."""
+    import faulthandler
+
     import torch
     import torch.nn as nn
 
+    faulthandler.register(signal.SIGUSR1)      # the parent asks for the stacks of a stalled job
     torch.set_num_threads(1)
     torch.manual_seed(0)
     h, m = args.hidden, args.method
@@ -119,7 +123,9 @@ def worker(args) -> None:
 
         dist.init_process_group("gloo")
         rank = dist.get_rank()
-        net = DDP(model)
+        # PowerSGD in one bucket: torch's powerSGD_hook waits on an allreduce inside a Gloo callback, and with two
+        # buckets in flight both of Gloo's worker threads block there and the job deadlocks (seen here, torch 2.13)
+        net = DDP(model, bucket_cap_mb=1024) if m == "ddp-powersgd" else DDP(model)
         if m == "ddp-fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
             net.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -276,12 +282,25 @@ exec ip netns exec "$ns" sh -c "$*"
                                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         return procs
 
-    def kill_all(self) -> None:
-        """Kill the processes this run started: its launchers, and whatever still runs in its namespaces."""
-        pids = {p.pid for p in self.procs if p.poll() is None}
+    def _pids(self):
+        pids = set()
         for ns in self.cl.namespaces:
             got = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
             pids |= {int(x) for x in got.stdout.split()}
+        return pids
+
+    def signal_workers(self, signum) -> None:
+        """Send `signum` to the Python processes in this run's namespaces."""
+        for pid in self._pids():
+            try:
+                if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signum)
+            except OSError:
+                pass
+
+    def kill_all(self) -> None:
+        """Kill the processes this run started: its launchers, and whatever still runs in its namespaces."""
+        pids = {p.pid for p in self.procs if p.poll() is None} | self._pids()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -315,6 +334,8 @@ exec ip netns exec "$ns" sh -c "$*"
                     p.wait(timeout=max(1.0, end - time.monotonic()))
                 ranks = [json.loads((rundir / f"rank{r}.json").read_text()) for r in range(self.args.hosts)]
             except (RuntimeError, subprocess.TimeoutExpired, FileNotFoundError) as e:
+                self.signal_workers(signal.SIGUSR1)       # stacks into the log
+                time.sleep(1.0)
                 self.kill_all()
                 log.flush()
                 raise RuntimeError(f"{e}\n--- log tail\n{(rundir / 'log.txt').read_text()[-4000:]}") from None

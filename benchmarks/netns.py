@@ -2,7 +2,10 @@
 
 Host i is the namespace ``<tag>-h<i>`` with one interface ``eth0`` (address 10.201.0.<i+1>/24, loopback up too),
 the end of a veth pair whose other end ``<tag>v<i>`` is a port of the bridge ``<tag>br`` in the root namespace.
-The bridge has no address, so the cluster's traffic never reaches the root namespace's routes.
+The bridge has no address, so the cluster's traffic never reaches the root namespace's routes. Each host gets its
+own /etc/hosts (``/etc/netns/<namespace>/hosts``, which `ip netns exec` mounts over /etc/hosts) in which this
+machine's host name resolves to that host's address, as on a real cluster: Gloo inside Horovod 0.28 binds its
+process-set contexts to the address of the host name (here otherwise 127.0.0.1, and the ranks could not connect).
 ``<tag>`` is ``dsqc<pid of the creating process>``: names are unique per run, and a set whose creator is gone
 (a killed run) is recognised and removed by `remove_stale()`.
 
@@ -17,12 +20,15 @@ namespace, veth and the bridge it created.
 """
 import os
 import re
+import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import List, Optional
 
 PREFIX = "dsqc"
 SUBNET = "10.201.0"
+ETC_NETNS = Path("/etc/netns")
 _NAME = re.compile(rf"^{PREFIX}(\d+)(?:-h\d+|br|v\d+)$")
 
 __all__ = ["Cluster", "PREFIX", "parse_rate", "remove_stale", "leftovers"]
@@ -57,16 +63,23 @@ def _names():
 
 
 def leftovers(tag: Optional[str] = None) -> List[str]:
-    """Namespaces and links of ours still present (of one run `tag`, or of any run)."""
+    """Our namespaces, links and /etc/netns folders still present (of one run `tag`, or of any run)."""
     nss, links = _names()
-    return [n for n in nss + links if tag is None or n.startswith(tag + "-") or n.startswith(tag + "br")
-            or re.fullmatch(rf"{tag}v\d+", n)]
+    etc = [d.name for d in ETC_NETNS.glob(f"{PREFIX}*")] if ETC_NETNS.is_dir() else []
+    mine = lambda n: tag is None or (_NAME.match(n) and f"{PREFIX}{_NAME.match(n).group(1)}" == tag)  # noqa: E731
+    return [n for n in nss + links if mine(n)] + [str(ETC_NETNS / n) for n in etc if mine(n)]
 
 
 def remove_stale() -> List[str]:
-    """Remove the namespaces, veths and bridges left by runs whose process is gone; returns what was removed."""
+    """Remove the namespaces, veths, bridges and /etc/netns folders left by runs whose process is gone; returns
+    what was removed."""
     nss, links = _names()
     removed = []
+    for d in ETC_NETNS.glob(f"{PREFIX}*") if ETC_NETNS.is_dir() else []:
+        m = _NAME.match(d.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     for name in nss + links:
         if not _alive(int(_NAME.match(name).group(1))):
             args = ("ip", "netns", "del", name) if name in nss else ("ip", "link", "del", name)
@@ -103,6 +116,10 @@ class Cluster:
         _ip("ip", "link", "set", self.bridge, "up")
         for i, (ns, port) in enumerate(zip(self.namespaces, self.ports)):
             _ip("ip", "netns", "add", ns)
+            etc = ETC_NETNS / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.addresses[i]} {socket.gethostname()}\n"
+                                       + "".join(f"{a} {n}\n" for a, n in zip(self.addresses, self.namespaces)))
             inner = f"{self.tag}n{i}"
             _ip("ip", "link", "add", port, "type", "veth", "peer", "name", inner)
             _ip("ip", "link", "set", inner, "netns", ns)
@@ -141,6 +158,7 @@ class Cluster:
             return
         for ns in self.namespaces:
             _ip("ip", "netns", "del", ns, check=False)       # takes its veth end, and so the pair, with it
+            shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
         for port in self.ports:
             if Path(f"/sys/class/net/{port}").exists():
                 _ip("ip", "link", "del", port, check=False)
