@@ -310,7 +310,7 @@ def _save(fig, path):
 def run_digits(P, progress):
     methods = {"dense": dict(spec="none")}
     for spec in P["digits_specs"]:
-        methods.update(variants(spec))
+        methods.update({k: v for k, v in variants(spec).items() if k.split()[0] in P["digits_variants"]})
     for spec in P["digits_extra"]:
         methods[f"dsq {spec}"] = dict(spec=spec)
     runs = {}
@@ -477,11 +477,12 @@ def plot_compressors(out, path, P):
 def params(quick: bool) -> dict:
     if quick:
         return dict(n=4, batch=16, lr=0.3, epochs=12, seeds=[0], digits_specs=["sign", "topk:0.01"], digits_extra=[],
+                    digits_variants=["dsq", "noef"],
                     speedup_specs=["sign"], speedup_n=[1, 2, 4, 8], speedup_seeds=[0],
                     quad=dict(dim=256, h_min=0.1, sigma=1.0, x0_scale=0.3, target=0.5, max_steps=200000),
-                    grid_specs=["sign", "qsgd:16", "randomk:0.1", "scaled_randomk:0.1"], grid_lrs=[0.3, 0.03],
-                    grid_epochs=6, grid_seed=0)
+                    grid_specs=["sign", "qsgd:16", "randomk:0.1"], grid_lrs=[0.3, 0.03], grid_epochs=5, grid_seed=0)
     return dict(n=8, batch=16, lr=0.3, epochs=40, seeds=[0, 1, 2, 3, 4], digits_specs=["sign", "topk:0.01"],
+                digits_variants=["dsq", "noef", "ef1", "wef"],
                 digits_extra=["int8"], speedup_specs=["sign", "topk:0.05"], speedup_n=[1, 2, 4, 8, 16],
                 speedup_seeds=[0, 1, 2],
                 quad=dict(dim=256, h_min=0.1, sigma=1.0, x0_scale=0.3, target=0.2, max_steps=200000),
