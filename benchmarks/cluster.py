@@ -104,6 +104,23 @@ def _wait_file(path: Path, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def _instrument(collective, acc: dict) -> None:
+    """Time, on this instance only, the double pass (`reduce`: compression, error feedback and communication)
+    and its two collectives (`comm.all_to_all`, `comm.all_gather`: the wire and waiting for the peers), adding
+    seconds to acc["dsq_pass_s"] and acc["dsq_comm_s"]. Synchronous communicators only (DDP, DeepSpeed)."""
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        return wrapper
+    collective.reduce = timed(collective.reduce, "dsq_pass_s")
+    collective.comm.all_to_all = timed(collective.comm.all_to_all, "dsq_comm_s")
+    collective.comm.all_gather = timed(collective.comm.all_gather, "dsq_comm_s")
+
+
 def worker(args) -> None:
     """One rank: build the model and the method's distributed wrapper, then run the phases."""
     import faulthandler
@@ -115,6 +132,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     h, m = args.hidden, args.method
+    acc = {"dsq_pass_s": 0.0, "dsq_comm_s": 0.0}
     model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1000))
     fw = framework(m)
     if fw == "ddp":
@@ -137,6 +155,7 @@ def worker(args) -> None:
         elif m.startswith("dsq-"):
             import dsq_plugins as dsq
             state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=m[len("dsq-"):]))
+            _instrument(state, acc)
             net.register_comm_hook(state, dsq.doublesqueeze_hook)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         barrier = dist.barrier
@@ -179,6 +198,8 @@ def worker(args) -> None:
                                                    optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
         rank = engine.global_rank
         barrier = dist.barrier
+        if getattr(engine, "doublesqueeze", None) is not None:
+            _instrument(engine.doublesqueeze, acc)
 
         class _Opt:
             zero_grad = staticmethod(lambda: None)
@@ -194,14 +215,15 @@ def worker(args) -> None:
     gen = torch.Generator().manual_seed(1000 + rank)
 
     def step():
-        """One training step; returns (forward, backward, optimizer) seconds."""
+        """One training step; returns (forward, backward, optimizer, double pass, its collectives) seconds."""
+        acc.update(dsq_pass_s=0.0, dsq_comm_s=0.0)
         x, y = torch.randn(args.batch, 1024, generator=gen), torch.randint(0, 1000, (args.batch,), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad()
         t1 = forward_backward(x, y)
         t2 = time.perf_counter()
         opt.step()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
+        return t1 - t0, t2 - t1, time.perf_counter() - t2, acc["dsq_pass_s"], acc["dsq_comm_s"]
 
     run = Path(args.rundir)
     for _ in range(args.warmup):
@@ -217,7 +239,8 @@ def worker(args) -> None:
         parts = [step() for _ in range(args.steps)]
         barrier()
         tx1, rx1 = _net_bytes()
-        out["phases"][phase] = {"step_s": [sum(p) for p in parts], "forward_s": [p[0] for p in parts],
+        out["phases"][phase] = {"step_s": [sum(p[:3]) for p in parts], "dsq_pass_s": [p[3] for p in parts],
+                                "dsq_comm_s": [p[4] for p in parts], "forward_s": [p[0] for p in parts],
                                 "backward_s": [p[1] for p in parts], "optimizer_s": [p[2] for p in parts],
                                 "tx_bytes": tx1 - tx0, "rx_bytes": rx1 - rx0}
     (run / f"rank{rank}.json").write_text(json.dumps(out))
@@ -253,6 +276,9 @@ exec ip netns exec "$ns" sh -c "$*"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
                    PATH=os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
         env.pop("DSQ_HOROVOD_CONFIG", None)
+        # DeepSpeed JIT-builds its CPU shm op into TORCH_EXTENSIONS_DIR; a private folder, because a build with
+        # other flags elsewhere (seen: the test suite's) makes each side rebuild it (about a minute) in turn
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/doublesqueeze/torch_extensions_cluster"))
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -383,6 +409,8 @@ def summarise(ranks, steps: int) -> dict:
             "step_time_s": statistics.median(slowest), "step_times_s": slowest,
             "forward_s": statistics.median(per[0]["forward_s"]), "backward_s": statistics.median(per[0]["backward_s"]),
             "optimizer_s": statistics.median(per[0]["optimizer_s"]),
+            "dsq_pass_s": statistics.median(per[0]["dsq_pass_s"]),
+            "dsq_comm_s": statistics.median(per[0]["dsq_comm_s"]),
             "bytes_per_step_all_hosts": sum(p["tx_bytes"] for p in per) / steps,
             "bytes_per_step_per_rank": max(max(p["tx_bytes"], p["rx_bytes"]) for p in per) / steps,
             "tx_bytes_per_rank": [p["tx_bytes"] for p in per], "rx_bytes_per_rank": [p["rx_bytes"] for p in per]}
@@ -457,6 +485,19 @@ def report(results, bandwidths, probes, args) -> dict:
         say = "any bandwidth (no extra compute)" if bps == float("inf") else f"{bps / 1e9:.2f} Gbit/s"
         print(f"  {m:>14} vs {base:<9}: {say:>20}  (saves {db / 1e6:.1f} MB/rank/step, costs {dc * 1e3:+.0f} ms "
               f"compute); measured winner: " + ", ".join(f"{bw} {w}" for bw, w in wins.items()))
+    print(f"\nwhere the time goes at {first} and unshaped (rank 0, medians, seconds): fwd/bwd/opt = forward, "
+          "backward (DDP and DeepSpeed communicate in it), optimizer step (Horovod waits for its collectives in "
+          "it);\npass = DoubleSqueeze's double pass (compression, error feedback, both collectives), comm = its "
+          "two collectives alone (wire + waiting for peers); pass - comm = compression work (DDP, DeepSpeed)")
+    print(f"{'method':>14} {'phase':>9} {'step':>7} {'fwd':>6} {'bwd':>6} {'opt':>6} {'pass':>6} {'comm':>6} "
+          f"{'pass-comm':>9}")
+    for m, r in ok.items():
+        for ph in ("unshaped", first):
+            p = r[ph]
+            extra = (f"{p['dsq_pass_s']:>6.3f} {p['dsq_comm_s']:>6.3f} {p['dsq_pass_s'] - p['dsq_comm_s']:>9.3f}"
+                     if p["dsq_pass_s"] else "")
+            print(f"{m:>14} {ph:>9} {p['step_time_s']:>7.3f} {p['forward_s']:>6.3f} {p['backward_s']:>6.3f} "
+                  f"{p['optimizer_s']:>6.3f} {extra}")
     for m, e in doc["errors"].items():
         print(f"\n{m} FAILED: {e.splitlines()[0]}")
     return doc
@@ -469,8 +510,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth", default=None,
                     help="comma-separated tc rates, e.g. 100mbit,1gbit,10gbit (default 100mbit,1gbit,10gbit; "
                          "--quick: 100mbit)")
-    ap.add_argument("--steps", type=int, default=None, help="measured steps per phase (default 8; --quick: 3)")
-    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first, unshaped (PowerSGD starts at 2)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per phase (default 8; --quick: 2)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="unmeasured steps first, unshaped (default 3; --quick: 2; PowerSGD compresses from step 2)")
     ap.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: 25.2M parameters)")
     ap.add_argument("--batch", type=int, default=32, help="samples per rank per step")
     ap.add_argument("--quick", action="store_true", help="fewer steps, 100mbit only unless --bandwidth is given")
@@ -505,7 +547,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}")
     if args.steps is None:
-        args.steps = 3 if args.quick else 8
+        args.steps = 2 if args.quick else 8
+    if args.warmup is None:
+        args.warmup = 2 if args.quick else 3
     if args.hosts < 2:
         ap.error("--hosts must be at least 2")
 
