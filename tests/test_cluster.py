@@ -1,0 +1,88 @@
+"""benchmarks/cluster.py: the refusal without root, a tiny real run on a 2-host cluster (namespaces, bridge, tc), and
+that nothing of the cluster is left behind: after a normal end, after SIGTERM, and from a killed earlier run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from netns import leftovers  # noqa: E402
+
+SCRIPT = ROOT / "benchmarks" / "cluster.py"
+IS_ROOT = os.geteuid() == 0
+root_only = pytest.mark.skipif(not IS_ROOT, reason="the cluster needs root (network namespaces, veth, bridge, tc)")
+TINY = ["--hosts", "2", "--hidden", "256", "--bandwidth", "1gbit", "--steps", "2", "--warmup", "2",
+        "--methods", "dense,dsq-sign", "--phase-timeout", "60"]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_refuses_without_root():
+    """Not root: exit status 2, one line naming the need for root, and nothing created."""
+    if IS_ROOT:
+        if not shutil.which("setpriv"):
+            pytest.skip("root, and no setpriv to drop to an unprivileged user")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, str(SCRIPT), *TINY]
+    else:
+        cmd = [sys.executable, str(SCRIPT), *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "needs root" in lines[0], err
+    assert out == ""
+    if shutil.which("ip"):
+        assert leftovers(f"dsqc{proc.pid}") == []        # setpriv execs python: the same pid names the cluster
+
+
+@root_only
+def test_tiny_run_writes_json_and_cleans_up(tmp_path):
+    """2 hosts at 1 Gbit/s, dense against dsq-sign: the JSON has the step times and far fewer bytes for sign;
+    a stale set from a killed run is removed at start, and the run leaves nothing behind."""
+    stale = f"dsqc{_dead_pid()}"
+    subprocess.run(["ip", "link", "add", f"{stale}br", "type", "bridge"], check=True)
+    subprocess.run(["ip", "netns", "add", f"{stale}-h0"], check=True)
+    out = tmp_path / "cluster.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--json", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, text[-4000:]
+    assert "removed a stale cluster" in text
+    assert leftovers(stale) == [] and leftovers(f"dsqc{proc.pid}") == [], leftovers()
+    doc = json.loads(out.read_text())
+    assert set(doc["step_time_s"]) == {"dense", "dsq-sign"}
+    assert all(t > 0 for t in doc["step_time_s"].values())
+    assert set(doc["by_bandwidth"]) == {"1gbit"}
+    rows = doc["by_bandwidth"]["1gbit"]["rows"]
+    assert rows["dsq-sign"]["bytes_per_step_per_rank"] * 5 < rows["dense"]["bytes_per_step_per_rank"], rows
+    assert rows["dense"]["bytes_per_step_per_rank"] > 2e6          # 0.58M fp32 gradients really crossed the wire
+    assert 0.5e9 < doc["probes"]["1gbit"]["counted_Bps"] * 8 < 1.1e9
+    assert "dsq-sign" in doc["break_even"] and doc["errors"] == {}
+
+
+@root_only
+def test_sigterm_cleans_up():
+    """SIGTERM while the jobs run: the namespaces, veths, bridge and /etc/netns folders go away."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    tag = f"dsqc{proc.pid}"
+    end = time.monotonic() + 60
+    while not subprocess.run(["ip", "netns", "pids", f"{tag}-h1"], capture_output=True).stdout:
+        assert time.monotonic() < end and proc.poll() is None, "no worker started"
+        time.sleep(0.2)
+    assert leftovers(tag)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert leftovers(tag) == []
