@@ -148,7 +148,8 @@ class DoubleSqueezeCollective:
         cursor = [s + _HEADER for s in starts]
         for t in ex.plan:
             keeps_residual = ex.finite and not t.dense and self.worker_memory.enabled and not t.wc.lossless
-            v = self.worker_memory.compensate(t.key, t.flat) if keeps_residual else t.flat
+            v = (self.worker_memory.compensate(t.key, t.flat, self._buffer(("v", t.key), t.flat.numel(), t.flat.dtype))
+                 if keeps_residual else t.flat)
             parts = []
             for j, (s, e) in enumerate(t.bounds):
                 if ex.finite:
@@ -188,7 +189,7 @@ class DoubleSqueezeCollective:
         offset, g_off = _HEADER, 0
         for t, v, parts in zip(ex.plan, ex.compensated, ex.sent):
             if parts:
-                self.worker_memory.update(t.key, v, torch.cat(parts) if len(parts) > 1 else parts[0])
+                self.worker_memory.update(t.key, v, parts)
                 if track:
                     r.worker_error_sq += _sq(self.worker_memory.get(t.key))
                     r.worker_input_sq += _sq(v)
@@ -205,7 +206,7 @@ class DoubleSqueezeCollective:
             offset += t.up[me]
             mean = total.div_(w)
             server_residual = not t.dense and self.server_memory.enabled and not t.sc.lossless
-            vs = self.server_memory.compensate(t.key, mean) if server_residual else mean
+            vs = self.server_memory.compensate(t.key, mean, mean) if server_residual else mean
             ps = t.sc.compress(vs, seed=derive_seed(self.config.seed, self.step, t.key, me, DOWNLINK))
             ps.write_into(ex.gather[g_off:g_off + t.down[me]])
             g_off += t.down[me]

@@ -5,7 +5,7 @@
 
 so that what the compressor dropped is sent later instead of lost.
 """
-from typing import Dict, Hashable, Optional
+from typing import Dict, Hashable, Optional, Sequence, Union
 
 import torch
 
@@ -20,20 +20,35 @@ class ErrorFeedback:
         self.enabled = enabled
         self.residuals: Dict[Hashable, torch.Tensor] = {}
 
-    def compensate(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
-        """`x + e[key]` as a new tensor (or `x` itself when there is nothing to add)."""
+    def compensate(self, key: Hashable, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`x + e[key]`, written into `out` if given (a scratch tensor of x's size and dtype, reused from step to
+        step), else a new tensor; `x` itself when there is nothing to add."""
         e = self.residuals.get(key) if self.enabled else None
         if e is None:
             return x
         if e.shape != x.shape or e.dtype != x.dtype:
             raise ValueError(f"residual {key!r} is {tuple(e.shape)} {e.dtype} but the tensor is "
                              f"{tuple(x.shape)} {x.dtype}: was the state loaded from another model or run?")
-        return x + e
+        return torch.add(x, e, out=out) if out is not None else x + e
 
-    def update(self, key: Hashable, compensated: torch.Tensor, sent: torch.Tensor) -> None:
-        """`e[key] <- compensated - sent`, where `sent` is the decompressed message."""
-        if self.enabled:
-            self.residuals[key] = compensated - sent
+    def update(self, key: Hashable, compensated: torch.Tensor, sent: Union[torch.Tensor, Sequence[torch.Tensor]]
+               ) -> None:
+        """`e[key] <- compensated - sent`, where `sent` is the decompressed message, or its consecutive pieces
+        (one per shard). The residual is overwritten in place once it exists (no allocation per step)."""
+        if not self.enabled:
+            return
+        pieces = [sent] if isinstance(sent, torch.Tensor) else list(sent)
+        e = self.residuals.get(key)
+        if e is None or e.shape != compensated.shape or e.dtype != compensated.dtype or e is compensated:
+            e = self.residuals[key] = torch.empty_like(compensated)
+        start = 0
+        for piece in pieces:
+            end = start + piece.numel()
+            torch.sub(compensated[start:end], piece.reshape(-1), out=e[start:end])
+            start = end
+        if start != compensated.numel():
+            raise ValueError(f"residual {key!r}: the sent pieces hold {start} elements, the tensor "
+                             f"{compensated.numel()}")
 
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         return self.residuals.get(key)
