@@ -1,7 +1,7 @@
 """A bandwidth-limited cluster on one machine: DoubleSqueeze against dense and torch's compression hooks, for DDP,
 Horovod and DeepSpeed, side by side in one invocation. Needs root.
 
-    python benchmarks/cluster.py --quick --json runs/bench/cluster.json                       # about 4 minutes
+    python benchmarks/cluster.py --quick --json runs/bench/cluster.json          # 100mbit, about 3.5 minutes
     python benchmarks/cluster.py --bandwidth 100mbit,1gbit,10gbit --json runs/bench/cluster.json
 
 The cluster (benchmarks/netns.py): --hosts network namespaces (default 4), one rank each, joined by a Linux bridge;
@@ -11,7 +11,9 @@ port), so each host has a full-duplex link of the given rate. Ranks bind to eth0
 `dsqc<pid>`; they are removed on exit, on SIGINT/SIGTERM/SIGHUP and on failure, and a set left by a killed run is
 removed at the next start. Without root the script refuses (exit status 2) before creating anything.
 
-Methods (one job each, the same model, synthetic data, batch, seeds and steps; SGD, lr 0.01):
+Model: MLP 1024-4096-4096-1000 (25.1M parameters; --hidden), batch 32 per rank (--batch), synthetic data,
+torch.set_num_threads(1) and OMP_NUM_THREADS=1 per rank. Methods (one job each, the same model, data, seeds and
+steps; SGD, lr 0.01):
     dense            DDP, no hook (gloo ring allreduce of fp32 gradients)
     ddp-fp16         DDP + torch's default_hooks.fp16_compress_hook
     ddp-powersgd     DDP + torch's powerSGD_hook: matrix_approximation_rank 2, start_powerSGD_iter 2, warm_start,
@@ -26,7 +28,9 @@ Methods (one job each, the same model, synthetic data, batch, seeds and steps; S
 
 Horovod is launched by the real horovodrun (Gloo), run inside host 0's namespace with `-H <ip0>:1,<ip1>:1,...
 --network-interface eth0`: host 0 is local to it, and it reaches the other hosts through a stand-in `ssh`
-(first on PATH) that runs the command with `ip netns exec <host's namespace> sh -c`.
+(first on PATH) that runs the command with `ip netns exec <host's namespace> sh -c`. Every host has its own
+/etc/hosts in which the machine's host name resolves to the host's address (Horovod's Gloo binds process-set
+contexts to that address; with the shared /etc/hosts it was 127.0.0.1 and the ranks could not connect).
 
 Each job has phases: --warmup steps on the unshaped link, then --steps steps on the unshaped link ("compute"),
 then --steps steps at each bandwidth. Between phases the workers wait for the parent (a file in the run folder)
@@ -45,13 +49,22 @@ while it changes the shaping. Reported per method and bandwidth:
                   DoubleSqueeze method computes no slower than dense
 All ranks share this machine's cores (4 ranks on 2 cores here): compute time includes that contention.
 
-Where PowerSGD beats DoubleSqueeze: on this MLP, rank-2 PowerSGD sends the factors P (n x 2) and Q (m x 2) of each
-weight matrix, about 2 (n + m) floats instead of n m: for 4096x4096 that is 64 KiB instead of 64 MiB, far below
-sign's 1 bit per element (2 MiB), and it uses allreduce, so its bytes per rank do not grow with the shard
-exchange of a double pass. Its compute (a few thin matmuls and an orthogonalisation) is small too. It is biased in
-its own way (low-rank) and needs its own error feedback and warm start, is DDP-only, and works on matrices only
-(vectors go dense); DoubleSqueeze works with any compressor and any framework. The measured figures are in the
-table this script prints.
+Where PowerSGD beats DoubleSqueeze, and why: rank-2 PowerSGD sends, per weight matrix n x m, the factors P (n x 2)
+and Q (m x 2): 4 * 2 (n + m) bytes instead of n m / 8 for sign (1 bit per element). For 4096x4096 that is 64 KiB
+against 2 MiB; measured here, 0.29 MB per rank per step against sign's 5.0 MB (dense: 155 MB). Both move their
+payload about twice per rank (ring allreduce / all-to-all up plus all-gather down), so the byte ratio is the
+payload ratio, and it grows with the layer size. Its extra compute (thin matmuls, an orthogonalisation, its error
+feedback) is comparable to sign's, so at 100 Mbit/s it was as fast or faster (--quick: 1.09 s/step against 1.25).
+Its limits: it is biased in its own way (a low-rank approximation; it needs its own error feedback and warm start
+to converge), compresses matrices only (vectors and small layers go dense), is a DDP hook only, and with Gloo it
+must run in one bucket (see the worker), so it cannot overlap communication with the backward pass. DoubleSqueeze
+takes any compressor (also unbiased ones), keeps both residuals, and runs under DDP, Horovod and DeepSpeed.
+
+Notes on the figures. 4 ranks share 2 cores here, so compute time includes that contention, and ranks drift apart
+by a tenth of a second or two; the "compute" figure includes the unshaped collectives and that waiting for the
+slowest rank, which in the shaped phases overlaps the wire, so the floor is not a strict lower bound and `vs floor`
+can come out a little below 1. Medians of few steps (--quick: 2) under other load are noisy; use the full run for
+figures to quote, and record the load average (printed and in the JSON).
 """
 import argparse
 import json
