@@ -40,11 +40,13 @@ class ErrorFeedback:
         pieces = [sent] if isinstance(sent, torch.Tensor) else list(sent)
         e = self.residuals.get(key)
         if e is None or e.shape != compensated.shape or e.dtype != compensated.dtype or e is compensated:
-            e = self.residuals[key] = torch.empty_like(compensated)
+            e = self.residuals[key] = torch.empty(compensated.shape, dtype=compensated.dtype,
+                                                  device=compensated.device)
+        flat_v, flat_e = compensated.reshape(-1), e.view(-1)        # any shape; pieces are flat stretches
         start = 0
         for piece in pieces:
             end = start + piece.numel()
-            torch.sub(compensated[start:end], piece.reshape(-1), out=e[start:end])
+            torch.sub(flat_v[start:end], piece.reshape(-1), out=flat_e[start:end])
             start = end
         if start != compensated.numel():
             raise ValueError(f"residual {key!r}: the sent pieces hold {start} elements, the tensor "

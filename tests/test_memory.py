@@ -1,0 +1,34 @@
+"""ErrorFeedback: e <- v - C(v) for tensors of any shape, from one message or its consecutive pieces, in place."""
+import pytest
+import torch
+
+from dsq_plugins.memory import ErrorFeedback
+
+
+def test_residual_of_a_matrix_from_pieces_is_kept_in_place():
+    ef = ErrorFeedback()
+    g = torch.arange(12.0).reshape(3, 4)
+    sent = torch.full((3, 4), 0.5)
+    v = ef.compensate("w", g)
+    assert v is g                                          # nothing to add yet
+    ef.update("w", v, [sent.reshape(-1)[:5], sent.reshape(-1)[5:]])
+    e = ef.get("w")
+    assert e.shape == (3, 4) and torch.equal(e, g - 0.5)
+    scratch = torch.empty(3, 4)
+    v2 = ef.compensate("w", g, out=scratch)
+    assert v2 is scratch and torch.equal(v2, g + (g - 0.5))
+    ef.update("w", v2, sent)
+    assert ef.get("w") is e                                # overwritten, not reallocated
+    assert torch.equal(e, 2 * g - 1.0)
+
+
+def test_pieces_must_cover_the_tensor():
+    ef = ErrorFeedback()
+    with pytest.raises(ValueError, match="pieces hold 3 elements, the tensor 4"):
+        ef.update("b", torch.ones(4), [torch.ones(3)])
+
+
+def test_disabled_keeps_nothing():
+    ef = ErrorFeedback(enabled=False)
+    ef.update("b", torch.ones(4), torch.zeros(4))
+    assert ef.get("b") is None and ef.compensate("b", torch.ones(4)).sum() == 4
