@@ -109,9 +109,9 @@ def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> to
     params = bucket.parameters()
     flat = bucket.buffer()
     items = list(zip(state.parameter_numbers(params), flat.split([p.numel() for p in params])))
-    outs = state.reduce(items)
+    state.reduce(items, outs=[g for _, g in items])       # the averages overwrite the bucket, as all-reduce does
     if bucket.is_last():
         state.finish_step()
     fut = torch.futures.Future()
-    fut.set_result(torch.cat(outs) if len(outs) > 1 else outs[0])
+    fut.set_result(flat)
     return fut
