@@ -28,7 +28,6 @@ Seeds are fixed and every run is deterministic (single thread, seeded generators
 from the step as in the distributed code).
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -49,21 +48,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 import dsq_plugins as dsq  # noqa: E402
 from dsq_plugins.compressors import QSGDCompressor, RandomKCompressor  # noqa: E402
 from digits_common import digits, mlp  # noqa: E402
-
-_compressor = functools.lru_cache(maxsize=None)(dsq.get_compressor)
-
-
-class _Config(dsq.DoubleSqueezeConfig):
-    """`DoubleSqueezeConfig` whose compressors are built once: the Simulator asks for them every step, and
-    `get_compressor` rescans the installed entry points each time (about 7 ms, more than a whole step here)."""
-
-    @property
-    def worker(self):
-        return _compressor(self.compressor)
-
-    @property
-    def server(self):
-        return _compressor(self.server_compressor or self.compressor)
 
 
 class ScaledQSGD(QSGDCompressor):
@@ -93,13 +77,13 @@ for _cls in (ScaledQSGD, ScaledRandomK):
 
 def omega(spec: str, x: torch.Tensor, draws: int = 8) -> float:
     """Measured ``E|C(x) - x|^2 / |x|^2`` on `x` (mean over `draws` seeds): error feedback needs it below 1."""
-    c = _compressor(spec)
+    c = dsq.get_compressor(spec)
     errs = [float((c.decompress(c.compress(x, seed=s)) - x).pow(2).sum()) for s in range(draws)]
     return statistics.fmean(errs) / float(x.pow(2).sum())
 
 
-def config(spec: str, **kw) -> _Config:
-    return _Config(compressor=spec, min_numel=0, **kw)
+def config(spec: str, **kw) -> dsq.DoubleSqueezeConfig:
+    return dsq.DoubleSqueezeConfig(compressor=spec, min_numel=0, **kw)
 
 
 # name -> (worker spec, config switches); "dense" is the uncompressed average (spec "none").
@@ -116,7 +100,7 @@ LABELS = {"dsq": "DoubleSqueeze", "noef": "no compensation", "ef1": "single-pass
           "wef": "worker-only EF", "dense": "dense SGD"}
 
 
-def make_config(method: dict) -> _Config:
+def make_config(method: dict) -> dsq.DoubleSqueezeConfig:
     m = dict(method)
     return config(m.pop("spec"), **m)
 
