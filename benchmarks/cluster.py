@@ -99,16 +99,6 @@ def framework(method: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- workers
-def _net_bytes(ifname: str = "eth0"):
-    """(sent, received) bytes of this namespace's interface, from /proc/net/dev."""
-    for line in Path("/proc/net/dev").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name.strip() == ifname:
-            f = rest.split()
-            return int(f[8]), int(f[0])
-    raise RuntimeError(f"no {ifname} in /proc/net/dev")
-
-
 def _wait_file(path: Path, timeout: float) -> None:
     end = time.monotonic() + timeout
     while not path.exists():
@@ -140,6 +130,7 @@ def worker(args) -> None:
 
     import torch
     import torch.nn as nn
+    from ddp_bytes import net_bytes
 
     faulthandler.register(signal.SIGUSR1)      # the parent asks for the stacks of a stalled job
     torch.set_num_threads(1)
@@ -248,10 +239,10 @@ def worker(args) -> None:
             (run / f"ready-{k}").touch()
         _wait_file(run / f"go-{k}", args.phase_timeout)
         barrier()
-        tx0, rx0 = _net_bytes()
+        tx0, rx0 = net_bytes("eth0")
         parts = [step() for _ in range(args.steps)]
         barrier()
-        tx1, rx1 = _net_bytes()
+        tx1, rx1 = net_bytes("eth0")
         out["phases"][phase] = {"step_s": [sum(p[:3]) for p in parts], "dsq_pass_s": [p[3] for p in parts],
                                 "dsq_comm_s": [p[4] for p in parts], "forward_s": [p[0] for p in parts],
                                 "backward_s": [p[1] for p in parts], "optimizer_s": [p[2] for p in parts],

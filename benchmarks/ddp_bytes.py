@@ -18,12 +18,19 @@ from pathlib import Path
 import torch
 
 
-def lo_bytes() -> int:
+def net_bytes(ifname: str):
+    """(sent, received) bytes of interface `ifname` of this network namespace, from /proc/net/dev."""
     for line in Path("/proc/net/dev").read_text().splitlines():
         name, _, rest = line.partition(":")
-        if name.strip() == "lo":
-            return int(rest.split()[8])          # transmitted bytes (on loopback, equal to received)
-    raise RuntimeError("no loopback interface in /proc/net/dev")
+        if name.strip() == ifname:
+            f = rest.split()
+            return int(f[8]), int(f[0])
+    raise RuntimeError(f"no {ifname} in /proc/net/dev")
+
+
+def lo_bytes() -> int:
+    """Bytes sent on loopback (on loopback, equal to those received)."""
+    return net_bytes("lo")[0]
 
 
 def worker(args):

@@ -17,14 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsq_plugins as dsq
-from digits_common import accuracy, digits, mlp, train_epochs
-
-
-def count_dense(state, bucket) -> torch.futures.Future[torch.Tensor]:
-    """Plain DDP all-reduce, counting what a ring all-reduce sends per rank: 2 (W - 1) / W of the bucket."""
-    w = dist.get_world_size()
-    state["bytes"] += 2 * (w - 1) * bucket.buffer().numel() * bucket.buffer().element_size() // w
-    return dist.all_reduce(bucket.buffer().div_(w), async_op=True).get_future().then(lambda f: f.value()[0])
+from digits_common import accuracy, digits, mlp, ring_allreduce_hook, train_epochs
 
 
 def train(method: str, args, data, rank: int, world: int) -> dict:
@@ -36,7 +29,7 @@ def train(method: str, args, data, rank: int, world: int) -> dict:
     monitor = dsq.TensorBoardMonitor(str(logdir)) if logdir and rank == 0 else None
     if method == "dense":
         counter = {"bytes": 0}
-        ddp.register_comm_hook(counter, count_dense)
+        ddp.register_comm_hook(counter, ring_allreduce_hook)
     else:
         state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=method, seed=args.seed), monitor=monitor)
         ddp.register_comm_hook(state, dsq.doublesqueeze_hook)

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsq_plugins as dsq
-from digits_common import accuracy, digits, mlp, train_epochs
+from digits_common import accuracy, digits, mlp, ring_allreduce_hook, train_epochs
 
 METHODS = {
     "dense": None,
@@ -64,13 +64,6 @@ class Recorder(dsq.Monitor):
             self.epochs.append((step, self.bytes_sent(), value))
         if self.tb:
             self.tb.log_scalar(tag, value, step)
-
-
-def ring_allreduce_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
-    """Plain DDP all-reduce, counting what a ring all-reduce sends per rank: 2 (W - 1) / W of the bucket."""
-    w, buf = dist.get_world_size(), bucket.buffer()
-    state["bytes"] += 2 * (w - 1) * buf.numel() * buf.element_size() // w
-    return dist.all_reduce(buf.div_(w), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 def train(name: str, args, data, rank: int, world: int) -> dict:

@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -21,6 +22,14 @@ def mlp(seed: int, hidden: int = 128) -> nn.Module:
     """64 -> hidden -> hidden -> 10 with ReLUs, initialised from `seed`."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def ring_allreduce_hook(state: dict, bucket) -> torch.futures.Future[torch.Tensor]:
+    """Plain DDP all-reduce (a comm hook), adding to ``state["bytes"]`` what a ring all-reduce sends per rank:
+    2 (W - 1) / W of the bucket."""
+    w, buf = dist.get_world_size(), bucket.buffer()
+    state["bytes"] += 2 * (w - 1) * buf.numel() * buf.element_size() // w
+    return dist.all_reduce(buf.div_(w), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 @torch.no_grad()
