@@ -25,8 +25,14 @@ $(STAMP): $(CORE) tools/horovod_wheel.sh
 	bash tools/horovod_wheel.sh $(PY)        # builds Horovod once (about 4 min), then reuses the cached wheel
 	touch $@
 
+# The second run takes the pure-torch paths that CUDA takes (DSQ_FAST_PATHS=0: no numpy specialisations) through
+# the core, the engine and the DDP hook, so the code a GPU runs is tested on a machine without one.
+CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py \
+	tests/test_ddp_hook.py
+
 test: setup
 	$(PY) -m pytest -q tests
+	DSQ_FAST_PATHS=0 $(PY) -m pytest -q $(CORE_TESTS)
 
 # The main demo: 4 DDP ranks on the digits data, five methods side by side (see examples/demo.py).
 demo: setup-core

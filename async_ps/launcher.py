@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "role server, the number of workers the job expects")
     p.add_argument("--compressor", default="sign", help="uplink compressor spec (default sign)")
     p.add_argument("--server-compressor", default=None, help="downlink compressor spec (default: --compressor)")
+    p.add_argument("--block-size", type=int, default=4096,
+                   help="elements per compressed block (a multiple of 8; default 4096)")
     p.add_argument("--max-staleness", type=int, default=8, help="staleness bound in versions (default 8)")
     p.add_argument("--staleness-policy", choices=STALENESS_POLICIES, default="inverse",
                    help="step scale: inverse = 1/(1+tau) (default), constant = 1")
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
                 num_workers=args.num_workers, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every_s=args.checkpoint_every_s if args.checkpoint_dir else None,
                 checkpoint_every_pushes=args.checkpoint_every_pushes, resume=args.resume, logdir=args.logdir,
-                limits=Limits(max_frame_bytes=int(args.max_frame_mb * 2 ** 20))).start()
+                limits=Limits(max_frame_bytes=int(args.max_frame_mb * 2 ** 20)), block_size=args.block_size).start()
             address = _public_address(server.address, args.bind or "")
             print(address, flush=True)
             if args.role == "server" and not os.environ.get(ENV_TOKEN):

@@ -1,10 +1,11 @@
 """The wire protocol of the asynchronous parameter server: ZeroMQ multipart messages, no pickle.
 
 A message is ``[header, payload_0, ..., payload_{k-1}]`` (the server's ROUTER socket sees the peer's identity
-frame in front). ``header`` is a small UTF-8 JSON object; each payload frame is exactly
-``Payload.to_bytes()`` of one model tensor, in the model's layout order. Shape, dtype and compressor spec are
-context both ends agree on at the handshake (``hello`` -> ``welcome``), so a frame carries no metadata and its
-size is checked against the exact size the compressor produces (`Compressor.nbytes`).
+frame in front). ``header`` is a small UTF-8 JSON object; each payload frame is one model tensor compressed block
+by block (`dsq_plugins.codec.BlockCodec`), in the model's layout order. Shape, dtype, compressor spec and block
+size are context both ends agree on at the handshake (``hello`` -> ``welcome``), so a frame carries no metadata and
+its size is checked against the exact size the codec produces (`BlockCodec.nbytes`). Random compressors draw
+from the frame seed, ``seed`` in the header of the message that carries compressed frames.
 
 Every header carries:
 
@@ -20,13 +21,13 @@ request    fields and frames                                            reply
 ========== ============================================================ =====================================
 hello      ``layout`` [[name, shape, dtype], ...], ``held`` (the        ``welcome``: ``session``, ``epoch``,
            previous session and its pull count, or null); frames: the   ``version``, ``up``/``down`` specs,
-           worker's parameters, dense (used if the server has no model) ``max_staleness``, ``mode``
+           worker's parameters, dense (used if the server has no model) ``block``, ``max_staleness``, ``mode``
 pull       ``session``, ``full`` (true: send x dense)                   ``model``: ``kind`` full|delta,
-                                                                        ``version``; frames: dense tensors
-                                                                        (full) or ``down``-spec payloads
+                                                                        ``version``, ``seed``; frames: dense
+                                                                        tensors (full) or ``down`` frames
 push       ``session``, ``base`` (version the update was computed at),  ``ack``: ``status`` applied|rejected|
-           ``loss``, ``rnorm`` (worker residual norm), ``skipped``;     skipped, ``version``, ``tau``,
-           frames: ``up``-spec payloads of the compensated update       ``scale``, ``reason``
+           ``loss``, ``rnorm`` (worker residual norm), ``skipped``,     skipped, ``version``, ``tau``,
+           ``seed``; frames: ``up`` frames of the compensated update    ``scale``, ``reason``
 heartbeat  ``session``, ``skipped``                                     ``hb``: ``known``, ``epoch``
 done       ``session``                                                  ``status``
 status     (none)                                                       ``status``: ``version``, ``done``,
@@ -46,7 +47,7 @@ import torch
 __all__ = ["PROTOCOL_VERSION", "REQUEST_TYPES", "REPLY_TYPES", "ERROR_CODES", "ProtocolError", "Limits",
            "encode", "decode", "dtype_name", "dtype_from_name", "layout_of", "check_layout"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 REQUEST_TYPES = ("hello", "pull", "push", "heartbeat", "done", "status", "bye")
 REPLY_TYPES = ("welcome", "model", "ack", "hb", "status", "error")
 ERROR_CODES = ("malformed", "auth", "version", "too_many_frames", "oversized", "bad_type", "bad_field",
@@ -193,42 +194,40 @@ def header_summary(header: Dict) -> str:
     return json.dumps({k: v for k, v in header.items() if k != "t"})[:300]
 
 
-def pack(compressor, tensors) -> Tuple[List[bytes], list]:
-    """Compress each tensor: ``(frames, dense)`` where ``frames[i]`` is exactly ``Payload.to_bytes()`` and
-    ``dense[i]`` the decompressed value the receiver will reconstruct from it."""
+def pack(codec, tensors, seed: int = 0) -> Tuple[List[bytes], list]:
+    """Compress each tensor block by block (`BlockCodec`): ``(frames, dense)`` where ``frames[i]`` is the frame's
+    bytes (copied to host memory once, wherever the tensor lives) and ``dense[i]`` the value the receiver will
+    decode from it (on the tensor's device). `seed` is the frame seed of random compressors (sent in the header)."""
     frames, dense = [], []
     for t in tensors:
-        p = compressor.compress(t)
-        frames.append(p.to_bytes())
-        dense.append(compressor.decompress(p))
+        frame, decoded = codec.encode(t, seed)
+        frames.append(frame.cpu().numpy().tobytes())
+        dense.append(decoded)
     return frames, dense
 
 
-def unpack_payloads(compressor, frames: Sequence[bytes], layout: Layout) -> list:
-    """One `Payload` per layout entry from its frame, checking the frame count and each frame's exact size."""
+def frame_tensors(codec, frames: Sequence[bytes], layout: Layout) -> List[torch.Tensor]:
+    """One uint8 tensor per layout entry from its frame, checking the frame count and each frame's exact size."""
     if len(frames) != len(layout):
         raise ProtocolError("bad_payload", f"{len(frames)} payload frames for a model of {len(layout)} tensors")
     out = []
     for i, (frame, (name, shape, dtype)) in enumerate(zip(frames, layout)):
-        expected = compressor.nbytes(numel(shape), dtype)
+        expected = codec.nbytes(numel(shape), dtype)
         if len(frame) != expected:
-            raise ProtocolError("bad_payload", f"frame {i + 1} ({name!r}, {compressor.spec}) has {len(frame)} "
+            raise ProtocolError("bad_payload", f"frame {i + 1} ({name!r}, {codec.spec}) has {len(frame)} "
                                                f"bytes, expected exactly {expected}")
-        # What `Payload.from_bytes` does, without its registry lookup by spec (it scans the installed packages'
-        # entry points on every call: milliseconds per tensor).
-        buffer = (torch.frombuffer(bytearray(frame), dtype=torch.uint8) if expected
-                  else torch.empty(0, dtype=torch.uint8))
-        out.append(compressor.unpack(buffer, shape, dtype))
+        out.append(torch.frombuffer(bytearray(frame), dtype=torch.uint8) if expected
+                   else torch.empty(0, dtype=torch.uint8))
     return out
 
 
-def payloads_finite(payloads) -> bool:
-    """Whether every floating-point field of the payloads is finite. For the built-in compressors the dense
-    value is finite exactly when these fields are (sign: the scale; top-k: the values; int8: mins and steps;
-    QSGD: the norm), and checking them costs a few elements instead of a pass over the whole tensor."""
-    return all(bool(torch.isfinite(f).all()) for p in payloads for f in p.fields.values() if f.is_floating_point())
+def frames_finite(codec, frames: Sequence[torch.Tensor], layout: Layout) -> bool:
+    """Whether every floating-point field of every frame is finite (see `BlockCodec.finite`)."""
+    return all(codec.finite(f, numel(shape), dtype) for f, (_, shape, dtype) in zip(frames, layout))
 
 
-def unpack(compressor, frames: Sequence[bytes], layout: Layout) -> List[torch.Tensor]:
-    """Decompress one payload frame per layout entry (see `unpack_payloads` for the checks)."""
-    return [compressor.decompress(p) for p in unpack_payloads(compressor, frames, layout)]
+def unpack(codec, frames: Sequence, layout: Layout, seed: int = 0, device=None) -> List[torch.Tensor]:
+    """Decode one frame per layout entry (bytes, checked as `frame_tensors` does, or its tensors), on `device`."""
+    if frames and not isinstance(frames[0], torch.Tensor):
+        frames = frame_tensors(codec, frames, layout)
+    return [codec.decode(f, shape, dtype, seed, device) for f, (_, shape, dtype) in zip(frames, layout)]

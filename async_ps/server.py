@@ -40,11 +40,12 @@ from typing import Dict, List, Optional
 import torch
 import zmq
 
+from dsq_plugins.codec import BlockCodec
 from dsq_plugins.registry import get_compressor
 
 from . import checkpoint
-from .protocol import (Limits, ProtocolError, check_layout, decode, encode, header_summary, layout_from_json,
-                       layout_to_json, pack, payloads_finite, unpack, unpack_payloads)
+from .protocol import (Limits, ProtocolError, check_layout, decode, encode, frame_tensors, frames_finite,
+                       header_summary, layout_from_json, layout_to_json, pack, unpack)
 from .protocol import field as hfield
 
 __all__ = ["ParameterServer", "STALENESS_POLICIES"]
@@ -87,6 +88,7 @@ class ParameterServer:
             threads of this process, same `context`).
         token: the shared secret every request must carry (default: a fresh random one; see `token`).
         compressor: uplink compressor spec (workers' pushes); server_compressor: downlink spec (None: the same).
+        block_size: elements per block of both compressors (as in `DoubleSqueezeConfig`); workers learn it.
         max_staleness: the bound in versions (>= 1), see the module docstring.
         staleness_policy: ``inverse`` (step ``1 / (1 + tau)``) or ``constant`` (step 1).
         mode: ``async`` or ``sync`` (the synchronous baseline).
@@ -104,10 +106,11 @@ class ParameterServer:
                  staleness_policy: str = "inverse", mode: str = "async", heartbeat_timeout: float = 10.0,
                  num_workers: Optional[int] = None, checkpoint_dir=None, checkpoint_every_s: Optional[float] = None,
                  checkpoint_every_pushes: Optional[int] = None, resume: bool = False, logdir=None,
-                 limits: Optional[Limits] = None, context: Optional[zmq.Context] = None):
-        self.up = get_compressor(compressor)
-        self.down = get_compressor(server_compressor or compressor)
-        self.dense = get_compressor("none")
+                 limits: Optional[Limits] = None, context: Optional[zmq.Context] = None, block_size: int = 4096):
+        self.block_size = block_size
+        self.up = BlockCodec(get_compressor(compressor), block_size)
+        self.down = BlockCodec(get_compressor(server_compressor or compressor), block_size)
+        self.dense = BlockCodec(get_compressor("none"), block_size)
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 1:
             raise ValueError(f"max_staleness must be an integer >= 1 (versions), got {max_staleness!r}")
         if staleness_policy not in STALENESS_POLICIES:
@@ -388,7 +391,7 @@ class ParameterServer:
         self._seen[wid] = time.monotonic()
         self.counters["joins"] += 1
         return self._reply(identity, "welcome", wid, seq, session=slot.session, epoch=self.epoch,
-                           version=self.version, up=self.up.spec, down=self.down.spec,
+                           version=self.version, up=self.up.spec, down=self.down.spec, block=self.block_size,
                            max_staleness=self.max_staleness, mode=self.mode,
                            layout=layout_to_json(self.layout))
 
@@ -409,6 +412,7 @@ class ParameterServer:
         return slot.clock - self._pack_clock() < self.max_staleness
 
     def _model_reply(self, slot: _Slot, seq: int, full: bool) -> list:
+        seed = secrets.randbits(32) if self.down.compressor.uses_seed else 0
         if slot.x_hat is None or full:
             frames, _ = pack(self.dense, self.x)
             slot.x_hat = [t.clone() for t in self.x]
@@ -416,7 +420,7 @@ class ParameterServer:
         else:
             frames = []
             for x, x_hat in zip(self.x, slot.x_hat):
-                f, (c,) = pack(self.down, [x - x_hat])
+                f, (c,) = pack(self.down, [x - x_hat], seed)
                 x_hat.add_(c)
                 frames += f
             kind = "delta"
@@ -425,7 +429,8 @@ class ParameterServer:
         self.counters["pulls"] += 1
         self.counters["bytes_down"] += sum(len(f) for f in frames)
         self.counters["full_pulls" if kind == "full" else "delta_pulls"] += 1
-        return self._reply(slot.identity, "model", slot.worker, seq, frames, kind=kind, version=self.version)
+        return self._reply(slot.identity, "model", slot.worker, seq, frames, kind=kind, version=self.version,
+                           seed=seed)
 
     def _release_pulls(self) -> list:
         replies = []
@@ -444,7 +449,10 @@ class ParameterServer:
             raise ProtocolError("bad_field", f"base version {base} is outside [0, {self.version}]")
         if self.mode == "sync" and slot.worker in self._round:
             raise ProtocolError("bad_field", "a second push in one synchronous round: pull first")
-        payloads = unpack_payloads(self.up, payload, self.layout)
+        frames = frame_tensors(self.up, payload, self.layout)
+        seed = hfield(header, "seed", int, 0)
+        if not 0 <= seed < 2 ** 32:
+            raise ProtocolError("bad_field", f"frame seed {seed} is outside [0, 2**32)")
         self.counters["bytes_up"] += nbytes          # payload bytes of well-formed pushes
         loss, rnorm = header.get("loss"), header.get("rnorm")
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
@@ -459,12 +467,12 @@ class ParameterServer:
             slot.rejected += 1
             slot.behind = True
             self.counters["rejected"] += 1
-        elif not payloads_finite(payloads):
+        elif not frames_finite(self.up, frames, self.layout):
             status, reason = "skipped", "the update holds NaN or Inf"
             slot.skipped += 1
             self.counters["skipped"] += 1
         else:
-            c = [self.up.decompress(p) for p in payloads]
+            c = unpack(self.up, frames, self.layout, seed)
             if self.mode == "sync":
                 self._round[slot.worker] = c         # applied, as the round's mean, when the round closes
                 scale = 1.0

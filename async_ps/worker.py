@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import zmq
 
+from dsq_plugins.codec import BlockCodec
 from dsq_plugins.memory import ErrorFeedback
 from dsq_plugins.registry import get_compressor
 
@@ -136,7 +137,7 @@ class Worker:
         """Say hello (the server adopts this model if it has none yet), then pull the full model. Retries until
         the server answers or ``reconnect_timeout`` passes."""
         deadline = time.monotonic() + self.reconnect_timeout
-        dense = get_compressor("none")
+        dense = BlockCodec(get_compressor("none"))
         while True:
             self._reset_socket()
             frames, _ = pack(dense, [p.detach() for p in self.params])
@@ -154,7 +155,10 @@ class Worker:
                     raise ServerLost(f"no parameter server answered at {self.address} within "
                                      f"{self.reconnect_timeout:.0f} s") from None
         self.session, self.epoch, self._pulls = reply["session"], reply["epoch"], 0
-        self.up, self.down = get_compressor(reply["up"]), get_compressor(reply["down"])
+        block = int(reply.get("block", 4096))
+        self.up = BlockCodec(get_compressor(reply["up"]), block)
+        self.down = BlockCodec(get_compressor(reply["down"]), block)
+        self.dense = BlockCodec(get_compressor("none"), block)
         self.mode = reply["mode"]
         self._hb_state.update(last_answer=time.monotonic(), forgotten=False)
         self._start_heartbeats()
@@ -245,8 +249,9 @@ class Worker:
         """Bring the parameters up to the server's model (full: dense; else the compressed delta). May wait at the
         staleness bound. Returns the version now held."""
         header, frames = self._request("pull", session=self.session, full=full)
-        spec = self.dense_or_down(header["kind"])
-        values = unpack(spec, frames, self.layout)
+        codec = self.dense_or_down(header["kind"])
+        seed = header.get("seed", 0) if isinstance(header.get("seed", 0), int) else 0
+        values = unpack(codec, frames, self.layout, seed, device=self.params[0].device)
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 if header["kind"] == "full":
@@ -261,7 +266,7 @@ class Worker:
 
     def dense_or_down(self, kind: str):
         if kind == "full":
-            return get_compressor("none")
+            return self.dense
         if kind == "delta":
             return self.down
         raise ProtocolError("malformed", f"unknown model kind {kind!r}")
@@ -291,10 +296,11 @@ class Worker:
             self.skipped += 1
             return StepResult("skipped", self.version)
         compensated = [self.ef.compensate(i, u) for i, u in enumerate(update)]
-        frames, sent = pack(self.up, compensated)
+        seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
+        frames, sent = pack(self.up, compensated, seed)        # compressed on the model's device
         header, _ = self._request("push", frames, session=self.session, base=self.version,
                                   loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
-                                  skipped=self.skipped)
+                                  skipped=self.skipped, seed=seed)
         status = header["status"]
         if status == "applied":
             for i, (v, c) in enumerate(zip(compensated, sent)):

@@ -1,14 +1,15 @@
-"""Speed and wire size of every built-in compressor on one large tensor, relative to a plain copy.
+"""Speed and wire size of every built-in compressor on one large tensor, block by block, relative to a plain copy.
 
 What it measures, in one run, single-threaded (``torch.set_num_threads(1)``), on ``torch.randn(numel)`` fp32
-(default 16M = 16 * 1024 * 1024 elements, 64 MiB):
+(default 16M = 16 * 1024 * 1024 elements, 64 MiB), cut into blocks of ``--block-size`` elements (4096) as the
+engine cuts every gradient (`dsq_plugins.codec.BlockCodec`: one batched call for all blocks):
 
-- time: the median over ``--repeats`` repetitions (after one warm-up) of ``decompress(compress(x))``, reported as
+- time: the median over ``--repeats`` repetitions (after one warm-up) of encoding then decoding, reported as
   a ratio to the median of ``x.clone()``, which is timed in the same run, interleaved with the compressors so that
   both see the same machine load. The clone is the yardstick because it is the cheapest thing that touches every
   element and allocates a fresh output, which every compressor has to do at least once (decompression).
-- bytes: ``payload.nbytes``, the exact bytes on the wire, reported as the reduction factor
-  ``fp32 bytes / payload.nbytes``.
+- bytes: the frame's size, the exact bytes on the wire (every block's payload), reported as the reduction factor
+  ``fp32 bytes / frame bytes``.
 - context: ``torch.topk`` alone (1% of ``|x|``, unsorted) as a ratio to the clone, i.e. what a naive exact top-k
   would cost before any packing.
 
@@ -36,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import dsq_plugins as dsq
+from dsq_plugins.codec import BlockCodec
 
 DEFAULT_SPECS = ["none", "fp16", "bf16", "sign", "topk:0.01", "randomk:0.01", "qsgd:16", "int8"]
 
@@ -49,12 +51,12 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
-def run(numel: int, repeats: int, specs, seed: int = 0, progress: bool = True) -> dict:
+def run(numel: int, repeats: int, specs, seed: int = 0, progress: bool = True, block_size: int = 4096) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     x = torch.randn(numel, dtype=torch.float32)
     fp32_bytes = numel * 4
-    compressors = [dsq.get_compressor(s) for s in specs]
+    compressors = [BlockCodec(dsq.get_compressor(s), block_size) for s in specs]
     k = max(1, math.ceil(0.01 * numel))
 
     clone_s = []
@@ -69,11 +71,11 @@ def run(numel: int, repeats: int, specs, seed: int = 0, progress: bool = True) -
         comp_s, dec_s, total_s = [], [], []
         nbytes = None
         for rep in range(repeats + 1):              # rep 0 is the warm-up
-            s = seed + rep if c.uses_seed else None
+            s = seed + rep
             t_clone, _ = _timed(lambda: x.clone())
-            t_c, p = _timed(lambda: c.compress(x, seed=s))
-            t_d, y = _timed(lambda: c.decompress(p))
-            nbytes = p.nbytes
+            t_c, (p, _) = _timed(lambda: c.encode(x, seed=s))
+            t_d, y = _timed(lambda: c.decode(p, x.shape, x.dtype, seed=s))
+            nbytes = p.numel()
             del p, y
             if rep:
                 clone_s.append(t_clone)
@@ -112,7 +114,8 @@ def run(numel: int, repeats: int, specs, seed: int = 0, progress: bool = True) -
                              "time_ok": r["time_ratio"] <= max_ratio, "bytes_ok": r["reduction"] >= min_reduction}
             targets[spec]["pass"] = targets[spec]["time_ok"] and targets[spec]["bytes_ok"]
 
-    return {"numel": numel, "dtype": "float32", "threads": torch.get_num_threads(), "repeats": repeats,
+    return {"numel": numel, "block_size": block_size, "dtype": "float32", "threads": torch.get_num_threads(),
+            "repeats": repeats,
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "clone_ms": clone_ms, "fp32_bytes": fp32_bytes, "compressors": results,
             "torch_topk_1pct": {"k": k, "ms": topk_ms, "time_ratio": topk_ms / clone_ms},
@@ -120,7 +123,8 @@ def run(numel: int, repeats: int, specs, seed: int = 0, progress: bool = True) -
 
 
 def format_table(res: dict) -> str:
-    lines = [f"numel={res['numel']} fp32, {res['threads']} thread, median of {res['repeats']} "
+    lines = [f"numel={res['numel']} fp32 in blocks of {res['block_size']}, {res['threads']} thread, median of "
+             f"{res['repeats']} "
              f"(after 1 warm-up), torch {res['torch']}",
              f"clone: {res['clone_ms']:.1f} ms",
              "",
@@ -150,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed repetitions per compressor (after a warm-up)")
     ap.add_argument("--specs", default=",".join(DEFAULT_SPECS), help="comma-separated compressor specs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=4096, help="elements per block")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = ap.parse_args(argv)
@@ -162,7 +167,8 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
 
-    res = run(args.numel, args.repeats, specs, seed=args.seed, progress=not args.no_progress)
+    res = run(args.numel, args.repeats, specs, seed=args.seed, progress=not args.no_progress,
+              block_size=args.block_size)
     print(format_table(res))
     if args.json:
         path = Path(args.json)

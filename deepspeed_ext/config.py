@@ -2,7 +2,8 @@
 
     {"train_micro_batch_size_per_gpu": 32, ...,
      "doublesqueeze": {"enabled": true, "compressor": "sign", "server_compressor": null, "worker_ef": true,
-                       "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0}}
+                       "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0,
+                       "block_size": 4096}}
 
 Absent, or ``"enabled": false``, means stock DeepSpeed.
 """
@@ -33,6 +34,7 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
     min_numel: int = Field(1024, ge=0)
     bucket_mb: float = Field(25.0, gt=0)
     seed: int = Field(0, ge=0)
+    block_size: int = Field(4096, ge=8, multiple_of=8)
 
     @field_validator("compressor", "server_compressor")
     @classmethod

@@ -9,8 +9,11 @@ the gradients of an accumulation boundary, on this engine instance only (nothing
 * ZeRO stage 1: `optimizer.reduce_gradients`. Ours averages the full gradients, then runs the optimizer's
   own epilogue, which finds its buckets empty and copies this rank's partition (no communication).
 
-Either way each parameter's gradient goes through `DoubleSqueezeCollective.reduce` (per tensor and shard, one
-all_to_all up and one all_gather down, compressed bytes only), keyed by its name in the model. DeepSpeed's
+Either way each parameter's gradient goes through `DoubleSqueezeCollective.reduce_buckets` (block by block, one
+all_to_all up and one all_gather down per bucket, compressed bytes only), keyed by its name in the model; the
+buckets are pipelined (each one compresses while the ones before it travel). DeepSpeed's `overlap_comm` (reducing
+inside backward hooks) is not used: at stage 0 DeepSpeed itself reduces only after backward, and at stage 1
+DoubleSqueeze replaces the reduction that `overlap_comm` would run in those hooks, so it is refused there. DeepSpeed's
 averaging settings keep their math: the collective receives ``g * pre`` and the gradient becomes
 ``W * post * mean``, with (pre, post) = (1, 1) for `"gradient_allreduce_op": "sum"` (no averaging),
 (1/f, f/W) by default (f = `gradient_predivide_factor`), (1/W, 1) with `prescale_gradients`; so residuals
@@ -96,32 +99,33 @@ def _scaling(engine, world: int) -> Tuple[float, float]:
 
 
 def _average(engine, named: List[Tuple[str, torch.Tensor]]) -> None:
-    """Replace each gradient in `named` by its DoubleSqueeze average over the data-parallel group, in place."""
+    """Replace each gradient in `named` by its DoubleSqueeze average over the data-parallel group, in place.
+    Buckets of `bucket_mb` (by dtype) are pipelined: every bucket's uplink leaves before the first is served."""
     dsq: DoubleSqueezeCollective = engine.doublesqueeze
     pre, post = _scaling(engine, dsq.world_size)
     out_scale = dsq.world_size * post
     limit = dsq.config.bucket_mb * 2 ** 20
-    bucket, size = [], 0
-
-    def flush():
-        items = [(name, g.reshape(-1) * pre if pre != 1.0 else g.reshape(-1)) for name, g in bucket]
-        # The averages go straight into the gradients (contiguous ones; others through a copy).
-        outs = [g.view(-1) if g.is_contiguous() else torch.empty(g.numel(), dtype=g.dtype) for _, g in bucket]
-        for (_, g), out in zip(bucket, dsq.reduce(items, outs)):
-            if out_scale != 1.0:
-                out.mul_(out_scale)
-            if out.data_ptr() != g.data_ptr():
-                g.copy_(out.view_as(g))
-
+    buckets, open_by_dtype = [], {}
     for name, g in named:
+        key = (g.dtype, g.device)
+        bucket = open_by_dtype.get(key)
         nbytes = g.numel() * g.element_size()
-        if bucket and size + nbytes > limit:
-            flush()
-            bucket, size = [], 0
-        bucket.append((name, g))
-        size += nbytes
-    if bucket:
-        flush()
+        if bucket is None or (bucket[1] and bucket[1] + nbytes > limit):
+            bucket = open_by_dtype[key] = [[], 0]
+            buckets.append(bucket)
+        bucket[0].append((name, g))
+        bucket[1] += nbytes
+    items = [[(name, g.reshape(-1) * pre if pre != 1.0 else g.reshape(-1)) for name, g in b] for b, _ in buckets]
+    # The averages go straight into the gradients (contiguous ones; others through a copy).
+    outs = [[g.view(-1) if g.is_contiguous() else torch.empty(g.numel(), dtype=g.dtype, device=g.device)
+             for _, g in b] for b, _ in buckets]
+    dsq.reduce_buckets(items, outs)
+    for (b, _), out in zip(buckets, outs):
+        for (_, g), o in zip(b, out):
+            if out_scale != 1.0:
+                o.mul_(out_scale)
+            if o.data_ptr() != g.data_ptr():
+                g.copy_(o.view_as(g))
     dsq.finish_step()
 
 
@@ -198,8 +202,7 @@ def _wrap_checkpoints(engine) -> None:
             found = "no DoubleSqueeze state" if sd is None else f"world size {sd.get('world_size')}"
             warnings.warn(f"checkpoint {os.path.dirname(load_path)} has {found} for this rank ({dsq.rank} of "
                           f"{dsq.world_size}): DoubleSqueeze residuals start from zero")
-            dsq.worker_memory.residuals.clear()
-            dsq.server_memory.residuals.clear()
+            dsq.reset_residuals()
         else:
             dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
         return load_path, client_state

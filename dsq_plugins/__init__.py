@@ -1,7 +1,7 @@
 """dsq_plugins: DoubleSqueeze (Tang et al., ICML 2019), double-pass error-compensated compressed SGD.
 
-The core: compressors and their wire payloads, error feedback, the double-pass collective, the PyTorch DDP
-communication hook, the single-process reference `Simulator`, and TensorBoard monitoring. The Horovod,
+The core: compressors and their wire payloads, the block-wise engine and the double-pass collective, the PyTorch
+DDP communication hook, the single-process reference `Simulator`, and TensorBoard monitoring. The Horovod,
 DeepSpeed and async parameter-server integrations are thin adapters over these.
 """
 from .collective import DoubleSqueezeCollective
@@ -14,12 +14,13 @@ from .monitor import Monitor, RoundStats, TensorBoardMonitor
 from .payload import Payload
 from .registry import ENTRY_POINT_GROUP, available_compressors, get_compressor, register_compressor
 from .simulator import Simulator
+from .threadcomm import ThreadWorld
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Communicator", "Compressor", "DoubleSqueezeCollective", "Monitor", "DoubleSqueezeConfig", "DoubleSqueezeState",
-    "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor",
+    "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor", "ThreadWorld",
     "TorchDistributedCommunicator", "available_compressors", "doublesqueeze_hook", "get_compressor",
     "register_compressor",
 ]

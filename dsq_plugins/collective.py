@@ -1,315 +1,407 @@
-"""The double-pass error-compensated collective: DoubleSqueeze on any `Communicator`.
+"""The double-pass error-compensated collective: DoubleSqueeze on any `Communicator`, block by block.
 
-For each tensor `g_i` (flat) on each of W ranks, rank r being the server of shard r of every tensor:
+For each block (DESIGN.md section 3) of each tensor, on each of W ranks, the block's owner r acting as its server:
 
-    worker i:   v_i = g_i + e_i;   c_i[j] = C_w(v_i[j]) for each shard j;   e_i <- v_i - c_i
-                all_to_all: shard j of c_i goes to rank j                    (compressed bytes only)
-    server r:   v = mean_i c_i[r] + e[r];   c[r] = C_s(v);   e[r] <- v - c[r]
-                all_gather of c[r]                                           (compressed bytes only)
-    every rank: the update is concat_r c[r]
+    worker i:   v_i = g_i + e_i;   c_i = C_w(v_i);   e_i <- v_i - c_i
+                all_to_all: each block's c_i goes to the block's owner        (compressed bytes only)
+    owner r:    v = mean_i c_i + e;   c = C_s(v);   e <- v - c
+                all_gather of every owner's c                                 (compressed bytes only)
+    every rank: the update of the block is c
 
-Telescoping gives the conservation law ``sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T`` (DESIGN.md).
-Compression is per tensor (a parameter's gradient) and per shard, so the result does not depend on how an
-integration groups tensors into buckets; a group of tensors travels in one all_to_all and one all_gather.
-Tensors below `min_numel` elements, and all tensors during warm-up, travel uncompressed through the same two
-passes (what a ring all-reduce moves) and keep no residual.
+Telescoping gives the conservation law ``sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T`` (DESIGN.md). A block's
+owner, seeds and compression depend on the tensor, the block and W only, so the result does not depend on how an
+integration groups tensors into buckets: it equals `Simulator` for any layout. Tensors below `min_numel` elements,
+and every tensor during warm-up, are averaged by an all-reduce (what DDP sends) and keep no residual.
 
-A step with a NaN/Inf on any rank is skipped on every rank: each uplink message carries a flag, so all
-ranks learn it in the same all_to_all; no residual changes and the update is all-NaN, so that an AMP
-`GradScaler` skips the optimiser step exactly as with plain DDP.
+A step with a NaN/Inf on any rank is skipped on every rank: each uplink message carries the sender's flag, so all
+ranks learn it from the same all_to_all; no residual changes and the update is all-NaN, so that an AMP
+`GradScaler` skips the optimiser step exactly as with plain DDP. The flag is a device tensor: nothing waits for it.
+
+The stages (`begin`, `serve`, `end`) can run on different threads: an integration issues the uplink from its
+backward hook and serves it from a communication thread (`pipeline.CommThread`); `reduce` runs them in a row.
 """
-import time
-from typing import Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .communicator import Communicator
-from .compressors import NoneCompressor
+from . import fastpath
+from .communicator import Communicator, ProcessGroupUnavailable
 from .config import DoubleSqueezeConfig
-from .memory import ErrorFeedback
+from .engine import BucketState, Exchange, Scratch, now
 from .monitor import Monitor, RoundStats
-from .seeding import DOWNLINK, UPLINK, derive_seed
-from .sharding import shard_bounds
+from .plan import BucketPlan, expand_owned
 
-__all__ = ["DoubleSqueezeCollective", "Exchange"]
-
-_DENSE = NoneCompressor()
-_HEADER = 4          # bytes in front of each uplink message; the first is the non-finite flag
+__all__ = ["DoubleSqueezeCollective", "Exchange", "default_chunk_elements"]
 
 
-class _Planned(NamedTuple):
-    """One tensor of a `reduce` call: its compressors this step, shard bounds, and payload bytes per shard."""
-    key: Hashable
-    flat: torch.Tensor
-    wc: object
-    sc: object
-    bounds: List[Tuple[int, int]]
-    up: List[int]
-    down: List[int]
-    dense: bool
+def default_chunk_elements(device: torch.device) -> int:
+    """Elements of full rows processed at a time: cache-sized on the CPU, large on an accelerator (fewer
+    launches; the temporaries are a few of these)."""
+    return 1 << 18 if torch.device(device).type == "cpu" else 1 << 22
 
 
-class Exchange:
-    """One `reduce` in flight, between its stages: the plan, the worker pass's uplink buffer and sizes (bytes
-    per rank), the server pass's downlink buffer and sizes, and whether a non-finite gradient skipped it."""
+class _Round:
+    """What the exchanges of one step did: counters, skip flags, error norms (device accumulators)."""
 
     def __init__(self):
-        self.plan: List[_Planned] = []
-        self.finite = True
-        self.skipped = False
-        self.compensated: List[torch.Tensor] = []
-        self.sent: List[List[torch.Tensor]] = []
-        self.mine: List[torch.Tensor] = []
-        self.send = self.gather = None
-        self.send_sizes: List[int] = []
-        self.recv_sizes: List[int] = []
-        self.gather_sizes: List[int] = []
+        self.stats = RoundStats()
+        self.skips: List[torch.Tensor] = []
+        self.error_sq: Dict[str, torch.Tensor] = {}
 
 
 class DoubleSqueezeCollective:
     """Owns what persists between steps (residuals, step, counters) and runs the double pass.
 
-    Call `reduce(items)` for each group of tensors of a step, then `finish_step()` once. Each item is
-    ``(key, flat_tensor)``; `key` names the tensor (its residuals are kept under it, and it seeds random
-    compressors). Groups must be reduced in the same order, with the same keys and sizes, on every rank.
+    Call `reduce(items)` for each group of tensors of a step (or `begin` / `serve` / `end`), then `finish_step()`
+    once. Each item is ``(key, flat_tensor)``; `key` names the tensor (its residuals are kept under it, and it
+    seeds random compressors and places its blocks' owners). Groups must be reduced in the same order, with the
+    same keys and sizes, on every rank. A group's tensors share one dtype and device.
+
+    Args:
+        config: the `DoubleSqueezeConfig`.
+        communicator: the `Communicator` (None: bound later with `bind`, before the first reduction).
+        monitor: optional `Monitor`.
+        chunk_elements: elements of full rows per chunk (default: `default_chunk_elements` of the device).
     """
 
-    def __init__(self, config: DoubleSqueezeConfig, communicator: Communicator,
-                 monitor: Optional[Monitor] = None):
+    def __init__(self, config: DoubleSqueezeConfig, communicator: Optional[Communicator] = None,
+                 monitor: Optional[Monitor] = None, chunk_elements: Optional[int] = None):
         if not isinstance(config, DoubleSqueezeConfig):
             raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
         self.config = config
-        self.comm = communicator
-        self.rank = communicator.rank
-        self.world_size = communicator.size
         self.monitor = monitor
-        self.worker_memory = ErrorFeedback(config.worker_ef)
-        self.server_memory = ErrorFeedback(config.server_ef)
+        self.chunk_elements = chunk_elements
+        self._comm = communicator
+        self._wc, self._sc = config.worker, config.server
         self.step = 0
-        self.skipped_steps = 0
-        self.totals = RoundStats()
-        self.round = RoundStats()
-        self._wc = config.worker
-        self._sc = config.server
-        self._buffers: Dict[Tuple, torch.Tensor] = {}
+        self._init_counters()
+        self._states: Dict[Tuple, BucketState] = {}
+        self._holder: Dict[Hashable, BucketState] = {}
+        self._loaded: Dict[Hashable, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        self._scratch = Scratch()
+        self._lock = threading.Lock()
+
+    def _init_counters(self):
+        self._skipped_host = 0
+        self._skipped_pending: List[torch.Tensor] = []
+        self._skipped_reductions: List[torch.Tensor] = []
+        self._totals = RoundStats()
+        self._rounds: Dict[int, _Round] = {}
+
+    # -- the process group -----------------------------------------------------------------------------------
+    @property
+    def comm(self) -> Communicator:
+        if self._comm is None:
+            raise ProcessGroupUnavailable("this DoubleSqueeze collective has no process group yet")
+        return self._comm
+
+    def bind(self, communicator: Communicator) -> None:
+        self._comm = communicator
+
+    @property
+    def bound(self) -> bool:
+        return self._comm is not None
+
+    @property
+    def down_comm(self) -> Communicator:
+        """The communicator of the downlink (the DDP hook gives it a process group of its own)."""
+        return self.comm
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.size
 
     # -- the algorithm -------------------------------------------------------------------------------------
     def compresses(self, numel: int) -> bool:
-        """Whether a tensor of `numel` elements is compressed at the current step (else: sent dense)."""
-        return self.step >= self.config.warmup_steps and numel >= max(self.config.min_numel, self.world_size)
+        """Whether a tensor of `numel` elements is compressed at the current step (else: averaged dense)."""
+        return self.step >= self.config.warmup_steps and numel >= max(1, self.config.min_numel)
 
-    def reduce(self, items: Sequence[Tuple[Hashable, torch.Tensor]],
-               outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    def reduce(self, items: Sequence[Tuple[Hashable, torch.Tensor]], outs: Optional[List[torch.Tensor]] = None,
+               flat: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """The updates for a group of tensors: for each ``(key, flat)`` (1-D, any float dtype), the compressed
-        mean over ranks, as a new tensor of the same size and dtype (or written into `outs`, see `end`). One
-        all_to_all and one all_gather.
+        mean over ranks, written into `outs` (1-D, one per item; default: new tensors). One all_to_all and one
+        all_gather (and an all-reduce for dense tensors). It is `begin`, `serve` and `end` in a row."""
+        if outs is None:
+            outs = [torch.empty_like(t) for _, t in items]
+        ex = self.begin(items, flat)
+        self.serve(ex)
+        return self.end(ex, outs)
 
-        It is `begin`, the uplink all_to_all, `serve`, the downlink all_gather and `end`; an integration with
-        asynchronous collectives (Horovod) runs those stages itself to overlap them with backward."""
-        ex = self.begin(items)
-        if not ex.plan:
-            return []
-        self.serve(ex, self.comm.all_to_all(ex.send, ex.send_sizes, ex.recv_sizes))
-        gathered = None if ex.skipped else self.comm.all_gather(ex.gather, ex.gather_sizes)
-        return self.end(ex, gathered, outs)
+    def reduce_buckets(self, buckets: Sequence[Sequence[Tuple[Hashable, torch.Tensor]]],
+                       outs: Sequence[List[torch.Tensor]]) -> None:
+        """`reduce` of several groups, pipelined on this thread: every group's worker pass and uplink first (each
+        group's compression overlaps the transfer of the groups before it), then each group's server pass,
+        downlink and decoding, in the same order."""
+        exchanges = [self.begin(items) for items in buckets]
+        for ex in exchanges:
+            self.serve(ex)
+        for ex, out in zip(exchanges, outs):
+            self.end(ex, out)
 
-    def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]]) -> "Exchange":
-        """Stage 1, the worker pass: compress ``g + e_i`` per tensor and shard into the uplink buffer
-        `ex.send`, of which `ex.send_sizes[j]` bytes go to rank j and `ex.recv_sizes[j]` bytes come from it."""
-        for key, flat in items:
-            if flat.dim() != 1 or not flat.is_floating_point():
-                raise ValueError(f"tensor {key!r}: reduce expects 1-D floating-point tensors, got shape "
-                                 f"{tuple(flat.shape)} dtype {flat.dtype}")
-        ex = Exchange()
-        if not items:
-            return ex
-        w, me, r = self.world_size, self.rank, self.round
-        for key, flat in items:
-            dense = not self.compresses(flat.numel())
-            wc, sc = (_DENSE, _DENSE) if dense else (self._wc, self._sc)
-            bounds = shard_bounds(flat.numel(), w)
-            ex.plan.append(_Planned(key, flat, wc, sc, bounds, [wc.nbytes(e - s, flat.dtype) for s, e in bounds],
-                                    [sc.nbytes(e - s, flat.dtype) for s, e in bounds], dense))
-            r.dense_bytes += flat.numel() * flat.element_size()
-            r.payload_bytes += sum(ex.plan[-1].up)
-            r.dense_tensors += dense
-            r.compressed_tensors += not dense
-        # One check (one sync on an accelerator) for all tensors: a sum is finite only if every element is.
-        ex.finite = bool(torch.isfinite(torch.stack([flat.sum().double() for _, flat in items])).all())
-
-        # Message to rank j: [flag, 3 zero bytes][payload of shard j of item 0][... of item 1]... The header is 4
-        # bytes so that 4-byte-aligned payloads (fp32 values) stay aligned and unpack without a copy.
-        t0 = time.perf_counter()
-        to = ex.send_sizes = [_HEADER + sum(t.up[j] for t in ex.plan) for j in range(w)]
-        ex.recv_sizes = [to[me]] * w
-        send = ex.send = self._buffer(("send",) + tuple(t.key for t in ex.plan), sum(to))
-        starts = [sum(to[:j]) for j in range(w)]
-        send[[i for j in starts for i in range(j, j + _HEADER)]] = 0
-        cursor = [s + _HEADER for s in starts]
-        for t in ex.plan:
-            keeps_residual = ex.finite and not t.dense and self.worker_memory.enabled and not t.wc.lossless
-            v = (self.worker_memory.compensate(t.key, t.flat, self._buffer(("v", t.key), t.flat.numel(), t.flat.dtype))
-                 if keeps_residual else t.flat)
-            parts = []
-            for j, (s, e) in enumerate(t.bounds):
-                if ex.finite:
-                    seed = derive_seed(self.config.seed, self.step, t.key, j, UPLINK, me if t.wc.seed_per_rank else -1)
-                    p = t.wc.compress(v[s:e], seed=seed)
-                    p.write_into(send[cursor[j]:cursor[j] + t.up[j]])
-                    if keeps_residual:
-                        parts.append(t.wc.decompress(p))
-                cursor[j] += t.up[j]
-            ex.compensated.append(v)
-            ex.sent.append(parts)
-        if not ex.finite:
-            send[starts] = 1
-        r.compress_seconds += time.perf_counter() - t0
+    def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]], flat: Optional[torch.Tensor] = None) -> Exchange:
+        """Stage 1, the worker pass: compress ``g + e_i`` block by block into the uplink and issue it (and the
+        dense tensors' all-reduce). `flat`, if given, is the buffer the tensors are views of (a DDP bucket): a
+        bucket that is dense throughout is then all-reduced in place. The tensors must stay untouched until `end`."""
+        keys, tensors = self._check(items)
+        state = self._state_for(keys, tensors)
+        track = self.monitor is not None and self.monitor.wants(self.step)
+        ex = Exchange(state, tensors, self.step, track)
+        t0 = now()
+        bad = state.worker_pass(ex, self._scratch, flat)
+        ex.in_place_dense = ex.dense_buf is not None and ex.dense_buf is flat
+        comm, plan = self.comm, state.plan
+        W, me = plan.world_size, plan.rank
+        if state.has_rows:
+            state.send[state.header_pos] = bad.to(torch.uint8)
+            up = state.up
+            ex.up = comm.all_to_all_async(state.send, up.sizes, [up.sizes[me]] * W,
+                                          out=state.exchange_buf[:state.recv_size], name=f"dsq.up.{keys[0]}")
+        if ex.dense_buf is not None:
+            ex.dense = comm.all_reduce_sum_async(ex.dense_buf, name=f"dsq.dense.{keys[0]}")
+        self._count(ex, t0)
         return ex
 
-    def serve(self, ex: "Exchange", recv: torch.Tensor) -> None:
-        """Stage 2, given the uplink bytes received (`sum(ex.recv_sizes)`): update the worker residuals, then
-        the server pass for this rank's shard of every tensor into the downlink buffer `ex.gather`
-        (`ex.gather_sizes[j]` bytes from rank j). If any rank flagged a non-finite gradient, `ex.skipped` is
-        set instead and no residual changes."""
-        w, me, r = self.world_size, self.rank, self.round
-        track = self.monitor is not None
-        if recv.numel() != sum(ex.recv_sizes):
-            raise RuntimeError(f"uplink: received {recv.numel()} bytes, expected {sum(ex.recv_sizes)}: the ranks "
-                               f"disagree on the tensors of this group (shapes, dtypes or order)")
-        recv = recv.view(w, ex.recv_sizes[0])
-        r.bytes_up_sent += sum(b for j, b in enumerate(ex.send_sizes) if j != me)
-        r.bytes_up_recv += (w - 1) * ex.recv_sizes[0]
-        if bool(recv[:, 0].any()):
-            r.skipped += 1
-            ex.skipped = True
-            return
+    def serve(self, ex: Exchange) -> None:
+        """Stage 2, once the uplink has arrived: the skip decision, the worker residual update, and the server
+        pass of this rank's blocks into its downlink message, which is then issued."""
+        state = ex.state
+        recv = ex.up.wait() if ex.up is not None else None
+        if ex.dense is not None:
+            ex.dense.wait()
+            if recv is None:
+                ex.skip = ~torch.isfinite(ex.dense_buf.sum())
+        t0 = now()
+        state.serve(ex, recv, self._scratch)
+        if state.has_rows:
+            down = state.down
+            ex.down = self.down_comm.all_gather_async(state.own, down.sizes, out=state.exchange_buf[:down.total],
+                                                 name=f"dsq.down.{ex.state.plan.keys[0]}")
+        ex.stats.compress_seconds += now() - t0
 
-        t0 = time.perf_counter()
-        ex.gather = self._buffer(("gather",) + tuple(t.key for t in ex.plan), sum(t.down[me] for t in ex.plan))
-        offset, g_off = _HEADER, 0
-        for t, v, parts in zip(ex.plan, ex.compensated, ex.sent):
-            if parts:
-                self.worker_memory.update(t.key, v, parts)
-                if track:
-                    r.worker_error_sq += _sq(self.worker_memory.get(t.key))
-                    r.worker_input_sq += _sq(v)
-            n_me = t.bounds[me][1] - t.bounds[me][0]
-            received = [t.wc.decompress(t.wc.unpack(recv[i, offset:offset + t.up[me]], (n_me,), t.flat.dtype))
-                        for i in range(w)]
-            total = self._buffer(("mean", t.key), n_me, t.flat.dtype)
-            if w > 1:
-                torch.add(received[0], received[1], out=total)      # one pass for the first two
-            else:
-                total.copy_(received[0])
-            for ci in received[2:]:
-                total.add_(ci)
-            offset += t.up[me]
-            mean = total.div_(w)
-            server_residual = not t.dense and self.server_memory.enabled and not t.sc.lossless
-            vs = self.server_memory.compensate(t.key, mean, mean) if server_residual else mean
-            ps = t.sc.compress(vs, seed=derive_seed(self.config.seed, self.step, t.key, me, DOWNLINK))
-            ps.write_into(ex.gather[g_off:g_off + t.down[me]])
-            g_off += t.down[me]
-            cs = t.sc.decompress(ps)
-            if server_residual:
-                self.server_memory.update(t.key, vs, cs)
-                if track:
-                    r.server_error_sq += _sq(self.server_memory.get(t.key))
-                    r.server_input_sq += _sq(vs)
-            ex.mine.append(cs)
-        ex.gather_sizes = [sum(t.down[j] for t in ex.plan) for j in range(w)]
-        r.compress_seconds += time.perf_counter() - t0
-
-    def end(self, ex: "Exchange", gathered: Optional[torch.Tensor],
-            outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        """Stage 3, given the downlink bytes (every rank's `ex.gather`, in rank order): the updates, one per
-        tensor, written into `outs` if given (1-D, each the size and dtype of its tensor; it may be the input
-        tensor itself), else into new tensors. A skipped exchange (no downlink) gives all-NaN updates."""
-        if outs is None:
-            outs = [torch.empty_like(t.flat) for t in ex.plan]
-        if ex.skipped:
-            for out in outs:
-                out.fill_(float("nan"))
-            return outs
-        w, me, r = self.world_size, self.rank, self.round
-        sizes = ex.gather_sizes
-        if gathered.numel() != sum(sizes):
-            raise RuntimeError(f"downlink: received {gathered.numel()} bytes, expected {sum(sizes)}: the ranks "
-                               f"disagree on the tensors of this group (shapes, dtypes or order)")
-        r.bytes_down_sent += (w - 1) * sizes[me]
-        r.bytes_down_recv += sum(b for j, b in enumerate(sizes) if j != me)
-
-        t0 = time.perf_counter()
-        block = [sum(sizes[:j]) for j in range(w)]
-        for t, out, cs in zip(ex.plan, outs, ex.mine):
-            for j, (s, e) in enumerate(t.bounds):
-                if j == me:
-                    out[s:e] = cs
-                else:
-                    out[s:e] = t.sc.decompress(t.sc.unpack(gathered[block[j]:block[j] + t.down[j]], (e - s,),
-                                                            t.flat.dtype))
-                block[j] += t.down[j]
-        r.compress_seconds += time.perf_counter() - t0
+    def end(self, ex: Exchange, outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Stage 3, once the downlink has arrived: decode every block's update into `outs` (default: into the
+        input tensors themselves). A skipped exchange gives all-NaN updates."""
+        gathered = ex.down.wait() if ex.down is not None else None
+        t0 = now()
+        in_place = outs is None
+        outs = ex.items if in_place else outs
+        ex.in_place_dense = ex.in_place_dense and in_place
+        ex.state.finish(ex, gathered, outs, self._scratch)
+        ex.stats.compress_seconds += now() - t0
+        ex.finished = True
+        with self._lock:
+            r = self._rounds.setdefault(ex.step, _Round())
+            r.stats.add(ex.stats)
+            r.skips.append(ex.skip)
+            for name, v in ex.error_sq.items():
+                r.error_sq[name] = r.error_sq.get(name, 0) + v
         return outs
 
-    def _buffer(self, key: Tuple, numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-        """A scratch tensor reused from step to step (a fresh large allocation costs page faults every step).
-        Keys name a role and the tensors it serves; an exchange's buffers are free again once it has ended,
-        which is always before the next exchange of the same tensors begins."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() != numel or buf.dtype != dtype:
-            buf = self._buffers[key] = torch.empty(numel, dtype=dtype)
-        return buf
+    # -- plans and residuals -----------------------------------------------------------------------------------
+    def _check(self, items):
+        keys, tensors = [], []
+        for key, t in items:
+            if t.dim() != 1 or not t.is_floating_point():
+                raise ValueError(f"tensor {key!r}: reduce expects 1-D floating-point tensors, got shape "
+                                 f"{tuple(t.shape)} dtype {t.dtype}")
+            keys.append(key)
+            tensors.append(t)
+        if not tensors:
+            raise ValueError("reduce needs at least one tensor")
+        for key, t in zip(keys, tensors):
+            if t.dtype != tensors[0].dtype or t.device != tensors[0].device:
+                raise ValueError(f"tensors of one reduction share a dtype and device: {keys[0]!r} is "
+                                 f"{tensors[0].dtype} on {tensors[0].device}, {key!r} is {t.dtype} on {t.device}")
+        return keys, tensors
+
+    def _state_for(self, keys, tensors) -> BucketState:
+        numels = tuple(t.numel() for t in tensors)
+        dense = tuple(not self.compresses(n) for n in numels)
+        dtype, device = tensors[0].dtype, tensors[0].device
+        key = (tuple(keys), numels, dense, dtype, device)
+        state = self._states.get(key)
+        if state is None:
+            state = self._new_state(keys, numels, dense, dtype, device)
+            self._states[key] = state
+        return state
+
+    def _new_state(self, keys, numels, dense, dtype, device) -> BucketState:
+        cfg = self.config
+        chunk = self.chunk_elements or default_chunk_elements(device)
+        plan = BucketPlan(keys, numels, dense, dtype, device, self.world_size, self.rank, cfg.block_size, chunk)
+        state = BucketState(plan, self._wc, self._sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
+        state.live = set()
+        for s in plan.compressed:
+            old = self._holder.get(s.key)
+            if old is not None and old is not state:        # another layout held it: move its residuals here
+                state.load_residuals(s.key, old.worker_residual(s.key), old.server_residual(s.key))
+                old.live.discard(s.key)
+                if not old.live:
+                    self._states = {k: v for k, v in self._states.items() if v is not old}
+            elif s.key in self._loaded:
+                state.load_residuals(s.key, *self._loaded.pop(s.key))
+            self._holder[s.key] = state
+            state.live.add(s.key)
+        return state
+
+    def worker_residuals(self) -> Dict[Hashable, torch.Tensor]:
+        """{key: this rank's worker residual e_i of the tensor (flat, its size)}: tensors that keep one."""
+        out = {k: w for k, (w, _) in self._loaded.items() if w is not None}
+        for key, state in self._holder.items():
+            w = state.worker_residual(key)
+            if w is not None:
+                out[key] = w
+        return out
+
+    def server_residuals(self) -> Dict[Hashable, torch.Tensor]:
+        """{key: this rank's server residual of the tensor: the blocks it owns, in block order, concatenated}.
+        `expand_server_residual` puts them in place in a tensor of the full size."""
+        out = {k: s for k, (_, s) in self._loaded.items() if s is not None}
+        for key, state in self._holder.items():
+            s = state.server_residual(key)
+            if s is not None:
+                out[key] = s
+        return out
+
+    def expand_server_residual(self, key: Hashable, compact: torch.Tensor, numel: int) -> torch.Tensor:
+        """This rank's server residual of `key` (as `server_residuals` gives it) in a zero tensor of `numel`
+        elements, each owned block at its place: summed over ranks, that is the server residual e."""
+        return expand_owned(key, compact, numel, self.config.block_size, self.world_size, self.rank)
+
+    def residual_norms(self) -> Tuple[float, float]:
+        """(||e_i||, ||e|| of this rank's owned blocks), L2 over all tensors."""
+        def norm(ts):
+            sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in ts)
+            return sq ** 0.5
+        return norm(self.worker_residuals().values()), norm(self.server_residuals().values())
+
+    def reset_residuals(self) -> None:
+        """Zero every residual (a checkpoint without them, or from another world size)."""
+        self._loaded.clear()
+        for state in set(self._holder.values()):
+            for t in (state.e_full, state.e_tail, state.s_full, state.s_tail):
+                if t is not None:
+                    t.zero_()
 
     # -- steps, counters, monitoring -----------------------------------------------------------------------
+    def _count(self, ex: Exchange, t0: float) -> None:
+        state, r = ex.state, ex.stats
+        plan = state.plan
+        W, me = plan.world_size, plan.rank
+        itemsize = torch.empty((), dtype=plan.dtype).element_size()
+        r.dense_bytes += plan.numel * itemsize
+        r.compressed_tensors += len(plan.compressed)
+        r.dense_tensors += len(plan.dense_items)
+        if state.has_rows:
+            up, down = state.up, state.down
+            r.bytes_up_sent += sum(b for j, b in enumerate(up.sizes) if j != me)
+            r.bytes_up_recv += (W - 1) * up.sizes[me]
+            r.bytes_down_sent += (W - 1) * down.sizes[me]
+            r.bytes_down_recv += sum(b for j, b in enumerate(down.sizes) if j != me)
+            r.payload_bytes += up.total
+        if plan.dense_items:
+            nbytes = plan.dense_numel * itemsize
+            ring = nbytes * (W - 1) // W                    # what a ring all-reduce moves in each of its passes
+            r.bytes_up_sent += ring
+            r.bytes_up_recv += ring
+            r.bytes_down_sent += ring
+            r.bytes_down_recv += ring
+            r.payload_bytes += nbytes
+        r.compress_seconds += now() - t0
+
     def finish_step(self) -> RoundStats:
-        """Close the current step (communication round): advance `step`, fold the round's counters into
-        `totals`, log to the monitor. Returns the round's counters."""
-        stats, self.round = self.round, RoundStats()
-        if stats.skipped:
-            self.skipped_steps += 1
-        self.totals.add(stats)
-        if self.monitor is not None and self.monitor.wants(self.step):
-            self.monitor.log_round(self.step, stats, self.worker_memory.norm(), self.server_memory.norm(),
-                                   self.skipped_steps)
+        """Close the current step (communication round) once all its reductions have ended: advance `step`,
+        fold the round's counters into `totals`, log to the monitor. Returns the round's counters."""
+        step = self.step
         self.step += 1
-        return stats
+        return self.close_step(step)
+
+    def close_step(self, step: int) -> RoundStats:
+        """Fold step `step`'s counters (its reductions have all ended) into `totals` and log them; `step` itself
+        has already advanced (`finish_step` does both)."""
+        with self._lock:
+            r = self._rounds.pop(step, None) or _Round()
+        skips = [s for s in r.skips if s is not None]
+        if skips:
+            if all(fastpath.on_cpu(s) for s in skips):
+                n = sum(bool(s) for s in skips)
+                r.stats.skipped += n
+                self._skipped_host += bool(n)
+            else:
+                flags = torch.stack(skips)
+                self._skipped_reductions.append(flags.sum())
+                self._skipped_pending.append(flags.any())
+        for name, v in r.error_sq.items():
+            setattr(r.stats, name, float(v))
+        self._totals.add(r.stats)
+        if self.monitor is not None and self.monitor.wants(step):
+            w, s = self.residual_norms()
+            self.monitor.log_round(step, r.stats, w, s, self.skipped_steps)
+        return r.stats
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient on some rank (reading it waits for the device)."""
+        if self._skipped_pending:
+            self._skipped_host += int(sum(int(t) for t in self._skipped_pending))
+            self._skipped_pending.clear()
+        return self._skipped_host
+
+    @property
+    def totals(self) -> RoundStats:
+        """The counters summed over all closed steps (reading it waits for the device)."""
+        if self._skipped_reductions:
+            self._totals.skipped += int(sum(int(t) for t in self._skipped_reductions))
+            self._skipped_reductions.clear()
+        return self._totals
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _identity(self) -> dict:
         return {"config": self.config.to_dict(), "world_size": self.world_size, "rank": self.rank}
 
     def state_dict(self) -> dict:
-        """Everything needed for an exact resume of this rank (each rank saves its own)."""
+        """Everything needed for an exact resume of this rank (each rank saves its own): residuals by tensor
+        key, step, counters, config."""
         return dict(self._identity(), step=self.step, skipped_steps=self.skipped_steps,
-                    totals=self.totals.as_dict(), worker_memory=self.worker_memory.state_dict(),
-                    server_memory=self.server_memory.state_dict())
+                    totals=self.totals.as_dict(),
+                    worker_residuals={k: v.detach().cpu().clone() for k, v in self.worker_residuals().items()},
+                    server_residuals={k: v.detach().cpu().clone() for k, v in self.server_residuals().items()})
 
     def check_compatible(self, sd: dict) -> None:
         """Refuse a state saved under another world size, rank or config, with a message that says which."""
+        if "worker_residuals" not in sd:
+            raise ValueError("this DoubleSqueeze state was saved by a version without block semantics (per-shard "
+                             "residuals); it cannot be resumed exactly: start the residuals afresh")
         mine = self._identity()
         for name in ("world_size", "rank"):
             if sd.get(name) != mine[name]:
                 raise ValueError(f"cannot load a DoubleSqueeze state saved with {name}={sd.get(name)} into one "
-                                 f"with {name}={mine[name]}: residuals are per rank and per shard")
-        if sd.get("config") != mine["config"]:
-            diff = {k: (sd.get("config", {}).get(k), v) for k, v in mine["config"].items()
-                    if sd.get("config", {}).get(k) != v}
+                                 f"with {name}={mine[name]}: residuals are per rank and per owned block")
+        saved = sd.get("config", {})
+        if saved != mine["config"]:
+            diff = {k: (saved.get(k), v) for k, v in mine["config"].items() if saved.get(k) != v}
             raise ValueError(f"cannot load a DoubleSqueeze state saved with another config; differing keys "
                              f"(saved, current): {diff}")
 
     def load_state_dict(self, sd: dict) -> None:
         self.check_compatible(sd)
         self.step = sd["step"]
-        self.skipped_steps = sd["skipped_steps"]
-        totals = RoundStats()
+        self._init_counters()
+        self._skipped_host = sd["skipped_steps"]
         for k, v in sd["totals"].items():
-            if hasattr(totals, k) and not isinstance(getattr(type(totals), k, None), property):
-                setattr(totals, k, v)
-        self.totals = totals
-        self.worker_memory.load_state_dict(sd["worker_memory"])
-        self.server_memory.load_state_dict(sd["server_memory"])
-
-
-def _sq(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t.double()) ** 2)
+            if hasattr(self._totals, k) and not isinstance(getattr(type(self._totals), k, None), property):
+                setattr(self._totals, k, v)
+        worker, server = sd["worker_residuals"], sd["server_residuals"]
+        self.reset_residuals()
+        for key in set(worker) | set(server):
+            w, s = worker.get(key), server.get(key)
+            state = self._holder.get(key)
+            if state is not None:
+                state.load_residuals(key, w, s)
+            else:
+                self._loaded[key] = (w, s)

@@ -19,9 +19,12 @@ class DoubleSqueezeConfig:
         worker_ef: keep the worker residual `e_i` (False: plain compressed SGD on the uplink).
         server_ef: keep the server residual `e` (False: the server re-compresses without memory).
         warmup_steps: communication rounds (steps) done with a dense average before compression starts.
-        min_numel: buckets of fewer elements go dense: compressing them cannot pay for the extra work.
+        min_numel: tensors of fewer elements are averaged dense: compressing them cannot pay for the extra work.
         bucket_mb: bucket size in MiB for integrations that bucket gradients themselves (DDP buckets its own).
         seed: base seed of the compressors' randomness (`randomk`, `qsgd`); all ranks must agree on it.
+        block_size: elements per block (a multiple of 8): every tensor is cut into blocks of this many elements
+            (its last block may be shorter), and each compressor runs per block (sign: one scale per block;
+            topk: k of each block); each block has one owner rank that runs its server pass.
     """
 
     compressor: str = "sign"
@@ -32,6 +35,7 @@ class DoubleSqueezeConfig:
     min_numel: int = 1024
     bucket_mb: float = 25.0
     seed: int = 0
+    block_size: int = 4096
 
     def __post_init__(self):
         for name in ("worker_ef", "server_ef"):
@@ -41,6 +45,9 @@ class DoubleSqueezeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"DoubleSqueezeConfig.{name} must be an integer >= 0, got {value!r}")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 8 or bs % 8:
+            raise ValueError(f"DoubleSqueezeConfig.block_size must be a positive multiple of 8 (elements), got {bs!r}")
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
             raise ValueError(f"DoubleSqueezeConfig.bucket_mb must be a number > 0, got {self.bucket_mb!r}")
         # Resolve (and so validate) both specs now, and keep them in canonical form.

@@ -1,20 +1,26 @@
-"""DoubleSqueeze as a PyTorch DDP communication hook.
+"""DoubleSqueeze as a PyTorch DDP communication hook, overlapped with backward.
 
 Example::
 
-    state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor="sign"))
+    state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor="sign"))   # before or after init_process_group
     ddp_model.register_comm_hook(state, dsq.doublesqueeze_hook)
     ...
     torch.save(state.state_dict(), f"dsq_rank{rank}.pt")    # every rank saves its own residuals
 
-The hook replaces DDP's all-reduce of a gradient bucket by the double pass of `DoubleSqueezeCollective` over
-the bucket's parameters: each gradient ``g_i`` goes up as ``C_w(g_i + e_i)`` (per shard), the shard owners
-average and send down ``C_s(mean + e)``, and DDP receives the result as the averaged gradient.
+The hook replaces DDP's all-reduce of a gradient bucket by the double pass of `DoubleSqueezeCollective` over the
+bucket's parameters, block by block: ``C_w(g_i + e_i)`` goes up to each block's owner, the owners average and send
+down ``C_s(mean + e)``, and DDP receives the result as the averaged gradient (DESIGN.md sections 1 and 6).
 
-Compression and residuals are per parameter, so DDP's bucket layout (which it rebuilds after the first
-iteration, and which a resumed process starts afresh) does not change the result. Parameters are numbered in
-the order the hook first sees them (DDP's initial bucket order: the same in every process for the same model
-and DDP arguments); residuals, seeds and `state_dict` use that number.
+Overlap: the hook runs the worker pass and issues the uplink (on the process group), then returns a future at
+once; the state's communication thread serves the buckets in the order they were issued (server pass, downlink on
+a second process group, decode into the bucket) and completes each future, while backward goes on. The state
+binds its process group at the first hook call, so it can be built before ``init_process_group`` (Lightning's
+``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)`` and Accelerate do that), as `PowerSGDState` can.
+
+Compression and residuals are per parameter and block, so DDP's bucket layout (which it rebuilds after the first
+iteration, and which a resumed process starts afresh) does not change the result. Parameters are numbered in the
+order the hook first sees them (DDP's initial bucket order: the same in every process for the same model and DDP
+arguments); residuals, seeds and `state_dict` use that number.
 """
 from typing import Dict, List, Optional
 
@@ -25,46 +31,71 @@ from .collective import DoubleSqueezeCollective
 from .communicator import TorchDistributedCommunicator
 from .config import DoubleSqueezeConfig
 from .monitor import Monitor
-from .sharding import shard_bounds
+from .pipeline import CommThread
 
 __all__ = ["DoubleSqueezeState", "doublesqueeze_hook"]
 
-_FORMAT = "dsq-ddp-1"
+_FORMAT = "dsq-ddp-2"
 
 
 class DoubleSqueezeState(DoubleSqueezeCollective):
-    """State of the DDP hook: the collective on a `torch.distributed` process group, and parameter numbers.
+    """State of the DDP hook: the collective on a `torch.distributed` process group, parameter numbers, and the
+    communication thread.
 
     Args:
         config: a `DoubleSqueezeConfig` (default: ``sign`` on both passes with both residuals).
-        process_group: the group to communicate in (default: the world).
+        process_group: the group to communicate in (default: the world), taken at the first hook call.
         monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
     """
 
     def __init__(self, config: Optional[DoubleSqueezeConfig] = None, process_group=None,
                  monitor: Optional[Monitor] = None):
-        super().__init__(config or DoubleSqueezeConfig(), TorchDistributedCommunicator(process_group), monitor)
+        super().__init__(config or DoubleSqueezeConfig(), None, monitor)
         self.process_group = process_group
         self._numbers: Dict[int, int] = {}       # id(param) -> parameter number
         self._params: List[torch.Tensor] = []     # by number; keeps them alive so that ids stay unique
+        self._thread: Optional[CommThread] = None
+        self._down_comm = None
+        self._pending_sd: Optional[dict] = None
+
+    # -- the process groups --------------------------------------------------------------------------------
+    def bind_process_group(self) -> None:
+        """Take the process group (and make the downlink's twin group) if not done yet. Called by the hook;
+        every rank of the group reaches it at its first hook call."""
+        if self.bound:
+            return
+        up = TorchDistributedCommunicator(self.process_group)
+        ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        backend = dist.get_backend(self.process_group)
+        down_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True) if up.size > 1 else None
+        self.bind(up)
+        self._down_comm = TorchDistributedCommunicator(down_group) if down_group is not None else up
+        self._thread = CommThread()
+        if self._pending_sd is not None:
+            sd, self._pending_sd = self._pending_sd, None
+            super().load_state_dict(sd)
+
+    @property
+    def down_comm(self):
+        return self._down_comm or self.comm
 
     def __getstate__(self):
-        """Pickles like PowerSGD's state: without the process group (the default group on unpickling), the
-        monitor, or the parameter objects (renumbered, in the same order, by the first backward pass)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("comm", "process_group", "monitor")}
-        state.update(_numbers={}, _params=[])
-        return state
+        """Pickles like PowerSGD's state: the config and this rank's state, without the process group, the
+        monitor, the thread or the parameter objects (renumbered, in the same order, by the first backward)."""
+        sd = self._pending_sd if not self.bound else dict(self.state_dict())
+        return {"config": self.config, "process_group": None, "sd": sd, "chunk_elements": self.chunk_elements}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.process_group = None
-        self.monitor = None
-        self.comm = TorchDistributedCommunicator(None)
-        if (self.comm.rank, self.comm.size) != (state["rank"], state["world_size"]):
-            raise ValueError(f"cannot unpickle a DoubleSqueezeState of rank {state['rank']} of "
-                             f"{state['world_size']} into rank {self.comm.rank} of {self.comm.size}: residuals "
-                             f"are per rank and per shard")
+        self.__init__(state["config"])
+        self.chunk_elements = state["chunk_elements"]
+        if state["sd"] is not None:
+            self.load_state_dict(state["sd"])
 
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None:
+            self._thread.stop()
+
+    # -- parameters ----------------------------------------------------------------------------------------
     def parameter_numbers(self, params) -> List[int]:
         numbers = []
         for p in params:
@@ -77,41 +108,67 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
 
     def parameter_residuals(self):
         """[(parameter, worker residual or None, server residual or None), ...], flat, of the parameter's
-        size. The server residual holds this rank's shard (zero elsewhere): summed over ranks it is `e`."""
+        size. The server residual holds this rank's owned blocks (zero elsewhere): summed over ranks it is `e`."""
+        worker, server = self.worker_residuals(), self.server_residuals()
         result = []
         for n, p in enumerate(self._params):
-            shard = self.server_memory.get(n)
-            server = None
-            if shard is not None:
-                server = torch.zeros(p.numel(), dtype=shard.dtype)
-                start, end = shard_bounds(p.numel(), self.world_size)[self.rank]
-                server[start:end] = shard
-            result.append((p, self.worker_memory.get(n), server))
+            s = server.get(n)
+            result.append((p, worker.get(n), None if s is None else self.expand_server_residual(n, s, p.numel())))
         return result
 
+    # -- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Residuals (by parameter number) + step + counters + config, for this rank."""
+        if not self.bound:
+            if self._pending_sd is not None:
+                return self._pending_sd
+            self.bind_process_group()
+        self.drain()
         return dict(super().state_dict(), format=_FORMAT)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != _FORMAT:
-            raise ValueError(f"not a DoubleSqueezeState.state_dict() (missing format {_FORMAT!r})")
+            raise ValueError(f"not a DoubleSqueezeState.state_dict() of this version (format {sd.get('format')!r}, "
+                             f"expected {_FORMAT!r})")
+        if not self.bound:
+            if not dist.is_available() or not dist.is_initialized():
+                self._pending_sd = sd            # checked and applied when the process group is bound
+                return
+            self.bind_process_group()
+        self.drain()
         super().load_state_dict(sd)
+
+    def drain(self) -> None:
+        """Wait until every bucket handed to the communication thread is done."""
+        if self._thread is not None:
+            self._thread.drain()
+
+    def submit(self, fn, device) -> torch.futures.Future:
+        return self._thread.submit(fn, device if device.type == "cuda" else None)
 
 
 def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's gradients -> their DoubleSqueeze average over the process group.
 
-    Math (per parameter, see `DoubleSqueezeCollective`): returns ``concat_r C_s(mean_i C_w(g_i + e_i)[r] + e[r])``
-    and updates ``e_i`` and ``e[r]``, so nothing the compressors drop is lost. The step advances after the last
-    bucket of each backward pass. The returned future is already completed (both passes run in the hook).
+    Math (per block, see `DoubleSqueezeCollective`): returns ``C_s(mean_i C_w(g_i + e_i) + e)`` of every block and
+    updates ``e_i`` and ``e``, so nothing the compressors drop is lost. The step advances after the last bucket of
+    each backward pass. The future completes on the state's communication thread when the bucket's double pass
+    is done; the hook itself only compresses and issues the uplink.
     """
+    state.bind_process_group()
     params = bucket.parameters()
     flat = bucket.buffer()
     items = list(zip(state.parameter_numbers(params), flat.split([p.numel() for p in params])))
-    state.reduce(items, outs=[g for _, g in items])       # the averages overwrite the bucket, as all-reduce does
-    if bucket.is_last():
-        state.finish_step()
-    fut = torch.futures.Future()
-    fut.set_result(flat)
-    return fut
+    ex = state.begin(items, flat=flat)
+    last = bucket.is_last()
+    if last:
+        state.step += 1          # this backward's step is ex.step; the next backward's buckets are the next step
+
+    def serve_and_finish():
+        state.serve(ex)
+        state.end(ex)            # the averages overwrite the bucket, as all-reduce does
+        if last:
+            state.close_step(ex.step)
+        return flat
+
+    return state.submit(serve_and_finish, flat.device)

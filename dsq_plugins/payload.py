@@ -1,6 +1,6 @@
 """`Payload`: what a compressor produces and what crosses the wire, byte for byte."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -16,13 +16,16 @@ class Payload:
 
     `fields` holds the 1-D tensors that go on the wire, in wire order; `shape`, `dtype` and the compressor's
     spec are context both ends already know (the collective's layout, the async PS's handshake), so they are
-    not sent. `nbytes` is therefore exactly the number of bytes `to_bytes()` returns and the collectives move.
+    not sent; nor is `seed`, the 32-bit seed of a random compressor, which both ends derive from where and when
+    the block was compressed. `nbytes` is therefore exactly the number of bytes `to_bytes()` returns and the
+    collectives move.
     """
 
     spec: str
     shape: torch.Size
     dtype: torch.dtype
     fields: Dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: Optional[int] = None
 
     @property
     def numel(self) -> int:
@@ -40,7 +43,8 @@ class Payload:
         """The wire bytes as one uint8 tensor of `nbytes` elements."""
         parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in self.fields.values()]
         if not parts:
-            return torch.empty(0, dtype=torch.uint8)
+            device = next(iter(self.fields.values())).device if self.fields else None
+            return torch.empty(0, dtype=torch.uint8, device=device)
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
     def write_into(self, out: torch.Tensor) -> None:
@@ -55,11 +59,12 @@ class Payload:
             offset += b.numel()
 
     def to_bytes(self) -> bytes:
-        return self.to_buffer().numpy().tobytes()
+        """The wire bytes, copied to host memory (once) wherever the fields live."""
+        return self.to_buffer().cpu().numpy().tobytes()
 
     @staticmethod
     def from_buffer(buffer: torch.Tensor, spec: str, shape, dtype: torch.dtype,
-                    layout: List[Field]) -> "Payload":
+                    layout: List[Field], seed: Optional[int] = None) -> "Payload":
         """Split `buffer` (uint8, exactly the layout's size) into the layout's fields. Zero-copy where the
         field is aligned for its dtype."""
         buffer = buffer.reshape(-1)
@@ -76,15 +81,16 @@ class Payload:
                 chunk = chunk.clone()
             fields[name] = chunk.view(dt)
             offset += size
-        return Payload(spec, torch.Size(shape), dtype, fields)
+        return Payload(spec, torch.Size(shape), dtype, fields, seed=seed)
 
     @classmethod
-    def from_bytes(cls, data: bytes, spec: str, shape, dtype: torch.dtype) -> "Payload":
-        """Rebuild a payload from `to_bytes()` output and the context: the compressor spec, shape and dtype."""
+    def from_bytes(cls, data: bytes, spec: str, shape, dtype: torch.dtype, seed: Optional[int] = None) -> "Payload":
+        """Rebuild a payload from `to_bytes()` output and the context: the compressor spec, shape and dtype, and
+        the seed of a random compressor."""
         from .registry import get_compressor
 
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-        return get_compressor(spec).unpack(buffer, shape, dtype)
+        return get_compressor(spec).unpack(buffer, shape, dtype, seed=seed)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

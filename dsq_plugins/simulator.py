@@ -1,37 +1,39 @@
-"""`Simulator`: DoubleSqueeze with n workers and one parameter server, in one process, written straight from
-the four lines of DESIGN.md section 1. It is the reference the distributed code is checked against."""
+"""`Simulator`: DoubleSqueeze with n workers and one parameter server, in one process, written straight from the
+four lines of DESIGN.md section 1, block by block. It is the reference the distributed code is checked against."""
 from typing import List, Optional, Sequence
 
 import torch
 
 from .config import DoubleSqueezeConfig
 from .seeding import DOWNLINK, UPLINK, derive_seed
-from .sharding import shard_bounds
 
 __all__ = ["Simulator"]
 
 
 class Simulator:
-    """Single-process reference of the synchronous algorithm.
+    """Single-process reference of the synchronous algorithm, for one tensor.
+
+    The tensor (flattened, ``d`` elements) is cut into blocks of ``config.block_size`` elements (the last may be
+    shorter); each block is compressed on its own by `Compressor.compress`, with the seed of (config seed, step,
+    `key`, block, pass[, worker]): exactly what every distributed integration computes, whatever its buckets and
+    world size.
 
     Args:
         num_workers: n.
-        config: the `DoubleSqueezeConfig` (compressors, error-feedback switches, warm-up, min_numel, seed).
-        shards: compress each of this many contiguous shards separately on both passes, as the distributed
-            collective does with one shard per rank (1: the classic single server).
-        key: the bucket name used in the seeds of random compressors (the collective's bucket key).
+        config: the `DoubleSqueezeConfig` (compressors, error-feedback switches, warm-up, min_numel, block size,
+            seed).
+        key: the tensor's name in the integration (it seeds random compressors).
 
     Attributes:
-        worker_errors: the n worker residuals e_i; server_error: the server residual e.
+        worker_errors: the n worker residuals e_i; server_error: the server residual e (flat).
         steps, skipped_steps: rounds taken, and rounds skipped for a non-finite gradient.
     """
 
-    def __init__(self, num_workers: int, config: Optional[DoubleSqueezeConfig] = None, shards: int = 1, key=0):
-        if num_workers < 1 or shards < 1:
-            raise ValueError("num_workers and shards must be >= 1")
+    def __init__(self, num_workers: int, config: Optional[DoubleSqueezeConfig] = None, key=0):
+        if num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
         self.n = num_workers
         self.config = config or DoubleSqueezeConfig()
-        self.shards = shards
         self.key = key
         self.worker_errors: List[torch.Tensor] = []
         self.server_error: Optional[torch.Tensor] = None
@@ -49,7 +51,7 @@ class Simulator:
                                  f"and {tuple(shape)} {dtype}")
         cfg, t = self.config, self.steps
         self.steps += 1
-        flat = [g.reshape(-1) for g in grads]
+        flat = [g.detach().reshape(-1) for g in grads]
         d = flat[0].numel()
         if not self.worker_errors:
             self.worker_errors = [torch.zeros(d, dtype=dtype) for _ in range(self.n)]
@@ -57,25 +59,25 @@ class Simulator:
         if any(not torch.isfinite(g).all() for g in flat):
             self.skipped_steps += 1
             return torch.full(shape, float("nan"), dtype=dtype)
-        if t < cfg.warmup_steps or d < max(cfg.min_numel, self.shards):
+        if t < cfg.warmup_steps or d < cfg.min_numel:
             return (sum(flat[1:], flat[0].clone()) / self.n).view(shape)
 
-        wc, sc = cfg.worker, cfg.server
-        bounds = shard_bounds(d, self.shards)
+        wc, sc, B = cfg.worker, cfg.server, cfg.block_size
+        blocks = [(a, min(d, a + B)) for a in range(0, d, B)]
 
-        def compress(comp, x, direction, rank):
+        def compress(comp, x, direction, worker):
             out = torch.empty_like(x)
-            for j, (s, e) in enumerate(bounds):
-                seed_rank = rank if (direction == UPLINK and comp.seed_per_rank) else -1
-                seed = derive_seed(cfg.seed, t, self.key, j, direction, seed_rank)
-                out[s:e] = comp.decompress(comp.compress(x[s:e], seed=seed))
+            for b, (lo, hi) in enumerate(blocks):
+                rank = worker if (direction == UPLINK and comp.seed_per_rank) else -1
+                seed = derive_seed(cfg.seed, t, self.key, b, direction, rank)
+                out[lo:hi] = comp.decompress(comp.compress(x[lo:hi], seed=seed))
             return out
 
         cs = []
         for i in range(self.n):
             v = flat[i] + self.worker_errors[i] if cfg.worker_ef else flat[i]
             c = compress(wc, v, UPLINK, i)
-            if cfg.worker_ef:
+            if cfg.worker_ef and not wc.lossless:
                 self.worker_errors[i] = v - c
             cs.append(c)
         mean = cs[0].clone()
@@ -84,6 +86,6 @@ class Simulator:
         mean /= self.n
         v = mean + self.server_error if cfg.server_ef else mean
         c = compress(sc, v, DOWNLINK, -1)
-        if cfg.server_ef:
+        if cfg.server_ef and not sc.lossless:
             self.server_error = v - c
         return c.view(shape)

@@ -1,46 +1,22 @@
-"""The core's `Communicator` on Horovod: byte buffers through `hvd.alltoall` and `hvd.allgather`.
-
-Besides the blocking collectives the core needs, it offers `all_to_all_async` / `all_gather_async`, which
-return a `Pending` at once: Horovod's background thread moves the bytes while backward goes on.
+"""The core's `Communicator` on Horovod: byte buffers through `hvd.alltoall_async`, `hvd.allgather_async` and
+`hvd.allreduce_async_`. Horovod's background thread moves the bytes; `Pending.wait()` synchronises the handle and
+checks that every rank sent what this one expected.
 """
 from typing import List, Optional
 
 import horovod.torch as hvd
 import torch
 
-from dsq_plugins.communicator import Communicator
+from dsq_plugins.communicator import Communicator, Pending
 
-__all__ = ["HorovodCommunicator", "Pending"]
-
-
-class Pending:
-    """A Horovod collective in flight. `poll()` says whether it has finished; `wait()` returns the received
-    bytes (a 1-D uint8 tensor) after checking that every rank sent what this one expected."""
-
-    def __init__(self, handle: int, what: str, expected: List[int], all_to_all: bool):
-        self.handle, self.what, self.expected, self._all_to_all = handle, what, expected, all_to_all
-
-    def poll(self) -> bool:
-        return hvd.poll(self.handle)
-
-    def wait(self) -> torch.Tensor:
-        out = hvd.synchronize(self.handle)
-        if self._all_to_all:
-            out, got = out
-            got = got.tolist()
-        else:
-            got = None
-        if out.numel() != sum(self.expected) or (got is not None and got != self.expected):
-            raise RuntimeError(f"{self.what}: received {got if got is not None else out.numel()} bytes per rank, "
-                               f"expected {self.expected}: the ranks disagree on the tensors of this group "
-                               f"(shapes, dtypes or order)")
-        return out
+__all__ = ["HorovodCommunicator"]
 
 
 class HorovodCommunicator(Communicator):
-    """Byte-level collectives over all Horovod processes (`hvd.init()` must have run). Every byte counted by
-    the core is a byte Horovod moves: uneven sizes go as they are (Horovod's alltoall takes per-rank splits
-    and its allgather takes uneven first dimensions)."""
+    """Byte-level collectives over all Horovod processes (`hvd.init()` must have run). Every byte counted by the
+    core is a byte Horovod moves: uneven sizes go as they are (Horovod's alltoall takes per-rank splits and its
+    allgather takes uneven first dimensions). Collectives are matched across ranks by name, so they may be issued
+    from any thread in any order."""
 
     def __init__(self):
         if not hvd.is_initialized():
@@ -48,24 +24,36 @@ class HorovodCommunicator(Communicator):
         self.rank = hvd.rank()
         self.size = hvd.size()
 
-    def all_to_all_async(self, send: torch.Tensor, send_sizes: List[int], recv_sizes: List[int],
-                         name: Optional[str] = None) -> Pending:
+    @staticmethod
+    def _pending(handle, what: str, expected: List[int], all_to_all: bool, out: Optional[torch.Tensor]) -> Pending:
+        def wait():
+            result = hvd.synchronize(handle)
+            got = None
+            if all_to_all:
+                result, got = result
+                got = got.tolist()
+            if result.numel() != sum(expected) or (got is not None and got != list(expected)):
+                raise RuntimeError(f"{what}: received {got if got is not None else result.numel()} bytes per rank, "
+                                   f"expected {list(expected)}: the ranks disagree on the tensors of this group "
+                                   f"(shapes, dtypes or order)")
+            if out is None:
+                return result
+            out.copy_(result)
+            return out
+        return Pending(wait, lambda: hvd.poll(handle))
+
+    def all_to_all_async(self, send, send_sizes, recv_sizes, out=None, name=None):
         splits = torch.tensor(send_sizes, dtype=torch.int32)
         handle = hvd.alltoall_async(send, splits=splits, name=name)
-        return Pending(handle, f"all_to_all {name or ''}".strip(), list(recv_sizes), all_to_all=True)
+        return self._pending(handle, f"all_to_all {name or ''}".strip(), recv_sizes, True, out)
 
-    def all_gather_async(self, send: torch.Tensor, sizes: List[int], name: Optional[str] = None) -> Pending:
+    def all_gather_async(self, send, sizes, out=None, name=None):
         if send.numel() != sizes[self.rank]:
             raise ValueError(f"all_gather: this rank sends {send.numel()} bytes, sizes[{self.rank}] says "
                              f"{sizes[self.rank]}")
         handle = hvd.allgather_async(send, name=name)
-        return Pending(handle, f"all_gather {name or ''}".strip(), [sum(sizes)], all_to_all=False)
+        return self._pending(handle, f"all_gather {name or ''}".strip(), [sum(sizes)], False, out)
 
-    def all_to_all(self, send, send_sizes, recv_sizes):
-        return self.all_to_all_async(send, send_sizes, recv_sizes).wait()
-
-    def all_gather(self, send, sizes):
-        return self.all_gather_async(send, sizes).wait()
-
-    def all_reduce_sum(self, tensor):
-        return hvd.allreduce_(tensor, op=hvd.Sum)
+    def all_reduce_sum_async(self, tensor, name=None):
+        handle = hvd.allreduce_async_(tensor, op=hvd.Sum, name=name)
+        return Pending(lambda: hvd.synchronize(handle), lambda: hvd.poll(handle))

@@ -1,15 +1,16 @@
 """`horovod_ext.DistributedOptimizer`: Horovod's DistributedOptimizer, with gradients averaged by DoubleSqueeze.
 
 As in Horovod, a hook on each parameter fires when its gradient has been accumulated during backward; when
-every parameter of a bucket is ready, the bucket's worker pass runs and its compressed bytes leave through
-`hvd.alltoall_async`, while backward goes on. A finished uplink is served (server pass) as soon as it is seen,
-and its downlink leaves through `hvd.allgather_async`. `synchronize()` (called by `step()`) waits for the rest
-and writes the decompressed average into each `p.grad`. The math is `DoubleSqueezeCollective`'s, per
-parameter and per shard, with both residuals (DESIGN.md section 1):
+every parameter of a bucket is ready, the hook hands the bucket to the communication thread
+(`dsq_plugins.pipeline.CommThread`) and returns: the worker pass (compression), `hvd.alltoall_async`, the server
+pass, `hvd.allgather_async` and the decoding all run off the autograd thread while backward goes on. The thread
+interleaves buckets (begin bucket b, then finish bucket b - 1), so one bucket's compression overlaps the previous
+one's transfer. `synchronize()` (called by `step()`) waits for the rest; the averages land in each `p.grad`. The
+math is `DoubleSqueezeCollective`'s, block by block, with both residuals (DESIGN.md section 1):
 
-    worker i:  c_i = C_w(g_i + e_i),  e_i <- g_i + e_i - c_i      (uplink: shard j of c_i to rank j)
-    rank r:    c[r] = C_s(mean_i c_i[r] + e[r]),  e[r] <- ... - c[r]   (downlink: all-gather of c[r])
-    p.grad <- concat_r c[r]
+    worker i:  c_i = C_w(g_i + e_i),  e_i <- g_i + e_i - c_i     (uplink: each block to its owner)
+    owner r:   c = C_s(mean_i c_i + e),  e <- ... - c            (downlink: all-gather of the owners' blocks)
+    p.grad <- c
 
 Only compressed bytes cross the wire. Residuals are keyed by parameter name, so `state_dict()` (which carries
 them, for this rank) resumes exactly in a fresh process.
@@ -26,20 +27,15 @@ from dsq_plugins.collective import DoubleSqueezeCollective
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.monitor import TensorBoardMonitor
 
-from .communicator import HorovodCommunicator, Pending
+from dsq_plugins.pipeline import CommThread
+
+from .communicator import HorovodCommunicator
 from .compression import DoubleSqueezeCompressor
 from .flags import ENV_CONFIG, config_from_env, logdir_from_env
 
 __all__ = ["DistributedOptimizer"]
 
 _STATE_KEY = "doublesqueeze"
-
-
-class _Flight:
-    """One bucket's exchange in flight: the core's `Exchange`, and the pending uplink or downlink."""
-
-    def __init__(self, bucket: int, exchange, up: Pending):
-        self.bucket, self.exchange, self.up, self.down = bucket, exchange, up, None
 
 
 class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
@@ -97,7 +93,10 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         self._bucket_of = {p: b for b, ps in enumerate(buckets) for p in ps}
         self._delay = {p: backward_passes_per_step for p in trainable}
         self._ready = [0] * len(buckets)
-        self._flights: Dict[int, _Flight] = {}
+        self._launched: Dict[int, torch.futures.Future] = {}     # bucket -> its finish (or begin) future
+        self._exchanges: Dict[int, object] = {}
+        self._unfinished: List[int] = []                            # begun, finish not yet queued
+        self._thread = CommThread("dsq-horovod")
         self._synchronized = False
         self._should_synchronize = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in trainable]
@@ -113,7 +112,6 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
             self._ready[b] += 1
             if self._ready[b] == len(self._buckets[b]):
                 self._launch(b)
-                self._advance(block=False)
 
     def _flat_grad(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad is None:
@@ -131,36 +129,44 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         return g
 
     def _launch(self, b: int) -> None:
+        """Queue bucket b's worker pass and uplink on the communication thread, then the finish of the bucket
+        begun before it (so that b compresses while the previous bucket travels)."""
         items = [(self._parameter_names[p], self._flat_grad(p)) for p in self._buckets[b]]
-        ex = self.doublesqueeze.begin(items)
-        up = self.doublesqueeze.comm.all_to_all_async(ex.send, ex.send_sizes, ex.recv_sizes, name=f"dsq.up.{b}")
-        self._flights[b] = _Flight(b, ex, up)
 
-    def _advance(self, block: bool) -> None:
-        """Serve every bucket whose uplink has arrived (all of them if `block`) and send its downlink."""
-        for f in self._flights.values():
-            if f.up is not None and (block or f.up.poll()):
-                self.doublesqueeze.serve(f.exchange, f.up.wait())
-                f.up = None
-                if not f.exchange.skipped:
-                    f.down = self.doublesqueeze.comm.all_gather_async(
-                        f.exchange.gather, f.exchange.gather_sizes, name=f"dsq.down.{f.bucket}")
+        def begin():
+            self._exchanges[b] = self.doublesqueeze.begin(items)
+        self._launched[b] = self._thread.submit(begin)
+        if self._unfinished:
+            self._queue_finish(self._unfinished.pop())
+        self._unfinished.append(b)
+
+    def _queue_finish(self, b: int) -> None:
+        params = self._buckets[b]
+        # The averages go straight into the gradients where they are plain contiguous tensors.
+        direct = [not p.grad.is_sparse and p.grad.is_contiguous() for p in params]
+        outs = [p.grad.view(-1) if d else torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+                for p, d in zip(params, direct)]
+
+        def finish():
+            ex = self._exchanges.pop(b)
+            self.doublesqueeze.serve(ex)
+            self.doublesqueeze.end(ex, outs)
+            return outs, direct
+        self._launched[b] = self._thread.submit(finish)
 
     def synchronize(self) -> None:
         """Finish every bucket's double pass and write the averages into the gradients. Buckets whose
         gradients were not all produced by backward (unused parameters) are sent now, with zeros for the
         missing ones, as Horovod does."""
         for b in range(len(self._buckets)):
-            if b not in self._flights:
+            if b not in self._launched:
                 self._launch(b)
-        self._advance(block=True)
+        while self._unfinished:
+            self._queue_finish(self._unfinished.pop())
         scale = self.doublesqueeze.world_size if self.op == hvd.Sum else self.gradient_predivide_factor
-        for f in self._flights.values():
-            params = self._buckets[f.bucket]
-            # The averages go straight into the gradients where they are plain contiguous tensors.
-            direct = [not p.grad.is_sparse and p.grad.is_contiguous() for p in params]
-            outs = [p.grad.view(-1) if d else torch.empty(p.numel(), dtype=p.dtype) for p, d in zip(params, direct)]
-            self.doublesqueeze.end(f.exchange, f.down.wait() if f.down is not None else None, outs)
+        for b in range(len(self._buckets)):
+            outs, direct = self._launched[b].wait()
+            params = self._buckets[b]
             for p, out, d in zip(params, outs, direct):
                 if scale != 1.0:
                     out.mul_(scale)
@@ -170,7 +176,7 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
                     else:
                         p.grad.copy_(out.view(p.shape))
         self.doublesqueeze.finish_step()
-        self._flights.clear()
+        self._launched.clear()
         self._ready = [0] * len(self._buckets)
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
@@ -198,7 +204,7 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, *args, **kwargs):
-        if self._flights:
+        if self._launched:
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
                                  "optimizer.step() or optimizer.synchronize(). This is prohibited as it can "
                                  "cause a race condition.")
@@ -221,7 +227,7 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         if saved under another world size, rank or config). A state without it keeps the current residuals."""
         state_dict = dict(state_dict)
         dsq_state = state_dict.pop(_STATE_KEY, None)
-        if self._flights:
+        if self._launched:
             raise AssertionError("load_state_dict() during a step: call it before backward or after step()")
         if dsq_state is not None:
             self.doublesqueeze.check_compatible(dsq_state)

@@ -25,21 +25,16 @@ def assert_same_update_everywhere(ranks):
 
 
 def residuals_by_name(collective, named_numels):
-    """({name: worker residual}, {name: server residual, this rank's shard in place, zero elsewhere}) of a
+    """({name: worker residual}, {name: server residual, this rank's owned blocks in place, zero elsewhere}) of a
     `DoubleSqueezeCollective` whose tensors are keyed by parameter name; `named_numels` is [(name, numel)]."""
-    from dsq_plugins.sharding import shard_bounds
-
-    worker, server = {}, {}
+    worker, server = collective.worker_residuals(), collective.server_residuals()
+    w, s = {}, {}
     for name, numel in named_numels:
-        ew, es = collective.worker_memory.get(name), collective.server_memory.get(name)
-        if ew is not None:
-            worker[name] = ew.clone()
-        if es is not None:
-            full = torch.zeros(numel, dtype=es.dtype)
-            start, end = shard_bounds(numel, collective.world_size)[collective.rank]
-            full[start:end] = es
-            server[name] = full
-    return worker, server
+        if name in worker:
+            w[name] = worker[name].detach().cpu().clone()
+        if name in server:
+            s[name] = collective.expand_server_residual(name, server[name], numel).cpu()
+    return w, s
 
 
 def shut_down_and_exit() -> None:

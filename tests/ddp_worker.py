@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--no-server-ef", action="store_true")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--min-numel", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--bucket-mb", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--accum", type=int, default=1)
@@ -49,12 +51,12 @@ def main():
 
     model = build_model(args.model)
     names = {id(p): n for n, p in model.named_parameters()}
-    ddp = DDP(model, bucket_cap_mb=0.01)      # ~2600 floats per bucket: several buckets, and a rebuild
+    ddp = DDP(model, bucket_cap_mb=args.bucket_mb)      # 0.01: ~2600 floats per bucket: several buckets, a rebuild
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
     cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, server_compressor=args.server_compressor,
                                   worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
-                                  warmup_steps=args.warmup, min_numel=args.min_numel)
-    state = dsq.DoubleSqueezeState(cfg)
+                                  warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size)
+    state = dsq.DoubleSqueezeState(cfg)       # before anything else touches the process group's state
 
     if args.load:
         src = rank if args.load_rank < 0 else args.load_rank

@@ -33,7 +33,7 @@ def ds_config(args) -> dict:
         cfg["tensorboard"] = {"enabled": True, "output_path": args.tensorboard, "job_name": "job"}
     if args.compressor != "stock":
         cfg["doublesqueeze"] = {"enabled": True, "compressor": args.compressor, "min_numel": 16,
-                                "bucket_mb": 0.01, **json.loads(args.dsq)}
+                                "block_size": 256, "bucket_mb": 0.01, **json.loads(args.dsq)}
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Runs under real horovodrun (Gloo): training with horovod_ext.DistributedOptimizer, recording what the tests
 check. Each rank writes OUT/rank{r}.pt: per step its local (accumulated) gradient and the averaged update the
-optimizer produced, by parameter name; at the end its residuals (server residual: this rank's shard, zero
-elsewhere) and the collective's counters.
+optimizer produced, by parameter name; at the end its residuals (server residual: this rank's blocks, zero
+elsewhere) and the collective's counters. Blocks of 256 elements unless --block-size says otherwise.
 
 Modes: `explicit` passes compression=Compression.from_spec(--compressor); `flag` names no compressor (the
 dsq-horovodrun flag, if any, decides); `stock` hands the compressor to Horovod's own hvd.DistributedOptimizer.
@@ -35,7 +35,8 @@ def run(args, spec, out: Path, tag: str):
     else:
         cfg = DoubleSqueezeConfig(compressor=spec, server_compressor=args.server_compressor,
                                   worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
-                                  warmup_steps=args.warmup, min_numel=args.min_numel, bucket_mb=args.bucket_mb)
+                                  warmup_steps=args.warmup, min_numel=args.min_numel, bucket_mb=args.bucket_mb,
+                                  block_size=args.block_size)
         opt = horovod_ext.DistributedOptimizer(base, config=cfg, **kwargs)
     dsq = getattr(opt, "doublesqueeze", None)
 
@@ -103,6 +104,7 @@ def main():
     ap.add_argument("--no-server-ef", action="store_true")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--min-numel", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--bucket-mb", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--first-step", type=int, default=0)

@@ -17,6 +17,8 @@ def test_defaults_and_canonical_specs():
     ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
     ({"min_numel": 2.5}, "min_numel must be an integer"),
     ({"bucket_mb": 0}, "bucket_mb must be a number > 0"),
+    ({"block_size": 100}, "block_size must be a positive multiple of 8"),
+    ({"block_size": 0}, "block_size must be a positive multiple of 8"),
 ])
 def test_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,7 @@
 """The DeepSpeed integration with real multi-process DeepSpeed (gloo, CPU) under torchrun and the deepspeed
 launcher, 2 and 3 ranks. Updates are recovered from the weights and compared with the Simulator run on
 gradients that plain torch computes on a copy of the model."""
+import dataclasses
 import json
 
 import pytest
@@ -27,9 +28,9 @@ def run(torchrun, tmp_path, nproc, *args, name="run", launcher=None, **kw):
 
 
 def simulate(ranks, cfg, name="weight", scale=1.0):
-    """The Simulator's updates (times `scale`) on the ranks' reference gradients, one shard per rank."""
+    """The Simulator's updates (times `scale`) on the ranks' reference gradients (the workers use blocks of 256)."""
     w = len(ranks)
-    sim = dsq.Simulator(w, cfg, shards=w, key=name)
+    sim = dsq.Simulator(w, dataclasses.replace(cfg, block_size=256), key=name)
     return [scale * sim.step([r["records"][t]["g"][name] for r in ranks]) for t in range(len(ranks[0]["records"]))]
 
 

@@ -40,7 +40,8 @@ DEMO = ROOT / "examples" / "demo.py"
 def test_demo_four_ranks_five_methods(torchrun, tmp_path):
     """`make demo`'s script, shortened: every method trains, bytes follow from the payload sizes, the modelled
     times add the bytes over each link to the measured time, and the plots and TensorBoard logs are written."""
-    proc = torchrun(4, DEMO, ["--epochs", "3", "--hidden", "128", "--outdir", tmp_path], timeout=300)
+    proc = torchrun(4, DEMO, ["--epochs", "3", "--hidden", "128", "--block-size", "512", "--outdir", tmp_path],
+                    timeout=300)
     out = json.loads((tmp_path / "results.json").read_text())
     runs = {r["method"]: r for r in out["results"]}
     assert list(runs) == ["dense", "dsq-sign", "dsq-topk:0.01", "sign-no-ef", "sign-1pass-ef"]
@@ -52,11 +53,12 @@ def test_demo_four_ranks_five_methods(torchrun, tmp_path):
     # dense: a ring all-reduce of fp32 gradients sends 2 (W - 1) / W of them per step
     assert runs["dense"]["mb_sent_per_worker"] * 1e6 == pytest.approx(steps * 2 * (w - 1) * params * 4 / w, rel=1e-3)
     dense_mb = runs["dense"]["mb_sent_per_worker"]
+    # The busiest rank's bytes: 51 blocks of 512 over 4 owners, the busiest owns more than a quarter of them.
     for name in ("dsq-sign", "sign-no-ef"):                   # 1 bit per element plus scales and headers
         assert 20 < dense_mb / runs[name]["mb_sent_per_worker"] < 32
-    assert dense_mb / runs["dsq-topk:0.01"]["mb_sent_per_worker"] > 20
-    # single-pass EF: sign uplink, dense (fp32) downlink: about half of dense
-    assert 1.8 < dense_mb / runs["sign-1pass-ef"]["mb_sent_per_worker"] < 2.0
+    assert dense_mb / runs["dsq-topk:0.01"]["mb_sent_per_worker"] > 15
+    # single-pass EF: sign uplink, dense (fp32) downlink: about half of dense, less the imbalance of owners
+    assert 1.5 < dense_mb / runs["sign-1pass-ef"]["mb_sent_per_worker"] < 2.0
     for r in runs.values():
         assert r["accuracy"] > 0.3 and r["final_loss"] < 2.3   # chance is 0.1 and ln(10) = 2.30
         assert r["curve"]["step"] == list(range(1, steps + 1))         # one record per step

@@ -105,7 +105,7 @@ SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
 
 @pytest.mark.parametrize("nproc,specs,extra", SIM_CASES, ids=[f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES])
 def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
-    """One parameter: the optimizer's updates and residuals equal the Simulator's (one shard per rank) on the
+    """One parameter: the optimizer's updates and residuals equal the Simulator's (blocks of 256 elements) on the
     same per-rank gradients, for every compressor and baseline switch."""
     tags = [s.replace(":", "_") for s in specs.split(",")]
     runs = run(horovodrun, tmp_path, nproc, "--model", "single", "--compressors", specs, "--steps", "6", *extra,
@@ -115,8 +115,8 @@ def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
         cfg = dsq.DoubleSqueezeConfig(
             compressor=spec, min_numel=16, server_compressor="none" if "none" in extra else None,
             worker_ef="--no-worker-ef" not in extra, server_ef="--no-server-ef" not in extra,
-            warmup_steps=3 if "--warmup" in extra else 0)
-        sim = dsq.Simulator(nproc, cfg, shards=nproc, key="weight")
+            warmup_steps=3 if "--warmup" in extra else 0, block_size=256)
+        sim = dsq.Simulator(nproc, cfg, key="weight")
         for t, rec in enumerate(ranks[0]["records"]):
             expected = sim.step([ranks[r]["records"][t]["g"]["weight"] for r in range(nproc)])
             for r in ranks:
@@ -140,7 +140,7 @@ def test_sum_and_predivide_as_in_horovod(horovodrun, tmp_path, option):
     sees g / f, the result is scaled back), so both match the Simulator's average."""
     ranks = run(horovodrun, tmp_path, 2, "--model", "single", "--compressors", "sign", "--steps", "4",
                 *option)["sign"]
-    sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16), shards=2, key="weight")
+    sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16, block_size=256), key="weight")
     factor = 2 if option[0] == "--op" else 1
     for t, rec in enumerate(ranks[0]["records"]):
         expected = sim.step([ranks[r]["records"][t]["g"]["weight"] for r in range(2)])

@@ -41,17 +41,18 @@ def test_matches_plain_torch_sign():
     torch.testing.assert_close(sim.server_error, e_s, rtol=1e-6, atol=1e-6)
 
 
-def test_matches_plain_torch_topk_dense_downlink_and_sharded():
-    """top-k up, dense down (MEM-SGD), the server sharded in two: the downlink is exactly the mean of the uplink."""
+def test_matches_plain_torch_topk_dense_downlink_in_blocks():
+    """top-k up, dense down (MEM-SGD), blocks of 24 (a full block and a tail of 16): the downlink is exactly the
+    mean of the uplink, and top-k keeps k of each block."""
     torch.manual_seed(1)
     n, d = 2, 40
-    sim = dsq.Simulator(n, cfg(compressor="topk:0.1", server_compressor="none"), shards=2)
+    sim = dsq.Simulator(n, cfg(compressor="topk:0.1", server_compressor="none", block_size=24))
     e_w = [torch.zeros(d) for _ in range(n)]
 
-    def topk(v):        # per shard of 20: k = 2
+    def topk(v):        # block of 24: k = 3; block of 16: k = 2
         out = torch.zeros_like(v)
-        for s in (slice(0, 20), slice(20, 40)):
-            idx = v[s].abs().argsort(descending=True)[:2]
+        for s, k in ((slice(0, 24), 3), (slice(24, 40), 2)):
+            idx = v[s].abs().argsort(descending=True)[:k]
             out[s][idx] = v[s][idx]
         return out
 
@@ -67,11 +68,11 @@ def test_matches_plain_torch_topk_dense_downlink_and_sharded():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("shards", [1, 3])
-def test_conservation_law(spec, shards):
+@pytest.mark.parametrize("block_size", [8, 4096])
+def test_conservation_law(spec, block_size):
     torch.manual_seed(2)
     n, d, steps = 4, 101, 30
-    sim = dsq.Simulator(n, cfg(compressor=spec), shards=shards)
+    sim = dsq.Simulator(n, cfg(compressor=spec, block_size=block_size))
     applied = torch.zeros(d, dtype=torch.float64)
     true = torch.zeros(d, dtype=torch.float64)
     for _ in range(steps):
@@ -117,6 +118,15 @@ def test_baseline_switches():
     assert all(torch.count_nonzero(e) == 0 for e in no_ef.worker_errors + [no_ef.server_error])
     assert all(torch.count_nonzero(e) > 0 for e in worker_only.worker_errors)
     assert torch.count_nonzero(worker_only.server_error) == 0
+
+
+def test_sign_scale_is_per_block():
+    """sign with blocks of 16: one scale per block, the mean |v| of that block."""
+    sim = dsq.Simulator(1, cfg(compressor="sign", block_size=16, server_compressor="none"))
+    g = torch.cat([torch.full((16,), 2.0), torch.full((16,), -0.5), torch.tensor([1.0, -3.0])])
+    c = sim.step([g])
+    torch.testing.assert_close(c, torch.cat([torch.full((16,), 2.0), torch.full((16,), -0.5),
+                                             torch.tensor([2.0, -2.0])]))
 
 
 def test_warmup_and_min_numel_are_dense():

@@ -1,0 +1,448 @@
+"""The double pass over one bucket, vectorised: a handful of batched calls per stage, on the gradients' device.
+
+`BucketState` owns what persists for one bucket layout (its `BucketPlan`): the worker residual of its blocks (in
+tensor order, full rows (R, B) and tail rows (T, cap)), the server residual of the blocks this rank owns, the
+wire buffers and the small tail tables. An `Exchange` is one bucket's pass through the stages:
+
+    worker_pass      v = g + e_i per block, C_w(v) packed straight into the uplink send buffer, the non-finite
+                     flag into every message's header               (the hook's thread; then the uplink is issued)
+    serve            skip = any rank's flag; e_i <- v - C_w(v) unless skip; server pass over the owned blocks:
+                     v_s = mean_i C_w(v_i) + e, C_s(v_s) into this rank's downlink message, e <- v_s - C_s(v_s)
+                     unless skip                                    (then the downlink is issued)
+    finish           decode every owner's C_s rows into the outputs (all NaN if skip)
+
+Full rows go through in chunks of `plan.chunk_rows` rows (temporaries the size of a chunk, reused); every stage is
+O(1) torch calls per chunk plus O(P) views, O(W) only where there is one message per rank. Nothing on the hot
+path synchronises the host with the device: the skip is a 0-d device tensor applied with `torch.where`, except on
+the CPU with fast paths on, where reading it costs nothing and saves the work.
+"""
+import threading
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import fastpath, rng
+from .compressors import Compressor
+from .monitor import RoundStats
+from .plan import BucketPlan, WireLayout
+from .seeding import DOWNLINK, UPLINK
+
+__all__ = ["BucketState", "Exchange", "Scratch"]
+
+
+class Scratch(threading.local):
+    """Temporaries of one thread (chunk-sized), reused by every bucket; one set per thread, so that the hook's
+    thread and the communication thread never share one."""
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        bufs = self.__dict__.setdefault("bufs", {})
+        key = (name, dtype, device)
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+class Exchange:
+    """One bucket's double pass in flight."""
+
+    def __init__(self, state: Optional["BucketState"], items: List[torch.Tensor], step: int, track: bool):
+        self.state, self.items, self.step, self.track = state, items, step, track
+        self.up = self.down = self.dense = None        # pending collectives
+        self.dense_buf: Optional[torch.Tensor] = None
+        self.in_place_dense = False
+        self.skip: Optional[torch.Tensor] = None      # 0-d bool, on the device
+        self.host_skip: Optional[bool] = None         # the same, where reading it is free (CPU fast path)
+        self.stats = RoundStats()
+        self.error_sq = {}                           # device accumulators of the monitor's error norms
+        self.finished = False
+
+
+def _views(tensors, segments, dst_is_item: bool, batch: torch.Tensor):
+    items, flat = [], batch.view(-1)
+    for item, start, bstart, length in segments:
+        items.append(tensors[item].narrow(0, start, length))
+    rows = [flat.narrow(0, bstart, length) for _, _, bstart, length in segments]
+    return (items, rows) if dst_is_item else (rows, items)
+
+
+def _copy(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _col(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+class BucketState:
+    """What persists for one bucket layout: plan, residuals, wire buffers, static seeds (module docstring)."""
+
+    def __init__(self, plan: BucketPlan, wc: Compressor, sc: Compressor, worker_ef: bool, server_ef: bool,
+                 base_seed: int):
+        self.plan, self.wc, self.sc = plan, wc, sc
+        p, dev, dt = plan, plan.device, plan.dtype
+        B, W, me = p.block_size, p.world_size, p.rank
+        self.has_rows = p.R + p.T > 0
+        self.keep_worker = worker_ef and not wc.lossless and self.has_rows
+        self.keep_server = server_ef and not sc.lossless and self.has_rows
+        zeros = lambda *shape: torch.zeros(*shape, dtype=dt, device=dev)     # noqa: E731
+        self.e_full = zeros(p.R, B) if self.keep_worker else None
+        self.e_tail = zeros(p.T, p.cap) if self.keep_worker else None
+        self.s_full = zeros(p.F_me, B) if self.keep_server else None
+        self.s_tail = zeros(p.T_me, p.cap) if self.keep_server else None
+        self.dense_buf = None
+        if not self.has_rows:
+            return
+        self.up: WireLayout = p.layout(wc, "up")
+        self.down: WireLayout = p.layout(sc, "down")
+        u8 = dict(dtype=torch.uint8, device=dev)
+        self.send = torch.zeros(self.up.total, **u8)
+        self.recv_size = W * self.up.sizes[me]
+        # the uplink's receive buffer, then (once the server pass has read it) the downlink's gathered buffer
+        self.exchange_buf = torch.zeros(max(self.recv_size, self.down.total), **u8)
+        self.own = torch.zeros(self.down.sizes[me], **u8)
+        self.header_pos = torch.as_tensor(self.up.starts, device=dev)
+        self.vt = zeros(p.T, p.cap)
+        self.up_tail = [torch.zeros(p.T, f.tail_cap, dtype=f.dtype, device=dev) for f in self.up.fields]
+        self.recv_tail = [torch.zeros(W, p.T_me, f.tail_cap, dtype=f.dtype, device=dev) for f in self.up.fields]
+        self.own_tail = [torch.zeros(p.T_me, f.tail_cap, dtype=f.dtype, device=dev) for f in self.down.fields]
+        self.down_tail = [torch.zeros(p.T, f.tail_cap, dtype=f.dtype, device=dev) for f in self.down.fields]
+        self._seeds = self._static_seeds(base_seed)
+
+    # -- seeds ---------------------------------------------------------------------------------------------------
+    def _static_seeds(self, base: int) -> Dict[str, torch.Tensor]:
+        """Static seeds (see `rng`) of every row this rank compresses or decodes, by role, as int64 tensors."""
+        p, out = self.plan, {}
+        full_blocks = [(s.key, b) for s in p.compressed for b in range(s.full)]
+        tail_blocks = [(s.key, s.full) for s in p.compressed if s.tail_row >= 0]
+
+        def table(blocks, direction, rank):
+            return torch.tensor([rng.static_seed(base, k, b, direction, rank) for k, b in blocks] or [0],
+                                dtype=torch.int64, device=p.device)[:len(blocks)]
+        mine_full = [full_blocks[r] for r in p.owned_full[p.rank]]
+        mine_tail = [tail_blocks[r] for r in p.owned_tail[p.rank]]
+        if self.wc.uses_seed:
+            per_rank = self.wc.seed_per_rank
+            out["up_full"] = table(full_blocks, UPLINK, p.rank if per_rank else -1)
+            out["up_tail"] = table(tail_blocks, UPLINK, p.rank if per_rank else -1)
+            senders = range(p.world_size) if per_rank else [-1]
+            out["recv_full"] = [table(mine_full, UPLINK, i) for i in senders]
+            out["recv_tail"] = [table(mine_tail, UPLINK, i) for i in senders]
+        if self.sc.uses_seed:
+            out["own_full"] = table(mine_full, DOWNLINK, -1)
+            out["own_tail"] = table(mine_tail, DOWNLINK, -1)
+            out["down_full"] = table(full_blocks, DOWNLINK, -1)
+            out["down_tail"] = table(tail_blocks, DOWNLINK, -1)
+        return out
+
+    def seeds(self, role: str, step: int, sender: int = 0) -> Optional[torch.Tensor]:
+        t = self._seeds.get(role)
+        if t is None:
+            return None
+        if isinstance(t, list):
+            t = t[sender if len(t) > 1 else 0]
+        return rng.step_seeds(t, step)
+
+    # -- stage 1: the worker pass ----------------------------------------------------------------------------
+    def worker_pass(self, ex: Exchange, scratch: Scratch, flat: Optional[torch.Tensor]) -> torch.Tensor:
+        """Compress ``g + e_i`` of every block into the send buffer. Returns a 0-d bool tensor: whether any
+        compensated value or dense gradient here is NaN or infinite."""
+        p, wc, up = self.plan, self.wc, self.up if self.has_rows else None
+        bad = torch.zeros((), dtype=torch.bool, device=p.device)
+        if self.has_rows:
+            B = p.block_size
+            seeds = self.seeds("up_full", ex.step)
+            v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
+            for a, b in p.chunks(p.R):
+                v = v_buf[:(b - a) * B].view(b - a, B)
+                self._compensated(ex.items, a, b, v)
+                fields = wc.encode(v, None, None if seeds is None else seeds[a:b])
+                bad |= _nonfinite(wc, fields, v)
+                for i, f in enumerate(up.fields):
+                    self._rows_view(self.send, up, i, a, b, write=fields[f.name])
+            if p.T:
+                vt = self._compensated_tail(ex.items)
+                fields = wc.encode(vt, p.tail_lengths_t(), self.seeds("up_tail", ex.step))
+                for i, f in enumerate(up.fields):
+                    t = self.up_tail[i]
+                    t.copy_(fields[f.name]).masked_fill_(up.tail_invalid(i, mine=False), 0)
+                    pad, buf = up.tail_index(i, "all")
+                    self.send.view(f.dtype)[buf] = t.view(-1)[pad]
+                bad |= _nonfinite(wc, {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}, vt)
+        if p.dense_items:
+            ex.dense_buf = self._dense_gather(ex.items, flat)
+            bad |= ~torch.isfinite(ex.dense_buf.sum(dtype=torch.float64))
+        return bad
+
+    def _compensated(self, items, a: int, b: int, v: torch.Tensor) -> None:
+        """v (rows a..b) <- g (+ e_i) of those full rows."""
+        dst, src = _views(items, self.plan.full_segments(a, b), False, v)
+        _copy(dst, src)
+        if self.keep_worker:
+            v.add_(self.e_full[a:b])
+
+    def _compensated_tail(self, items) -> torch.Tensor:
+        vt = self.vt
+        dst, src = _views(items, self.plan.tail_segments(), False, vt)
+        _copy(dst, src)
+        if self.keep_worker:
+            vt.add_(self.e_tail)            # zero beyond each row's length, as vt is
+        return vt
+
+    @staticmethod
+    def _rows_view(buf: torch.Tensor, lay: WireLayout, f: int, a: int, b: int, write=None):
+        """Field f of tensor-order full rows [a, b) in a buffer of all W messages: read them, or write `write`.
+        Rows move as their widest integer type (`_Field.move`)."""
+        fld = lay.fields[f]
+        view = buf.view(fld.move)
+        idx = lay.row_starts(f)[a:b, None] + _col(fld.move_items, buf.device)
+        if write is None:
+            return view[idx].view(fld.dtype)
+        view[idx] = write.contiguous().view(fld.move)
+
+    def _dense_gather(self, items, flat) -> torch.Tensor:
+        p = self.plan
+        if flat is not None and len(p.dense_items) == len(p.spans) and flat.numel() == p.numel:
+            return flat                                  # all dense (warm-up): reduce the bucket in place
+        if self.dense_buf is None:
+            self.dense_buf = torch.empty(p.dense_numel, dtype=p.dtype, device=p.device)
+        buf, off, dst, src = self.dense_buf, 0, [], []
+        for i in p.dense_items:
+            dst.append(buf.narrow(0, off, p.numels[i]))
+            src.append(items[i])
+            off += p.numels[i]
+        _copy(dst, src)
+        return buf
+
+    # -- stage 2: residual update and the server pass ---------------------------------------------------------
+    def serve(self, ex: Exchange, recv: Optional[torch.Tensor], scratch: Scratch) -> None:
+        """Given the uplink bytes (W messages to this rank), decide the skip, update the worker residual and run
+        the server pass into `self.own` (this rank's downlink message)."""
+        p = self.plan
+        if recv is not None:
+            M = self.up.sizes[p.rank]
+            ex.skip = (recv[:self.recv_size].view(p.world_size, M)[:, 0] != 0).any()
+        if fastpath.on_cpu(ex.skip):
+            ex.host_skip = bool(ex.skip)
+        if not self.has_rows:
+            return
+        self._worker_residual(ex, scratch)
+        self._server_pass(ex, recv[:self.recv_size], scratch)
+
+    def _keep(self, ex: Exchange, dst: torch.Tensor, new: torch.Tensor) -> None:
+        """dst <- new, unless the exchange is skipped (then dst stays as it is)."""
+        if ex.host_skip is None:
+            dst.copy_(torch.where(ex.skip, dst, new))
+        elif not ex.host_skip:
+            dst.copy_(new)
+
+    def _track(self, ex: Exchange, name: str, t: torch.Tensor) -> None:
+        if ex.track:
+            sq = torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
+            ex.error_sq[name] = ex.error_sq.get(name, 0) + sq
+
+    def _worker_residual(self, ex: Exchange, scratch: Scratch) -> None:
+        if not self.keep_worker or ex.host_skip:
+            return
+        p, wc, up, B = self.plan, self.wc, self.up, self.plan.block_size
+        seeds = self.seeds("up_full", ex.step)
+        v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
+        d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)
+        for a, b in p.chunks(p.R):
+            v = v_buf[:(b - a) * B].view(b - a, B)
+            self._compensated(ex.items, a, b, v)
+            fields = {f.name: self._rows_view(self.send, up, i, a, b) for i, f in enumerate(up.fields)}
+            dec = wc.decode(fields, B, p.dtype, None, None if seeds is None else seeds[a:b],
+                            out=d_buf[:(b - a) * B].view(b - a, B))
+            new = dec.neg_().add_(v)                               # v - C_w(v)
+            self._track(ex, "worker_input_sq", v)
+            self._track(ex, "worker_error_sq", new)
+            self._keep(ex, self.e_full[a:b], new)
+        if p.T:
+            vt = self.vt                                      # still g + e_i of the tails, from the worker pass
+            fields = {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}
+            dec = wc.decode(fields, p.cap, p.dtype, p.tail_lengths_t(), self.seeds("up_tail", ex.step))
+            new = (vt - dec).masked_fill_(p.tail_pad_mask(mine=False), 0)
+            self._track(ex, "worker_input_sq", vt)
+            self._track(ex, "worker_error_sq", new)
+            self._keep(ex, self.e_tail, new)
+
+    def _server_pass(self, ex: Exchange, recv: torch.Tensor, scratch: Scratch) -> None:
+        p, wc, sc, up, down = self.plan, self.wc, self.sc, self.up, self.down
+        B, W, me = p.block_size, p.world_size, p.rank
+        M = up.sizes[me]
+        msgs = recv.view(W, M)
+        own_seeds = self.seeds("own_full", ex.step)
+        recv_seeds = [self.seeds("recv_full", ex.step, i) for i in range(W)]
+        total_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
+        tmp_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)
+        for a, b in p.chunks(p.F_me):
+            n = (b - a) * B
+            total = total_buf[:n].view(b - a, B)
+            for i in range(W):                                  # sum in rank order, as the Simulator does
+                fields = {}
+                for k, f in enumerate(up.fields):
+                    start = up.full_off[me][k] // f.itemsize
+                    fields[f.name] = msgs[i].view(f.dtype)[start + a * f.full:start + b * f.full].view(b - a, f.full)
+                s = recv_seeds[i]
+                out = total if i == 0 else tmp_buf[:n].view(b - a, B)
+                dec = wc.decode(fields, B, p.dtype, None, None if s is None else s[a:b], out=out)
+                if i:
+                    total.add_(dec)
+            vs = total.div_(W)
+            if self.keep_server:
+                vs.add_(self.s_full[a:b])
+            fields = sc.encode(vs, None, None if own_seeds is None else own_seeds[a:b])
+            for k, f in enumerate(down.fields):
+                start = down.full_off[me][k] // f.itemsize
+                self.own.view(f.dtype)[start + a * f.full:start + b * f.full].view(b - a, f.full).copy_(fields[f.name])
+            if self.keep_server and not ex.host_skip:
+                dec = sc.decode(fields, B, p.dtype, None, None if own_seeds is None else own_seeds[a:b],
+                                out=tmp_buf[:n].view(b - a, B))
+                new = dec.neg_().add_(vs)
+                self._track(ex, "server_input_sq", vs)
+                self._track(ex, "server_error_sq", new)
+                self._keep(ex, self.s_full[a:b], new)
+        if p.T_me:
+            self._server_tails(ex, msgs)
+
+    def _server_tails(self, ex: Exchange, msgs: torch.Tensor) -> None:
+        p, wc, sc, up, down = self.plan, self.wc, self.sc, self.up, self.down
+        W, me = p.world_size, p.rank
+        lengths = p.my_tail_lengths_t()
+        for k, f in enumerate(up.fields):
+            pad, buf = up.tail_index(k, "mine_up")
+            self.recv_tail[k].view(W, -1)[:, pad] = msgs.view(f.dtype)[:, buf]
+        total = None
+        for i in range(W):
+            fields = {f.name: self.recv_tail[k][i] for k, f in enumerate(up.fields)}
+            dec = wc.decode(fields, p.cap, p.dtype, lengths, self.seeds("recv_tail", ex.step, i))
+            total = dec.clone() if i == 0 else total.add_(dec)
+        vs = total.div_(W).masked_fill_(p.tail_pad_mask(mine=True), 0)     # decoders leave padding unspecified
+        if self.keep_server:
+            vs.add_(self.s_tail)
+        seeds = self.seeds("own_tail", ex.step)
+        fields = sc.encode(vs, lengths, seeds)
+        for k, f in enumerate(down.fields):
+            t = self.own_tail[k]
+            t.copy_(fields[f.name]).masked_fill_(down.tail_invalid(k, mine=True), 0)
+            pad, buf = down.tail_index(k, "mine_down")
+            self.own.view(f.dtype)[buf] = t.view(-1)[pad]
+        if self.keep_server and not ex.host_skip:
+            dec = sc.decode({f.name: self.own_tail[k] for k, f in enumerate(down.fields)}, p.cap, p.dtype, lengths,
+                            seeds)
+            new = (vs - dec).masked_fill_(p.tail_pad_mask(mine=True), 0)
+            self._track(ex, "server_input_sq", vs)
+            self._track(ex, "server_error_sq", new)
+            self._keep(ex, self.s_tail, new)
+
+    # -- stage 3: decode the downlink into the outputs --------------------------------------------------------
+    def finish(self, ex: Exchange, gathered: Optional[torch.Tensor], outs: List[torch.Tensor],
+               scratch: Scratch) -> None:
+        p, sc, down = self.plan, self.sc, self.down if self.has_rows else None
+        if self.has_rows:
+            B = p.block_size
+            seeds = self.seeds("down_full", ex.step)
+            d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)
+            for a, b in p.chunks(p.R):
+                fields = {f.name: self._rows_view(gathered, down, i, a, b) for i, f in enumerate(down.fields)}
+                dec = sc.decode(fields, B, p.dtype, None, None if seeds is None else seeds[a:b],
+                                out=d_buf[:(b - a) * B].view(b - a, B))
+                self._nan_if_skipped(ex, dec)
+                dst, src = _views(outs, p.full_segments(a, b), True, dec)
+                _copy(dst, src)
+            if p.T:
+                for i, f in enumerate(down.fields):
+                    pad, buf = down.tail_index(i, "all")
+                    self.down_tail[i].view(-1)[pad] = gathered.view(f.dtype)[buf]
+                fields = {f.name: self.down_tail[i] for i, f in enumerate(down.fields)}
+                dec = sc.decode(fields, p.cap, p.dtype, p.tail_lengths_t(), self.seeds("down_tail", ex.step))
+                self._nan_if_skipped(ex, dec)
+                dst, src = _views(outs, p.tail_segments(), True, dec)
+                _copy(dst, src)
+        if p.dense_items:
+            buf = ex.dense_buf.div_(p.world_size)
+            self._nan_if_skipped(ex, buf)
+            if not ex.in_place_dense:
+                off, dst, src = 0, [], []
+                for i in p.dense_items:
+                    dst.append(outs[i])
+                    src.append(buf.narrow(0, off, p.numels[i]))
+                    off += p.numels[i]
+                _copy(dst, src)
+
+    @staticmethod
+    def _nan_if_skipped(ex: Exchange, t: torch.Tensor) -> None:
+        if ex.host_skip is None:
+            t.masked_fill_(ex.skip, float("nan"))
+        elif ex.host_skip:
+            t.fill_(float("nan"))
+
+    # -- residuals by tensor -----------------------------------------------------------------------------------
+    def worker_residual(self, key) -> Optional[torch.Tensor]:
+        """The worker residual of tensor `key` (flat, its size), or None."""
+        if not self.keep_worker:
+            return None
+        s = self._span(key)
+        parts = [self.e_full[s.row0:s.row0 + s.full].reshape(-1)]
+        if s.tail_row >= 0:
+            parts.append(self.e_tail[s.tail_row, :s.tail])
+        return torch.cat(parts)
+
+    def server_residual(self, key) -> Optional[torch.Tensor]:
+        """This rank's server residual of tensor `key`: its owned blocks, in block order, concatenated."""
+        if not self.keep_server:
+            return None
+        s, p = self._span(key), self.plan
+        rows = p.owned_full[p.rank]
+        lo, hi = np.searchsorted(rows, [s.row0, s.row0 + s.full])
+        parts = [self.s_full[lo:hi].reshape(-1)]
+        if s.tail_row >= 0:
+            t = int(np.searchsorted(p.owned_tail[p.rank], s.tail_row))
+            if t < p.T_me and p.owned_tail[p.rank][t] == s.tail_row:
+                parts.append(self.s_tail[t, :s.tail])
+        return torch.cat(parts)
+
+    def load_residuals(self, key, worker: Optional[torch.Tensor], server: Optional[torch.Tensor]) -> None:
+        """Put tensor `key`'s residuals (as `worker_residual` / `server_residual` return them) in place."""
+        s, p = self._span(key), self.plan
+        B = p.block_size
+        if worker is not None and self.keep_worker:
+            worker = worker.reshape(-1).to(device=p.device, dtype=p.dtype)
+            _check_size(key, "worker", worker, s.numel)
+            self.e_full[s.row0:s.row0 + s.full].view(-1).copy_(worker[:s.full * B])
+            if s.tail_row >= 0:
+                self.e_tail[s.tail_row, :s.tail] = worker[s.full * B:]
+        if server is not None and self.keep_server:
+            server = server.reshape(-1).to(device=p.device, dtype=p.dtype)
+            rows = p.owned_full[p.rank]
+            lo, hi = np.searchsorted(rows, [s.row0, s.row0 + s.full])
+            t = int(np.searchsorted(p.owned_tail[p.rank], s.tail_row)) if s.tail_row >= 0 else p.T_me
+            has_tail = t < p.T_me and p.owned_tail[p.rank][t] == s.tail_row
+            _check_size(key, "server", server, (hi - lo) * B + (s.tail if has_tail else 0))
+            self.s_full[lo:hi].view(-1).copy_(server[:(hi - lo) * B])
+            if has_tail:
+                self.s_tail[t, :s.tail] = server[(hi - lo) * B:]
+
+    def _span(self, key):
+        if not hasattr(self, "_by_key"):
+            self._by_key = {s.key: s for s in self.plan.compressed}
+        return self._by_key[key]
+
+
+def _nonfinite(compressor: Compressor, fields, v: torch.Tensor) -> torch.Tensor:
+    flag = compressor.nonfinite(fields)
+    return ~torch.isfinite(v.sum(dtype=torch.float64)) if flag is None else flag
+
+
+def _check_size(key, which, t, expected):
+    if t.numel() != expected:
+        raise ValueError(f"{which} residual of {key!r} has {t.numel()} elements, this rank keeps {expected} for it: "
+                         f"was the state saved with another model, block size or world size?")
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,178 @@
+"""The block-wise engine against the Simulator, with W ranks in one process (`ThreadWorld`).
+
+Several tensors of awkward sizes (full blocks, tails, a tensor shorter than a block, one below `min_numel`) in
+buckets of different layouts, 1 to 5 ranks, every compressor and baseline switch: every rank's updates equal the
+Simulator's per tensor, the residuals equal the Simulator's, and the conservation law holds. Chunks of a few rows
+make the chunked paths run on small tensors.
+"""
+import pytest
+import torch
+
+import dsq_plugins as dsq
+from dsq_plugins.collective import DoubleSqueezeCollective
+
+SIZES = {"a": 1000, "b": 64 * 7, "c": 37, "d": 64 * 3 + 5, "e": 8, "f": 640}      # block size 64: tails, a full-only
+SPECS = ["none", "fp16", "bf16", "sign", "topk:0.1", "randomk:0.25", "qsgd:4", "int8:16"]
+
+
+def make_config(spec, **kw):
+    kw.setdefault("min_numel", 16)
+    kw.setdefault("block_size", 64)
+    return dsq.DoubleSqueezeConfig(compressor=spec, **kw)
+
+
+def grads_of(step, rank, dtype):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return {k: (torch.randn(n, generator=g, dtype=torch.float64) * 0.1 + 0.01 * rank).to(dtype)
+            for k, n in SIZES.items()}
+
+
+def run_world(world, config, steps, buckets, dtype=torch.float32, chunk_elements=128, nan_at=None):
+    """Every rank reduces `buckets` (lists of keys) each step; returns per rank: updates by step and key, and
+    the collective."""
+    def rank_main(comm):
+        col = DoubleSqueezeCollective(config, comm, chunk_elements=chunk_elements)
+        updates = []
+        for t in range(steps):
+            g = grads_of(t, comm.rank, dtype)
+            if nan_at == (t, comm.rank):
+                g["b"][3] = float("nan")
+            got = {}
+            layout = buckets if t % 2 == 0 else [sum(buckets, [])]        # the layout changes between steps
+            for keys in layout:
+                outs = col.reduce([(k, g[k]) for k in keys])
+                got.update(zip(keys, outs))
+            col.finish_step()
+            updates.append(got)
+        return updates, col
+    return dsq.ThreadWorld(world).run(rank_main)
+
+
+def simulate(world, config, steps, dtype=torch.float32, nan_at=None, nan_bucket=("a", "b")):
+    """Per tensor; a non-finite gradient skips its whole bucket (`nan_bucket`): the Simulator sees it in each."""
+    sims = {k: dsq.Simulator(world, config, key=k) for k in SIZES}
+    updates = []
+    for t in range(steps):
+        per_rank = [grads_of(t, r, dtype) for r in range(world)]
+        if nan_at is not None and nan_at[0] == t:
+            for k in nan_bucket:
+                per_rank[nan_at[1]][k][3] = float("nan")
+        updates.append({k: sims[k].step([per_rank[r][k] for r in range(world)]) for k in SIZES})
+    return updates, sims
+
+
+def check_against_simulator(world, config, steps=5, dtype=torch.float32, tol=None, buckets=None, nan_at=None):
+    buckets = buckets or [["a", "b"], ["c", "d", "e"], ["f"]]
+    ranks = run_world(world, config, steps, buckets, dtype, nan_at=nan_at)
+    expected, sims = simulate(world, config, steps, dtype, nan_at=nan_at)
+    rtol, atol = tol or ((1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6))
+    for r, (updates, col) in enumerate(ranks):
+        for t in range(steps):
+            for k in SIZES:
+                torch.testing.assert_close(updates[t][k], expected[t][k], rtol=rtol, atol=atol, equal_nan=True,
+                                           msg=lambda m: f"rank {r} step {t} tensor {k}: {m}")
+        worker = col.worker_residuals()
+        for k in SIZES:
+            if k in worker:
+                torch.testing.assert_close(worker[k], sims[k].worker_errors[r], rtol=rtol, atol=atol)
+            else:
+                assert not config.worker_ef or config.worker.lossless or SIZES[k] < config.min_numel or \
+                    not torch.count_nonzero(sims[k].worker_errors[r])
+    server = {k: sum(col.expand_server_residual(k, s, SIZES[k])
+                     for _, col in ranks for kk, s in col.server_residuals().items() if kk == k) for k in SIZES}
+    for k in SIZES:
+        if torch.is_tensor(server[k]):
+            torch.testing.assert_close(server[k], sims[k].server_error, rtol=rtol, atol=atol)
+    return ranks, expected, sims
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_equals_simulator(spec, world):
+    check_against_simulator(world, make_config(spec))
+
+
+@pytest.mark.parametrize("spec", ["sign", "topk:0.1", "randomk:0.25", "qsgd:4"])
+def test_equals_simulator_five_ranks_fp64(spec):
+    check_against_simulator(5, make_config(spec), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients(dtype):
+    check_against_simulator(2, make_config("sign"), dtype=dtype, tol=(1e-2, 1e-3))
+
+
+@pytest.mark.parametrize("kw", [dict(worker_ef=False, server_ef=False), dict(server_ef=False),
+                                dict(server_compressor="none"), dict(warmup_steps=2)],
+                         ids=["no-ef", "worker-only", "dense-down", "warmup"])
+def test_baselines_equal_simulator(kw):
+    check_against_simulator(3, make_config("sign", **kw))
+
+
+def test_conservation_law():
+    world, steps = 3, 6
+    config = make_config("sign")
+    ranks, _, _ = check_against_simulator(world, config, steps=steps)
+    for k, n in SIZES.items():
+        applied = sum(ranks[0][0][t][k].double() for t in range(steps))
+        true = sum(sum(grads_of(t, r, torch.float32)[k].double() for r in range(world)) / world for t in range(steps))
+        worker = sum(ranks[r][1].worker_residuals().get(k, torch.zeros(n)).double() for r in range(world)) / world
+        server = sum(ranks[r][1].expand_server_residual(k, s, n).double()
+                     for r in range(world) for kk, s in ranks[r][1].server_residuals().items() if kk == k)
+        torch.testing.assert_close(applied, true - worker - server, rtol=0, atol=1e-5)
+
+
+def test_non_finite_gradient_is_skipped_everywhere():
+    config = make_config("sign")
+    ranks, expected, sims = check_against_simulator(3, config, steps=4, nan_at=(2, 1))
+    for updates, col in ranks:
+        assert col.skipped_steps == 1 and col.totals.skipped == 1
+        assert torch.isnan(updates[2]["a"]).all() and torch.isnan(updates[2]["b"]).all()
+        assert all(torch.isfinite(updates[2][k]).all() for k in "cdef"), "only the bucket with the NaN is skipped"
+        assert all(torch.isfinite(u).all() for t in (0, 1, 3) for u in updates[t].values())
+
+
+def test_world_size_and_layout_do_not_change_the_update():
+    """Block semantics: the same per-rank gradients give the same updates under any bucket layout."""
+    config = make_config("topk:0.1")
+    one = run_world(2, config, 3, [["a", "b", "c", "d", "e", "f"]])
+    many = run_world(2, config, 3, [["a"], ["b"], ["c"], ["d"], ["e"], ["f"]])
+    for (u1, _), (u2, _) in zip(one, many):
+        for t in range(3):
+            for k in SIZES:
+                torch.testing.assert_close(u1[t][k], u2[t][k], rtol=1e-6, atol=1e-7)
+
+
+def test_bytes_are_what_the_collectives_move():
+    """Per direction, the messages hold every block's payload (`Compressor.nbytes` of the block) once, plus an
+    8-byte header per uplink message and fewer than 8 bytes of alignment padding per message."""
+    config = make_config("sign")
+
+    def rank_main(comm):
+        col = DoubleSqueezeCollective(config, comm)
+        g = grads_of(0, comm.rank, torch.float32)
+        col.reduce([(k, g[k]) for k in ("a", "d")])
+        return col.finish_step()
+    s0, s1 = dsq.ThreadWorld(2).run(rank_main)
+    sign = dsq.get_compressor("sign")
+    blocks = sum(sign.nbytes(min(64, n - a), torch.float32) for n in (SIZES["a"], SIZES["d"]) for a in range(0, n, 64))
+    up = s0.bytes_up_recv + s1.bytes_up_recv            # the message to rank j (from either rank) is M_j bytes
+    assert 0 <= up - blocks - 2 * 8 < 2 * 8
+    down = s0.bytes_down_sent + s1.bytes_down_sent
+    assert 0 <= down - blocks < 2 * 8
+    assert s0.bytes_up_sent == s1.bytes_up_recv and s1.bytes_up_sent == s0.bytes_up_recv
+    assert s0.bytes_down_sent == s1.bytes_down_recv and s1.bytes_down_sent == s0.bytes_down_recv
+    assert s0.dense_bytes == 4 * (SIZES["a"] + SIZES["d"])
+
+
+def test_bad_input():
+    config = make_config("sign")
+
+    def rank_main(comm):
+        col = DoubleSqueezeCollective(config, comm)
+        with pytest.raises(ValueError, match="1-D"):
+            col.reduce([("x", torch.zeros(3, 4))])
+        with pytest.raises(ValueError, match="share a dtype"):
+            col.reduce([("x", torch.zeros(30)), ("y", torch.zeros(30, dtype=torch.float64))])
+        return True
+    assert dsq.ThreadWorld(1).run(rank_main) == [True]
