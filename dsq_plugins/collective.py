@@ -280,6 +280,21 @@ class DoubleSqueezeCollective:
             return sq ** 0.5
         return norm(self.worker_residuals().values()), norm(self.server_residuals().values())
 
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes kept from step to step, by role (residuals, wire buffers, tail tables, index tables, dense
+        buffers, per-thread scratch) and in total: what this state adds to the gradients' own memory."""
+        out: Dict[str, int] = {}
+        seen = set()
+        for state in self._states.values():
+            if id(state) in seen:
+                continue
+            seen.add(id(state))
+            for k, v in state.memory().items():
+                out[k] = out.get(k, 0) + v
+        out["scratch"] = self._scratch.nbytes()
+        out["total"] = sum(out.values())
+        return out
+
     def reset_residuals(self) -> None:
         """Zero every residual (a checkpoint without them, or from another world size)."""
         self._loaded.clear()

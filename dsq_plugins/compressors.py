@@ -190,6 +190,12 @@ class Compressor:
             out[r, :n] = self._decompress(p, n, dtype)
         return out
 
+    def decode_add(self, fields: Dict[str, torch.Tensor], cap: int, dtype: torch.dtype, acc: torch.Tensor,
+                   lengths: Optional[torch.Tensor] = None, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``acc += decode(fields)`` (the server's sum over ranks), as `decode` then an add unless a compressor
+        does it in one pass."""
+        return acc.add_(self.decode(fields, cap, dtype, lengths, seeds))
+
     def _compress_block(self, flat, seed):
         return self._compress(flat, seed)
 
@@ -299,6 +305,11 @@ class SignCompressor(_Batched):
         rows = bits.shape[0]
         signs = bitpack.unpack_signs(bits, rows * cap, dtype).view(rows, cap)
         return torch.mul(signs, fields["scale"].to(dtype), out=out)      # (rows, 1) scale broadcasts
+
+    def decode_add(self, fields, cap, dtype, acc, lengths=None, seeds=None):
+        rows = fields["bits"].shape[0]
+        signs = bitpack.unpack_signs(fields["bits"], rows * cap, dtype).view(rows, cap)
+        return acc.addcmul_(signs, fields["scale"].to(dtype))           # acc + (+-s): s * +-1 is exact
 
 
 def _parse_ratio(name: str, arg: Optional[str], default: float) -> float:

@@ -32,17 +32,22 @@ from .seeding import DOWNLINK, UPLINK
 __all__ = ["BucketState", "Exchange", "Scratch"]
 
 
-class Scratch(threading.local):
-    """Temporaries of one thread (chunk-sized), reused by every bucket; one set per thread, so that the hook's
-    thread and the communication thread never share one."""
+class Scratch:
+    """Temporaries (chunk-sized), reused by every bucket; one set per thread, so that the hook's thread and the
+    communication thread never share one."""
+
+    def __init__(self):
+        self.bufs: Dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        bufs = self.__dict__.setdefault("bufs", {})
-        key = (name, dtype, device)
-        buf = bufs.get(key)
+        key = (threading.get_ident(), name, dtype, device)
+        buf = self.bufs.get(key)
         if buf is None or buf.numel() < numel:
-            buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+            buf = self.bufs[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(b) for b in list(self.bufs.values()))
 
 
 class Exchange:
@@ -232,12 +237,26 @@ class BucketState:
         self._worker_residual(ex, scratch)
         self._server_pass(ex, recv[:self.recv_size], scratch)
 
-    def _keep(self, ex: Exchange, dst: torch.Tensor, new: torch.Tensor) -> None:
-        """dst <- new, unless the exchange is skipped (then dst stays as it is)."""
+    def _update_residual(self, ex: Exchange, e: torch.Tensor, v: torch.Tensor, decode, tmp: Optional[torch.Tensor],
+                         pad: Optional[torch.Tensor] = None, role: str = "worker") -> None:
+        """e <- v - decode(out), unless the exchange is skipped (then e stays as it is). `decode(out)` decodes the
+        sent fields into `out` (None: a new tensor). Where the skip is known on the host, e itself takes the
+        decoded values and the difference in place; else the difference goes through `tmp` and `torch.where`."""
+        if ex.host_skip:
+            return
         if ex.host_skip is None:
-            dst.copy_(torch.where(ex.skip, dst, new))
-        elif not ex.host_skip:
-            dst.copy_(new)
+            new = decode(tmp)
+            torch.sub(v, new, out=new)
+        else:
+            new = decode(e if e.is_contiguous() else None)
+            torch.sub(v, new, out=e)
+            new = e
+        if pad is not None:
+            new.masked_fill_(pad, 0)
+        self._track(ex, f"{role}_input_sq", v)
+        self._track(ex, f"{role}_error_sq", new)
+        if ex.host_skip is None:
+            torch.where(ex.skip, e, new, out=e)
 
     def _track(self, ex: Exchange, name: str, t: torch.Tensor) -> None:
         if ex.track:
@@ -250,25 +269,22 @@ class BucketState:
         p, wc, up, B = self.plan, self.wc, self.up, self.plan.block_size
         seeds = self.seeds("up_full", ex.step)
         v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
-        d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)
+        d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device) if ex.host_skip is None else None
         for a, b in p.chunks(p.R):
             v = v_buf[:(b - a) * B].view(b - a, B)
             self._compensated(ex.items, a, b, v)
             fields = {f.name: self._rows_view(self.send, up, i, a, b) for i, f in enumerate(up.fields)}
-            dec = wc.decode(fields, B, p.dtype, None, None if seeds is None else seeds[a:b],
-                            out=d_buf[:(b - a) * B].view(b - a, B))
-            new = dec.neg_().add_(v)                               # v - C_w(v)
-            self._track(ex, "worker_input_sq", v)
-            self._track(ex, "worker_error_sq", new)
-            self._keep(ex, self.e_full[a:b], new)
+            s = None if seeds is None else seeds[a:b]
+            self._update_residual(ex, self.e_full[a:b], v,
+                                  lambda out: wc.decode(fields, B, p.dtype, None, s, out=out),
+                                  None if d_buf is None else d_buf[:(b - a) * B].view(b - a, B))
         if p.T:
-            vt = self.vt                                      # still g + e_i of the tails, from the worker pass
             fields = {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}
-            dec = wc.decode(fields, p.cap, p.dtype, p.tail_lengths_t(), self.seeds("up_tail", ex.step))
-            new = (vt - dec).masked_fill_(p.tail_pad_mask(mine=False), 0)
-            self._track(ex, "worker_input_sq", vt)
-            self._track(ex, "worker_error_sq", new)
-            self._keep(ex, self.e_tail, new)
+            lengths, seeds = p.tail_lengths_t(), self.seeds("up_tail", ex.step)
+            # self.vt still holds g + e_i of the tails, from the worker pass
+            self._update_residual(ex, self.e_tail, self.vt,
+                                  lambda out: wc.decode(fields, p.cap, p.dtype, lengths, seeds, out=out),
+                                  None, pad=p.tail_pad_mask(mine=False))
 
     def _server_pass(self, ex: Exchange, recv: torch.Tensor, scratch: Scratch) -> None:
         p, wc, sc, up, down = self.plan, self.wc, self.sc, self.up, self.down
@@ -278,7 +294,7 @@ class BucketState:
         own_seeds = self.seeds("own_full", ex.step)
         recv_seeds = [self.seeds("recv_full", ex.step, i) for i in range(W)]
         total_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
-        tmp_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)
+        tmp_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device) if ex.host_skip is None else None
         for a, b in p.chunks(p.F_me):
             n = (b - a) * B
             total = total_buf[:n].view(b - a, B)
@@ -288,10 +304,11 @@ class BucketState:
                     start = up.full_off[me][k] // f.itemsize
                     fields[f.name] = msgs[i].view(f.dtype)[start + a * f.full:start + b * f.full].view(b - a, f.full)
                 s = recv_seeds[i]
-                out = total if i == 0 else tmp_buf[:n].view(b - a, B)
-                dec = wc.decode(fields, B, p.dtype, None, None if s is None else s[a:b], out=out)
-                if i:
-                    total.add_(dec)
+                s = None if s is None else s[a:b]
+                if i == 0:
+                    wc.decode(fields, B, p.dtype, None, s, out=total)
+                else:
+                    wc.decode_add(fields, B, p.dtype, total, None, s)
             vs = total.div_(W)
             if self.keep_server:
                 vs.add_(self.s_full[a:b])
@@ -299,13 +316,11 @@ class BucketState:
             for k, f in enumerate(down.fields):
                 start = down.full_off[me][k] // f.itemsize
                 self.own.view(f.dtype)[start + a * f.full:start + b * f.full].view(b - a, f.full).copy_(fields[f.name])
-            if self.keep_server and not ex.host_skip:
-                dec = sc.decode(fields, B, p.dtype, None, None if own_seeds is None else own_seeds[a:b],
-                                out=tmp_buf[:n].view(b - a, B))
-                new = dec.neg_().add_(vs)
-                self._track(ex, "server_input_sq", vs)
-                self._track(ex, "server_error_sq", new)
-                self._keep(ex, self.s_full[a:b], new)
+            if self.keep_server:
+                s = None if own_seeds is None else own_seeds[a:b]
+                self._update_residual(ex, self.s_full[a:b], vs,
+                                      lambda out: sc.decode(fields, B, p.dtype, None, s, out=out),
+                                      None if tmp_buf is None else tmp_buf[:n].view(b - a, B), role="server")
         if p.T_me:
             self._server_tails(ex, msgs)
 
@@ -331,13 +346,11 @@ class BucketState:
             t.copy_(fields[f.name]).masked_fill_(down.tail_invalid(k, mine=True), 0)
             pad, buf = down.tail_index(k, "mine_down")
             self.own.view(f.dtype)[buf] = t.view(-1)[pad]
-        if self.keep_server and not ex.host_skip:
-            dec = sc.decode({f.name: self.own_tail[k] for k, f in enumerate(down.fields)}, p.cap, p.dtype, lengths,
-                            seeds)
-            new = (vs - dec).masked_fill_(p.tail_pad_mask(mine=True), 0)
-            self._track(ex, "server_input_sq", vs)
-            self._track(ex, "server_error_sq", new)
-            self._keep(ex, self.s_tail, new)
+        if self.keep_server:
+            own = {f.name: self.own_tail[k] for k, f in enumerate(down.fields)}
+            self._update_residual(ex, self.s_tail, vs, lambda out: sc.decode(own, p.cap, p.dtype, lengths, seeds,
+                                                                               out=out),
+                                  None, pad=p.tail_pad_mask(mine=True), role="server")
 
     # -- stage 3: decode the downlink into the outputs --------------------------------------------------------
     def finish(self, ex: Exchange, gathered: Optional[torch.Tensor], outs: List[torch.Tensor],
@@ -346,14 +359,20 @@ class BucketState:
         if self.has_rows:
             B = p.block_size
             seeds = self.seeds("down_full", ex.step)
-            d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)
             for a, b in p.chunks(p.R):
                 fields = {f.name: self._rows_view(gathered, down, i, a, b) for i, f in enumerate(down.fields)}
-                dec = sc.decode(fields, B, p.dtype, None, None if seeds is None else seeds[a:b],
-                                out=d_buf[:(b - a) * B].view(b - a, B))
+                segs = p.full_segments(a, b)
+                direct = len(segs) == 1 and outs[segs[0][0]].is_contiguous()
+                if direct:                     # the chunk lies in one tensor: decode straight into it
+                    item, start, _, length = segs[0]
+                    target = outs[item].narrow(0, start, length).view(b - a, B)
+                else:
+                    target = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device)[:(b - a) * B].view(b - a, B)
+                dec = sc.decode(fields, B, p.dtype, None, None if seeds is None else seeds[a:b], out=target)
                 self._nan_if_skipped(ex, dec)
-                dst, src = _views(outs, p.full_segments(a, b), True, dec)
-                _copy(dst, src)
+                if not direct:
+                    dst, src = _views(outs, segs, True, dec)
+                    _copy(dst, src)
             if p.T:
                 for i, f in enumerate(down.fields):
                     pad, buf = down.tail_index(i, "all")
@@ -380,6 +399,17 @@ class BucketState:
             t.masked_fill_(ex.skip, float("nan"))
         elif ex.host_skip:
             t.fill_(float("nan"))
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes this bucket keeps from step to step, by role."""
+        def total(*ts):
+            return sum(_nbytes(t) for t in ts if t is not None)
+        out = {"worker_residual": total(self.e_full, self.e_tail), "server_residual": total(self.s_full, self.s_tail),
+               "dense": total(self.dense_buf), "tables": sum(_nbytes(t) for t in self.plan._device_cache.values())}
+        if self.has_rows:
+            out["wire"] = total(self.send, self.exchange_buf, self.own)
+            out["tails"] = total(self.vt, *self.up_tail, *self.recv_tail, *self.own_tail, *self.down_tail)
+        return out
 
     # -- residuals by tensor -----------------------------------------------------------------------------------
     def worker_residual(self, key) -> Optional[torch.Tensor]:
@@ -442,6 +472,10 @@ def _check_size(key, which, t, expected):
     if t.numel() != expected:
         raise ValueError(f"{which} residual of {key!r} has {t.numel()} elements, this rank keeps {expected} for it: "
                          f"was the state saved with another model, block size or world size?")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def now() -> float:
