@@ -41,9 +41,15 @@ def main():
     ap.add_argument("--expect-load-error", action="store_true")
     ap.add_argument("--pickled", action="store_true", help="resume from the pickled state, not state_dict()")
     ap.add_argument("--load-rank", type=int, default=-1, help="load this rank's checkpoint on every rank")
+
+    ap.add_argument("--state-before-init", action="store_true",
+                    help="build the DoubleSqueezeState before init_process_group (as Lightning does)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
+    early = None
+    if args.state_before_init:
+        early = dsq.DoubleSqueezeState(make_config(args))
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
@@ -53,10 +59,7 @@ def main():
     names = {id(p): n for n, p in model.named_parameters()}
     ddp = DDP(model, bucket_cap_mb=args.bucket_mb)      # 0.01: ~2600 floats per bucket: several buckets, a rebuild
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
-    cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, server_compressor=args.server_compressor,
-                                  worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
-                                  warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size)
-    state = dsq.DoubleSqueezeState(cfg)       # before anything else touches the process group's state
+    state = early or dsq.DoubleSqueezeState(make_config(args))
 
     if args.load:
         src = rank if args.load_rank < 0 else args.load_rank
@@ -126,6 +129,12 @@ def main():
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "world": world}, out / f"rank{rank}.pt")
     shut_down_and_exit()
+
+
+def make_config(args):
+    return dsq.DoubleSqueezeConfig(compressor=args.compressor, server_compressor=args.server_compressor,
+                                   worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
+                                   warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size)
 
 
 if __name__ == "__main__":

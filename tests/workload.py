@@ -5,10 +5,16 @@ import torch.nn as nn
 
 
 def build_model(kind: str) -> nn.Module:
-    """`single`: one 50x40 weight (one tensor, comparable with the Simulator); `multi`: a small MLP."""
+    """`single`: one 50x40 weight (one tensor, comparable with the Simulator); `multi`: a small MLP; `deep`: a
+    12-layer MLP of 48 units (24 tensors)."""
     torch.manual_seed(1234)
     if kind == "single":
         return nn.Linear(50, 40, bias=False)
+    if kind == "deep":          # 24 parameters: many DDP buckets
+        layers = [nn.Linear(20, 48), nn.Tanh()]
+        for _ in range(10):
+            layers += [nn.Linear(48, 48), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(48, 5))
     return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
 
 
