@@ -11,7 +11,8 @@ For each block (DESIGN.md section 3) of each tensor, on each of W ranks, the blo
 Telescoping gives the conservation law ``sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T`` (DESIGN.md). A block's
 owner, seeds and compression depend on the tensor, the block and W only, so the result does not depend on how an
 integration groups tensors into buckets: it equals `Simulator` for any layout. Tensors below `min_numel` elements,
-and every tensor during warm-up, are averaged by an all-reduce (what DDP sends) and keep no residual.
+and every tensor during warm-up, travel uncompressed and keep no residual: in the same two messages when the
+bucket also has compressed tensors, by one all-reduce (what DDP sends) when it is dense throughout.
 
 A step with a NaN/Inf on any rank is skipped on every rank: each uplink message carries the sender's flag, so all
 ranks learn it from the same all_to_all; no residual changes and the update is all-NaN, so that an AMP
@@ -319,7 +320,7 @@ class DoubleSqueezeCollective:
             r.bytes_down_sent += (W - 1) * down.sizes[me]
             r.bytes_down_recv += sum(b for j, b in enumerate(down.sizes) if j != me)
             r.payload_bytes += up.total
-        if plan.dense_items:
+        if plan.all_dense:
             nbytes = plan.dense_numel * itemsize
             ring = nbytes * (W - 1) // W                    # what a ring all-reduce moves in each of its passes
             r.bytes_up_sent += ring

@@ -13,7 +13,8 @@ down ``C_s(mean + e)``, and DDP receives the result as the averaged gradient (DE
 
 Overlap: the hook runs the worker pass and issues the uplink (on the process group), then returns a future at
 once; the state's communication thread serves the buckets in the order they were issued (server pass, downlink on
-a second process group, decode into the bucket) and completes each future, while backward goes on. The state
+a second process group), decodes each one's downlink once the next one has been served, and completes each
+future, while backward goes on. The state
 binds its process group at the first hook call, so it can be built before ``init_process_group`` (Lightning's
 ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)`` and Accelerate do that), as `PowerSGDState` can.
 
@@ -57,6 +58,7 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
         self._thread: Optional[CommThread] = None
         self._down_comm = None
         self._pending_sd: Optional[dict] = None
+        self._unfinished = None                  # (exchange, its serve future, bucket future, buffer): not yet decoded
 
     # -- the process groups --------------------------------------------------------------------------------
     def bind_process_group(self) -> None:
@@ -146,29 +148,48 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
     def submit(self, fn, device) -> torch.futures.Future:
         return self._thread.submit(fn, device if device.type == "cuda" else None)
 
+    @staticmethod
+    def new_future(device) -> torch.futures.Future:
+        """A future for a bucket: CUDA-aware on a GPU (its waiters wait for the stream work behind its value)."""
+        return torch.futures.Future(devices=[device]) if device.type == "cuda" else torch.futures.Future()
+
 
 def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's gradients -> their DoubleSqueeze average over the process group.
 
     Math (per block, see `DoubleSqueezeCollective`): returns ``C_s(mean_i C_w(g_i + e_i) + e)`` of every block and
     updates ``e_i`` and ``e``, so nothing the compressors drop is lost. The step advances after the last bucket of
-    each backward pass. The future completes on the state's communication thread when the bucket's double pass
-    is done; the hook itself only compresses and issues the uplink.
+    each backward pass. The hook itself only compresses and issues the uplink; the state's communication thread
+    serves the bucket (server pass, downlink issued) as soon as its uplink has arrived and, once the next bucket
+    has been served too, decodes the downlink into the bucket and completes the future: a bucket's downlink
+    travels while the next bucket's uplink does.
     """
     state.bind_process_group()
     params = bucket.parameters()
     flat = bucket.buffer()
     items = list(zip(state.parameter_numbers(params), flat.split([p.numel() for p in params])))
     ex = state.begin(items, flat=flat)
-    last = bucket.is_last()
-    if last:
+    future = state.new_future(flat.device)
+    served = state.submit(lambda: state.serve(ex), flat.device)
+    previous, state._unfinished = state._unfinished, (ex, served, future, flat)
+    if previous is not None:
+        state.submit(_finisher(state, *previous), flat.device)
+    if bucket.is_last():
         state.step += 1          # this backward's step is ex.step; the next backward's buckets are the next step
+        state._unfinished = None
+        state.submit(_finisher(state, ex, served, future, flat, close=True), flat.device)
+    return future
 
-    def serve_and_finish():
-        state.serve(ex)
-        state.end(ex)            # the averages overwrite the bucket, as all-reduce does
-        if last:
-            state.close_step(ex.step)
-        return flat
 
-    return state.submit(serve_and_finish, flat.device)
+def _finisher(state: DoubleSqueezeState, ex, served, future, flat, close: bool = False):
+    def finish():
+        try:
+            served.wait()        # re-raises an error of the server pass
+            state.end(ex)        # the averages overwrite the bucket, as all-reduce does
+            if close:
+                state.close_step(ex.step)
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        future.set_result(flat)
+    return finish

@@ -177,7 +177,11 @@ class BucketState:
                     pad, buf = up.tail_index(i, "all")
                     self.send.view(f.dtype)[buf] = t.view(-1)[pad]
                 bad |= _nonfinite(wc, {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}, vt)
-        if p.dense_items:
+            if p.dense_items:                  # small tensors ride uncompressed in the same messages
+                segs, views = up.dense_views(self.send)
+                _copy(views, [ex.items[i].narrow(0, start, n) for i, start, n in segs])
+                bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(views, float("inf"))).sum())
+        elif p.dense_items:
             ex.dense_buf = self._dense_gather(ex.items, flat)
             bad |= ~torch.isfinite(ex.dense_buf.sum(dtype=torch.float64))
         return bad
@@ -210,7 +214,7 @@ class BucketState:
 
     def _dense_gather(self, items, flat) -> torch.Tensor:
         p = self.plan
-        if flat is not None and len(p.dense_items) == len(p.spans) and flat.numel() == p.numel:
+        if flat is not None and flat.numel() == p.numel:
             return flat                                  # all dense (warm-up): reduce the bucket in place
         if self.dense_buf is None:
             self.dense_buf = torch.empty(p.dense_numel, dtype=p.dtype, device=p.device)
@@ -323,6 +327,15 @@ class BucketState:
                                       None if tmp_buf is None else tmp_buf[:n].view(b - a, B), role="server")
         if p.T_me:
             self._server_tails(ex, msgs)
+        n = p.dense_count[me]
+        if n:                                           # the dense blocks this rank owns: their mean, in rank order
+            itemsize = torch.empty((), dtype=p.dtype).element_size()
+            start = up.dense_off[me] // itemsize
+            total = self.own.view(p.dtype).narrow(0, down.dense_off[me] // itemsize, n)
+            for i in range(W):
+                part = msgs[i].view(p.dtype).narrow(0, start, n)
+                total.copy_(part) if i == 0 else total.add_(part)
+            total.div_(W)
 
     def _server_tails(self, ex: Exchange, msgs: torch.Tensor) -> None:
         p, wc, sc, up, down = self.plan, self.wc, self.sc, self.up, self.down
@@ -382,7 +395,16 @@ class BucketState:
                 self._nan_if_skipped(ex, dec)
                 dst, src = _views(outs, p.tail_segments(), True, dec)
                 _copy(dst, src)
-        if p.dense_items:
+            if p.dense_items:
+                if ex.host_skip is not False:          # each owner's dense section, all NaN if skipped
+                    typed, itemsize = gathered.view(p.dtype), torch.empty((), dtype=p.dtype).element_size()
+                    for j, n in enumerate(p.dense_count):
+                        if n:
+                            start = (int(down.starts[j]) + down.dense_off[j]) // itemsize
+                            self._nan_if_skipped(ex, typed.narrow(0, start, n))
+                segs, views = down.dense_views(gathered)
+                _copy([outs[i].narrow(0, start, n) for i, start, n in segs], views)
+        elif p.dense_items:
             buf = ex.dense_buf.div_(p.world_size)
             self._nan_if_skipped(ex, buf)
             if not ex.in_place_dense:

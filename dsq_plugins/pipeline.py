@@ -32,7 +32,6 @@ class CommThread:
     def __init__(self, name: str = "dsq-comm"):
         self._queue: "queue.SimpleQueue[Optional[_Task]]" = queue.SimpleQueue()
         self._streams = {}
-        self._failed: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -45,10 +44,6 @@ class CommThread:
         if cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
-        if self._failed is not None:
-            future.set_exception(RuntimeError(f"the DoubleSqueeze communication thread failed earlier: "
-                                              f"{self._failed!r}"))
-            return future
         self._queue.put(_Task(fn, future, event, torch.device(device) if cuda else None))
         return future
 
@@ -72,9 +67,9 @@ class CommThread:
                         task.future.set_result(result)
                 else:
                     task.future.set_result(task.fn())
-            except BaseException as e:        # the waiting side re-raises it
-                self._failed = e
-                task.future.set_exception(e)
+            except BaseException as e:        # the waiting side re-raises it; later tasks still run
+                if not task.future.done():
+                    task.future.set_exception(e)
 
     def drain(self) -> None:
         """Wait until everything submitted so far has run."""

@@ -13,11 +13,16 @@ residual live there): a function of the tensor and the world size only, never of
 lists the rows it owns in tensor order (its *server order*). Messages are field-major, so that every field is
 aligned for its dtype and packing is a row gather::
 
-    message to rank j = [header][field 0: full rows j | tail rows j][field 1: ...]...[zero padding to 8 bytes]
+    message to rank j = [header][dense blocks j][field 0: full rows j | tail rows j][field 1: ...]...
 
 fields in decreasing item size, each full row ``count(B)`` items, each tail row ``count(n)`` items of that field
-(the compressor's `row_layout`). Tensors the bucket sends dense (below ``min_numel``, or during warm-up) have no
-rows: they are averaged by an all-reduce beside the double pass.
+(the compressor's `row_layout`), each section padded to 8 bytes (so that a full row moves as int64 where its size
+allows: packing is a gather of a few wide items per row).
+
+Tensors a bucket sends dense (below ``min_numel``) have no rows: their blocks travel uncompressed in the *dense
+section* of the same messages, the blocks rank j owns in tensor order, and their owner averages them (what a ring
+all-reduce moves, without a collective of its own). A bucket that is dense throughout (warm-up) is averaged by one
+all-reduce of its buffer instead.
 """
 import zlib
 from typing import Dict, Hashable, List, NamedTuple, Sequence, Tuple
@@ -115,6 +120,16 @@ class BucketPlan:
         self.F_me, self.T_me = len(self.owned_full[rank]), len(self.owned_tail[rank])
         self.dense_numel = sum(numels[i] for i in self.dense_items)
         self.numel = sum(numels)
+        self.all_dense = not self.compressed
+        # the dense blocks of a mixed bucket, by owner: [(item, start, length)] in tensor order
+        self.dense_owned: List[List[Tuple[int, int, int]]] = [[] for _ in range(W)]
+        if not self.all_dense:
+            for s in spans:
+                if s.dense:
+                    off = owner_offset(s.key)
+                    for b, a in enumerate(range(0, s.numel, B)):
+                        self.dense_owned[(b + off) % W].append((s.item, a, min(B, s.numel - a)))
+        self.dense_count = [sum(n for _, _, n in blocks) for blocks in self.dense_owned]
         self.chunk_rows = max(1, chunk_elements // B)
         self._device_cache: Dict[Tuple, torch.Tensor] = {}
         self.layouts: Dict[Tuple[str, str], "WireLayout"] = {}
@@ -201,11 +216,14 @@ class WireLayout:
         self.fields: List[_Field] = [f for _, _, f in sorted(fields, key=lambda x: (x[0], x[1]))]
         header = UPLINK_HEADER if direction == "up" else 0
         self.header = header
-        # message j: sizes and the byte offset of each field's full part and tail part
-        self.sizes, self.full_off, self.tail_off = [], [], []
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # message j: sizes, the dense section's byte offset, and the byte offset of each field's full and tail part
+        self.sizes, self.full_off, self.tail_off, self.dense_off = [], [], [], []
         for j in range(W):
             F_j, tails_j = len(plan.owned_full[j]), plan.owned_tail[j]
-            off, fo, to = header, [], []
+            self.dense_off.append(header)
+            off = -(-(header + plan.dense_count[j] * itemsize) // align) * align
+            fo, to = [], []
             for f in self.fields:                  # each field's section starts aligned (under `align` bytes of padding)
                 fo.append(off)
                 off += F_j * f.full * f.itemsize
@@ -218,6 +236,22 @@ class WireLayout:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.total = int(sum(self.sizes))
         self.payload_bytes = [s - header for s in self.sizes]
+
+    def dense_views(self, buf: torch.Tensor, mine: bool = False):
+        """(segments, views): the dense blocks of every message in a buffer of all W messages (mine: of this
+        rank's one message), as [(item, start, length)] and the matching 1-D views of `buf` in the grads' dtype."""
+        plan = self.plan
+        ranks = [plan.rank] if mine else range(plan.world_size)
+        typed = buf.view(plan.dtype)
+        itemsize = typed.element_size()
+        segs, views = [], []
+        for j in ranks:
+            pos = ((0 if mine else int(self.starts[j])) + self.dense_off[j]) // itemsize
+            for item, start, length in plan.dense_owned[j]:
+                segs.append((item, start, length))
+                views.append(typed.narrow(0, pos, length))
+                pos += length
+        return segs, views
 
     # -- full rows: per-row starts, in `move` items, in a buffer of all W messages (up: the send buffer;
     #    down: the gathered buffer), for tensor-order rows -------------------------------------------------------

@@ -21,7 +21,8 @@ def grads_of(step, rank, dtype):
             for k, n in SIZES.items()}
 
 
-def run_world(world, config, steps, buckets, dtype=torch.float32, chunk_elements=128, nan_at=None, device="cpu"):
+def run_world(world, config, steps, buckets, dtype=torch.float32, chunk_elements=128, nan_at=None, device="cpu",
+              nan_key="b"):
     """Every rank reduces `buckets` (lists of keys) each step, on `device`; returns per rank: updates by step and
     key (on the CPU), and the collective."""
     def rank_main(comm):
@@ -30,7 +31,7 @@ def run_world(world, config, steps, buckets, dtype=torch.float32, chunk_elements
         for t in range(steps):
             g = grads_of(t, comm.rank, dtype)
             if nan_at == (t, comm.rank):
-                g["b"][3] = float("nan")
+                g[nan_key][3] = float("nan")
             g = {k: v.to(device) for k, v in g.items()}
             got = {}
             layout = buckets if t % 2 == 0 else [sum(buckets, [])]        # the layout changes between steps

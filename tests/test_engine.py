@@ -16,10 +16,12 @@ from .engine_cases import SIZES, grads_of, make_config, run_world, simulate
 SPECS = ["none", "fp16", "bf16", "sign", "topk:0.1", "randomk:0.25", "qsgd:4", "int8:16"]
 
 
-def check_against_simulator(world, config, steps=5, dtype=torch.float32, tol=None, buckets=None, nan_at=None):
+def check_against_simulator(world, config, steps=5, dtype=torch.float32, tol=None, buckets=None, nan_at=None,
+                            nan_key="b"):
     buckets = buckets or [["a", "b"], ["c", "d", "e"], ["f"]]
-    ranks = run_world(world, config, steps, buckets, dtype, nan_at=nan_at)
-    expected, sims = simulate(world, config, steps, dtype, nan_at=nan_at)
+    ranks = run_world(world, config, steps, buckets, dtype, nan_at=nan_at, nan_key=nan_key)
+    nan_bucket = next(b for b in buckets if nan_key in b)
+    expected, sims = simulate(world, config, steps, dtype, nan_at=nan_at, nan_bucket=nan_bucket)
     rtol, atol = tol or ((1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6))
     for r, (updates, col) in enumerate(ranks):
         for t in range(steps):
@@ -77,13 +79,16 @@ def test_conservation_law():
         torch.testing.assert_close(applied, true - worker - server, rtol=0, atol=1e-5)
 
 
-def test_non_finite_gradient_is_skipped_everywhere():
+@pytest.mark.parametrize("nan_key", ["b", "e"], ids=["compressed", "dense-in-mixed-bucket"])
+def test_non_finite_gradient_is_skipped_everywhere(nan_key):
     config = make_config("sign")
-    ranks, expected, sims = check_against_simulator(3, config, steps=4, nan_at=(2, 1))
+    ranks, expected, sims = check_against_simulator(3, config, steps=4, nan_at=(2, 1), nan_key=nan_key)
+    skipped = "ab" if nan_key == "b" else "cde"
     for updates, col in ranks:
         assert col.skipped_steps == 1 and col.totals.skipped == 1
-        assert torch.isnan(updates[2]["a"]).all() and torch.isnan(updates[2]["b"]).all()
-        assert all(torch.isfinite(updates[2][k]).all() for k in "cdef"), "only the bucket with the NaN is skipped"
+        assert all(torch.isnan(updates[2][k]).all() for k in skipped)
+        assert all(torch.isfinite(updates[2][k]).all() for k in SIZES if k not in skipped), \
+            "only the bucket with the NaN is skipped"
         assert all(torch.isfinite(u).all() for t in (0, 1, 3) for u in updates[t].values())
 
 

@@ -53,9 +53,10 @@ def test_demo_four_ranks_five_methods(torchrun, tmp_path):
     # dense: a ring all-reduce of fp32 gradients sends 2 (W - 1) / W of them per step
     assert runs["dense"]["mb_sent_per_worker"] * 1e6 == pytest.approx(steps * 2 * (w - 1) * params * 4 / w, rel=1e-3)
     dense_mb = runs["dense"]["mb_sent_per_worker"]
-    # The busiest rank's bytes: 51 blocks of 512 over 4 owners, the busiest owns more than a quarter of them.
-    for name in ("dsq-sign", "sign-no-ef"):                   # 1 bit per element plus scales and headers
-        assert 20 < dense_mb / runs[name]["mb_sent_per_worker"] < 32
+    # The busiest rank's bytes: 51 blocks of 512 over 4 owners, the busiest owns more than a quarter of them, and
+    # the three biases (1% of the elements, 266 floats) travel uncompressed, each to and from its one owner.
+    for name in ("dsq-sign", "sign-no-ef"):                   # 1 bit per element plus scales, headers, biases
+        assert 15 < dense_mb / runs[name]["mb_sent_per_worker"] < 32
     assert dense_mb / runs["dsq-topk:0.01"]["mb_sent_per_worker"] > 15
     # single-pass EF: sign uplink, dense (fp32) downlink: about half of dense, less the imbalance of owners
     assert 1.5 < dense_mb / runs["sign-1pass-ef"]["mb_sent_per_worker"] < 2.0
