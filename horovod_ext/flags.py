@@ -24,6 +24,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="server (downlink) compressor; default: the same as --dsq-compressor")
     group.add_argument("--dsq-warmup-steps", metavar="N", type=int,
                        help="steps averaged densely before compression starts (default 0)")
+    group.add_argument("--dsq-block-size", metavar="N", type=int,
+                       help="elements per compressed block (a multiple of 8; default 4096)")
     group.add_argument("--dsq-no-server-ef", action="store_true",
                        help="drop the server residual (the server re-compresses without memory)")
     group.add_argument("--dsq-logdir", metavar="DIR", help="rank 0 writes TensorBoard metrics here")
@@ -32,7 +34,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
     """The config the flags ask for (None without `--dsq-compressor`). Raises ValueError on a bad value,
     naming the valid compressors."""
-    others = [f for f in ("dsq_server_compressor", "dsq_warmup_steps", "dsq_logdir") if getattr(ns, f) is not None]
+    others = [f for f in ("dsq_server_compressor", "dsq_warmup_steps", "dsq_block_size", "dsq_logdir")
+              if getattr(ns, f) is not None]
     if ns.dsq_compressor is None:
         if others or ns.dsq_no_server_ef:
             raise ValueError("--dsq-compressor is required with the other --dsq-* flags")
@@ -41,6 +44,8 @@ def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
               "server_ef": not ns.dsq_no_server_ef}
     if ns.dsq_warmup_steps is not None:
         kwargs["warmup_steps"] = ns.dsq_warmup_steps
+    if ns.dsq_block_size is not None:
+        kwargs["block_size"] = ns.dsq_block_size
     return DoubleSqueezeConfig(**kwargs)
 
 
