@@ -496,9 +496,9 @@ def report(results, bandwidths, probes, args) -> dict:
               f"compute); measured winner: " + ", ".join(f"{bw} {w}" for bw, w in wins.items()))
     print(f"\nwhere the time goes at {first} and unshaped (rank 0, medians, seconds): fwd/bwd/opt = forward, "
           "backward (DDP and DeepSpeed communicate in it), optimizer step (Horovod waits for its collectives in "
-          "it);\npass = the wall time of DoubleSqueeze's stages (compression, error feedback, both collectives; with DDP "
-          "partly on the communication thread, overlapping backward), comm = the part of it spent waiting for the "
-          "collectives; pass - comm = compression work (DDP, DeepSpeed)")
+          "it);\npass = the wall time of DoubleSqueeze's stages (compression, error feedback, both collectives; "
+          "with DDP partly on the communication thread, overlapping backward), comm = the part of it spent waiting "
+          "for the collectives; pass - comm = compression work (DDP, DeepSpeed)")
     print(f"{'method':>14} {'phase':>9} {'step':>7} {'fwd':>6} {'bwd':>6} {'opt':>6} {'pass':>6} {'comm':>6} "
           f"{'pass-comm':>9}")
     for m, r in ok.items():

@@ -89,7 +89,8 @@ class Payload:
         the seed of a random compressor."""
         from .registry import get_compressor
 
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data)
+                  else torch.empty(0, dtype=torch.uint8))
         return get_compressor(spec).unpack(buffer, shape, dtype, seed=seed)
 
 

@@ -224,7 +224,7 @@ class WireLayout:
             self.dense_off.append(header)
             off = -(-(header + plan.dense_count[j] * itemsize) // align) * align
             fo, to = [], []
-            for f in self.fields:                  # each field's section starts aligned (under `align` bytes of padding)
+            for f in self.fields:              # each section starts aligned (under `align` bytes of padding)
                 fo.append(off)
                 off += F_j * f.full * f.itemsize
                 to.append(off)

@@ -46,7 +46,8 @@ def test_bucket_layout_does_not_change_training(torchrun, tmp_path):
 def test_many_buckets_do_not_deadlock(torchrun, tmp_path):
     """24 tensors in buckets of 4 kB (a weight or two each), 3 ranks on gloo: the communication thread serves them
     all in order (torch's PowerSGD hook deadlocks on gloo with more than one bucket)."""
-    ranks = run(torchrun, tmp_path, 3, "--model", "deep", "--compressor", "sign", "--steps", "4", "--bucket-mb", "0.004")
+    ranks = run(torchrun, tmp_path, 3, "--model", "deep", "--compressor", "sign", "--steps", "4",
+                "--bucket-mb", "0.004")
     assert ranks[0]["buckets_seen"] >= 8
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)

@@ -22,7 +22,10 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 PY
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || { say "no CUDA: nothing to check"; exit 3; }
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"; then
+    say "no CUDA: nothing to check"
+    exit 3
+fi
 
 rc=0
 say "== CUDA tests (tests/test_gpu.py)"
