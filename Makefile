@@ -18,6 +18,8 @@ $(CORE): setup.py requirements.txt constraints.txt
 	$(PIP) install -q torch==2.13.0           # the local CPU wheel; pinned by constraints.txt from here on
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q -c constraints.txt --no-build-isolation --no-deps -e .
+	# an editable install leaves out doublesqueeze.pth (a wheel has it): the import hook of dsq_autohook.py
+	cp doublesqueeze.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	$(PY) -c "import torch, dsq_plugins; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 

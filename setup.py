@@ -1,4 +1,20 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+PTH = "doublesqueeze.pth"        # runs `import dsq_autohook` at start-up: see dsq_autohook.py
+
+
+class BuildPyWithPth(build_py):
+    """Puts doublesqueeze.pth at the root of the build (so of the wheel: site-packages), beside the packages."""
+
+    def run(self):
+        super().run()
+        self.copy_file(PTH, str(Path(self.build_lib, PTH)), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [str(Path(self.build_lib, PTH))]
 
 setup(
     name="doublesqueeze",
@@ -10,6 +26,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["dsq_plugins", "dsq_plugins.*", "horovod_ext", "horovod_ext.*",
                                     "deepspeed_ext", "deepspeed_ext.*", "async_ps", "async_ps.*"]),
+    py_modules=["dsq_autohook"],
+    cmdclass={"build_py": BuildPyWithPth},
     install_requires=["torch>=2.1", "numpy", "tensorboard", "tqdm"],
     extras_require={
         "horovod": ["horovod==0.28.1"],

@@ -1,12 +1,19 @@
 """DoubleSqueeze for DeepSpeed: a "doublesqueeze" section in the DeepSpeed config JSON that installs compressed,
 error-compensated gradient communication in the engine.
 
+    {"train_micro_batch_size_per_gpu": 32, ..., "doublesqueeze": {"enabled": true, "compressor": "sign"}}
+
+The section alone switches it on in any program that calls `deepspeed.initialize` (a script, the Hugging Face
+Trainer, Lightning's DeepSpeedStrategy): installing this package puts an import hook in place (`dsq_autohook`,
+off with ``DSQ_AUTOHOOK=0``) that wraps `deepspeed.initialize` when DeepSpeed is imported. The explicit forms::
+
     import deepspeed_ext
     engine, optimizer, _, _ = deepspeed_ext.initialize(model=model, optimizer=optimizer, config="ds_config.json")
+    deepspeed_ext.install(engine, config)              # an engine built elsewhere
 
-with ``"doublesqueeze": {"enabled": true, "compressor": "sign"}`` in the config. Without the section (or with
-``"enabled": false``) this is exactly `deepspeed.initialize`. `deepspeed_ext.install(engine, config)` does the
-same for an engine built elsewhere.
+Without the section (or with ``"enabled": false``) all of these are exactly `deepspeed.initialize`. A section
+with settings but without ``"enabled": true`` is ignored with a warning, as DeepSpeed's own sections are off by
+default.
 """
 import functools
 
@@ -15,22 +22,33 @@ import deepspeed
 from .config import SECTION, DoubleSqueezeSection, read_section
 from .engine import DeepSpeedMonitor, install
 
-__all__ = ["DeepSpeedMonitor", "DoubleSqueezeSection", "SECTION", "initialize", "install", "read_section"]
+__all__ = ["DeepSpeedMonitor", "DoubleSqueezeSection", "SECTION", "initialize", "initialize_with", "install",
+           "read_section"]
 
 
-@functools.wraps(deepspeed.initialize)
-def initialize(*args, **kwargs):
-    """`deepspeed.initialize`, same arguments and return values, plus DoubleSqueeze when the config's
-    "doublesqueeze" section enables it. The section is validated before the engine is built (a bad key or
-    value raises ValueError naming the valid ones)."""
+def _config_argument(args, kwargs):
     given = kwargs.get("config", kwargs.get("config_params"))
     ds_args = kwargs.get("args", args[0] if args else None)
     if given is None and ds_args is not None:
         given = getattr(ds_args, "deepspeed_config", None)
-    read_section(given)
-    result = deepspeed.initialize(*args, **kwargs)
+    return given
+
+
+def initialize_with(original, *args, **kwargs):
+    """`original` (DeepSpeed's own `initialize`) with DoubleSqueeze installed when the config's section enables
+    it. The section is validated before the engine is built (a bad key or value raises ValueError naming the valid
+    ones); a section the engine cannot honour (ZeRO 2/3, fp16, ...) raises before any step."""
+    read_section(_config_argument(args, kwargs))
+    result = original(*args, **kwargs)
     engine = result[0]
     section = read_section(engine.config)
-    if section is not None:
+    if section is not None and getattr(engine, "doublesqueeze", None) is None:
         install(engine, section)
     return result
+
+
+@functools.wraps(getattr(deepspeed, "_dsq_original_initialize", deepspeed.initialize))
+def initialize(*args, **kwargs):
+    """`deepspeed.initialize`, same arguments and return values, plus DoubleSqueeze when the config's
+    "doublesqueeze" section enables it."""
+    return initialize_with(getattr(deepspeed, "_dsq_original_initialize", deepspeed.initialize), *args, **kwargs)

@@ -5,10 +5,11 @@
                        "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0,
                        "block_size": 4096}}
 
-Absent, or ``"enabled": false``, means stock DeepSpeed.
+Absent, or ``"enabled": false``, means stock DeepSpeed (with a warning when the section holds other settings).
 """
 import json
 import os
+import warnings
 from typing import Any, Dict, Optional, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
@@ -73,4 +74,8 @@ def read_section(config: Union[str, os.PathLike, Dict[str, Any], None]) -> Optio
         valid = ", ".join(DoubleSqueezeSection.model_fields)
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or SECTION}: {err['msg']}" for err in e.errors())
         raise ValueError(f'DeepSpeed config "{SECTION}" section is invalid: {problems}. Valid keys: {valid}') from None
+    if not parsed.enabled and set(section) - {"enabled"}:
+        warnings.warn(f'DeepSpeed config: the "{SECTION}" section is ignored because it does not say "enabled": true '
+                      f'(DeepSpeed\'s own sections are off by default too); add "enabled": true to switch '
+                      f'DoubleSqueeze on', UserWarning, stacklevel=3)
     return parsed if parsed.enabled else None

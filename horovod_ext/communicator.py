@@ -13,16 +13,20 @@ __all__ = ["HorovodCommunicator"]
 
 
 class HorovodCommunicator(Communicator):
-    """Byte-level collectives over all Horovod processes (`hvd.init()` must have run). Every byte counted by the
-    core is a byte Horovod moves: uneven sizes go as they are (Horovod's alltoall takes per-rank splits and its
-    allgather takes uneven first dimensions). Collectives are matched across ranks by name, so they may be issued
-    from any thread in any order."""
+    """Byte-level collectives over the Horovod processes of `process_set` (default: all; `hvd.init()` must have
+    run). Every byte counted by the core is a byte Horovod moves: uneven sizes go as they are (Horovod's alltoall
+    takes per-rank splits and its allgather takes uneven first dimensions). Collectives are matched across ranks by
+    name, so they may be issued from any thread in any order."""
 
-    def __init__(self):
+    def __init__(self, process_set=None):
         if not hvd.is_initialized():
             raise RuntimeError("Horovod is not initialised: call horovod.torch.init() first")
-        self.rank = hvd.rank()
-        self.size = hvd.size()
+        self.process_set = hvd.global_process_set if process_set is None else process_set
+        if not self.process_set.included():
+            raise ValueError(f"rank {hvd.rank()} is not in the process set {self.process_set}")
+        self.rank = self.process_set.rank()
+        self.size = self.process_set.size()
+        self._prefix = "" if self.process_set == hvd.global_process_set else f"ps{self.process_set.process_set_id}."
 
     @staticmethod
     def _pending(handle, what: str, expected: List[int], all_to_all: bool, out: Optional[torch.Tensor]) -> Pending:
@@ -44,16 +48,19 @@ class HorovodCommunicator(Communicator):
 
     def all_to_all_async(self, send, send_sizes, recv_sizes, out=None, name=None):
         splits = torch.tensor(send_sizes, dtype=torch.int32)
-        handle = hvd.alltoall_async(send, splits=splits, name=name)
+        handle = hvd.alltoall_async(send, splits=splits, name=self._name(name), process_set=self.process_set)
         return self._pending(handle, f"all_to_all {name or ''}".strip(), recv_sizes, True, out)
 
     def all_gather_async(self, send, sizes, out=None, name=None):
         if send.numel() != sizes[self.rank]:
             raise ValueError(f"all_gather: this rank sends {send.numel()} bytes, sizes[{self.rank}] says "
                              f"{sizes[self.rank]}")
-        handle = hvd.allgather_async(send, name=name)
+        handle = hvd.allgather_async(send, name=self._name(name), process_set=self.process_set)
         return self._pending(handle, f"all_gather {name or ''}".strip(), [sum(sizes)], False, out)
 
     def all_reduce_sum_async(self, tensor, name=None):
-        handle = hvd.allreduce_async_(tensor, op=hvd.Sum, name=name)
+        handle = hvd.allreduce_async_(tensor, op=hvd.Sum, name=self._name(name), process_set=self.process_set)
         return Pending(lambda: hvd.synchronize(handle), lambda: hvd.poll(handle))
+
+    def _name(self, name: Optional[str]) -> Optional[str]:
+        return None if name is None else self._prefix + name

@@ -44,7 +44,7 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, named_parameters, config: DoubleSqueezeConfig, backward_passes_per_step: int,
                  op, gradient_predivide_factor: float, groups, sparse_as_dense: bool,
-                 monitor: Optional[TensorBoardMonitor]):
+                 monitor: Optional[TensorBoardMonitor], process_set):
         super(self.__class__, self).__init__(params)
         all_params = [p for group in self.param_groups for p in group["params"]]
         if named_parameters is None:
@@ -68,7 +68,9 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         self.op = op
         self.gradient_predivide_factor = gradient_predivide_factor
         self.sparse_as_dense = sparse_as_dense
-        self.doublesqueeze = DoubleSqueezeCollective(config, HorovodCommunicator(), monitor)
+        self.process_set = process_set
+        self.doublesqueeze = (DoubleSqueezeCollective(config, HorovodCommunicator(process_set), monitor)
+                              if process_set.included() else None)
 
         # Buckets, fixed at construction and identical on every rank: in reverse parameter order (the order
         # in which backward tends to produce gradients), up to `bucket_mb`, unless `groups` says otherwise.
@@ -99,7 +101,9 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         self._thread = CommThread("dsq-horovod")
         self._synchronized = False
         self._should_synchronize = True
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in trainable]
+        # As in Horovod, a rank outside the process set does not communicate: its step uses its own gradients.
+        self._hooks = ([p.register_post_accumulate_grad_hook(self._grad_ready) for p in trainable]
+                       if process_set.included() else [])
 
     # -- communication ---------------------------------------------------------------------------------------
     def _grad_ready(self, p: torch.Tensor) -> None:
@@ -157,7 +161,10 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Finish every bucket's double pass and write the averages into the gradients. Buckets whose
         gradients were not all produced by backward (unused parameters) are sent now, with zeros for the
-        missing ones, as Horovod does."""
+        missing ones, as Horovod does. Outside the process set it does nothing (as Horovod)."""
+        if self.doublesqueeze is None:
+            self._synchronized = True
+            return
         for b in range(len(self._buckets)):
             if b not in self._launched:
                 self._launch(b)
@@ -219,7 +226,8 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state plus this rank's DoubleSqueeze state (residuals, step, counters)
         under the key ``"doublesqueeze"``. Each rank saves its own: residuals are per rank."""
         sd = super(self.__class__, self).state_dict()
-        sd[_STATE_KEY] = self.doublesqueeze.state_dict()
+        if self.doublesqueeze is not None:
+            sd[_STATE_KEY] = self.doublesqueeze.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -229,6 +237,8 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         dsq_state = state_dict.pop(_STATE_KEY, None)
         if self._launched:
             raise AssertionError("load_state_dict() during a step: call it before backward or after step()")
+        if self.doublesqueeze is None:
+            dsq_state = None
         if dsq_state is not None:
             self.doublesqueeze.check_compatible(dsq_state)
         super(self.__class__, self).load_state_dict(state_dict)
@@ -273,19 +283,21 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       * ``compression``: a `horovod_ext.Compression` compressor (``Compression.sign``, ``.topk(0.01)``...),
         used on both passes.
     Otherwise (no flag, and ``compression`` None or one of Horovod's own) this returns Horovod's own
-    `hvd.DistributedOptimizer`, unchanged.
+    `hvd.DistributedOptimizer`, unchanged. Under the flag, a script that calls `hvd.DistributedOptimizer` and
+    never imports this package gets this one too (`dsq_autohook`).
 
     Args beyond Horovod's:
         config: `DoubleSqueezeConfig` or dict (compressors, residual switches, warm-up, `bucket_mb`...).
         monitor: a `dsq_plugins.TensorBoardMonitor`; by default rank 0 writes to ``--dsq-logdir`` if given.
     Supported as in Horovod: ``op`` Average or Sum, ``gradient_predivide_factor`` (with Average),
-    ``backward_passes_per_step``, ``groups`` (they become the buckets), ``sparse_as_dense``. Not supported
-    with DoubleSqueeze (ValueError): Adasum, process sets other than the global one.
+    ``backward_passes_per_step``, ``groups`` (they become the buckets), ``sparse_as_dense``, ``process_set``
+    (the double pass runs over the set's ranks, each block owned by one of them; ranks outside the set step on
+    their own gradients, as in Horovod). Not supported with DoubleSqueeze (ValueError): Adasum.
     The result's ``.doublesqueeze`` is the `DoubleSqueezeCollective`: counters, residuals, monitor.
     """
     dsq_config = _resolve_config(compression, config)
     if dsq_config is None:
-        return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=(
+        return _stock()(optimizer, named_parameters=named_parameters, compression=(
             compression or hvd.Compression.none), backward_passes_per_step=backward_passes_per_step, op=op,
             gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups, groups=groups,
             sparse_as_dense=sparse_as_dense, process_set=process_set)
@@ -295,17 +307,20 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         raise ValueError("DoubleSqueeze averages (op=hvd.Average) or sums (op=hvd.Sum); Adasum is not supported")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
-    if process_set != hvd.global_process_set:
-        raise ValueError("DoubleSqueeze runs over all Horovod processes; process sets are not supported yet")
     if groups is None and num_groups:
         groups = num_groups
     if groups is not None and not (isinstance(groups, list) or groups > 0):
         raise ValueError("groups should be a non-negative integer or a list of list of torch.Tensor.")
-    if monitor is None and logdir_from_env() and hvd.rank() == 0:
+    if monitor is None and logdir_from_env() and process_set.included() and process_set.rank() == 0:
         monitor = TensorBoardMonitor(logdir_from_env())
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DoubleSqueezeOptimizer.__dict__))
     # hvd.broadcast_optimizer_state initialises a fresh optimizer's state by calling the *wrapped* step (no
     # collective) when the optimizer's class lives in Horovod's optimizer module; say that ours does.
-    cls.__module__ = hvd.DistributedOptimizer.__module__
+    cls.__module__ = _stock().__module__
     return cls(optimizer.param_groups, named_parameters, dsq_config, backward_passes_per_step, op,
-               gradient_predivide_factor, groups, sparse_as_dense, monitor)
+               gradient_predivide_factor, groups, sparse_as_dense, monitor, process_set)
+
+
+def _stock():
+    """Horovod's own `DistributedOptimizer` (kept aside when dsq-horovodrun's flag replaced it: autopatch)."""
+    return getattr(hvd, "_dsq_original_DistributedOptimizer", hvd.DistributedOptimizer)

@@ -1,16 +1,17 @@
-"""Runs under torchrun or the deepspeed launcher: DeepSpeed training through deepspeed_ext, recording what the
-tests check. Each rank writes OUT/rank{r}.pt with, per optimizer step, its local gradient computed by plain torch
+"""Runs under torchrun or the deepspeed launcher: a DeepSpeed training script that calls `deepspeed.initialize` and
+imports nothing of ours (the "doublesqueeze" section switches DoubleSqueeze on through the import hook,
+dsq_autohook; with --explicit it calls `deepspeed_ext.initialize`), recording what the tests check. Each rank writes OUT/rank{r}.pt with, per optimizer step, its local gradient computed by plain torch
 on a copy of the model (the independent reference) and the update DeepSpeed applied, recovered from the weights
 (SGD without momentum: c = (w_before - w_after) / lr), by parameter name; at the end its residuals.
 """
 import argparse
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
 
-import deepspeed_ext
 from checks import residuals_by_name, shut_down_and_exit
 from workload import batch, build_model
 
@@ -23,6 +24,8 @@ def ds_config(args) -> dict:
            "zero_allow_untested_optimizer": True}
     if args.bf16:
         cfg["bf16"] = {"enabled": True}
+    if args.overlap_comm:
+        cfg["zero_optimization"]["overlap_comm"] = True
     if args.predivide != 1.0:
         cfg["gradient_predivide_factor"] = args.predivide
     if args.prescale:
@@ -56,6 +59,8 @@ def main():
     ap.add_argument("--load", default=None)
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--config-file", action="store_true", help="pass the config as a JSON file path")
+    ap.add_argument("--explicit", action="store_true", help="deepspeed_ext.initialize instead of deepspeed's")
+    ap.add_argument("--overlap-comm", action="store_true", help="zero_optimization.overlap_comm")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = ap.parse_args()
 
@@ -70,7 +75,17 @@ def main():
         path.write_text(json.dumps(cfg))
         cfg = str(path)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    engine, _, _, _ = deepspeed_ext.initialize(model=model, optimizer=optimizer, config=cfg)
+    if args.explicit:
+        import deepspeed_ext
+        initialize = deepspeed_ext.initialize
+    else:
+        import deepspeed
+        initialize = deepspeed.initialize
+    try:
+        engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=cfg)
+    except NotImplementedError as e:              # a section this engine cannot honour: before any step
+        (out / f"refused{os.environ.get('RANK', '0')}.txt").write_text(str(e))
+        raise
     rank = engine.global_rank
     dsq = getattr(engine, "doublesqueeze", None)
     if args.load:

@@ -92,10 +92,11 @@ def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, t
 
 
 def test_accumulation_monitor_and_three_ranks_zero1(torchrun, tmp_path):
-    """3 ranks, ZeRO 1, 3 micro-batches per step: one exchange per optimizer step; the metrics land in
-    DeepSpeed's own TensorBoard output beside its tags."""
+    """3 ranks, ZeRO 1, 3 micro-batches per step, through the explicit deepspeed_ext.initialize: one exchange per
+    optimizer step; the metrics land in DeepSpeed's own TensorBoard output beside its tags."""
     tb = tmp_path / "tb"
-    ranks, _ = run(torchrun, tmp_path, 3, "--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tb)
+    ranks, _ = run(torchrun, tmp_path, 3, "--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tb,
+                   "--explicit")
     assert all(r["step"] == 4 for r in ranks)
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks, atol=2e-5)
@@ -160,11 +161,25 @@ def test_checkpoint_resume_is_exact_and_another_world_size_resets(torchrun, tmp_
     assert three[0]["step"] == 1          # the 3-rank run started afresh: its first step has no residual
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_stages_2_and_3_are_refused(torchrun, tmp_path, stage):
-    _, proc = run(torchrun, tmp_path, 2, "--stage", str(stage), check=False)
+@pytest.mark.parametrize("args,message", [(("--stage", "2"), "DoubleSqueeze supports ZeRO stages 0 and 1, not 2"),
+                                          (("--stage", "3"), "DoubleSqueeze supports ZeRO stages 0 and 1, not 3"),
+                                          (("--stage", "1", "--overlap-comm"),
+                                           "does not support zero_optimization.overlap_comm")],
+                         ids=["zero2", "zero3", "zero1-overlap_comm"])
+def test_a_section_the_engine_cannot_honour_fails_before_training(torchrun, tmp_path, args, message):
+    """A script that calls deepspeed.initialize with the section on a stage or setting it does not fit: the reason
+    is raised from deepspeed.initialize itself, before any step; nothing trains dense. (fp16 is refused too, but
+    DeepSpeed's CPU accelerator refuses it first.)"""
+    _, proc = run(torchrun, tmp_path, 2, *args, check=False)
     assert proc.returncode != 0
-    assert f"DoubleSqueeze supports ZeRO stages 0 and 1, not {stage}" in proc.stderr
+    assert message in proc.stderr
+    assert message in (tmp_path / "run" / "refused0.txt").read_text()
+    assert not (tmp_path / "run" / "rank0.pt").exists()
+
+
+def test_section_with_settings_but_not_enabled_warns():
+    with pytest.warns(UserWarning, match='ignored because it does not say "enabled": true'):
+        assert read_section({"doublesqueeze": {"compressor": "sign"}}) is None
 
 
 def test_example_sign_within_two_points_of_stock(torchrun, tmp_path):

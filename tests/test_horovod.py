@@ -233,3 +233,46 @@ def test_example_sign_by_flag_within_two_points_of_plain_horovod(horovodrun, tmp
     assert plain["accuracy"] > 0.95
     assert sign["accuracy"] >= plain["accuracy"] - 0.02, (sign["accuracy"], plain["accuracy"])
     assert plain["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 20
+
+
+STOCK = ROOT / "tests" / "hvd_stock_script.py"
+
+
+def test_flag_switches_a_stock_horovod_script(horovodrun, tmp_path):
+    """A script that knows nothing of DoubleSqueeze (hvd.DistributedOptimizer only) is switched by
+    dsq-horovodrun's flag: its updates equal the Simulator's, the bytes are compressed, the conservation law
+    holds; under plain horovodrun the same script averages exactly."""
+    flags = ["--dsq-compressor", "sign", "--dsq-block-size", "256"]
+    horovodrun(3, STOCK, [tmp_path / "dsq", "--steps", "5"], launcher="dsq-horovodrun", flags=flags)
+    ranks = load_ranks(tmp_path / "dsq", 3)
+    assert all(r["dsq"] for r in ranks) and ranks[0]["config"]["block_size"] == 256
+    sim = dsq.Simulator(3, dsq.DoubleSqueezeConfig(compressor="sign", block_size=256), key="weight")
+    for t, rec in enumerate(ranks[0]["records"]):
+        expected = sim.step([ranks[r]["records"][t]["g"]["weight"] for r in range(3)])
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], expected, rtol=1e-6, atol=1e-7)
+    assert_conservation(ranks)
+    totals = ranks[0]["totals"]
+    assert totals["dense_bytes"] / totals["payload_bytes"] > 20
+    horovodrun(2, STOCK, [tmp_path / "plain", "--steps", "2"])
+    plain = load_ranks(tmp_path / "plain", 2)
+    assert not plain[0]["dsq"]
+    mean = (plain[0]["records"][0]["g"]["weight"] + plain[1]["records"][0]["g"]["weight"]) / 2
+    torch.testing.assert_close(plain[0]["records"][0]["c"]["weight"], mean, rtol=1e-6, atol=1e-7)
+
+
+def test_process_set(horovodrun, tmp_path):
+    """3 ranks, a process set {0, 1}: those two run the double pass between them (the Simulator with 2 workers);
+    rank 2 steps on its own gradient, as in Horovod."""
+    horovodrun(3, STOCK, [tmp_path / "ps", "--steps", "4", "--process-set", "0,1"], launcher="dsq-horovodrun",
+               flags=["--dsq-compressor", "sign", "--dsq-block-size", "256"])
+    ranks = load_ranks(tmp_path / "ps", 3)
+    assert ranks[0]["dsq"] and ranks[0]["world"] == 2 and not ranks[2]["dsq"]
+    sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="sign", block_size=256), key="weight")
+    for t in range(4):
+        expected = sim.step([ranks[r]["records"][t]["g"]["weight"] for r in range(2)])
+        for r in ranks[:2]:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(ranks[2]["records"][t]["c"]["weight"], ranks[2]["records"][t]["g"]["weight"])
+    assert_conservation(ranks[:2])
+
