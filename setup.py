@@ -18,7 +18,7 @@ class BuildPyWithPth(build_py):
 
 setup(
     name="doublesqueeze",
-    version="0.1.0",
+    version="0.2.0",
     description="DoubleSqueeze: double-pass error-compensated compressed SGD for PyTorch DDP, Horovod, DeepSpeed "
                 "and an asynchronous parameter server",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
@@ -33,8 +33,12 @@ setup(
         "horovod": ["horovod==0.28.1"],
         "deepspeed": ["deepspeed>=0.19", "pydantic>=2"],
         "async": ["pyzmq>=25"],
-        "all": ["horovod==0.28.1", "deepspeed>=0.19", "pydantic>=2", "pyzmq>=25"],
-        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
+        "lightning": ["lightning>=2.2"],
+        "transformers": ["transformers>=4.40", "accelerate>=0.30"],
+        "all": ["horovod==0.28.1", "deepspeed>=0.19", "pydantic>=2", "pyzmq>=25", "lightning>=2.2",
+                "transformers>=4.40", "accelerate>=0.30"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "transformers>=4.40", "accelerate>=0.30",
+                 "lightning>=2.2"],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,112 @@
+"""Runs under torchrun: the Hugging Face Trainer on a tiny GPT-2 built from a GPT2Config (nothing downloaded) on
+generated tokens, with DeepSpeed (TrainingArguments(deepspeed=config)) or with plain DDP, with or without
+DoubleSqueeze. The script imports nothing of ours in DeepSpeed mode: the config's "doublesqueeze" section alone
+switches it on. Rank 0 writes OUT/result.json (losses, loopback bytes counted by the kernel over the training
+steps after the first, residual norms); every rank writes OUT/rank{r}.pt (final weights and residuals).
+
+    --mode deepspeed|ddp   --dsq (the section / the callback)   --steps N   --save-steps K   --resume
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+
+def net_bytes() -> int:
+    """Bytes the loopback has carried in this network namespace (sent; each is also received)."""
+    for line in Path("/proc/self/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[8])
+    return 0
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Sequences of 32 tokens, each a run counting up by a fixed stride from a random start: learnable."""
+
+    def __init__(self, n: int = 512, length: int = 32, vocab: int = 128):
+        g = torch.Generator().manual_seed(0)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        stride = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = (start + stride * torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Bytes(TrainerCallback):
+    """Loopback bytes from the end of step 1 to the end of training (the steps after the first)."""
+
+    def __init__(self):
+        self.start = self.end = None
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+        if self.start is None:
+            self.start = net_bytes()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = net_bytes()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--mode", choices=["deepspeed", "ddp"], default="deepspeed")
+    ap.add_argument("--dsq", action="store_true")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--save-steps", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=-1)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+    ds_config = None
+    if args.mode == "deepspeed":
+        ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                     "gradient_clipping": "auto", "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 6}
+        if args.dsq:
+            ds_config["doublesqueeze"] = {"enabled": True, "compressor": "sign", "block_size": 1024}
+    training = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=8, max_steps=args.steps, learning_rate=3e-3,
+        warmup_steps=0, logging_steps=1, save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500, save_only_model=False, report_to=[], disable_tqdm=True, seed=0,
+        data_seed=0, use_cpu=True, ddp_backend="gloo", deepspeed=ds_config, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=training, train_dataset=Tokens())
+    counter = Bytes()
+    trainer.add_callback(counter)
+    callback = None
+    if args.mode == "ddp" and args.dsq:
+        import dsq_plugins as dsq
+        from dsq_plugins.hf_trainer import DoubleSqueezeCallback
+        callback = DoubleSqueezeCallback(trainer, dsq.DoubleSqueezeConfig(compressor="sign", block_size=1024))
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+
+    rank = training.process_index
+    collective = callback.state if callback else getattr(trainer.model_wrapped, "doublesqueeze", None)
+    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "dsq": collective is not None,
+              "bytes_per_step": (counter.end - counter.start) / max(1, counter.steps - 1)}
+    record = {"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+    if collective is not None:
+        record.update(worker=collective.worker_residuals(), server=collective.server_residuals(),
+                      step=collective.step)
+        result.update(worker_residual_norm=collective.residual_norms()[0], step=collective.step,
+                      payload=collective.totals.payload_bytes, dense=collective.totals.dense_bytes)
+    torch.save(record, out / f"rank{rank}.pt")
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result))
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

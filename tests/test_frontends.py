@@ -1,0 +1,133 @@
+"""The front ends people train with, for real, on 2 CPU ranks (gloo): the Hugging Face Trainer (with DeepSpeed,
+switched on by the config section alone, and in DDP mode with `DoubleSqueezeCallback`), Lightning's DDPStrategy
+with the hook and `DoubleSqueezeCallback`, and Accelerate with the hook registered after `prepare`.
+
+Bytes are the kernel's: each job runs in a network namespace of its own (`unshare --net`, root), where the
+loopback carries only that job's traffic.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsq_plugins as dsq
+
+from .checks import assert_conservation
+from .conftest import ROOT
+
+ISOLATED = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip") is not None
+isolated = pytest.mark.skipif(not ISOLATED, reason="counting a job's bytes needs root (unshare --net)")
+
+
+def job(script, out, *args, nproc=2, timeout=300):
+    """`script` under torchrun with `nproc` ranks, in a private network namespace; fails with the output."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+              str(ROOT / "tests" / script), str(out), *map(str, args)]
+    cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *launch]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"{' '.join(launch)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+                             f"\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def result(out):
+    return json.loads((out / "result.json").read_text())
+
+
+def ranks(out, n=2):
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+
+
+def assert_same_state(a, b):
+    for ra, rb in zip(a, b):
+        for name, p in ra["params"].items():
+            torch.testing.assert_close(rb["params"][name], p, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        for kind in ("worker", "server"):
+            assert ra[kind].keys() == rb[kind].keys()
+            for key in ra[kind]:
+                assert torch.equal(ra[kind][key], rb[kind][key]), (kind, key)
+
+
+# ------------------------------------------------------------------------------------- Hugging Face Trainer
+@isolated
+@pytest.mark.parametrize("mode", ["deepspeed", "ddp"])
+def test_trainer_trains_with_doublesqueeze_and_resumes_exactly(tmp_path, mode):
+    """TrainingArguments(deepspeed=config) with the section (the script imports nothing of ours) or the DDP
+    Trainer with DoubleSqueezeCallback: loss goes down with and without DoubleSqueeze, the kernel counts at least
+    8x fewer bytes per step with it, residuals exist; a run resumed from its step-4 checkpoint ends with the same
+    weights and residuals, bit for bit."""
+    stock, full, resumed = tmp_path / "stock", tmp_path / "full", tmp_path / "resumed"
+    dsq_flag = ["--mode", mode, "--dsq"]
+    job("hf_worker.py", stock, "--mode", mode, "--steps", "8")
+    job("hf_worker.py", full, *dsq_flag, "--steps", "8", "--save-steps", "4")
+    a, b = result(stock), result(full)
+    assert not a["dsq"] and b["dsq"] and b["step"] == 8
+    for r in (a, b):
+        assert r["losses"][-1] < r["losses"][0] - 0.3, r["losses"]
+    assert a["bytes_per_step"] > 8 * b["bytes_per_step"], (a["bytes_per_step"], b["bytes_per_step"])
+    assert b["worker_residual_norm"] > 0 and b["dense"] > 15 * b["payload"]
+
+    checkpoint = full / "trainer" / "checkpoint-4"
+    assert all((checkpoint / ("global_step4" if mode == "deepspeed" else "") / f"doublesqueeze_rank_{r:05d}.pt").exists()
+               for r in range(2))
+    shutil.copytree(checkpoint, resumed / "trainer" / "checkpoint-4")
+    job("hf_worker.py", resumed, *dsq_flag, "--steps", "8", "--save-steps", "4", "--resume")
+    assert result(resumed)["step"] == 8
+    assert_same_state(ranks(full), ranks(resumed))
+
+
+# ------------------------------------------------------------------------------------------------- Lightning
+def torchrun_job(script, out, *args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / script), str(out), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+                             f"\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_lightning_ddp_strategy_with_the_hook_equals_simulator_and_resumes(tmp_path):
+    """DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...) as Lightning documents PowerSGD, the state built before
+    the process group: the updates equal the Simulator's on the ranks' own gradients, the conservation law holds,
+    and a fit resumed from the step-3 checkpoint (DoubleSqueezeCallback) ends with the same weights and
+    residuals. (On the CPU Lightning drops communication hooks; the callback registers ours.)"""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun_job("lightning_worker.py", full, "--steps", "6", "--save-every", "3")
+    a = [torch.load(full / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(r["step"] == 6 for r in a)
+    sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16, block_size=256), key=0)
+    for t in range(6):
+        expected = sim.step([a[r]["records"][t]["g"]["weight"] for r in range(2)])
+        for r in a:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], expected, rtol=1e-5, atol=1e-6)
+    assert_conservation(a, atol=2e-5)
+    torchrun_job("lightning_worker.py", resumed, "--steps", "6", "--resume", full / "ckpt" / "step=3.ckpt")
+    b = [torch.load(resumed / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for ra, rb in zip(a, b):
+        assert rb["step"] == 6
+        assert torch.equal(ra["params"]["weight"], rb["params"]["weight"])
+        assert torch.equal(ra["worker_residual"]["weight"], rb["worker_residual"]["weight"])
+
+
+# ------------------------------------------------------------------------------------------------ Accelerate
+def test_accelerate_prepare_then_register_the_hook(tmp_path):
+    """accelerator.prepare(model) gives the DDP model; registering the hook on it is all it takes: the updates equal
+    the Simulator's (topk, blocks of 256) and the conservation law holds."""
+    torchrun_job("accelerate_worker.py", tmp_path, "--steps", "5")
+    a = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert "MULTI_CPU" in a[0]["distributed_type"] and all(r["step"] == 5 for r in a)
+    sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="topk:0.1", min_numel=16, block_size=256), key=0)
+    for t in range(5):
+        expected = sim.step([a[r]["records"][t]["g"]["weight"] for r in range(2)])
+        for r in a:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], expected, rtol=1e-6, atol=1e-7)
+    assert_conservation(a)
+
