@@ -21,7 +21,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--model", default="multi")
-    ap.add_argument("--compressor", default="sign")
+    ap.add_argument("--compressor", default="sign",
+                    help="a spec, or a comma list: one training run each, written to OUT/<spec>/ (one launch)")
     ap.add_argument("--server-compressor", default=None)
     ap.add_argument("--no-worker-ef", action="store_true")
     ap.add_argument("--no-server-ef", action="store_true")
@@ -47,19 +48,27 @@ def main():
     args = ap.parse_args()
 
     torch.set_num_threads(1)
+    specs = args.compressor.split(",")
     early = None
     if args.state_before_init:
-        early = dsq.DoubleSqueezeState(make_config(args))
+        early = dsq.DoubleSqueezeState(make_config(args, specs[0]))
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if len(specs) == 1:
+        train(args, specs[0], Path(args.out), early)
+    else:
+        for spec in specs:
+            train(args, spec, Path(args.out) / spec.replace(":", "_"), None)
+    shut_down_and_exit()
 
+
+def train(args, spec, out: Path, early):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model)
     names = {id(p): n for n, p in model.named_parameters()}
     ddp = DDP(model, bucket_cap_mb=args.bucket_mb)      # 0.01: ~2600 floats per bucket: several buckets, a rebuild
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
-    state = early or dsq.DoubleSqueezeState(make_config(args))
+    state = early or dsq.DoubleSqueezeState(make_config(args, spec))
 
     if args.load:
         src = rank if args.load_rank < 0 else args.load_rank
@@ -120,19 +129,20 @@ def main():
         if all(torch.isfinite(p.grad).all() for p in model.parameters()):
             opt.step()
         if step + 1 == args.save_at:
-            torch.save({"dsq": state.state_dict(), "pickled": pickle.dumps(state), "model": model.state_dict(), "opt": opt.state_dict()},
-                       out / f"ckpt_rank{rank}.pt")
+            torch.save({"dsq": state.state_dict(), "pickled": pickle.dumps(state), "model": model.state_dict(),
+                        "opt": opt.state_dict()}, out / f"ckpt_rank{rank}.pt")
 
     w, s = residuals()
     torch.save({"records": records, "worker_residual": w, "server_residual": s, "snapshots": snapshots,
-                "skipped_steps": state.skipped_steps, "step": state.step, "buckets_seen": len(buckets_seen), "totals": state.totals.as_dict(),
+                "skipped_steps": state.skipped_steps, "step": state.step, "buckets_seen": len(buckets_seen),
+                "totals": state.totals.as_dict(),
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "world": world}, out / f"rank{rank}.pt")
-    shut_down_and_exit()
+    state.drain()
 
 
-def make_config(args):
-    return dsq.DoubleSqueezeConfig(compressor=args.compressor, server_compressor=args.server_compressor,
+def make_config(args, spec):
+    return dsq.DoubleSqueezeConfig(compressor=spec, server_compressor=args.server_compressor,
                                    worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
                                    warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size)
 

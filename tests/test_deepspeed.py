@@ -57,7 +57,9 @@ def test_bad_section_is_refused_before_the_engine_is_built(section, message, tmp
 
 def test_section_absent_or_disabled_means_stock():
     assert read_section({"train_batch_size": 8}) is None
-    assert read_section({"doublesqueeze": {"enabled": False, "compressor": "sign"}}) is None
+    assert read_section({"doublesqueeze": {"enabled": False}}) is None
+    with pytest.warns(UserWarning, match="is ignored"):
+        assert read_section({"doublesqueeze": {"enabled": False, "compressor": "sign"}}) is None
     cfg = read_section({"doublesqueeze": {"enabled": True, "compressor": "topk:0.01"}}).to_config()
     assert cfg == dsq.DoubleSqueezeConfig(compressor="topk:0.01")
 
