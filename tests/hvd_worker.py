@@ -56,18 +56,24 @@ def run(args, spec, out: Path, tag: str):
     records, snapshots, zero_grad_error = [], [], None
     for step in range(args.first_step, args.first_step + args.steps):
         opt.zero_grad()
+        named = list(model.named_parameters())
+        local = {n: torch.zeros(p.numel(), dtype=p.dtype) for n, p in named}
         for micro in range(args.accum):
             x, y = batch(step, micro, rank, args.model)
             loss = ((model(x) - y) ** 2).mean()
             if step == args.nan_at and rank == args.nan_rank:
                 loss = loss * float("nan")
+            # The local gradient, taken apart from p.grad: Horovod's own hooks all-reduce p.grad in place on
+            # its background thread while backward runs, so a copy of p.grad after backward may be averaged.
+            for (n, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named], retain_graph=True)):
+                local[n] += g.reshape(-1)
             loss.backward()
         if dsq and step == args.first_step:
             try:
                 opt.zero_grad()
             except AssertionError as e:     # as in Horovod: not between backward and step
                 zero_grad_error = str(e)
-        rec = {"step": step, "g": {n: p.grad.detach().reshape(-1).clone() for n, p in model.named_parameters()}}
+        rec = {"step": step, "g": local}
         opt.synchronize()
         rec["c"] = {n: p.grad.detach().reshape(-1).clone() for n, p in model.named_parameters()}
         records.append(rec)
