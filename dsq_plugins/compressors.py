@@ -15,8 +15,12 @@ per block of ``n`` elements (exact, so results can be checked against a referenc
   (unbiased); values only (both ends derive the indices from the seed, which is context, like the shape).
 - ``qsgd:S``: QSGD with ``S`` levels and stochastic rounding (unbiased); fp32 norm + packed signs + levels packed
   in ``ceil(log2(S + 1))`` bits.
-- ``int8[:C]``: min-max 8-bit quantization per chunk of ``C`` elements (default 512; chunks never straddle blocks),
-  round to nearest; per chunk a fp32 minimum and step, then one byte per element.
+- ``int8[:C]``, ``int4[:C]``, ``int2[:C]``: min-max quantization to 8, 4 or 2 bits per chunk of ``C`` elements
+  (default 512; chunks never straddle blocks), round to nearest; per chunk a fp32 minimum and step, then the
+  levels packed (one byte, half a byte, a quarter of a byte per element).
+- ``S+Q`` (``topk:0.01+int4``, ``topk:0.01+sign``, ``randomk:0.05+int8``): the sparsifier ``S`` keeps ``k(n)``
+  values of the block, which the quantiser ``Q`` compresses as one block of ``k(n)`` elements; on the wire the
+  sparsifier's indices (topk) and the quantiser's fields.
 
 Every compressor takes any floating dtype and returns the same dtype. Random numbers come from `rng`: a 32-bit
 seed per block, the same on every device. All of it is torch ops that run on any device; the numpy paths in
@@ -43,7 +47,7 @@ from . import bitpack, rng
 from .payload import Field, Payload
 
 __all__ = ["Compressor", "NoneCompressor", "CastCompressor", "SignCompressor", "TopKCompressor",
-           "RandomKCompressor", "QSGDCompressor", "Int8Compressor", "index_dtype", "acc_dtype"]
+           "RandomKCompressor", "QSGDCompressor", "IntCompressor", "Int8Compressor", "ComposedCompressor", "index_dtype", "acc_dtype"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -61,6 +65,10 @@ def index_dtype(cap: int) -> torch.dtype:
 def _valid(lengths: torch.Tensor, cap: int) -> torch.Tensor:
     """(rows, cap) bool: column < the row's length."""
     return torch.arange(cap, device=lengths.device) < lengths.reshape(-1, 1)
+
+
+def _col(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device)
 
 
 def _ratio_k(ratio: float, n):
@@ -195,6 +203,11 @@ class Compressor:
         """``acc += decode(fields)`` (the server's sum over ranks), as `decode` then an add unless a compressor
         does it in one pass."""
         return acc.add_(self.decode(fields, cap, dtype, lengths, seeds))
+
+    def variance(self, numel: int) -> Optional[float]:
+        """For an unbiased compressor, a bound on ``E|C(x) - x|^2 / |x|^2`` over blocks of `numel` elements (error
+        feedback is a contraction only below 1); None for a biased (contractive) or unknown one."""
+        return None
 
     def _compress_block(self, flat, seed):
         return self._compress(flat, seed)
@@ -357,21 +370,48 @@ class TopKCompressor(_RatioCompressor):
         k = self.k(numel)
         return [("values", dtype, k), ("indices", index_dtype(cap), k)]
 
-    def encode(self, x, lengths=None, seeds=None):
+    def select(self, x, lengths=None, seeds=None):
+        """(values (rows, k(cap)), {"indices": ...}): the kept entries of each row in the order of their indices,
+        and what else goes on the wire. Among equal magnitudes the lower index is kept, so the selection is one
+        function of the row, whatever the batch and the device. A short row's first k(n) entries are its kept
+        ones."""
         rows, cap = x.shape
-        mag = x.abs()
+        k, dev = self.k(cap), x.device
+        mag = x.abs().nan_to_num_(nan=torch.inf)            # NaN is kept first (the non-finite flag sees it)
         if lengths is not None:
             mag.masked_fill_(~_valid(lengths, cap), -1)     # padding is never kept
-        # Sorted (largest first) where rows differ in length: the first k(n) of k(cap) are then a row's top k(n).
-        idx = torch.topk(mag, self.k(cap), dim=1, sorted=lengths is not None).indices
-        return {"values": x.gather(1, idx), "indices": idx.to(index_dtype(cap))}
+        top = torch.topk(mag, k, dim=1, sorted=True)
+        keep_n = torch.full((rows, 1), k, device=dev) if lengths is None \
+            else _ratio_k(self.ratio, lengths).reshape(-1, 1)
+        kth = top.values.gather(1, keep_n - 1)              # the k(n)-th largest magnitude of each row
+        col = _col(k, dev)
+        # Entries above the k(n)-th are kept whatever the order; of those equal to it, the lowest indices (found by
+        # a second top-k over the reversed column of each tie) fill the remaining places.
+        above = (top.values > kth) & (col < keep_n)
+        reverse = torch.arange(cap, 0, -1, device=dev, dtype=torch.float32)
+        ties = torch.topk(torch.where(mag == kth, reverse, 0.0), k, dim=1, sorted=True)
+        room = keep_n - above.sum(1, keepdim=True)
+        tied = (col < room) & (ties.values > 0)
+        big = torch.iinfo(torch.int64).max
+        both = torch.cat([torch.where(above, top.indices, big), torch.where(tied, ties.indices, big)], dim=1)
+        idx = both.sort(dim=1).values[:, :k]
+        idx = torch.where(idx == big, cap - 1, idx)         # places beyond a short row's k(n): ignored
+        return x.gather(1, idx), {"indices": idx.to(index_dtype(cap))}
+
+    def place(self, values, fields, cap, dtype, lengths=None, seeds=None, out=None):
+        """(rows, cap): zeros with each row's kept `values` at their places (the inverse of `select`)."""
+        keep = None if lengths is None else _ratio_k(self.ratio, lengths)
+        return self._scatter(values, fields["indices"].long(), cap, dtype, lengths, keep, out)
+
+    def encode(self, x, lengths=None, seeds=None):
+        values, fields = self.select(x, lengths, seeds)
+        return dict(fields, values=values)
 
     def nonfinite(self, fields):
         return ~torch.isfinite(fields["values"]).all()      # topk keeps NaN and +-inf first: they are the largest
 
     def decode(self, fields, cap, dtype, lengths=None, seeds=None, out=None):
-        keep = None if lengths is None else _ratio_k(self.ratio, lengths)
-        return self._scatter(fields["values"], fields["indices"].long(), cap, dtype, lengths, keep, out)
+        return self.place(fields["values"], fields, cap, dtype, lengths, seeds, out)
 
 
 class RandomKCompressor(_RatioCompressor):
@@ -380,6 +420,9 @@ class RandomKCompressor(_RatioCompressor):
 
     def row_layout(self, numel, dtype, cap):
         return [("values", dtype, self.k(numel))]
+
+    def variance(self, numel: int) -> float:
+        return numel / self.k(numel) - 1.0
 
     def _indices(self, seeds, cap, lengths):
         if seeds is None:
@@ -390,7 +433,7 @@ class RandomKCompressor(_RatioCompressor):
         # The k smallest keys, smallest first, on every device: the same indices in the same order.
         return torch.topk(keys, self.k(cap), dim=1, largest=False, sorted=True).indices
 
-    def encode(self, x, lengths=None, seeds=None):
+    def select(self, x, lengths=None, seeds=None):
         rows, cap = x.shape
         idx = self._indices(seeds, cap, lengths)
         acc = acc_dtype(x.dtype)
@@ -398,11 +441,17 @@ class RandomKCompressor(_RatioCompressor):
             factor = cap / self.k(cap)
         else:
             factor = (lengths.to(torch.float64) / _ratio_k(self.ratio, lengths)).to(acc).reshape(-1, 1)
-        return {"values": (x.gather(1, idx).to(acc) * factor).to(x.dtype)}
+        return (x.gather(1, idx).to(acc) * factor).to(x.dtype), {}
+
+    def place(self, values, fields, cap, dtype, lengths=None, seeds=None, out=None):
+        keep = None if lengths is None else _ratio_k(self.ratio, lengths)
+        return self._scatter(values, self._indices(seeds, cap, lengths), cap, dtype, lengths, keep, out)
+
+    def encode(self, x, lengths=None, seeds=None):
+        return {"values": self.select(x, lengths, seeds)[0]}
 
     def decode(self, fields, cap, dtype, lengths=None, seeds=None, out=None):
-        keep = None if lengths is None else _ratio_k(self.ratio, lengths)
-        return self._scatter(fields["values"], self._indices(seeds, cap, lengths), cap, dtype, lengths, keep, out)
+        return self.place(fields["values"], fields, cap, dtype, lengths, seeds, out)
 
 
 class QSGDCompressor(_Batched):
@@ -421,6 +470,10 @@ class QSGDCompressor(_Batched):
         self.levels = levels
         self.bits = max(1, math.ceil(math.log2(levels + 1)))
         super().__init__(str(levels))
+
+    def variance(self, numel: int) -> float:
+        # per element (|x|/S)^2 p(1-p), p the rounding probability: p(1-p) <= 1/4, and sum p <= S |x|_1/|x|
+        return min(numel / (4 * self.levels ** 2), math.sqrt(numel) / self.levels)
 
     def row_layout(self, numel, dtype, cap):
         return [("norm", torch.float32, 1), ("signs", torch.uint8, bitpack.packed_nbytes(numel)),
@@ -449,26 +502,33 @@ class QSGDCompressor(_Batched):
         return _into(out, mags if dtype == torch.float32 else mags.to(dtype))
 
 
-class Int8Compressor(_Batched):
-    name = "int8"
+class IntCompressor(_Batched):
+    """Min-max quantization to `bits` bits per element, per chunk of `chunk` elements (chunks never straddle
+    blocks): per chunk a fp32 minimum and step ``(max - min) / (2**bits - 1)``, then each element rounded to the
+    nearest of the ``2**bits`` levels, packed ``8 / bits`` to a byte. Specs ``int8``, ``int4``, ``int2``, each with
+    an optional chunk size (``int4:128``; default 512). Biased and contractive: each element moves at most half a
+    step."""
 
-    def __init__(self, arg: Optional[str] = None):
+    def __init__(self, name: str, bits: int, arg: Optional[str] = None):
+        self.name, self.bits = name, bits
+        self.cap_multiple = 1 if bits == 8 else 8
         try:
             chunk = 512 if arg is None else int(arg)
         except ValueError:
             chunk = 0
         if chunk < 1:
-            raise ValueError(f"int8: the chunk size must be a positive integer, e.g. 'int8:512'; got {arg!r}")
+            raise ValueError(f"{name}: the chunk size must be a positive integer, e.g. '{name}:512'; got {arg!r}")
         self.chunk = chunk
         super().__init__(None if chunk == 512 else str(chunk))
 
     def row_layout(self, numel, dtype, cap):
         chunks = -(-numel // self.chunk)
-        return [("mins", torch.float32, chunks), ("steps", torch.float32, chunks), ("q", torch.uint8, numel)]
+        return [("mins", torch.float32, chunks), ("steps", torch.float32, chunks),
+                ("q", torch.uint8, bitpack.packed_nbytes(numel, self.bits))]
 
     def encode(self, x, lengths=None, seeds=None):
         rows, cap = x.shape
-        c = self.chunk
+        c, top = self.chunk, 2 ** self.bits - 1
         chunks = -(-cap // c)
         v = x.float()
         if chunks * c != cap:
@@ -482,10 +542,13 @@ class Int8Compressor(_Batched):
                 n, device=x.device).reshape(-1, 1, 1)
             lo = torch.where(valid, v, torch.inf).amin(dim=2)
             hi = torch.where(valid, v, -torch.inf).amax(dim=2)
-        step = (hi - lo) / 255.0
+        step = (hi - lo) / float(top)
         safe = torch.where(step > 0, step, 1.0)
-        q = (v - lo[..., None]).div_(safe[..., None]).round_().clamp_(0, 255).to(torch.uint8)
-        return {"mins": lo, "steps": step, "q": q.view(rows, -1)[:, :cap]}
+        q = (v - lo[..., None]).div_(safe[..., None]).round_().clamp_(0, top).to(torch.uint8)
+        q = q.view(rows, -1)[:, :cap]
+        if self.bits < 8:
+            q = bitpack.pack_uint(q, self.bits).view(rows, -1)
+        return {"mins": lo, "steps": step, "q": q}
 
     def nonfinite(self, fields):
         return ~(torch.isfinite(fields["mins"]).all() & torch.isfinite(fields["steps"]).all())
@@ -495,6 +558,8 @@ class Int8Compressor(_Batched):
         rows = q.shape[0]
         c = self.chunk
         chunks = fields["mins"].shape[1]
+        if self.bits < 8:
+            q = bitpack.unpack_uint(q, rows * cap, self.bits).view(rows, cap)
         v = q.float()
         if chunks * c != cap:
             v = torch.cat([v, v.new_zeros(rows, chunks * c - cap)], dim=1)
@@ -502,6 +567,104 @@ class Int8Compressor(_Batched):
         v = v.view(rows, chunks, c).mul_(fields["steps"][..., None]).add_(fields["mins"][..., None])
         v = v.view(rows, -1)[:, :cap]
         return _into(out, v.to(dtype))
+
+
+def Int8Compressor(arg: Optional[str] = None) -> IntCompressor:
+    """`IntCompressor` of 8 bits (the name of earlier versions)."""
+    return IntCompressor("int8", 8, arg)
+
+
+class ComposedCompressor(_Batched):
+    """A sparsifier, then a quantiser of the values it keeps: spec ``"topk:0.01+int4"``, ``"topk:0.01+sign"``,
+    ``"randomk:0.05+int8"``. Per block of ``n`` elements: the sparsifier's ``k(n)`` kept values form one block of
+    ``k(n)`` elements that the quantiser compresses (sign: one scale over the kept values; intN: its chunks);
+    the wire holds the sparsifier's own fields (topk: the indices, in the smallest type) and the quantiser's
+    fields of the values. The sparsifier is `TopKCompressor` or `RandomKCompressor` (anything with
+    `select` / `place` / `k`); the quantiser any batched compressor."""
+
+    name = "composed"
+
+    def __init__(self, sparsifier: Compressor, quantizer: Compressor):
+        if not hasattr(sparsifier, "select"):
+            raise ValueError(f"in {sparsifier.spec}+{quantizer.spec}: the first part must be a sparsifier "
+                             f"(topk, randomk), got {sparsifier.spec!r}")
+        if hasattr(quantizer, "select") or isinstance(quantizer, ComposedCompressor):
+            raise ValueError(f"in {sparsifier.spec}+{quantizer.spec}: the second part must be a quantiser of "
+                             f"values (sign, int8, int4, int2, qsgd, fp16, bf16), got {quantizer.spec!r}")
+        if type(quantizer).encode is Compressor.encode:
+            raise ValueError(f"{quantizer.spec!r} has no batched encode/decode, so it cannot follow a sparsifier")
+        self.sparsifier, self.quantizer = sparsifier, quantizer
+        self.uses_seed = sparsifier.uses_seed or quantizer.uses_seed
+        self.seed_per_rank = sparsifier.seed_per_rank or quantizer.seed_per_rank
+        self.lossless = False
+        super().__init__()
+        self.spec = f"{sparsifier.spec}+{quantizer.spec}"
+
+    def k(self, numel):
+        return self.sparsifier.k(numel)
+
+    def _kcap(self, cap: int) -> int:
+        m = self.quantizer.cap_multiple
+        return -(-self.k(cap) // m) * m
+
+    def row_layout(self, numel, dtype, cap):
+        s, q = self.sparsifier, self.quantizer
+        own = [f for f in s.row_layout(numel, dtype, cap) if f[0] != "values"]
+        return own + [("v_" + name, dt, count) for name, dt, count in q.row_layout(self.k(numel), dtype,
+                                                                                   self._kcap(cap))]
+
+    def variance(self, numel: int) -> Optional[float]:
+        a, b = self.sparsifier.variance(numel), self.quantizer.variance(self.k(numel))
+        if a is None and b is None:
+            return None
+        return (1 + (a or 0.0)) * (1 + (b or 0.0)) - 1
+
+    def _inner(self, cap, lengths, seeds, device):
+        """The quantiser's batch: capacity, row lengths (None: all full) and seeds (derived from the block's)."""
+        kcap = self._kcap(cap)
+        if lengths is not None:
+            klens = _ratio_k(self.sparsifier.ratio, lengths) if hasattr(self.sparsifier, "ratio") \
+                else torch.tensor([self.k(int(n)) for n in lengths.tolist()], device=device)
+        elif kcap != self.k(cap):
+            klens = torch.full((1,), self.k(cap), dtype=torch.int64, device=device)
+        else:
+            klens = None
+        qseeds = None
+        if seeds is not None and self.quantizer.uses_seed:
+            qseeds = rng.mix32_((seeds ^ 0x2545F491) & rng.MASK32)
+        return kcap, klens, qseeds
+
+    def encode(self, x, lengths=None, seeds=None):
+        rows, cap = x.shape
+        values, fields = self.sparsifier.select(x, lengths, seeds)
+        kcap, klens, qseeds = self._inner(cap, lengths, seeds, x.device)
+        if kcap != values.shape[1]:
+            values = torch.cat([values, values.new_zeros(rows, kcap - values.shape[1])], dim=1)
+        if klens is not None:
+            klens = klens.expand(rows)
+            values = values.masked_fill(~_valid(klens, kcap), 0)
+        qf = self.quantizer.encode(values, klens, qseeds)
+        # the quantiser's fields at capacity kcap, cut to what k(cap) values take (the rest is padding)
+        for name, _, count in self.quantizer.row_layout(self.k(cap), x.dtype, kcap):
+            fields["v_" + name] = qf[name][:, :count]
+        return fields
+
+    def nonfinite(self, fields):
+        q = self.quantizer.nonfinite({k[2:]: f for k, f in fields.items() if k.startswith("v_")})
+        return q if isinstance(self.sparsifier, TopKCompressor) else None    # randomk may drop a NaN
+
+    def decode(self, fields, cap, dtype, lengths=None, seeds=None, out=None):
+        rows = next(iter(fields.values())).shape[0]
+        device = next(iter(fields.values())).device
+        kcap, klens, qseeds = self._inner(cap, lengths, seeds, device)
+        if klens is not None:
+            klens = klens.expand(rows)
+        qf = {}
+        for name, _, count in self.quantizer.row_layout(kcap, dtype, kcap):
+            f = fields["v_" + name]
+            qf[name] = f if f.shape[1] == count else torch.cat([f, f.new_zeros(rows, count - f.shape[1])], dim=1)
+        values = self.quantizer.decode(qf, kcap, dtype, klens, qseeds)[:, :self.k(cap)]
+        return self.sparsifier.place(values, fields, cap, dtype, lengths, seeds, out)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -1,6 +1,7 @@
 """Compressors by name: built-ins, `register_compressor`, and the entry-point group ``dsq_plugins.compressors``.
 
-A spec is ``"name"`` or ``"name:arg"`` (``"topk:0.01"``). A factory is a callable ``factory(arg)`` that returns a
+A spec is ``"name"`` or ``"name:arg"`` (``"topk:0.01"``), or a sparsifier and a quantiser of the values it keeps
+joined by ``+`` (``"topk:0.01+int4"``). A factory is a callable ``factory(arg)`` that returns a
 `Compressor`; ``arg`` is the text after the colon, or None. A third-party package adds one without touching ours
 by declaring, in its packaging metadata::
 
@@ -13,8 +14,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .compressors import (CastCompressor, Compressor, Int8Compressor, NoneCompressor, QSGDCompressor,
-                          RandomKCompressor, SignCompressor, TopKCompressor)
+from .compressors import (CastCompressor, ComposedCompressor, Compressor, IntCompressor, NoneCompressor,
+                          QSGDCompressor, RandomKCompressor, SignCompressor, TopKCompressor)
 
 __all__ = ["ENTRY_POINT_GROUP", "register_compressor", "get_compressor", "available_compressors"]
 
@@ -39,14 +40,16 @@ _BUILTINS: Dict[str, Factory] = {
     "topk": TopKCompressor,
     "randomk": RandomKCompressor,
     "qsgd": QSGDCompressor,
-    "int8": Int8Compressor,
+    "int8": lambda arg: IntCompressor("int8", 8, arg),
+    "int4": lambda arg: IntCompressor("int4", 4, arg),
+    "int2": lambda arg: IntCompressor("int2", 2, arg),
 }
 _registered: Dict[str, Factory] = {}
 
 
 def register_compressor(name: str, factory: Factory, *, override: bool = False) -> None:
     """Make `name` available to `get_compressor`. `factory(arg)` returns a `Compressor`."""
-    if not name or ":" in name or not name.replace("_", "").replace("-", "").isalnum():
+    if not name or ":" in name or "+" in name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"a compressor name is letters, digits, '_' and '-', got {name!r}")
     if not override and name in _all_factories():
         raise ValueError(f"compressor {name!r} is already registered; pass override=True to replace it")
@@ -79,6 +82,11 @@ def get_compressor(spec) -> Compressor:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a compressor spec is a string 'name' or 'name:arg', got {spec!r}; "
                          f"valid names: {', '.join(available_compressors())}")
+    if "+" in spec:
+        parts = [p.strip() for p in spec.split("+")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"a composed spec is 'sparsifier+quantiser' (e.g. 'topk:0.01+int4'), got {spec!r}")
+        return ComposedCompressor(get_compressor(parts[0]), get_compressor(parts[1]))
     name, _, arg = spec.strip().partition(":")
     # Built-ins and registered names first: scanning the installed entry points costs milliseconds per call.
     factories = _registered if name in _registered else _BUILTINS if name in _BUILTINS else _all_factories()

@@ -18,9 +18,10 @@ from dsq_plugins.compressors import index_dtype
 from dsq_plugins.payload import Payload
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-BUILTINS = ["none", "fp16", "bf16", "sign", "topk", "randomk", "qsgd", "int8"]
+BUILTINS = ["none", "fp16", "bf16", "sign", "topk", "randomk", "qsgd", "int8", "int4", "int2"]
 SPECS = ["none", "fp16", "bf16", "sign", "topk:0.01", "topk:0.3", "topk:1", "randomk:0.01", "randomk:0.5",
-         "qsgd:16", "qsgd:1", "qsgd:255", "int8", "int8:7"]
+         "qsgd:16", "qsgd:1", "qsgd:255", "int8", "int8:7", "int4", "int4:5", "int2", "int2:3",
+         "topk:0.01+int4", "topk:0.3+sign", "topk:0.1+int2:4", "topk:0.2+fp16", "randomk:0.3+int8", "topk:0.2+qsgd:4"]
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -413,43 +414,138 @@ def test_qsgd_seed_per_rank_and_independent_noise():
     assert c.compress(x, seed=1).to_bytes() != c.compress(x, seed=2).to_bytes()
 
 
-def check_int8(x, chunk):
-    spec = "int8" if chunk is None else f"int8:{chunk}"
+def int_reference(v: torch.Tensor, bits: int, size: int):
+    """Plain torch: min-max quantization of the float64 vector `v` in chunks of `size` -> (mins, steps, levels,
+    dequantized values), chunk by chunk."""
+    mins, steps, levels, out = [], [], [], []
+    for i in range(0, v.numel(), size):
+        part = v[i:i + size]
+        lo, hi = part.min(), part.max()
+        step = (hi - lo) / (2 ** bits - 1)
+        q = torch.zeros_like(part) if step == 0 else ((part - lo) / step).round().clamp(0, 2 ** bits - 1)
+        mins.append(lo), steps.append(step), levels.append(q), out.append(q * step + lo)
+    return torch.stack(mins), torch.stack(steps), torch.cat(levels), torch.cat(out)
+
+
+def check_int(x, chunk, bits=8):
+    name = f"int{bits}"
+    spec = name if chunk is None else f"{name}:{chunk}"
     c, p, y = roundtrip(spec, x)
     size = 512 if chunk is None else chunk
     d = x.numel()
     chunks = math.ceil(d / size)
-    assert p.nbytes == 8 * chunks + d
+    assert p.nbytes == 8 * chunks + math.ceil(d * bits / 8)
     v = x.reshape(-1).double()
     w = y.reshape(-1).double()
+    mins, steps, _, ref = int_reference(v, bits, size)
+    torch.testing.assert_close(p.fields["mins"].double(), mins, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(p.fields["steps"].double(), steps, rtol=1e-5, atol=1e-30)
     err = (w - v).abs()
     eps = torch.finfo(x.dtype).eps
     for i in range(chunks):
-        part = v[i * size:(i + 1) * size]
-        lo, hi = part.min(), part.max()
-        step = (hi - lo) / 255
-        torch.testing.assert_close(p.fields["mins"].double()[i], lo, rtol=1e-6, atol=0.0)
-        torch.testing.assert_close(p.fields["steps"].double()[i], step, rtol=1e-5, atol=1e-30)
+        lo, hi, step = mins[i], mins[i] + steps[i] * (2 ** bits - 1), steps[i]
         scale = max(abs(lo.item()), abs(hi.item()))
         # half a step, plus float32 arithmetic, plus the final rounding to the tensor's dtype
         tol = step / 2 + 8 * torch.finfo(torch.float32).eps * scale + eps * w[i * size:(i + 1) * size].abs()
         assert torch.all(err[i * size:(i + 1) * size] <= tol), (i, err[i * size:(i + 1) * size].max(), step)
+    if bits < 8 and x.dtype in (torch.float32, torch.float64):     # away from rounding ties: the same values
+        near_tie = ((v - mins.repeat_interleave(size)[:d]) / steps.clamp(min=1e-300).repeat_interleave(size)[:d]
+                    ).frac().sub(0.5).abs() < 1e-3
+        torch.testing.assert_close(w[~near_tie], ref[~near_tie], rtol=1e-5, atol=1e-6 * float(v.abs().max()))
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 7, 100, 1000])
 @FAST
 @given(x=tensors)
 def test_int8(chunk, x):
-    check_int8(x, chunk)
+    check_int(x, chunk)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 100])
+@FAST
+@given(x=tensors)
+def test_int4_int2(bits, chunk, x):
+    check_int(x, chunk, bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int_sizes_not_dividing(bits, dtype):
+    for d, chunk in [(1, 512), (511, 512), (513, 512), (1000, 7), (100_003, None), (5, 5)]:
+        check_int(make((d,), dtype, d, scale=3.0), chunk, bits)
+    const = torch.full((700,), 2.5, dtype=dtype)                     # step 0: exact
+    _, _, y = roundtrip(f"int{bits}", const)
+    assert_same(y, const)
+
+
+def sign_of_kept(values: torch.Tensor) -> torch.Tensor:
+    return torch.where(values < 0, -1.0, 1.0).double() * values.double().abs().mean()
+
+
+@pytest.mark.parametrize("quant,bits", [("int4", 4), ("int2", 2), ("sign", 1)])
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.5])
+@FAST
+@given(d=st.integers(1, 5000), seed=st.integers(0, 2 ** 31))
+def test_topk_then_quantiser(quant, bits, ratio, d, seed):
+    """topk:R+Q against plain torch: the k entries of largest magnitude, at their places, hold Q of the kept
+    values (one block of k values in index order: one sign scale, int chunks of 512), zeros elsewhere; on the wire the indices in
+    the smallest type and Q's fields of k values."""
+    k = k_of(ratio, d)
+    x = make((d,), torch.float64, seed)                               # distinct magnitudes: one top-k set
+    c, p, y = roundtrip(f"topk:{ratio}+{quant}", x)
+    idx = torch.topk(x.abs(), k).indices.sort().values
+    kept = x[idx]
+    if quant == "sign":
+        ref = sign_of_kept(kept)
+        q_bytes = 4 + math.ceil(k / 8)
+    else:
+        ref = int_reference(kept, bits, 512)[3]
+        q_bytes = 8 * math.ceil(k / 512) + math.ceil(k * bits / 8)
+    assert p.nbytes == k * torch.empty((), dtype=index_dtype(d)).element_size() + q_bytes
+    assert p.fields["indices"].dtype == index_dtype(d)
+    expected = torch.zeros(d, dtype=torch.float64)
+    expected[idx] = ref
+    mask = torch.zeros(d, dtype=torch.bool)
+    mask[idx] = True
+    assert torch.all(y[~mask] == 0)
+    if quant == "sign":
+        torch.testing.assert_close(y[mask], expected[mask], rtol=1e-6, atol=0.0)
+    else:       # float32 arithmetic may send a value that lies within rounding of a tie to the other level
+        step = float(int_reference(kept, bits, 512)[1].max())
+        fp32 = 1e-6 * float(kept.abs().max())                   # mins and steps travel as float32
+        off = (y[mask] - expected[mask]).abs()
+        assert float(off.max()) <= step * 1.0001 + fp32
+        assert int((off > 1e-3 * step + fp32).sum()) <= max(1, k // 100)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_int8_sizes_not_dividing(dtype):
-    for d, chunk in [(1, 512), (511, 512), (513, 512), (1000, 7), (100_003, None), (5, 5)]:
-        check_int8(make((d,), dtype, d, scale=3.0), chunk)
-    const = torch.full((700,), 2.5, dtype=dtype)                     # step 0: exact
-    _, _, y = roundtrip("int8", const)
-    assert_same(y, const)
+def test_randomk_then_quantiser(dtype):
+    """randomk:R+int8: the entries randomk alone keeps (from the same seed), scaled by n/k, then int8 of those
+    values; no indices on the wire (they come from the seed)."""
+    x = make((3000,), dtype, 1)
+    alone = dsq.get_compressor("randomk:0.1")
+    plain = alone.decompress(alone.compress(x, seed=9)).double()
+    c, p, y = roundtrip("randomk:0.1+int8", x, seed=9)
+    k = k_of(0.1, 3000)
+    assert set(p.fields) == {"v_mins", "v_steps", "v_q"} and p.nbytes == 8 + k
+    kept = plain != 0
+    assert int(kept.sum()) == k and torch.all(y[~kept] == 0)
+    # the kept values in randomk's order are what int8 quantised: compare as sets, within half a step
+    lo, hi = plain[kept].min(), plain[kept].max()
+    step = float((hi - lo) / 255)
+    err = (y.double()[kept] - plain[kept]).abs()
+    assert float(err.max()) <= step / 2 + 1e-2 * float(plain[kept].abs().max()) * torch.finfo(dtype).eps * 256
+
+
+def test_composed_variance_and_nonfinite():
+    assert dsq.get_compressor("topk:0.01+int4").variance(4096) is None          # biased throughout
+    assert dsq.get_compressor("randomk:0.25+int8").variance(4096) == pytest.approx(3.0)
+    c = dsq.get_compressor("topk:0.1+int4")
+    x = torch.randn(2, 64)
+    x[1, 5] = float("nan")
+    assert bool(c.nonfinite(c.encode(x)))
+    assert not bool(c.nonfinite(c.encode(torch.randn(2, 64))))
 
 
 # ---------------------------------------------------------------------------------------------------- bitpack
@@ -524,3 +620,21 @@ def test_randomk_picks_a_uniform_subset():
         counts += kept
     expected = trials * 5 / d               # 400 per index; binomial sd ~ 19
     assert float((counts - expected).abs().max()) < 6 * (expected * (1 - 5 / d)) ** 0.5
+
+
+@pytest.mark.parametrize("spec", ["topk:0.3", "topk:0.3+sign"])
+def test_topk_ties_keep_the_lowest_indices_in_any_batch(spec):
+    """Equal magnitudes at the k-th place: the lowest indices are kept, and a block compressed alone, as a full row
+    of a batch, or as a short row padded in a wider batch gives the same fields."""
+    c = dsq.get_compressor(spec)
+    x = torch.tensor([0.5, -1.0, 0.5, -0.5, 2.0, 0.5, -0.5, 1.0, 0.0, 0.5])       # k = 3: 2.0, then two of the 1.0s
+    y = c.decompress(c.compress(x))
+    assert torch.equal(y != 0, torch.tensor([False, True, False, False, True, False, False, True, False, False]))
+    x = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.5, 0.5, -0.5, 0.5, 0.5, 0.5])       # all tied: the first three
+    alone = c.encode(x.reshape(1, -1))
+    assert torch.equal(alone["indices"][0].long(), torch.arange(3))
+    wide = torch.zeros(2, 24)
+    wide[0, :10] = x
+    wide[1] = torch.randn(24)
+    padded = c.encode(wide, torch.tensor([10, 24]))
+    assert torch.equal(padded["indices"][0, :3], alone["indices"][0].to(padded["indices"].dtype))

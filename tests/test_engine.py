@@ -13,7 +13,8 @@ from dsq_plugins.collective import DoubleSqueezeCollective
 
 from .engine_cases import SIZES, grads_of, make_config, run_world, simulate
 
-SPECS = ["none", "fp16", "bf16", "sign", "topk:0.1", "randomk:0.25", "qsgd:4", "int8:16"]
+SPECS = ["none", "fp16", "bf16", "sign", "topk:0.1", "randomk:0.25", "qsgd:4", "int8:16", "int4:16", "int2",
+         "topk:0.1+int4", "topk:0.2+sign", "randomk:0.25+int2:8", "topk:0.2+qsgd:4"]
 
 
 def check_against_simulator(world, config, steps=5, dtype=torch.float32, tol=None, buckets=None, nan_at=None,
@@ -49,7 +50,7 @@ def test_equals_simulator(spec, world):
     check_against_simulator(world, make_config(spec))
 
 
-@pytest.mark.parametrize("spec", ["sign", "topk:0.1", "randomk:0.25", "qsgd:4"])
+@pytest.mark.parametrize("spec", ["sign", "topk:0.1", "randomk:0.25", "qsgd:4", "topk:0.1+int4"])
 def test_equals_simulator_five_ranks_fp64(spec):
     check_against_simulator(5, make_config(spec), dtype=torch.float64)
 

@@ -12,7 +12,7 @@ from dsq_plugins import registry
 from dsq_plugins.compressors import Compressor, TopKCompressor
 from dsq_plugins.payload import Payload
 
-BUILTINS = ["bf16", "fp16", "int8", "none", "qsgd", "randomk", "sign", "topk"]
+BUILTINS = ["bf16", "fp16", "int2", "int4", "int8", "none", "qsgd", "randomk", "sign", "topk"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +37,10 @@ def test_available_lists_builtins_sorted():
     ("topk", "TopKCompressor", "topk:0.01"), ("topk:1e-2", "TopKCompressor", "topk:0.01"),
     (" topk:0.5 ", "TopKCompressor", "topk:0.5"), ("topk:1", "TopKCompressor", "topk:1.0"),
     ("randomk:0.25", "RandomKCompressor", "randomk:0.25"), ("qsgd:16", "QSGDCompressor", "qsgd:16"),
-    ("qsgd", "QSGDCompressor", "qsgd:16"), ("int8", "Int8Compressor", "int8"),
-    ("int8:256", "Int8Compressor", "int8:256"),
+    ("qsgd", "QSGDCompressor", "qsgd:16"), ("int8", "IntCompressor", "int8"),
+    ("int8:256", "IntCompressor", "int8:256"), ("int4", "IntCompressor", "int4"), ("int2:64", "IntCompressor", "int2:64"),
+    ("topk:0.01+int4", "ComposedCompressor", "topk:0.01+int4"), (" topk + sign", "ComposedCompressor", "topk:0.01+sign"),
+    ("randomk:0.5+int8:64", "ComposedCompressor", "randomk:0.5+int8:64"),
 ])
 def test_get_compressor(spec, cls_name, canonical):
     c = dsq.get_compressor(spec)
@@ -73,9 +75,18 @@ def test_not_a_spec_lists_valid_ones(spec):
 
 @pytest.mark.parametrize("spec", ["topk:2", "topk:0", "topk:-0.1", "topk:abc", "topk:", "topk:nan", "topk:inf",
                                   "randomk:1.5", "randomk:x", "qsgd:0", "qsgd:256", "qsgd:1.5", "qsgd:x",
-                                  "int8:0", "int8:-4", "int8:x", "sign:1", "none:0", "fp16:x", "bf16:", "sign:"])
+                                  "int8:0", "int8:-4", "int8:x", "sign:1", "none:0", "fp16:x", "bf16:", "sign:",
+                                  "int4:0", "int2:x", "topk:2+int4", "topk+int4:0", "topk+", "+int4", "topk+int4+sign",
+                                  "nope+int4", "topk+nope"])
 def test_malformed_spec(spec):
     with pytest.raises(ValueError):
+        dsq.get_compressor(spec)
+
+
+@pytest.mark.parametrize("spec,why", [("sign+int4", "sparsifier"), ("int4+sign", "sparsifier"),
+                                      ("topk+randomk", "quantiser"), ("topk+topk:0.1", "quantiser")])
+def test_composition_says_which_part_is_wrong(spec, why):
+    with pytest.raises(ValueError, match=why):
         dsq.get_compressor(spec)
 
 
