@@ -7,7 +7,7 @@ DeepSpeed and async parameter-server integrations are thin adapters over these.
 from .collective import DoubleSqueezeCollective
 from .communicator import Communicator, TorchDistributedCommunicator
 from .compressors import Compressor
-from .config import DoubleSqueezeConfig
+from .config import DivergenceWarning, DoubleSqueezeConfig
 from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
 from .memory import ErrorFeedback
 from .monitor import Monitor, RoundStats, TensorBoardMonitor
@@ -19,8 +19,8 @@ from .threadcomm import ThreadWorld
 __version__ = "0.2.0"
 
 __all__ = [
-    "Communicator", "Compressor", "DoubleSqueezeCollective", "Monitor", "DoubleSqueezeConfig", "DoubleSqueezeState",
-    "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor", "ThreadWorld",
+    "Communicator", "Compressor", "DivergenceWarning", "DoubleSqueezeCollective", "Monitor", "DoubleSqueezeConfig",
+    "DoubleSqueezeState", "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor", "ThreadWorld",
     "TorchDistributedCommunicator", "available_compressors", "doublesqueeze_hook", "get_compressor",
     "register_compressor",
 ]

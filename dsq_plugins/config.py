@@ -1,11 +1,18 @@
 """`DoubleSqueezeConfig`: what to compress with and which switches of DESIGN.md section 1 are on."""
+import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from .compressors import Compressor
 from .registry import get_compressor
 
-__all__ = ["DoubleSqueezeConfig"]
+__all__ = ["DoubleSqueezeConfig", "DivergenceWarning"]
+
+
+class DivergenceWarning(UserWarning):
+    """An unbiased compressor whose variance is not below its signal, under error feedback: the residual
+    ``e <- v - C(v)`` then grows geometrically in expectation, whatever the learning rate."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,24 @@ class DoubleSqueezeConfig:
         object.__setattr__(self, "compressor", _spec(self.compressor))
         if self.server_compressor is not None:
             object.__setattr__(self, "server_compressor", _spec(self.server_compressor))
+        self._warn_if_divergent()
+
+    def _warn_if_divergent(self) -> None:
+        n = self.block_size
+        bad = [(role, c.spec, omega) for role, c, ef in (("worker", self.worker, self.worker_ef),
+                                                         ("server", self.server, self.server_ef))
+               if ef and (omega := c.variance(n)) is not None and omega >= 1]
+        if not bad:
+            return
+        which = " and ".join(f"{spec!r} on the {role} pass (variance up to {omega:.2f} x |v|^2)"
+                             for role, spec, omega in bad)
+        off = " or ".join(f"{role}_ef=False" for role, _, _ in bad)
+        warnings.warn(
+            f"{which}, over blocks of {n} elements, under error feedback: e <- v - C(v) is not a contraction, and "
+            f"the residual grows geometrically whatever the learning rate (docs/RESULTS.md section 4). Use a "
+            f"biased compressor (sign, topk:R, int8, int4, topk:R+int4), qsgd with at least "
+            f"{math.floor(math.sqrt(n) / 2) + 1} levels, randomk with a ratio above 0.5, or {off}.",
+            DivergenceWarning, stacklevel=4)
 
     @property
     def worker(self) -> Compressor:
