@@ -10,12 +10,13 @@ Absent, or ``"enabled": false``, means stock DeepSpeed (with a warning when the 
 import json
 import os
 import warnings
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.config import AUTO
 from dsq_plugins.registry import get_compressor
 
 __all__ = ["SECTION", "DoubleSqueezeSection", "read_section"]
@@ -36,14 +37,23 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
     bucket_mb: float = Field(25.0, gt=0)
     seed: int = Field(0, ge=0)
     block_size: int = Field(4096, ge=8, multiple_of=8)
+    candidates: Optional[Union[str, List[str]]] = None
+    # DeepSpeedConfigModel drops every "auto" value (the Hugging Face Trainer's placeholder) before validation;
+    # ours is a real choice, so `read_section` takes it out first and keeps it here.
+    _auto: bool = PrivateAttr(False)
 
     @field_validator("compressor", "server_compressor")
     @classmethod
     def _known_compressor(cls, spec):
-        return spec if spec is None else get_compressor(spec).spec     # ValueError names the valid ones
+        if spec is None or spec.strip() == AUTO:
+            return spec if spec is None else AUTO
+        return get_compressor(spec).spec     # ValueError names the valid ones
 
     def to_config(self) -> DoubleSqueezeConfig:
-        return DoubleSqueezeConfig(**self.model_dump(exclude={"enabled"}))
+        d = self.model_dump(exclude={"enabled"})
+        if self._auto:
+            d["compressor"] = AUTO
+        return DoubleSqueezeConfig(**d)
 
 
 def _load(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
@@ -68,8 +78,10 @@ def read_section(config: Union[str, os.PathLike, Dict[str, Any], None]) -> Optio
         return None
     if not isinstance(section, dict):
         raise ValueError(f'DeepSpeed config: "{SECTION}" must be an object, got {section!r}')
+    auto = isinstance(section.get("compressor"), str) and section["compressor"].strip() == AUTO
     try:
-        parsed = DoubleSqueezeSection(**section)
+        parsed = DoubleSqueezeSection(**{k: v for k, v in section.items() if not (auto and k == "compressor")})
+        parsed._auto = auto
     except ValidationError as e:
         valid = ", ".join(DoubleSqueezeSection.model_fields)
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or SECTION}: {err['msg']}" for err in e.errors())
@@ -78,4 +90,10 @@ def read_section(config: Union[str, os.PathLike, Dict[str, Any], None]) -> Optio
         warnings.warn(f'DeepSpeed config: the "{SECTION}" section is ignored because it does not say "enabled": true '
                       f'(DeepSpeed\'s own sections are off by default too); add "enabled": true to switch '
                       f'DoubleSqueeze on', UserWarning, stacklevel=3)
-    return parsed if parsed.enabled else None
+    if not parsed.enabled:
+        return None
+    try:
+        parsed.to_config()                      # what only the fields together can say (candidates without auto)
+    except ValueError as e:
+        raise ValueError(f'DeepSpeed config "{SECTION}" section is invalid: {e}') from None
+    return parsed

@@ -27,8 +27,10 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from . import fastpath
+from .auto import AutoTuner, DENSE, MIXED
 from .communicator import Communicator, ProcessGroupUnavailable
 from .config import DoubleSqueezeConfig
+from .registry import get_compressor
 from .engine import BucketState, Exchange, Scratch, now
 from .monitor import Monitor, RoundStats
 from .plan import BucketPlan, expand_owned
@@ -74,10 +76,13 @@ class DoubleSqueezeCollective:
         self.monitor = monitor
         self.chunk_elements = chunk_elements
         self._comm = communicator
-        self._wc, self._sc = config.worker, config.server
+        self._compressors = {spec: (get_compressor(spec), config.server_for(spec)) for spec in config.candidate_specs}
+        self.auto: Optional[AutoTuner] = AutoTuner(config.candidate_specs) if config.auto else None
+        self._step_started = -1
         self.step = 0
         self._init_counters()
         self._states: Dict[Tuple, BucketState] = {}
+        self.flushes = 0                   # tensors whose residuals went out with a dense reduction (auto)
         self._holder: Dict[Hashable, BucketState] = {}
         self._loaded: Dict[Hashable, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         self._scratch = Scratch()
@@ -149,6 +154,11 @@ class DoubleSqueezeCollective:
         dense tensors' all-reduce). `flat`, if given, is the buffer the tensors are views of (a DDP bucket): a
         bucket that is dense throughout is then all-reduced in place. The tensors must stay untouched until `end`."""
         keys, tensors = self._check(items)
+        if self.auto is not None and self._step_started != self.step:
+            self._step_started = self.step
+            if self.step >= self.config.warmup_steps:
+                self.auto.on_step_start(self.step, self.auto.clock(),
+                                        lambda v: self._mean_over_ranks(v, tensors[0].device))
         state = self._state_for(keys, tensors)
         track = self.monitor is not None and self.monitor.wants(self.step)
         ex = Exchange(state, tensors, self.step, track)
@@ -195,6 +205,11 @@ class DoubleSqueezeCollective:
         ex.state.finish(ex, gathered, outs, self._scratch)
         ex.stats.compress_seconds += now() - t0
         ex.finished = True
+        if self.auto is not None:
+            plan, r = ex.state.plan, ex.stats
+            ring = 2 * (plan.world_size - 1) * plan.numel * torch.empty((), dtype=plan.dtype).element_size() \
+                // max(1, plan.world_size)
+            self.auto.record(self.auto.measuring, tuple(plan.keys), r.compress_seconds, r.bytes_sent, ring)
         with self._lock:
             r = self._rounds.setdefault(ex.step, _Round())
             r.stats.add(ex.stats)
@@ -220,35 +235,77 @@ class DoubleSqueezeCollective:
                                  f"{tensors[0].dtype} on {tensors[0].device}, {key!r} is {t.dtype} on {t.device}")
         return keys, tensors
 
+    def _mean_over_ranks(self, values: List[float], device) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        return (self.comm.all_reduce_sum(t) / self.world_size).tolist()
+
     def _state_for(self, keys, tensors) -> BucketState:
         numels = tuple(t.numel() for t in tensors)
-        dense = tuple(not self.compresses(n) for n in numels)
+        spec = self.auto.choice(tuple(keys)) if self.auto is not None else self.config.compressor
+        dense = tuple(spec is None or not self.compresses(n) for n in numels)
+        if all(dense):
+            spec = None
         dtype, device = tensors[0].dtype, tensors[0].device
-        key = (tuple(keys), numels, dense, dtype, device)
+        key = (tuple(keys), numels, dense, dtype, device, spec)
         state = self._states.get(key)
         if state is None:
-            state = self._new_state(keys, numels, dense, dtype, device)
+            state = self._new_state(keys, numels, dense, dtype, device, spec)
             self._states[key] = state
+        self._claim(state, keys, tensors)
         return state
 
-    def _new_state(self, keys, numels, dense, dtype, device) -> BucketState:
+    def _new_state(self, keys, numels, dense, dtype, device, spec) -> BucketState:
         cfg = self.config
         chunk = self.chunk_elements or default_chunk_elements(device)
         plan = BucketPlan(keys, numels, dense, dtype, device, self.world_size, self.rank, cfg.block_size, chunk)
-        state = BucketState(plan, self._wc, self._sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
+        wc, sc = self._compressors[spec] if spec is not None else self._compressors[cfg.candidate_specs[0]]
+        state = BucketState(plan, wc, sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
+        state.spec = spec
         state.live = set()
-        for s in plan.compressed:
-            old = self._holder.get(s.key)
-            if old is not None and old is not state:        # another layout held it: move its residuals here
-                state.load_residuals(s.key, old.worker_residual(s.key), old.server_residual(s.key))
-                old.live.discard(s.key)
-                if not old.live:
-                    self._states = {k: v for k, v in self._states.items() if v is not old}
-            elif s.key in self._loaded:
-                state.load_residuals(s.key, *self._loaded.pop(s.key))
-            self._holder[s.key] = state
-            state.live.add(s.key)
         return state
+
+    def _claim(self, state: BucketState, keys, tensors) -> None:
+        """Make `state` hold the residuals of the tensors it compresses (moved from whichever state or checkpoint
+        holds them: the layout or the compressor changed), and send along with its gradient the residuals of a
+        tensor it sends dense (auto switched it to dense): ``g + e_i`` from each rank plus ``W e`` from the
+        owners, so that the dense mean is ``mean_i (g_i + e_i) + e`` and no mass is lost."""
+        compressed = state.compressed_keys
+        for key, t in zip(keys, tensors):
+            old = self._holder.get(key)
+            if old is state:
+                continue
+            if key in compressed:
+                if old is not None:
+                    state.load_residuals(key, old.worker_residual(key), old.server_residual(key))
+                    self._release(old, key)
+                elif key in self._loaded:
+                    state.load_residuals(key, *self._loaded.pop(key))
+                self._holder[key] = state
+                state.live.add(key)
+                continue
+            if old is not None:
+                w, s = old.worker_residual(key), old.server_residual(key)
+                self._release(old, key)
+            elif key in self._loaded:
+                w, s = self._loaded.pop(key)
+            else:
+                continue
+            if w is not None:
+                t.add_(w.to(device=t.device, dtype=t.dtype))
+            if s is not None:
+                own = self.expand_server_residual(key, s.to(device=t.device, dtype=t.dtype), t.numel())
+                t.add_(own, alpha=self.world_size)
+            self.flushes += 1
+
+    def _release(self, old: BucketState, key) -> None:
+        """`old` no longer holds `key`'s residuals: zero them there (it may be used again), forget it when it
+        holds none."""
+        old.zero_residuals(key)
+        old.live.discard(key)
+        if self._holder.get(key) is old:
+            del self._holder[key]
+        if not old.live:
+            self._states = {k: v for k, v in self._states.items() if v is not old}
 
     def worker_residuals(self) -> Dict[Hashable, torch.Tensor]:
         """{key: this rank's worker residual e_i of the tensor (flat, its size)}: tensors that keep one."""
@@ -313,6 +370,8 @@ class DoubleSqueezeCollective:
         r.dense_bytes += plan.numel * itemsize
         r.compressed_tensors += len(plan.compressed)
         r.dense_tensors += len(plan.dense_items)
+        r.compressed_buckets += int(state.has_rows)
+        r.dense_buckets += int(plan.all_dense)
         if state.has_rows:
             up, down = state.up, state.down
             r.bytes_up_sent += sum(b for j, b in enumerate(up.sizes) if j != me)
@@ -358,6 +417,9 @@ class DoubleSqueezeCollective:
         if self.monitor is not None and self.monitor.wants(step):
             w, s = self.residual_norms()
             self.monitor.log_round(step, r.stats, w, s, self.skipped_steps)
+            if self.auto is not None:
+                for tag, value in self.auto.scalars().items():
+                    self.monitor.log_scalar(self.monitor.prefix + tag, value, step)
         return r.stats
 
     @property
@@ -384,7 +446,7 @@ class DoubleSqueezeCollective:
         """Everything needed for an exact resume of this rank (each rank saves its own): residuals by tensor
         key, step, counters, config."""
         return dict(self._identity(), step=self.step, skipped_steps=self.skipped_steps,
-                    totals=self.totals.as_dict(),
+                    totals=self.totals.as_dict(), auto=None if self.auto is None else self.auto.state_dict(),
                     worker_residuals={k: v.detach().cpu().clone() for k, v in self.worker_residuals().items()},
                     server_residuals={k: v.detach().cpu().clone() for k, v in self.server_residuals().items()})
 
@@ -412,6 +474,8 @@ class DoubleSqueezeCollective:
         for k, v in sd["totals"].items():
             if hasattr(self._totals, k) and not isinstance(getattr(type(self._totals), k, None), property):
                 setattr(self._totals, k, v)
+        if self.auto is not None and sd.get("auto"):
+            self.auto.load_state_dict(sd["auto"])
         worker, server = sd["worker_residuals"], sd["server_residuals"]
         self.reset_residuals()
         for key in set(worker) | set(server):

@@ -2,12 +2,15 @@
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import List, Optional
 
 from .compressors import Compressor
 from .registry import get_compressor
 
-__all__ = ["DoubleSqueezeConfig", "DivergenceWarning"]
+__all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES"]
+
+AUTO = "auto"
+DEFAULT_CANDIDATES = "sign,topk:0.01+int4"
 
 
 class DivergenceWarning(UserWarning):
@@ -20,9 +23,12 @@ class DoubleSqueezeConfig:
     """Configuration of the double-pass error-compensated collective.
 
     Args:
-        compressor: spec of the worker compressor `C_w` (``"sign"``, ``"topk:0.01"``, ...).
-        server_compressor: spec of the server compressor `C_s`; None means the same as `compressor`;
-            ``"none"`` gives a dense downlink (single-pass error feedback, MEM-SGD).
+        compressor: spec of the worker compressor `C_w` (``"sign"``, ``"topk:0.01"``, ``"topk:0.01+int4"``...), or
+            ``"auto"``: the engine measures its own steps and chooses per bucket between dense and `candidates`
+            (`dsq_plugins.auto`), so that a step is never much slower than dense.
+        server_compressor: spec of the server compressor `C_s`; None means the same as `compressor` (under
+            auto: the same as the bucket's choice); ``"none"`` gives a dense downlink (single-pass error feedback,
+            MEM-SGD).
         worker_ef: keep the worker residual `e_i` (False: plain compressed SGD on the uplink).
         server_ef: keep the server residual `e` (False: the server re-compresses without memory).
         warmup_steps: communication rounds (steps) done with a dense average before compression starts.
@@ -32,6 +38,8 @@ class DoubleSqueezeConfig:
         block_size: elements per block (a multiple of 8): every tensor is cut into blocks of this many elements
             (its last block may be shorter), and each compressor runs per block (sign: one scale per block;
             topk: k of each block); each block has one owner rank that runs its server pass.
+        candidates: under ``compressor="auto"``, the compressors it may choose besides dense: specs separated by
+            commas, or a list (default ``"sign,topk:0.01+int4"``). Only with auto.
     """
 
     compressor: str = "sign"
@@ -43,6 +51,7 @@ class DoubleSqueezeConfig:
     bucket_mb: float = 25.0
     seed: int = 0
     block_size: int = 4096
+    candidates: Optional[str] = None
 
     def __post_init__(self):
         for name in ("worker_ef", "server_ef"):
@@ -57,17 +66,35 @@ class DoubleSqueezeConfig:
             raise ValueError(f"DoubleSqueezeConfig.block_size must be a positive multiple of 8 (elements), got {bs!r}")
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
             raise ValueError(f"DoubleSqueezeConfig.bucket_mb must be a number > 0, got {self.bucket_mb!r}")
-        # Resolve (and so validate) both specs now, and keep them in canonical form.
-        object.__setattr__(self, "compressor", _spec(self.compressor))
+        # Resolve (and so validate) every spec now, and keep them in canonical form.
+        auto = isinstance(self.compressor, str) and self.compressor.strip() == AUTO
+        if self.candidates is not None and not auto:
+            raise ValueError(f"DoubleSqueezeConfig.candidates is for compressor='auto', not {self.compressor!r}")
+        if auto:
+            given = DEFAULT_CANDIDATES if self.candidates is None else self.candidates
+            specs = [p for p in (given.split(",") if isinstance(given, str) else list(given))]
+            if not specs or any(not isinstance(p, str) or not p.strip() for p in specs):
+                raise ValueError(f"DoubleSqueezeConfig.candidates: compressor specs separated by commas (e.g. "
+                                 f"{DEFAULT_CANDIDATES!r}), got {self.candidates!r}")
+            specs = [_spec(p) for p in specs]
+            for p in specs:
+                if get_compressor(p).lossless:
+                    raise ValueError(f"candidate {p!r} does not compress; auto compares the candidates with dense")
+            object.__setattr__(self, "compressor", AUTO)
+            object.__setattr__(self, "candidates", ",".join(dict.fromkeys(specs)))
+        else:
+            object.__setattr__(self, "compressor", _spec(self.compressor))
         if self.server_compressor is not None:
             object.__setattr__(self, "server_compressor", _spec(self.server_compressor))
         self._warn_if_divergent()
 
     def _warn_if_divergent(self) -> None:
         n = self.block_size
-        bad = [(role, c.spec, omega) for role, c, ef in (("worker", self.worker, self.worker_ef),
-                                                         ("server", self.server, self.server_ef))
-               if ef and (omega := c.variance(n)) is not None and omega >= 1]
+        passes = []
+        for spec in self.candidate_specs:
+            passes += [("worker", get_compressor(spec), self.worker_ef), ("server", self.server_for(spec), self.server_ef)]
+        bad = list(dict.fromkeys((role, c.spec, omega) for role, c, ef in passes
+                                 if ef and (omega := c.variance(n)) is not None and omega >= 1))
         if not bad:
             return
         which = " and ".join(f"{spec!r} on the {role} pass (variance up to {omega:.2f} x |v|^2)"
@@ -81,12 +108,30 @@ class DoubleSqueezeConfig:
             DivergenceWarning, stacklevel=4)
 
     @property
+    def auto(self) -> bool:
+        return self.compressor == AUTO
+
+    @property
+    def candidate_specs(self) -> List[str]:
+        """The compressors auto chooses from (a fixed compressor: itself)."""
+        return self.candidates.split(",") if self.auto else [self.compressor]
+
+    @property
     def worker(self) -> Compressor:
+        if self.auto:
+            raise ValueError("compressor='auto' has no one worker compressor: each bucket's is chosen from "
+                             f"{self.candidates!r} as the job runs; use worker_for(spec)")
         return get_compressor(self.compressor)
 
     @property
     def server(self) -> Compressor:
+        if self.auto and self.server_compressor is None:
+            raise ValueError("compressor='auto' has no one server compressor; use server_for(spec)")
         return get_compressor(self.server_compressor or self.compressor)
+
+    def server_for(self, spec: str) -> Compressor:
+        """The server compressor of a bucket whose worker compressor is `spec`."""
+        return get_compressor(self.server_compressor or spec)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -479,10 +479,30 @@ class BucketState:
             if has_tail:
                 self.s_tail[t, :s.tail] = server[(hi - lo) * B:]
 
-    def _span(self, key):
+    def zero_residuals(self, key) -> None:
+        """Zero tensor `key`'s residuals here (they have moved on)."""
+        s, p = self._span(key), self.plan
+        if self.keep_worker:
+            self.e_full[s.row0:s.row0 + s.full].zero_()
+            if s.tail_row >= 0:
+                self.e_tail[s.tail_row].zero_()
+        if self.keep_server:
+            lo, hi = np.searchsorted(p.owned_full[p.rank], [s.row0, s.row0 + s.full])
+            self.s_full[lo:hi].zero_()
+            if s.tail_row >= 0:
+                t = int(np.searchsorted(p.owned_tail[p.rank], s.tail_row))
+                if t < p.T_me and p.owned_tail[p.rank][t] == s.tail_row:
+                    self.s_tail[t].zero_()
+
+    @property
+    def compressed_keys(self):
+        """The keys of the tensors this bucket compresses (and keeps residuals of)."""
         if not hasattr(self, "_by_key"):
             self._by_key = {s.key: s for s in self.plan.compressed}
-        return self._by_key[key]
+        return self._by_key
+
+    def _span(self, key):
+        return self.compressed_keys[key]
 
 
 def _nonfinite(compressor: Compressor, fields, v: torch.Tensor) -> torch.Tensor:

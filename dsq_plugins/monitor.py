@@ -25,6 +25,8 @@ class RoundStats:
     skipped: int = 0              # reductions skipped for a non-finite gradient on some rank
     compressed_tensors: int = 0   # tensors sent compressed, and sent dense (small, or warm-up)
     dense_tensors: int = 0
+    compressed_buckets: int = 0   # reductions with compressed tensors, and reductions all dense (warm-up, auto)
+    dense_buckets: int = 0
 
     def add(self, other: "RoundStats") -> None:
         for f in fields(self):

@@ -34,6 +34,9 @@ class Simulator:
             raise ValueError("num_workers must be >= 1")
         self.n = num_workers
         self.config = config or DoubleSqueezeConfig()
+        if self.config.auto:
+            raise ValueError("the Simulator needs a fixed compressor: under compressor='auto' the choice depends on "
+                             "the job's own timings; simulate each candidate instead")
         self.key = key
         self.worker_errors: List[torch.Tensor] = []
         self.server_error: Optional[torch.Tensor] = None

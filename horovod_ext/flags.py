@@ -19,7 +19,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     valid = ", ".join(available_compressors())
     group = parser.add_argument_group("DoubleSqueeze (switches horovod_ext.DistributedOptimizer on)")
     group.add_argument("--dsq-compressor", metavar="SPEC",
-                       help=f"worker compressor: one of {valid} (with ':ARG' where it takes one, e.g. topk:0.01)")
+                       help=f"worker compressor: one of {valid} (with ':ARG' where it takes one, e.g. topk:0.01), "
+                            f"a sparsifier+quantiser (topk:0.01+int4), or auto (dense or a candidate, per bucket, "
+                            f"from measured step times)")
+    group.add_argument("--dsq-candidates", metavar="SPECS",
+                       help="with --dsq-compressor auto: the compressors it may choose, comma-separated "
+                            "(default sign,topk:0.01+int4)")
     group.add_argument("--dsq-server-compressor", metavar="SPEC",
                        help="server (downlink) compressor; default: the same as --dsq-compressor")
     group.add_argument("--dsq-warmup-steps", metavar="N", type=int,
@@ -34,7 +39,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
     """The config the flags ask for (None without `--dsq-compressor`). Raises ValueError on a bad value,
     naming the valid compressors."""
-    others = [f for f in ("dsq_server_compressor", "dsq_warmup_steps", "dsq_block_size", "dsq_logdir")
+    others = [f for f in ("dsq_server_compressor", "dsq_warmup_steps", "dsq_block_size", "dsq_logdir",
+                          "dsq_candidates")
               if getattr(ns, f) is not None]
     if ns.dsq_compressor is None:
         if others or ns.dsq_no_server_ef:
@@ -46,6 +52,8 @@ def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
         kwargs["warmup_steps"] = ns.dsq_warmup_steps
     if ns.dsq_block_size is not None:
         kwargs["block_size"] = ns.dsq_block_size
+    if ns.dsq_candidates is not None:
+        kwargs["candidates"] = ns.dsq_candidates
     return DoubleSqueezeConfig(**kwargs)
 
 

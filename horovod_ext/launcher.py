@@ -2,7 +2,8 @@
 DoubleSqueeze without editing the training script.
 
     dsq-horovodrun --dsq-compressor sign [--dsq-server-compressor SPEC] [--dsq-warmup-steps N]
-                   [--dsq-block-size N] [--dsq-no-server-ef] [--dsq-logdir DIR]  HOROVODRUN-ARGS...
+                   [--dsq-block-size N] [--dsq-candidates SPECS] [--dsq-no-server-ef] [--dsq-logdir DIR]
+                   HOROVODRUN-ARGS...
                    python train.py ARGS...
 
 The `--dsq-*` flags may stand anywhere before the training command (those after it are the script's own).
@@ -19,7 +20,8 @@ from .flags import ENV_CONFIG, ENV_LOGDIR, add_flags, config_from_flags
 
 __all__ = ["main", "split_argv"]
 
-_VALUED = ("--dsq-compressor", "--dsq-server-compressor", "--dsq-warmup-steps", "--dsq-block-size", "--dsq-logdir")
+_VALUED = ("--dsq-compressor", "--dsq-server-compressor", "--dsq-warmup-steps", "--dsq-block-size", "--dsq-logdir",
+           "--dsq-candidates")
 _SWITCHES = ("--dsq-no-server-ef",)
 
 

@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--compressor", default="sign",
                     help="a spec, or a comma list: one training run each, written to OUT/<spec>/ (one launch)")
     ap.add_argument("--server-compressor", default=None)
+    ap.add_argument("--candidates", default=None, help="under --compressor auto: its candidates ('a;b')")
     ap.add_argument("--no-worker-ef", action="store_true")
     ap.add_argument("--no-server-ef", action="store_true")
     ap.add_argument("--warmup", type=int, default=0)
@@ -136,13 +137,16 @@ def train(args, spec, out: Path, early):
     torch.save({"records": records, "worker_residual": w, "server_residual": s, "snapshots": snapshots,
                 "skipped_steps": state.skipped_steps, "step": state.step, "buckets_seen": len(buckets_seen),
                 "totals": state.totals.as_dict(),
+                "auto": None if state.auto is None else {"history": state.auto.history, "times": state.auto.times,
+                                                         "switches": state.auto.switches, "flushes": state.flushes},
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "world": world}, out / f"rank{rank}.pt")
     state.drain()
 
 
 def make_config(args, spec):
-    return dsq.DoubleSqueezeConfig(compressor=spec, server_compressor=args.server_compressor,
+    candidates = None if args.candidates is None else args.candidates.replace(";", ",")
+    return dsq.DoubleSqueezeConfig(compressor=spec, server_compressor=args.server_compressor, candidates=candidates,
                                    worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
                                    warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size)
 

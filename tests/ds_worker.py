@@ -117,7 +117,8 @@ def main():
     if dsq is not None:
         w, s = residuals_by_name(dsq, names)
         result.update(worker_residual=w, server_residual=s, step=dsq.step, skipped_steps=dsq.skipped_steps,
-                      totals=dsq.totals.as_dict(), config=dsq.config.to_dict())
+                      totals=dsq.totals.as_dict(), config=dsq.config.to_dict(),
+                      auto=None if dsq.auto is None else {"history": dsq.auto.history, "flushes": dsq.flushes})
     torch.save(result, out / f"rank{rank}.pt")
     if engine.monitor.enabled:
         engine.monitor.write_events([])

@@ -93,6 +93,7 @@ def run(args, spec, out: Path, tag: str):
         w, s = residuals(opt, model)
         result.update(worker_residual=w, server_residual=s, snapshots=snapshots, step=dsq.step,
                       skipped_steps=dsq.skipped_steps, totals=dsq.totals.as_dict(), config=dsq.config.to_dict(),
+                      auto=None if dsq.auto is None else {"history": dsq.auto.history, "flushes": dsq.flushes},
                       buckets=len(opt._buckets))
         if dsq.monitor is not None:
             dsq.monitor.close()

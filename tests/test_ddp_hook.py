@@ -26,6 +26,20 @@ def test_conservation_across_bucket_rebuild(torchrun, tmp_path, nproc=3):
     assert_conservation(ranks)
 
 
+def test_auto_decides_the_same_on_every_rank_and_loses_nothing(torchrun, tmp_path):
+    """compressor="auto" on real step times: both ranks explore sign, topk:0.1+int4 and dense in the same order and
+    choose the same (else their collectives would not match), and the conservation law holds across the switches
+    (a bucket that goes dense sends its residuals along)."""
+    ranks = run(torchrun, tmp_path, 2, "--compressor", "auto", "--candidates", "sign;topk:0.1+int4", "--steps", "16")
+    a, b = ranks[0]["auto"], ranks[1]["auto"]
+    assert a["history"] == b["history"] and a["times"] == b["times"]
+    modes = [m for _, m in a["history"]]
+    assert modes[:3] == ["sign", "topk:0.1+int4", "dense"], a
+    assert a["flushes"] > 0 and a["switches"] >= 2
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
+
+
 def test_bucket_layout_does_not_change_training(torchrun, tmp_path):
     """Block semantics: the same run under DDP buckets of 10 kB (several, rebuilt after step 0) and of 25 MB (one)
     gives the same updates and weights; the state is built before init_process_group (Lightning's way)."""

@@ -38,11 +38,13 @@ def simulate(ranks, cfg, name="weight", scale=1.0):
 
 @pytest.mark.parametrize("section,message", [
     ({"enabled": True, "compresor": "sign"}, "compresor: Extra inputs are not permitted. Valid keys: enabled, compressor"),
-    ({"enabled": True, "compressor": "bogus"}, "valid names: bf16, fp16, int8, none, qsgd, randomk, sign, topk"),
+    ({"enabled": True, "compressor": "bogus"}, "valid names: bf16, fp16, int2, int4, int8, none, qsgd, randomk, sign, topk"),
     ({"enabled": True, "warmup_steps": -1}, "warmup_steps: Input should be greater than or equal to 0"),
     ({"enabled": True, "bucket_mb": 0}, "bucket_mb"),
     ({"enabled": "maybe"}, "enabled: Input should be a valid boolean"),
     ("sign", 'must be an object'),
+    ({"enabled": True, "compressor": "sign", "candidates": "topk"}, "candidates is for compressor='auto'"),
+    ({"enabled": True, "compressor": "auto", "candidates": "sign,bogus"}, "unknown compressor 'bogus'"),
 ])
 def test_bad_section_is_refused_before_the_engine_is_built(section, message, tmp_path):
     with pytest.raises(ValueError) as err:
@@ -78,6 +80,17 @@ def test_stage0_equals_simulator_and_conserves(torchrun, tmp_path, nproc, spec):
     assert_conservation(ranks)
     t = ranks[0]["totals"]
     assert t["bytes_up_sent"] + t["bytes_down_sent"] < t["dense_bytes"] / 4
+
+
+def test_auto_from_the_config_section(torchrun, tmp_path):
+    """"compressor": "auto" in the section (which DeepSpeed's own config models would drop as the Trainer's
+    placeholder): measured choices, the same on both ranks, nothing lost across the switches."""
+    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "auto", "--steps", "12")
+    assert ranks[0]["config"]["compressor"] == "auto"
+    assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
+    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "topk:0.01+int4", "dense"]
+    assert ranks[0]["auto"]["flushes"] > 0
+    assert_conservation(ranks)
 
 
 def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, tmp_path):
