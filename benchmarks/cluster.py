@@ -21,6 +21,13 @@ steps; SGD, lr 0.01):
                      (one bucket: with several, the hook deadlocks on Gloo, see the worker)
     dsq-sign         DDP + dsq_plugins.doublesqueeze_hook, DoubleSqueezeConfig(compressor="sign")
     dsq-topk:0.01    the same with compressor "topk:0.01"
+    dsq-topk:0.01+int4    the same, top-1% with its values in 4 bits (+ a min and step per block)
+    dsq-grouptopk:0.03+sign, dsq-grouptopk:0.03+int4   the 3% of groups of 32 elements of largest energy, their
+                     values in 1 bit (+ a block scale) or 4 bits
+    dsq-auto         the same with compressor "auto" (candidates sign, grouptopk:0.03+sign, and dense): it chooses
+                     from its own step times. The link changes between phases, and it has to notice: each phase runs
+                     --adapt-steps steps first (recorded: the mean step time over them includes its explorations),
+                     then the measured steps
     hvd-stock        horovodrun, hvd.DistributedOptimizer (allreduce, no compression)
     hvd-dsq-sign     dsq-horovodrun --dsq-compressor sign, horovod_ext.DistributedOptimizer
     ds-stock         DeepSpeed ZeRO stage 0, fp32, gradient_clipping 0
@@ -82,8 +89,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-sign", "dsq-topk:0.01", "hvd-stock", "hvd-dsq-sign",
-               "ds-stock", "ds-dsq-sign")
+ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-sign", "dsq-topk:0.01", "dsq-topk:0.01+int4",
+               "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock", "hvd-dsq-sign", "ds-stock", "ds-dsq-sign")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 NEEDS_ROOT = ("cluster.py: needs root (it creates network namespaces, veth pairs, a bridge and tc qdiscs); "
               "run it as root")
@@ -138,6 +145,7 @@ def worker(args) -> None:
 
     faulthandler.register(signal.SIGUSR1)      # the parent asks for the stacks of a stalled job
     torch.set_num_threads(1)
+    tuner = None
     torch.manual_seed(0)
     h, m = args.hidden, args.method
     acc = {"dsq_pass_s": 0.0, "dsq_work_s": 0.0}
@@ -165,6 +173,7 @@ def worker(args) -> None:
             state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=m[len("dsq-"):]))
             _instrument(state, acc)
             net.register_comm_hook(state, dsq.doublesqueeze_hook)
+            tuner = state.auto
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         barrier = dist.barrier
 
@@ -244,6 +253,7 @@ def worker(args) -> None:
             (run / f"ready-{k}").touch()
         _wait_file(run / f"go-{k}", args.phase_timeout)
         barrier()
+        adapt = [sum(step()[:3]) for _ in range(args.adapt_steps if tuner is not None else 0)]
         tx0, rx0 = net_bytes("eth0")
         parts = [step() for _ in range(args.steps)]
         barrier()
@@ -251,7 +261,10 @@ def worker(args) -> None:
         out["phases"][phase] = {"step_s": [sum(p[:3]) for p in parts], "dsq_pass_s": [p[3] for p in parts],
                                 "dsq_comm_s": [p[4] for p in parts], "forward_s": [p[0] for p in parts],
                                 "backward_s": [p[1] for p in parts], "optimizer_s": [p[2] for p in parts],
-                                "tx_bytes": tx1 - tx0, "rx_bytes": rx1 - rx0}
+                                "tx_bytes": tx1 - tx0, "rx_bytes": rx1 - rx0, "adapt_step_s": adapt}
+        if tuner is not None:
+            out["phases"][phase].update(auto_mode=tuner.mode, auto_times=dict(tuner.times),
+                                        auto_history=list(tuner.history))
     (run / f"rank{rank}.json").write_text(json.dumps(out))
     barrier()
     sys.stdout.flush()
@@ -295,7 +308,8 @@ exec ip netns exec "$ns" sh -c "$*"
         a = self.args
         return [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--rundir", str(rundir),
                 "--phases", ",".join(phases), "--steps", str(a.steps), "--warmup", str(a.warmup), "--hidden",
-                str(a.hidden), "--batch", str(a.batch), "--phase-timeout", str(a.phase_timeout)]
+                str(a.hidden), "--batch", str(a.batch), "--phase-timeout", str(a.phase_timeout),
+                "--adapt-steps", str(a.adapt_steps)]
 
     def _launch(self, method, rundir, phases, log):
         cl, n = self.cl, self.args.hosts
@@ -423,6 +437,12 @@ def summarise(ranks, steps: int) -> dict:
             "bytes_per_step_all_hosts": sum(p["tx_bytes"] for p in per) / steps,
             "bytes_per_step_per_rank": max(max(p["tx_bytes"], p["rx_bytes"]) for p in per) / steps,
             "tx_bytes_per_rank": [p["tx_bytes"] for p in per], "rx_bytes_per_rank": [p["rx_bytes"] for p in per]}
+        adapt = per[0].get("adapt_step_s") or []
+        if adapt:
+            slow = [max(p["adapt_step_s"][i] for p in per) for i in range(len(adapt))]
+            out[phase].update(adapt_steps=len(slow), adapt_mean_step_s=statistics.mean(slow),
+                              auto_mode=per[0]["auto_mode"], auto_times=per[0]["auto_times"],
+                              auto_history=per[0]["auto_history"])
     return out
 
 
@@ -508,9 +528,74 @@ def report(results, bandwidths, probes, args) -> dict:
                      if p["dsq_pass_s"] else "")
             print(f"{m:>14} {ph:>9} {p['step_time_s']:>7.3f} {p['forward_s']:>6.3f} {p['backward_s']:>6.3f} "
                   f"{p['optimizer_s']:>6.3f} {extra}")
+    auto = ok.get("dsq-auto")
+    if auto:
+        print("\ndsq-auto per phase: its mode at the end of the adaptation steps, the mean step over them (its "
+              "explorations included), the step times it measured")
+        for ph, p in auto.items():
+            if "auto_mode" in p:
+                times = ", ".join(f"{k} {v:.3f}" for k, v in p["auto_times"].items())
+                print(f"  {ph:>9}: {p['auto_mode']:<16} adapt {p['adapt_steps']} steps, mean "
+                      f"{p['adapt_mean_step_s']:.3f} s; measured {times}")
+    doc["targets"] = targets(doc, bandwidths)
+    for line in doc["targets"].get("lines", []):
+        print(line)
     for m, e in doc["errors"].items():
         print(f"\n{m} FAILED: {e.splitlines()[0]}")
     return doc
+
+
+def targets(doc, bandwidths) -> dict:
+    """The figures of the 'compression that always pays' targets, where the run has what they need."""
+    out, lines = {}, ["\ntargets (step time ratios, this run):"]
+    dense_compute = doc["methods"].get("dense", {}).get("unshaped", {}).get("step_time_s")
+    for bw in bandwidths:
+        st = doc["by_bandwidth"].get(bw, {}).get("step_time_s", {})
+        dsq = {m: t for m, t in st.items() if m.startswith("dsq-")}
+        if not dsq or not dense_compute:
+            continue
+        best = min(dsq, key=dsq.get)
+        row = {"best_dsq": best, "best_dsq_s": dsq[best], "vs_dense_compute": dsq[best] / dense_compute}
+        text = f"  {bw}: best DoubleSqueeze {best} {dsq[best]:.3f} s = {row['vs_dense_compute']:.2f}x dense's " \
+               f"unshaped step ({dense_compute:.3f} s)"
+        if "ddp-powersgd" in st:
+            row["powersgd_over_best"] = st["ddp-powersgd"] / dsq[best]
+            text += f"; PowerSGD {st['ddp-powersgd']:.3f} s = {row['powersgd_over_best']:.2f}x slower"
+        if "dsq-auto" in st and "dense" in st:
+            row["auto_over_dense"] = st["dsq-auto"] / st["dense"]
+            text += f"; auto {st['dsq-auto']:.3f} s = {row['auto_over_dense']:.2f}x dense ({st['dense']:.3f} s)"
+        out[bw] = row
+        lines.append(text)
+    out["lines"] = lines
+    return out
+
+
+def plot(doc, path) -> None:
+    """Step time against the effective bandwidth, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bws = [bw for bw in doc["bandwidths"] if bw in doc["by_bandwidth"]]
+    xs = [doc["by_bandwidth"][bw]["effective_bps"] / 1e6 for bw in bws]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in doc["methods"]:
+        ys = [doc["by_bandwidth"][bw]["step_time_s"].get(m) for bw in bws]
+        style = "-o" if m.startswith("dsq-") else "--s"
+        ax.plot(xs, ys, style, label=m, linewidth=2.2 if m == "dsq-auto" else 1.2)
+    compute = doc["methods"].get("dense", {}).get("unshaped", {}).get("step_time_s")
+    if compute:
+        ax.axhline(compute, color="grey", linestyle=":", label="dense, unshaped (compute)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [f"{bw}\n({x:.0f} Mbit/s)" for bw, x in zip(bws, xs)])
+    ax.set_xlabel("link per host (tc rate; effective TCP rate measured)")
+    ax.set_ylabel("seconds per step (median, slowest rank)")
+    ax.set_title(f"{doc['hosts']} hosts, {doc['parameters'] / 1e6:.1f}M-parameter MLP")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -526,7 +611,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: 25.2M parameters)")
     ap.add_argument("--batch", type=int, default=32, help="samples per rank per step")
     ap.add_argument("--quick", action="store_true", help="fewer steps, 100mbit only unless --bandwidth is given")
-    ap.add_argument("--phase-timeout", type=float, default=600.0, help="seconds a phase may take")
+    ap.add_argument("--phase-timeout", type=float, default=900.0, help="seconds a phase may take")
+    ap.add_argument("--adapt-steps", type=int, default=40,
+                    help="dsq-auto: steps at the start of each phase before the measured ones (it notices the new "
+                         "link and explores)")
+    ap.add_argument("--png", default=None, help="plot step time against bandwidth, every method, to this file")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
@@ -605,6 +694,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
+    if args.png:
+        plot(doc, args.png)
     return 1 if doc["errors"] else 0
 
 

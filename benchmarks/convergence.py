@@ -219,7 +219,18 @@ def train_digits(method: dict, seed: int, n: int, lr: float, epochs: int, batch:
     return {"test_acc": curve_acc[-1] if diverged_at is None else float("nan"),
             "train_loss": curve_loss[-1] if diverged_at is None else float("nan"),
             "diverged_at_epoch": diverged_at, "curve_train_loss": curve_loss, "curve_test_acc": curve_acc,
-            "residual_to_grad_max": resid_max, "steps": sim.steps}
+            "residual_to_grad_max": resid_max, "steps": sim.steps, "numel": net.x.numel()}
+
+
+def bytes_fewer(method: dict, numel: int) -> float:
+    """Dense bytes over the uplink payload's bytes for one worker's gradient of `numel` fp32 elements, in the
+    config's blocks (one tensor: the flat parameter vector, as the Simulator here sees it)."""
+    cfg = make_config(method)
+    if cfg.worker.lossless:
+        return 1.0
+    B = cfg.block_size
+    sizes = [min(B, numel - a) for a in range(0, numel, B)]
+    return 4 * numel / sum(cfg.worker.nbytes(n, torch.float32) for n in sizes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,11 +326,14 @@ def run_digits(P, progress):
                          "per_seed": [{k: v for k, v in r.items() if not k.startswith("curve")} for r in rs],
                          "curve_train_loss": [statistics.fmean(v) for v in zip(*[r["curve_train_loss"] for r in rs])],
                          "curve_test_acc": [statistics.fmean(v) for v in zip(*[r["curve_test_acc"] for r in rs])]}
+        ratio = bytes_fewer(methods[name], rs[0]["numel"])
+        summary[name]["bytes_fewer"] = ratio
         rows.append([name, fmt_pct(am, asd), "" if name == "dense" else f"{100 * dm:+5.2f} ± {100 * dsd:4.2f}",
-                     f"{lm:.4f} ± {lsd:.4f}", f"{max(r['residual_to_grad_max'] for r in rs):.2f}"])
+                     f"{lm:.4f} ± {lsd:.4f}", f"{max(r['residual_to_grad_max'] for r in rs):.2f}", f"{ratio:.1f}x"])
     print(f"== digits: n={P['n']} workers, batch {P['batch']}/worker, lr {P['lr']}, {P['epochs']} epochs "
           f"({runs['dense'][0]['steps']} steps), seeds {P['seeds']}")
-    table(["method", "test acc % (mean ± sd)", "vs dense, points (paired)", "train loss", "max |e|/|g|"], rows)
+    table(["method", "test acc % (mean ± sd)", "vs dense, points (paired)", "train loss", "max |e|/|g|",
+           "bytes fewer"], rows)
     return summary
 
 
@@ -467,7 +481,7 @@ def params(quick: bool) -> dict:
                     grid_specs=["sign", "qsgd:16", "randomk:0.1"], grid_lrs=[0.3, 0.03], grid_epochs=5, grid_seed=0)
     return dict(n=8, batch=16, lr=0.3, epochs=40, seeds=[0, 1, 2, 3, 4], digits_specs=["sign", "topk:0.01"],
                 digits_variants=["dsq", "noef", "ef1", "wef"],
-                digits_extra=["int8"], speedup_specs=["sign", "topk:0.05"], speedup_n=[1, 2, 4, 8, 16],
+                digits_extra=["int8", "int4", "int2", "topk:0.01+int4", "topk:0.01+sign"], speedup_specs=["sign", "topk:0.05"], speedup_n=[1, 2, 4, 8, 16],
                 speedup_seeds=[0, 1, 2],
                 quad=dict(dim=256, h_min=0.1, sigma=1.0, x0_scale=0.3, target=0.2, max_steps=200000),
                 grid_specs=["sign", "topk:0.01", "qsgd:16", "qsgd:64", "qsgd:255", "scaled_qsgd:16", "randomk:0.1",

@@ -13,8 +13,10 @@ work and the bytes on the wire. It explores, then exploits:
               is about BW = (N_d - N_c) / (T_d - T_c + W_c) (two equations ``T = compute + work + bytes / BW``),
               and bucket b pays when its work w_b < (n_d,b - n_c,b) / BW; the mix is measured like the others.
     choose    the fastest mode; dense unless a compressed mode is faster by more than `prefer_dense`.
-    exploit   every `check_every` steps the mean step time is compared with the chosen mode's; `drift` slower, or
-              `reexplore_every` steps after the choice, and it explores again (conditions change).
+    exploit   every `check_every` steps the mean step time is compared with the chosen mode's: `drift` slower or
+              faster (the link or the load changed: another mode may win now), and it explores again; and after
+              `reexplore_every` steps anyway, a period that doubles each time an exploration confirms the choice
+              (and starts again when one changes it), so that a slow mode is not tried too often.
 
 Every rank must take the same decision at the same step: decisions fall on step counts that are the same
 everywhere, and every measurement they use goes through one small all-reduce (`sync`) first, so all ranks decide
@@ -43,7 +45,7 @@ class AutoTuner:
     """
 
     def __init__(self, candidates: Sequence[str], settle: int = 1, measure: int = 3, abort: float = 1.5,
-                 prefer_dense: float = 0.03, check_every: int = 10, drift: float = 0.15, reexplore_every: int = 500,
+                 prefer_dense: float = 0.03, check_every: int = 10, drift: float = 0.1, reexplore_every: int = 200,
                  clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         if not candidates:
@@ -64,6 +66,8 @@ class AutoTuner:
         self.switches = 0
         self._done = 0                             # steps completed in the current mode
         self._since_choice = 0
+        self._period = reexplore_every
+        self._explored_from: Optional[str] = None    # the mode chosen before this exploration
         self._last_start: Optional[float] = None
         self._local: List[float] = []              # this rank's step times not yet synchronised
         self._work: Dict[str, Dict[Hashable, List[float]]] = {}   # mode -> bucket -> [seconds, bytes, dense bytes]
@@ -136,6 +140,8 @@ class AutoTuner:
             best = DENSE
         self.phase = "exploit"
         self._since_choice = 0
+        if self._explored_from is not None:
+            self._period = self._period * 2 if best == self._explored_from else self.reexplore_every
         self._switch(best)
         self._chosen_time = self.times[best]
 
@@ -148,12 +154,16 @@ class AutoTuner:
             return
         t = sync([sum(self._local) / len(self._local)])[0]
         self._local.clear()
-        if t > (1 + self.drift) * self._chosen_time or self._since_choice >= self.reexplore_every:
+        if abs(t - self._chosen_time) > self.drift * self._chosen_time:
+            self._period = self.reexplore_every       # conditions changed: explore, and soon again if need be
+            self.explore()
+        elif self._since_choice >= self._period:
             self.explore()
 
     def explore(self) -> None:
         """Start a new exploration (at the next step boundary every rank reaches)."""
         self.phase = "explore"
+        self._explored_from = self.mode
         self.samples, self.times, self._work, self._work_steps = {}, {}, {}, {}
         order = self.candidates + [DENSE]
         first = self.mode if self.mode in order else order[0]

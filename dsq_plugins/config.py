@@ -10,7 +10,7 @@ from .registry import get_compressor
 __all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES"]
 
 AUTO = "auto"
-DEFAULT_CANDIDATES = "sign,topk:0.01+int4"
+DEFAULT_CANDIDATES = "sign,grouptopk:0.03+sign"
 
 
 class DivergenceWarning(UserWarning):
@@ -39,7 +39,7 @@ class DoubleSqueezeConfig:
             (its last block may be shorter), and each compressor runs per block (sign: one scale per block;
             topk: k of each block); each block has one owner rank that runs its server pass.
         candidates: under ``compressor="auto"``, the compressors it may choose besides dense: specs separated by
-            commas, or a list (default ``"sign,topk:0.01+int4"``). Only with auto.
+            commas, or a list (default ``"sign,grouptopk:0.03+sign"``). Only with auto.
     """
 
     compressor: str = "sign"

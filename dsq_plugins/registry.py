@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .compressors import (CastCompressor, ComposedCompressor, Compressor, IntCompressor, NoneCompressor,
-                          QSGDCompressor, RandomKCompressor, SignCompressor, TopKCompressor)
+from .compressors import (CastCompressor, ComposedCompressor, Compressor, GroupTopKCompressor, IntCompressor,
+                          NoneCompressor, QSGDCompressor, RandomKCompressor, SignCompressor, TopKCompressor)
 
 __all__ = ["ENTRY_POINT_GROUP", "register_compressor", "get_compressor", "available_compressors"]
 
@@ -38,6 +38,7 @@ _BUILTINS: Dict[str, Factory] = {
     "bf16": _no_arg(lambda: CastCompressor("bf16", torch.bfloat16), "bf16"),
     "sign": _no_arg(SignCompressor, "sign"),
     "topk": TopKCompressor,
+    "grouptopk": GroupTopKCompressor,
     "randomk": RandomKCompressor,
     "qsgd": QSGDCompressor,
     "int8": lambda arg: IntCompressor("int8", 8, arg),

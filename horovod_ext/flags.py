@@ -24,7 +24,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                             f"from measured step times)")
     group.add_argument("--dsq-candidates", metavar="SPECS",
                        help="with --dsq-compressor auto: the compressors it may choose, comma-separated "
-                            "(default sign,topk:0.01+int4)")
+                            "(default sign,grouptopk:0.03+sign)")
     group.add_argument("--dsq-server-compressor", metavar="SPEC",
                        help="server (downlink) compressor; default: the same as --dsq-compressor")
     group.add_argument("--dsq-warmup-steps", metavar="N", type=int,

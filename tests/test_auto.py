@@ -65,6 +65,23 @@ def test_drift_when_the_chosen_mode_slows_down():
     assert modes[29] == "sign" and modes[-1] == DENSE
 
 
+def test_a_faster_link_is_noticed_by_the_chosen_mode_getting_faster():
+    """1 Gbit/s -> 10 Gbit/s: sign gains a little (its bytes got cheaper), dense gains a lot; the 10% change in
+    sign's own step time starts an exploration, which finds dense."""
+    t = AutoTuner(["sign"], check_every=5, reexplore_every=10 ** 6)
+    modes = drive(t, lambda m, s: {"sign": 1.64 if s < 30 else 1.39, DENSE: 1.84 if s < 30 else 1.2}[m], 60)
+    assert modes[29] == "sign" and modes[-1] == DENSE
+
+
+def test_confirmed_choices_back_off():
+    t = AutoTuner(["sign"], check_every=5, reexplore_every=20)
+    modes = drive(t, lambda m, s: {"sign": 1.0, DENSE: 13.0}[m], 400)
+    starts = [i for i in range(1, len(modes)) if modes[i] == DENSE and modes[i - 1] != DENSE]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(starts) >= 3 and all(b > 1.5 * a for a, b in zip(gaps, gaps[1:])), starts
+    assert modes.count(DENSE) <= 2 * len(starts)         # each costs its settle step and one measured step
+
+
 def test_mixed_assignment_from_work_and_bytes():
     """Bucket "big" saves many bytes for little work, "small" saves few for as much: the link's throughput from
     the two pure modes says compress the first only; the mix is measured, and kept when fastest."""
@@ -82,7 +99,7 @@ def test_mixed_assignment_from_work_and_bytes():
 
 def test_config():
     c = dsq.DoubleSqueezeConfig(compressor="auto")
-    assert c.auto and c.candidate_specs == ["sign", "topk:0.01+int4"]
+    assert c.auto and c.candidate_specs == ["sign", "grouptopk:0.03+sign"]
     with pytest.raises(ValueError, match="fixed compressor"):
         dsq.Simulator(2, c)
     with pytest.raises(ValueError, match="auto"):

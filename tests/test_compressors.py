@@ -18,9 +18,10 @@ from dsq_plugins.compressors import index_dtype
 from dsq_plugins.payload import Payload
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-BUILTINS = ["none", "fp16", "bf16", "sign", "topk", "randomk", "qsgd", "int8", "int4", "int2"]
+BUILTINS = ["none", "fp16", "bf16", "sign", "topk", "grouptopk", "randomk", "qsgd", "int8", "int4", "int2"]
 SPECS = ["none", "fp16", "bf16", "sign", "topk:0.01", "topk:0.3", "topk:1", "randomk:0.01", "randomk:0.5",
          "qsgd:16", "qsgd:1", "qsgd:255", "int8", "int8:7", "int4", "int4:5", "int2", "int2:3",
+         "grouptopk:0.03", "grouptopk:0.5", "grouptopk:0.03+sign", "grouptopk:0.1+int4",
          "topk:0.01+int4", "topk:0.3+sign", "topk:0.1+int2:4", "topk:0.2+fp16", "randomk:0.3+int8", "topk:0.2+qsgd:4"]
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -517,6 +518,29 @@ def test_topk_then_quantiser(quant, bits, ratio, d, seed):
         off = (y[mask] - expected[mask]).abs()
         assert float(off.max()) <= step * 1.0001 + fp32
         assert int((off > 1e-3 * step + fp32).sum()) <= max(1, k // 100)
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.03, 0.3, 1.0])
+@FAST
+@given(d=st.integers(1, 5000), seed=st.integers(0, 2 ** 31))
+def test_grouptopk(ratio, d, seed):
+    """grouptopk:R against plain torch: groups of 32 (the last one short), the max(1, ceil(R g)) of largest sum of
+    squares kept whole and unscaled, the rest zero; values (a block shorter than the kept groups: its elements)
+    and group indices in the smallest type on the wire."""
+    x = make((d,), torch.float64, seed)
+    c, p, y = roundtrip(f"grouptopk:{ratio}", x)
+    g = math.ceil(d / 32)
+    kg = k_of(ratio, g)
+    energy = torch.stack([x[32 * i:32 * (i + 1)].square().sum() for i in range(g)])
+    kept = torch.topk(energy, kg).indices.sort().values
+    expected = torch.zeros(d, dtype=torch.float64)
+    for i in kept.tolist():
+        expected[32 * i:32 * (i + 1)] = x[32 * i:32 * (i + 1)]
+    assert_same(y, expected)
+    assert torch.equal(p.fields["indices"].long(), kept)
+    assert p.fields["indices"].dtype == index_dtype(g)
+    assert p.nbytes == 8 * min(32 * kg, d) + kg * index_dtype(g).itemsize
+    assert float((x - y).square().sum()) <= (1 - kg / g) * float(x.square().sum()) + 1e-12     # a contraction
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -38,7 +38,7 @@ def simulate(ranks, cfg, name="weight", scale=1.0):
 
 @pytest.mark.parametrize("section,message", [
     ({"enabled": True, "compresor": "sign"}, "compresor: Extra inputs are not permitted. Valid keys: enabled, compressor"),
-    ({"enabled": True, "compressor": "bogus"}, "valid names: bf16, fp16, int2, int4, int8, none, qsgd, randomk, sign, topk"),
+    ({"enabled": True, "compressor": "bogus"}, "valid names: bf16, fp16, grouptopk, int2, int4, int8, none, qsgd, randomk, sign, topk"),
     ({"enabled": True, "warmup_steps": -1}, "warmup_steps: Input should be greater than or equal to 0"),
     ({"enabled": True, "bucket_mb": 0}, "bucket_mb"),
     ({"enabled": "maybe"}, "enabled: Input should be a valid boolean"),
@@ -88,7 +88,7 @@ def test_auto_from_the_config_section(torchrun, tmp_path):
     ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "auto", "--steps", "12")
     assert ranks[0]["config"]["compressor"] == "auto"
     assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
-    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "topk:0.01+int4", "dense"]
+    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "grouptopk:0.03+sign", "dense"]
     assert ranks[0]["auto"]["flushes"] > 0
     assert_conservation(ranks)
 

@@ -14,7 +14,8 @@ from dsq_plugins.collective import DoubleSqueezeCollective
 from .engine_cases import SIZES, grads_of, make_config, run_world, simulate
 
 SPECS = ["none", "fp16", "bf16", "sign", "topk:0.1", "randomk:0.25", "qsgd:4", "int8:16", "int4:16", "int2",
-         "topk:0.1+int4", "topk:0.2+sign", "randomk:0.25+int2:8", "topk:0.2+qsgd:4"]
+         "topk:0.1+int4", "topk:0.2+sign", "randomk:0.25+int2:8", "topk:0.2+qsgd:4", "grouptopk:0.3",
+         "grouptopk:0.3+sign", "grouptopk:0.5+int4"]
 
 
 def check_against_simulator(world, config, steps=5, dtype=torch.float32, tol=None, buckets=None, nan_at=None,

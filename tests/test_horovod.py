@@ -56,7 +56,7 @@ def test_launcher_takes_only_its_flags_before_the_command():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--dsq-compressor", "bogus"], "valid names: bf16, fp16, int2, int4, int8, none, qsgd, randomk, sign, topk"),
+    (["--dsq-compressor", "bogus"], "valid names: bf16, fp16, grouptopk, int2, int4, int8, none, qsgd, randomk, sign, topk"),
     (["--dsq-compressor", "topk:2"], "topk"),
     (["--dsq-compressor", "sign", "--dsq-server-compressor", "nope"], "valid names"),
     (["--dsq-compressor", "sign", "--dsq-warmup-steps", "-3"], "warmup_steps"),
@@ -160,7 +160,7 @@ def test_auto_decides_the_same_on_every_rank_and_loses_nothing(horovodrun, tmp_p
     """compressor="auto" (its default candidates) on real step times, the decisions taken on Horovod's thread."""
     ranks = run(horovodrun, tmp_path, 2, "--compressors", "auto", "--steps", "14", tags=("auto",))["auto"]
     assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
-    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "topk:0.01+int4", "dense"]
+    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "grouptopk:0.03+sign", "dense"]
     assert ranks[0]["auto"]["flushes"] > 0
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)

@@ -12,7 +12,7 @@ from dsq_plugins import registry
 from dsq_plugins.compressors import Compressor, TopKCompressor
 from dsq_plugins.payload import Payload
 
-BUILTINS = ["bf16", "fp16", "int2", "int4", "int8", "none", "qsgd", "randomk", "sign", "topk"]
+BUILTINS = ["bf16", "fp16", "grouptopk", "int2", "int4", "int8", "none", "qsgd", "randomk", "sign", "topk"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +41,8 @@ def test_available_lists_builtins_sorted():
     ("int8:256", "IntCompressor", "int8:256"), ("int4", "IntCompressor", "int4"), ("int2:64", "IntCompressor", "int2:64"),
     ("topk:0.01+int4", "ComposedCompressor", "topk:0.01+int4"), (" topk + sign", "ComposedCompressor", "topk:0.01+sign"),
     ("randomk:0.5+int8:64", "ComposedCompressor", "randomk:0.5+int8:64"),
+    ("grouptopk:0.03", "GroupTopKCompressor", "grouptopk:0.03"),
+    ("grouptopk:0.03+sign", "ComposedCompressor", "grouptopk:0.03+sign"),
 ])
 def test_get_compressor(spec, cls_name, canonical):
     c = dsq.get_compressor(spec)
