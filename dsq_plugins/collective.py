@@ -83,6 +83,7 @@ class DoubleSqueezeCollective:
         self._init_counters()
         self._states: Dict[Tuple, BucketState] = {}
         self.flushes = 0                   # tensors whose residuals went out with a dense reduction (auto)
+        self._flushed: list = []
         self._holder: Dict[Hashable, BucketState] = {}
         self._loaded: Dict[Hashable, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         self._scratch = Scratch()
@@ -162,6 +163,7 @@ class DoubleSqueezeCollective:
         state = self._state_for(keys, tensors)
         track = self.monitor is not None and self.monitor.wants(self.step)
         ex = Exchange(state, tensors, self.step, track)
+        ex.flushed = self._flushed
         t0 = now()
         bad = state.worker_pass(ex, self._scratch, flat)
         ex.in_place_dense = ex.dense_buf is not None and ex.dense_buf is flat
@@ -205,6 +207,9 @@ class DoubleSqueezeCollective:
         ex.state.finish(ex, gathered, outs, self._scratch)
         ex.stats.compress_seconds += now() - t0
         ex.finished = True
+        if ex.flushed and ex.skip is not None and bool(ex.skip):     # (a host read, on a switch step only)
+            for key, w, s in ex.flushed:          # a skipped step applies nothing: the residuals stay held
+                self._loaded[key] = (w, s)
         if self.auto is not None:
             plan, r = ex.state.plan, ex.stats
             ring = 2 * (plan.world_size - 1) * plan.numel * torch.empty((), dtype=plan.dtype).element_size() \
@@ -251,7 +256,7 @@ class DoubleSqueezeCollective:
         if state is None:
             state = self._new_state(keys, numels, dense, dtype, device, spec)
             self._states[key] = state
-        self._claim(state, keys, tensors)
+        self._flushed = self._claim(state, keys, tensors)
         return state
 
     def _new_state(self, keys, numels, dense, dtype, device, spec) -> BucketState:
@@ -264,12 +269,13 @@ class DoubleSqueezeCollective:
         state.live = set()
         return state
 
-    def _claim(self, state: BucketState, keys, tensors) -> None:
+    def _claim(self, state: BucketState, keys, tensors) -> list:
         """Make `state` hold the residuals of the tensors it compresses (moved from whichever state or checkpoint
         holds them: the layout or the compressor changed), and send along with its gradient the residuals of a
         tensor it sends dense (auto switched it to dense): ``g + e_i`` from each rank plus ``W e`` from the
-        owners, so that the dense mean is ``mean_i (g_i + e_i) + e`` and no mass is lost."""
-        compressed = state.compressed_keys
+        owners, so that the dense mean is ``mean_i (g_i + e_i) + e`` and no mass is lost. Returns what was sent
+        along ([(key, worker, server)]): if the reduction is skipped (a NaN), it is held again."""
+        compressed, flushed = state.compressed_keys, []
         for key, t in zip(keys, tensors):
             old = self._holder.get(key)
             if old is state:
@@ -296,6 +302,8 @@ class DoubleSqueezeCollective:
                 own = self.expand_server_residual(key, s.to(device=t.device, dtype=t.dtype), t.numel())
                 t.add_(own, alpha=self.world_size)
             self.flushes += 1
+            flushed.append((key, w, s))
+        return flushed
 
     def _release(self, old: BucketState, key) -> None:
         """`old` no longer holds `key`'s residuals: zero them there (it may be used again), forget it when it

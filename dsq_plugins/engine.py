@@ -62,6 +62,7 @@ class Exchange:
         self.host_skip: Optional[bool] = None         # the same, where reading it is free (CPU fast path)
         self.stats = RoundStats()
         self.error_sq = {}                           # device accumulators of the monitor's error norms
+        self.flushed: list = []                      # residuals sent along with dense tensors (auto's switches)
         self.finished = False
 
 

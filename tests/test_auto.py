@@ -109,7 +109,7 @@ def test_config():
 # ------------------------------------------------------------------------------------ the engine, switching
 
 
-def run_auto(world, config, steps, cost, logdir=None):
+def run_auto(world, config, steps, cost, logdir=None, nan_at=None):
     """W thread-ranks under auto, each with a virtual clock that advances by cost[mode] per step. Per rank and
     step: the updates, the per-bucket spec used, the residuals after the step (worker, and this rank's server
     blocks expanded)."""
@@ -122,6 +122,8 @@ def run_auto(world, config, steps, cost, logdir=None):
         out = []
         for t in range(steps):
             g = grads_of(t, comm.rank, torch.float64)
+            if nan_at == (t, comm.rank):
+                g["a"][3] = float("nan")
             got, specs = {}, {}
             for keys in BUCKETS:
                 outs = col.reduce([(k, g[k]) for k in keys])
@@ -194,3 +196,29 @@ def test_switches_lose_nothing(world, tmp_path):
     logged = [e.value for e in events.Scalars("dsq/auto/mode")]
     assert len(logged) == steps and {0.0, 1.0, 2.0} <= set(logged)
     assert [e.value for e in events.Scalars("dsq/auto/step_seconds/sign")][-1] == pytest.approx(1.0)
+
+
+def test_a_nan_on_the_switch_to_dense_keeps_the_residuals():
+    """The step a bucket goes dense carries its residuals; if that step is skipped (a NaN on some rank), they are
+    held again, not lost: after it, every residual is what it was before, and the law holds over the other steps."""
+    config = make_config("auto", candidates="sign")
+    cost = {"sign": 1.0, DENSE: 0.9, MIXED: 0.7}
+    dry = run_auto(2, config, 10, cost)[0][0]
+    used = [dry[t]["specs"][("a", "b")] for t in range(10)]
+    t_switch = next(t for t in range(1, 10) if used[t] is None and used[t - 1] is not None)
+    ranks = run_auto(2, config, 10, cost, nan_at=(t_switch, 1))
+    runs = [r[0] for r in ranks]
+    assert runs[0][t_switch]["specs"][("a", "b")] is None
+    assert torch.isnan(runs[0][t_switch]["c"]["a"]).all() and torch.isnan(runs[0][t_switch]["c"]["b"]).all()
+    for r in range(2):
+        for k in ("a", "b"):
+            assert torch.count_nonzero(runs[r][t_switch - 1]["w"][k])
+            assert torch.equal(runs[r][t_switch]["w"][k], runs[r][t_switch - 1]["w"][k])
+    steps = [t for t in range(10) if t != t_switch]
+    zero = {k: torch.zeros(n, dtype=torch.float64) for k, n in SIZES.items()}
+    for k in ("a", "b"):
+        applied = sum(runs[0][t]["c"][k] for t in steps)
+        true = sum(sum(grads_of(t, r, torch.float64)[k] for r in range(2)) / 2 for t in steps)
+        held = sum(runs[r][9]["w"].get(k, zero[k]) for r in range(2)) / 2 + \
+            sum(runs[r][9]["s"].get(k, zero[k]) for r in range(2))
+        torch.testing.assert_close(applied, true - held, rtol=0, atol=1e-12)
