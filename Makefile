@@ -29,8 +29,8 @@ $(STAMP): $(CORE) tools/horovod_wheel.sh
 
 # The second run takes the pure-torch paths that CUDA takes (DSQ_FAST_PATHS=0: no numpy specialisations) through
 # the core, the engine and the DDP hook, so the code a GPU runs is tested on a machine without one.
-CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py tests/test_auto.py \
-	tests/test_ddp_hook.py
+CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py \
+	tests/test_auto.py tests/test_ddp_hook.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -90,7 +90,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-sign", "dsq-topk:0.01", "dsq-topk:0.01+int4",
-               "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock", "hvd-dsq-sign", "ds-stock", "ds-dsq-sign")
+               "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock", "hvd-dsq-sign",
+               "ds-stock", "ds-dsq-sign")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 NEEDS_ROOT = ("cluster.py: needs root (it creates network namespaces, veth pairs, a bridge and tc qdiscs); "
               "run it as root")

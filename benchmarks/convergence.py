@@ -481,7 +481,9 @@ def params(quick: bool) -> dict:
                     grid_specs=["sign", "qsgd:16", "randomk:0.1"], grid_lrs=[0.3, 0.03], grid_epochs=5, grid_seed=0)
     return dict(n=8, batch=16, lr=0.3, epochs=40, seeds=[0, 1, 2, 3, 4], digits_specs=["sign", "topk:0.01"],
                 digits_variants=["dsq", "noef", "ef1", "wef"],
-                digits_extra=["int8", "int4", "int2", "topk:0.01+int4", "topk:0.01+sign"], speedup_specs=["sign", "topk:0.05"], speedup_n=[1, 2, 4, 8, 16],
+                digits_extra=["int8", "int4", "int2", "topk:0.01+int4", "topk:0.01+sign", "grouptopk:0.03+sign",
+                              "grouptopk:0.03+int4"],
+                speedup_specs=["sign", "topk:0.05"], speedup_n=[1, 2, 4, 8, 16],
                 speedup_seeds=[0, 1, 2],
                 quad=dict(dim=256, h_min=0.1, sigma=1.0, x0_scale=0.3, target=0.2, max_steps=200000),
                 grid_specs=["sign", "topk:0.01", "qsgd:16", "qsgd:64", "qsgd:255", "scaled_qsgd:16", "randomk:0.1",

@@ -20,7 +20,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Communicator", "Compressor", "DivergenceWarning", "DoubleSqueezeCollective", "Monitor", "DoubleSqueezeConfig",
-    "DoubleSqueezeState", "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator", "TensorBoardMonitor", "ThreadWorld",
+    "DoubleSqueezeState", "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator",
+    "TensorBoardMonitor", "ThreadWorld",
     "TorchDistributedCommunicator", "available_compressors", "doublesqueeze_hook", "get_compressor",
     "register_compressor",
 ]

@@ -49,7 +49,8 @@ from . import bitpack, rng
 from .payload import Field, Payload
 
 __all__ = ["Compressor", "NoneCompressor", "CastCompressor", "SignCompressor", "TopKCompressor",
-           "GroupTopKCompressor", "RandomKCompressor", "QSGDCompressor", "IntCompressor", "Int8Compressor", "ComposedCompressor", "index_dtype", "acc_dtype"]
+           "GroupTopKCompressor", "RandomKCompressor", "QSGDCompressor", "IntCompressor", "Int8Compressor",
+           "ComposedCompressor", "index_dtype", "acc_dtype"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -377,6 +378,22 @@ class _RatioCompressor(_Batched):
         """`k` of each row length, as an int64 tensor (on the lengths' device: no host round trip)."""
         return _ratio_k(self.ratio, lengths)
 
+    def place_add(self, values, fields, cap, dtype, acc, lengths=None, seeds=None):
+        """``acc += place(values)``: the kept values added at their places (the server's sum over ranks). Full
+        rows add only the k kept entries (a scatter-add, not a dense pass), with the same values."""
+        if lengths is None:
+            idx = self._places(fields, cap, seeds)
+            if idx is not None:
+                return acc.scatter_add_(1, idx, values.to(dtype))
+        return acc.add_(self.place(values, fields, cap, dtype, lengths, seeds))
+
+    def _places(self, fields, cap, seeds):
+        """(rows, k) int64 columns of the kept values of full rows, or None where they are not per element."""
+        return None
+
+    def decode_add(self, fields, cap, dtype, acc, lengths=None, seeds=None):
+        return self.place_add(fields["values"], fields, cap, dtype, acc, lengths, seeds)
+
     @staticmethod
     def _scatter(values, idx, cap, dtype, lengths, keep, out):
         """(rows, cap) zeros with the kept values at their indices; entries beyond a row's `keep` count are
@@ -418,6 +435,9 @@ class TopKCompressor(_RatioCompressor):
         keep = None if lengths is None else _ratio_k(self.ratio, lengths)
         return self._scatter(values, fields["indices"].long(), cap, dtype, lengths, keep, out)
 
+    def _places(self, fields, cap, seeds):
+        return fields["indices"].long()
+
     def encode(self, x, lengths=None, seeds=None):
         values, fields = self.select(x, lengths, seeds)
         return dict(fields, values=values)
@@ -431,7 +451,7 @@ class TopKCompressor(_RatioCompressor):
 
 class GroupTopKCompressor(_RatioCompressor):
     """``grouptopk:R``: a block's elements in groups of 32 (its last group may be short); the ``max(1, ceil(R * g))``
-    of its ``g`` groups of largest energy (sum of squares) are kept whole, in group order (of equal energies at the
+    of its ``g`` groups of largest energy (L2 norm) are kept whole, in group order (of equal energies at the
     last place, the lower groups), their values unscaled; on the wire the kept groups' 32 values each and their
     group indices (uint8 for blocks of up to 8192). A contraction: ``|x - C(x)|^2 <= (1 - k/g) |x|^2``. Selecting
     among g = n/32 group scores instead of n magnitudes makes it cost about one pass over the block, where ``topk``
@@ -465,7 +485,7 @@ class GroupTopKCompressor(_RatioCompressor):
         if gc * G != cap:               # a batch narrower than whole groups: zeros complete the last one
             x = torch.cat([x, x.new_zeros(rows, gc * G - cap)], dim=1)
         grouped = x.view(rows, gc, G)
-        score = grouped.to(acc_dtype(x.dtype)).square().sum(2)
+        score = torch.linalg.vector_norm(grouped, dim=2, dtype=acc_dtype(x.dtype))   # one fused pass
         keep_n = None
         if lengths is not None:
             n_groups = -(-lengths // G)
@@ -495,6 +515,16 @@ class GroupTopKCompressor(_RatioCompressor):
         buf = torch.zeros(rows, gc + extra, G, dtype=dtype, device=values.device)
         buf.scatter_(1, gidx[..., None].expand(-1, -1, G), vals)
         return _into(out, buf[:, :gc].reshape(rows, gc * G)[:, :cap])
+
+    def place_add(self, values, fields, cap, dtype, acc, lengths=None, seeds=None):
+        G = self.group
+        gidx = fields["indices"].long()
+        rows, kg = gidx.shape
+        if lengths is not None or cap % G or values.shape[1] != kg * G or not acc.is_contiguous():
+            return acc.add_(self.place(values, fields, cap, dtype, lengths, seeds))
+        vals = values.reshape(rows, kg, G).to(dtype)
+        acc.view(rows, cap // G, G).scatter_add_(1, gidx[..., None].expand(-1, -1, G), vals)
+        return acc
 
     def encode(self, x, lengths=None, seeds=None):
         values, fields = self.select(x, lengths, seeds)
@@ -539,6 +569,9 @@ class RandomKCompressor(_RatioCompressor):
     def place(self, values, fields, cap, dtype, lengths=None, seeds=None, out=None):
         keep = None if lengths is None else _ratio_k(self.ratio, lengths)
         return self._scatter(values, self._indices(seeds, cap, lengths), cap, dtype, lengths, keep, out)
+
+    def _places(self, fields, cap, seeds):
+        return self._indices(seeds, cap, None)
 
     def encode(self, x, lengths=None, seeds=None):
         return {"values": self.select(x, lengths, seeds)[0]}
@@ -748,6 +781,15 @@ class ComposedCompressor(_Batched):
         return q if keeps_nan else None         # randomk may drop a NaN
 
     def decode(self, fields, cap, dtype, lengths=None, seeds=None, out=None):
+        values = self._values(fields, cap, dtype, lengths, seeds)
+        return self.sparsifier.place(values, fields, cap, dtype, lengths, seeds, out)
+
+    def decode_add(self, fields, cap, dtype, acc, lengths=None, seeds=None):
+        values = self._values(fields, cap, dtype, lengths, seeds)
+        return self.sparsifier.place_add(values, fields, cap, dtype, acc, lengths, seeds)
+
+    def _values(self, fields, cap, dtype, lengths, seeds):
+        """The kept values (rows, k(cap)), decoded by the quantiser."""
         rows = next(iter(fields.values())).shape[0]
         device = next(iter(fields.values())).device
         kcap, klens, qseeds = self._inner(cap, lengths, seeds, device)
@@ -757,8 +799,7 @@ class ComposedCompressor(_Batched):
         for name, _, count in self.quantizer.row_layout(kcap, dtype, kcap):
             f = fields["v_" + name]
             qf[name] = f if f.shape[1] == count else torch.cat([f, f.new_zeros(rows, count - f.shape[1])], dim=1)
-        values = self.quantizer.decode(qf, kcap, dtype, klens, qseeds)[:, :self.k(cap)]
-        return self.sparsifier.place(values, fields, cap, dtype, lengths, seeds, out)
+        return self.quantizer.decode(qf, kcap, dtype, klens, qseeds)[:, :self.k(cap)]
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -92,7 +92,8 @@ class DoubleSqueezeConfig:
         n = self.block_size
         passes = []
         for spec in self.candidate_specs:
-            passes += [("worker", get_compressor(spec), self.worker_ef), ("server", self.server_for(spec), self.server_ef)]
+            passes += [("worker", get_compressor(spec), self.worker_ef),
+                       ("server", self.server_for(spec), self.server_ef)]
         bad = list(dict.fromkeys((role, c.spec, omega) for role, c, ef in passes
                                  if ef and (omega := c.variance(n)) is not None and omega >= 1))
         if not bad:

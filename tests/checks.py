@@ -1,6 +1,9 @@
 """Assertions shared by the integration tests: the conservation law and agreement between ranks."""
 import torch
 
+# what an unknown compressor's error lists: the built-ins, in order
+VALID_NAMES = "valid names: bf16, fp16, grouptopk, int2, int4, int8, none, qsgd, randomk, sign, topk"
+
 
 def assert_conservation(ranks, atol=1e-5, steps=None):
     """sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T, parameter by parameter (DESIGN.md section 1)."""

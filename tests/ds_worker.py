@@ -1,6 +1,7 @@
 """Runs under torchrun or the deepspeed launcher: a DeepSpeed training script that calls `deepspeed.initialize` and
 imports nothing of ours (the "doublesqueeze" section switches DoubleSqueeze on through the import hook,
-dsq_autohook; with --explicit it calls `deepspeed_ext.initialize`), recording what the tests check. Each rank writes OUT/rank{r}.pt with, per optimizer step, its local gradient computed by plain torch
+dsq_autohook; with --explicit it calls `deepspeed_ext.initialize`), recording what the tests check. Each rank
+writes OUT/rank{r}.pt with, per optimizer step, its local gradient computed by plain torch
 on a copy of the model (the independent reference) and the update DeepSpeed applied, recovered from the weights
 (SGD without momentum: c = (w_before - w_after) / lr), by parameter name; at the end its residuals.
 """

@@ -490,7 +490,8 @@ def sign_of_kept(values: torch.Tensor) -> torch.Tensor:
 @given(d=st.integers(1, 5000), seed=st.integers(0, 2 ** 31))
 def test_topk_then_quantiser(quant, bits, ratio, d, seed):
     """topk:R+Q against plain torch: the k entries of largest magnitude, at their places, hold Q of the kept
-    values (one block of k values in index order: one sign scale, int chunks of 512), zeros elsewhere; on the wire the indices in
+    values (one block of k values in index order: one sign scale, int chunks of 512), zeros elsewhere; on the wire
+    the indices in
     the smallest type and Q's fields of k values."""
     k = k_of(ratio, d)
     x = make((d,), torch.float64, seed)                               # distinct magnitudes: one top-k set

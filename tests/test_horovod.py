@@ -13,7 +13,7 @@ import dsq_plugins as dsq
 import horovod_ext
 from horovod_ext.launcher import split_argv
 
-from .checks import assert_conservation, assert_same_update_everywhere
+from .checks import VALID_NAMES, assert_conservation, assert_same_update_everywhere
 from .conftest import ROOT, load_ranks
 
 WORKER = ROOT / "tests" / "hvd_worker.py"
@@ -56,7 +56,7 @@ def test_launcher_takes_only_its_flags_before_the_command():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--dsq-compressor", "bogus"], "valid names: bf16, fp16, grouptopk, int2, int4, int8, none, qsgd, randomk, sign, topk"),
+    (["--dsq-compressor", "bogus"], VALID_NAMES),
     (["--dsq-compressor", "topk:2"], "topk"),
     (["--dsq-compressor", "sign", "--dsq-server-compressor", "nope"], "valid names"),
     (["--dsq-compressor", "sign", "--dsq-warmup-steps", "-3"], "warmup_steps"),
@@ -65,7 +65,8 @@ def test_launcher_takes_only_its_flags_before_the_command():
 ])
 def test_bad_flag_exits_before_any_worker_starts(tmp_path, flags, message):
     out = tmp_path / "never"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "dsq-horovodrun"), *flags, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, str(WORKER), str(out)]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "dsq-horovodrun"), *flags, "-np", "2", "--gloo", "-H",
+           "localhost:2", sys.executable, str(WORKER), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
@@ -237,7 +238,8 @@ def test_example_sign_by_flag_within_two_points_of_plain_horovod(horovodrun, tmp
     horovodrun(3, EXAMPLE, ["--json", plain], timeout=300)
     proc = horovodrun(3, EXAMPLE, ["--json", sign], timeout=300, launcher="dsq-horovodrun",
                       flags=["--dsq-compressor", "sign"])
-    assert proc.stdout.strip().splitlines()[-1].endswith(f"final_accuracy={json.loads(sign.read_text())['accuracy']:.4f}")
+    accuracy = json.loads(sign.read_text())["accuracy"]
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"final_accuracy={accuracy:.4f}")
     plain, sign = json.loads(plain.read_text()), json.loads(sign.read_text())
     assert not plain["doublesqueeze"] and sign["doublesqueeze"] and sign["config"]["compressor"] == "sign"
     assert plain["accuracy"] > 0.95
