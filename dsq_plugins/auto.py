@@ -14,7 +14,11 @@ work and the bytes on the wire. It explores, then exploits:
               and bucket b pays when its work w_b < (n_d,b - n_c,b) / BW; the mix is measured like the others.
     choose    the fastest mode; dense unless a compressed mode is faster by more than `prefer_dense`.
     exploit   every `check_every` steps the mean step time is compared with the chosen mode's: `drift` slower or
-              faster (the link or the load changed: another mode may win now), and it explores again; and after
+              faster (the link or the load changed: another mode may win now), and it explores again. A
+              compressed mode bound by its compression work does not get faster when the link does, so every
+              `probe_every` steps two timed all-reduces (a few KB, then about 20 ms worth) measure the link, and
+              dense's step is predicted from it (the chosen step, less its compression work, plus dense's ring
+              bytes over the link); it explores when that prediction beats the chosen mode. And after
               `reexplore_every` steps anyway, a period that doubles each time an exploration confirms the choice
               (and starts again when one changes it), so that a slow mode is not tried too often.
 
@@ -41,12 +45,13 @@ class AutoTuner:
         candidates: compressor specs to choose from, besides dense.
         settle, measure, abort, prefer_dense, check_every, drift, reexplore_every: the schedule (steps) and
             thresholds (fractions) of the module docstring.
+        probe_every: under a compressed mode, steps between probes of the link (`on_step_start`).
         clock: where step times come from (seconds; default `time.perf_counter`).
     """
 
     def __init__(self, candidates: Sequence[str], settle: int = 1, measure: int = 3, abort: float = 1.5,
                  prefer_dense: float = 0.03, check_every: int = 10, drift: float = 0.1, reexplore_every: int = 200,
-                 clock: Callable[[], float] = time.perf_counter):
+                 probe_every: int = 25, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         if not candidates:
             raise ValueError("auto needs at least one candidate compressor")
@@ -67,6 +72,13 @@ class AutoTuner:
         self._done = 0                             # steps completed in the current mode
         self._since_choice = 0
         self._period = reexplore_every
+        self.probe_every = probe_every
+        self._probe_holdoff = probe_every
+        self._last_probe = 0
+        self.ring = 1.0                       # bytes a ring all-reduce moves per rank, per byte of its buffer
+        self._probe: Optional[Callable[[int], float]] = None
+        self.bandwidth = 125e6                # the last probe's estimate (bytes/s per rank); a first guess
+        self.predicted_dense: Optional[float] = None
         self._explored_from: Optional[str] = None    # the mode chosen before this exploration
         self._last_start: Optional[float] = None
         self._local: List[float] = []              # this rank's step times not yet synchronised
@@ -95,10 +107,13 @@ class AutoTuner:
         return self.phase == "explore" and self._done >= self.settle
 
     # -- the schedule ------------------------------------------------------------------------------------------
-    def on_step_start(self, step: int, now: float, sync: Callable[[List[float]], List[float]]) -> None:
+    def on_step_start(self, step: int, now: float, sync: Callable[[List[float]], List[float]],
+                      probe: Optional[Callable[[int], float]] = None) -> None:
         """A step begins at `now` (seconds): account the one that just ended, then decide this step's mode.
         `sync(values)` is the mean of `values` over the ranks (an all-reduce), called at the same steps on every
-        rank."""
+        rank. `probe(nbytes)` times (seconds, this rank) an all-reduce of `nbytes`: the link's throughput, which a
+        compressed mode's own step time no longer shows once compression work, not the wire, bounds it."""
+        self._probe = probe
         if self._last_start is not None:
             self._local.append(now - self._last_start)
             self._done += 1
@@ -139,9 +154,11 @@ class AutoTuner:
         if best != DENSE and self.times[best] > (1 - self.prefer_dense) * self.times.get(DENSE, float("inf")):
             best = DENSE
         self.phase = "exploit"
-        self._since_choice = 0
+        self._since_choice = self._last_probe = 0
         if self._explored_from is not None:
-            self._period = self._period * 2 if best == self._explored_from else self.reexplore_every
+            confirmed = best == self._explored_from
+            self._period = self._period * 2 if confirmed else self.reexplore_every
+            self._probe_holdoff = self._period if confirmed else self.probe_every
         self._switch(best)
         self._chosen_time = self.times[best]
 
@@ -159,6 +176,32 @@ class AutoTuner:
             self.explore()
         elif self._since_choice >= self._period:
             self.explore()
+        elif self._dense_pays_now(sync):
+            self.explore()
+
+    def _dense_pays_now(self, sync) -> bool:
+        """Under a compressed mode, every `probe_every` steps: the link's throughput from two timed all-reduces
+        (a small one for the latency, one sized for about 20 ms), and from it dense's step predicted as the chosen
+        mode's step less its compression work plus dense's ring bytes over the link (no overlap assumed). True
+        when that beats the chosen mode by `prefer_dense`: the link got faster, explore."""
+        if self._probe is None or self.mode == DENSE or self._since_choice < self._probe_holdoff or \
+                self._since_choice - self._last_probe < self.probe_every:
+            return False
+        self._last_probe = self._since_choice
+        work = self._work.get(self.mode) or self._work.get(self._mix_base or "", {})
+        steps = max(1, self._work_steps.get(self.mode, self._work_steps.get(self._mix_base or "", 0)))
+        if not work:
+            return False
+        big = int(min(64 << 20, max(256 << 10, self.bandwidth * 0.02)))
+        small = 4096
+        t_small, t_big = sync([self._probe(small), self._probe(big)])
+        if t_big <= t_small:
+            return False
+        self.bandwidth = (big - small) * self.ring / (t_big - t_small)       # bytes per second, per rank
+        w_c = sum(v[0] for v in work.values()) / steps
+        ring_bytes = sum(v[2] for v in work.values()) / steps
+        self.predicted_dense = self._chosen_time - w_c + ring_bytes / self.bandwidth
+        return self.predicted_dense < (1 - self.prefer_dense) * self._chosen_time
 
     def explore(self) -> None:
         """Start a new exploration (at the next step boundary every rank reaches)."""
@@ -216,6 +259,9 @@ class AutoTuner:
                "auto/exploring": float(self.phase == "explore")}
         for mode, t in self.times.items():
             out[f"auto/step_seconds/{mode}"] = t
+        if self.predicted_dense is not None:
+            out["auto/link_bytes_per_s"] = self.bandwidth
+            out["auto/predicted_dense_seconds"] = self.predicted_dense
         return out
 
     # -- checkpoints -----------------------------------------------------------------------------------------

@@ -158,8 +158,11 @@ class DoubleSqueezeCollective:
         if self.auto is not None and self._step_started != self.step:
             self._step_started = self.step
             if self.step >= self.config.warmup_steps:
-                self.auto.on_step_start(self.step, self.auto.clock(),
-                                        lambda v: self._mean_over_ranks(v, tensors[0].device))
+                device = tensors[0].device
+                W = self.world_size
+                self.auto.ring = 2 * (W - 1) / W
+                self.auto.on_step_start(self.step, self.auto.clock(), lambda v: self._mean_over_ranks(v, device),
+                                        (lambda n: self._time_all_reduce(n, device)) if W > 1 else None)
         state = self._state_for(keys, tensors)
         track = self.monitor is not None and self.monitor.wants(self.step)
         ex = Exchange(state, tensors, self.step, track)
@@ -243,6 +246,18 @@ class DoubleSqueezeCollective:
     def _mean_over_ranks(self, values: List[float], device) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         return (self.comm.all_reduce_sum(t) / self.world_size).tolist()
+
+    def _time_all_reduce(self, nbytes: int, device) -> float:
+        """Seconds of a blocking all-reduce of `nbytes` (auto's probe of the link)."""
+        buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+        cuda = buf.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(buf.device)
+        t0 = now()
+        self.comm.all_reduce_sum(buf)
+        if cuda:
+            torch.cuda.synchronize(buf.device)
+        return now() - t0
 
     def _state_for(self, keys, tensors) -> BucketState:
         numels = tuple(t.numel() for t in tensors)

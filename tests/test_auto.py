@@ -12,14 +12,15 @@ from .engine_cases import SIZES, grads_of, make_config
 BUCKETS = [["a", "b"], ["c", "d", "e"], ["f"]]
 
 
-def drive(tuner, cost, steps, buckets=(("x",),), work=None):
+def drive(tuner, cost, steps, buckets=(("x",),), work=None, probe=None):
     """Run `steps` steps: each takes cost(mode, step) seconds of a virtual clock; `work(mode, bucket)` gives
     (seconds, bytes, dense bytes) recorded per bucket. Returns the mode of every step."""
     clock = [0.0]
     tuner.clock = lambda: clock[0]
     modes = []
     for step in range(steps):
-        tuner.on_step_start(step, tuner.clock(), lambda v: list(v))
+        tuner.on_step_start(step, tuner.clock(), lambda v: list(v),
+                            None if probe is None else (lambda n, s=step: probe(n, s)))
         modes.append(tuner.mode)
         for b in buckets:
             if work is not None:
@@ -73,6 +74,28 @@ def test_a_faster_link_is_noticed_by_the_chosen_mode_getting_faster():
     assert modes[29] == "sign" and modes[-1] == DENSE
 
 
+def test_a_faster_link_under_a_compute_bound_mode_is_found_by_the_probe():
+    """sign's step is its compression work and compute (1.0 s) on either link, so its own time never moves; the
+    probe's all-reduces see the link go from 12.5 MB/s to 1.25 GB/s, and dense's predicted step (1.0 - 0.4 s of
+    compression + 150 MB of ring bytes over the link) beats sign: it explores, and measures dense faster."""
+    def link(step):
+        return 12.5e6 if step < 60 else 1.25e9
+
+    def probe(nbytes, step):
+        return 1e-4 + nbytes * 1.5 / link(step)
+    cost = lambda m, s: 1.0 if m == "sign" else (0.6 + 150e6 / link(s))       # noqa: E731
+    t = AutoTuner(["sign"], check_every=5, reexplore_every=10 ** 6, probe_every=10)
+    t.ring = 1.5                                   # 4 ranks: a ring all-reduce moves 1.5 bytes per buffer byte
+    modes = drive(t, cost, 120, work=lambda m, b: (0.4, 5e6, 150e6), probe=probe)
+    assert modes[59] == "sign" and modes[-1] == DENSE
+    assert t.bandwidth == pytest.approx(1.25e9, rel=1e-6)
+    slow = AutoTuner(["sign"], check_every=5, reexplore_every=10 ** 6, probe_every=10)
+    slow.ring = 1.5
+    modes = drive(slow, lambda m, s: 1.0 if m == "sign" else 12.6, 120, work=lambda m, b: (0.4, 5e6, 150e6),
+                  probe=lambda n, s: 1e-4 + n * 1.5 / 12.5e6)
+    assert modes[-40:] == ["sign"] * 40 and modes.count(DENSE) == 2      # probed, never explored again
+
+
 def test_confirmed_choices_back_off():
     t = AutoTuner(["sign"], check_every=5, reexplore_every=20)
     modes = drive(t, lambda m, s: {"sign": 1.0, DENSE: 13.0}[m], 400)
@@ -118,7 +141,8 @@ def run_auto(world, config, steps, cost, logdir=None, nan_at=None):
         col = dsq.DoubleSqueezeCollective(config, comm, monitor=monitor, chunk_elements=128)
         clock = [0.0]
         col.auto.clock = lambda: clock[0]
-        col.auto.settle, col.auto.measure, col.auto.check_every = 1, 2, 3
+        col.auto.settle, col.auto.measure, col.auto.check_every, col.auto.probe_every = 1, 2, 3, 2
+        col.auto._probe_holdoff = 2
         out = []
         for t in range(steps):
             g = grads_of(t, comm.rank, torch.float64)
@@ -187,6 +211,7 @@ def test_switches_lose_nothing(world, tmp_path):
         torch.testing.assert_close(applied, true - held, rtol=0, atol=1e-12)
     col = ranks[0][1]
     assert col.flushes > 0 and col.auto.switches >= 3
+    assert col.auto.predicted_dense is not None           # the link was probed (timed all-reduces, every rank)
     totals = col.totals
     assert totals.dense_buckets > 0 and totals.compressed_buckets > 0
     # the choice in TensorBoard: mode by step (0 dense, 1 sign, 2 topk), the modes' measured step times
