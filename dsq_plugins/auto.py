@@ -14,7 +14,8 @@ work and the bytes on the wire. It explores, then exploits:
               and bucket b pays when its work w_b < (n_d,b - n_c,b) / BW; the mix is measured like the others.
     choose    the fastest mode; dense unless a compressed mode is faster by more than `prefer_dense`.
     exploit   every `check_every` steps the mean step time is compared with the chosen mode's: `drift` slower or
-              faster (the link or the load changed: another mode may win now), and it explores again. A
+              faster (the link or the load changed: another mode may win now), and it explores again (a drift
+              whose exploration changes nothing widens the band 1.5x, up to 4x `drift`: noise). A
               compressed mode bound by its compression work does not get faster when the link does, so every
               `probe_every` steps two timed all-reduces (a few KB, then about 20 ms worth) measure the link, and
               dense's step is predicted from it (the chosen step, less its compression work, plus dense's ring
@@ -72,6 +73,8 @@ class AutoTuner:
         self._done = 0                             # steps completed in the current mode
         self._since_choice = 0
         self._period = reexplore_every
+        self._drift_now = drift
+        self._by_drift = False
         self.probe_every = probe_every
         self._probe_holdoff = probe_every
         self._last_probe = 0
@@ -159,6 +162,12 @@ class AutoTuner:
             confirmed = best == self._explored_from
             self._period = self._period * 2 if confirmed else self.reexplore_every
             self._probe_holdoff = self._period if confirmed else self.probe_every
+            # a drift that changed nothing was noise: a wider band next time (up to 4x), until a choice changes
+            if confirmed and self._by_drift:
+                self._drift_now = min(4 * self.drift, 1.5 * self._drift_now)
+            elif not confirmed:
+                self._drift_now = self.drift
+        self._by_drift = False
         self._switch(best)
         self._chosen_time = self.times[best]
 
@@ -171,8 +180,8 @@ class AutoTuner:
             return
         t = sync([sum(self._local) / len(self._local)])[0]
         self._local.clear()
-        if abs(t - self._chosen_time) > self.drift * self._chosen_time:
-            self._period = self.reexplore_every       # conditions changed: explore, and soon again if need be
+        if abs(t - self._chosen_time) > self._drift_now * self._chosen_time:
+            self._by_drift = True
             self.explore()
         elif self._since_choice >= self._period:
             self.explore()

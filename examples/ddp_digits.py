@@ -37,14 +37,18 @@ def train(method: str, args, data, rank: int, world: int) -> dict:
     sent = counter["bytes"] if method == "dense" else state.totals.bytes_sent
     if monitor:
         monitor.close()
-    return {"method": method, "accuracy": accuracy(model, x_te, y_te), "final_loss": run["final_loss"],
-            "mb_sent_per_worker": sent / 1e6, "steps": run["steps"], "seconds": run["seconds"],
-            "parameters": sum(p.numel() for p in model.parameters())}
+    out = {"method": method, "accuracy": accuracy(model, x_te, y_te), "final_loss": run["final_loss"],
+           "mb_sent_per_worker": sent / 1e6, "steps": run["steps"], "seconds": run["seconds"],
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if method != "dense" and state.auto is not None:
+        out["auto"] = {"history": state.auto.history, "times": state.auto.times, "final_mode": state.auto.mode}
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="dense,sign", help="comma list: 'dense' and/or compressor specs")
+    ap.add_argument("--methods", default="dense,sign",
+                    help="comma list: 'dense' and/or compressor specs, or 'auto' (chosen from measured step times)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32, help="per rank")
     ap.add_argument("--lr", type=float, default=0.03)
@@ -55,7 +59,7 @@ def main():
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m != "dense":
-            dsq.get_compressor(m)          # a bad spec fails here, before any training
+            dsq.DoubleSqueezeConfig(compressor=m)      # a bad spec fails here, before any training
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

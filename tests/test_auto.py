@@ -96,6 +96,17 @@ def test_a_faster_link_under_a_compute_bound_mode_is_found_by_the_probe():
     assert modes[-40:] == ["sign"] * 40 and modes.count(DENSE) == 2      # probed, never explored again
 
 
+def test_noise_does_not_keep_it_exploring():
+    """Step times that wander +-12% around their means (tiny steps, a shared machine): the first drifts start
+    explorations that change nothing, the band widens, and the explorations stop."""
+    import random
+    rng = random.Random(0)
+    t = AutoTuner(["sign"], check_every=5, drift=0.1, reexplore_every=10 ** 6)
+    modes = drive(t, lambda m, s: {"sign": 1.5, DENSE: 1.0}[m] * (1 + rng.uniform(-0.12, 0.12)), 400)
+    assert modes[-200:] == [DENSE] * 200
+    assert t._drift_now > t.drift
+
+
 def test_confirmed_choices_back_off():
     t = AutoTuner(["sign"], check_every=5, reexplore_every=20)
     modes = drive(t, lambda m, s: {"sign": 1.0, DENSE: 13.0}[m], 400)
