@@ -75,7 +75,8 @@ def test_gradient_accumulation_with_no_sync(torchrun, tmp_path):
     assert_conservation(ranks)
 
 
-SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()), (2, "sign,qsgd:4", ()),
+SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
+             (2, "sign,qsgd:4,grouptopk:0.1+sign,topk:0.1+int4", ()),
              (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
              (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
 
