@@ -23,12 +23,13 @@ ISOLATED = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.
 isolated = pytest.mark.skipif(not ISOLATED, reason="counting a job's bytes needs root (unshare --net)")
 
 
-def job(script, out, *args, nproc=2, timeout=300):
-    """`script` under torchrun with `nproc` ranks, in a private network namespace; fails with the output."""
+def job(script, out, *args, nproc=2, timeout=300, private_net=True):
+    """`script` under torchrun with `nproc` ranks (in a private network namespace unless told otherwise: the
+    kernel's byte counters then count this job alone); fails with the output."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
               str(ROOT / "tests" / script), str(out), *map(str, args)]
-    cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *launch]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *launch] if private_net else launch
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise AssertionError(f"{' '.join(launch)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
@@ -84,14 +85,7 @@ def test_trainer_trains_with_doublesqueeze_and_resumes_exactly(tmp_path, mode):
 
 # ------------------------------------------------------------------------------------------------- Lightning
 def torchrun_job(script, out, *args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "tests" / script), str(out), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-                             f"\n--- stderr\n{proc.stderr[-5000:]}")
-    return proc
+    return job(script, out, *args, timeout=timeout, private_net=False)
 
 
 def test_lightning_ddp_strategy_with_the_hook_equals_simulator_and_resumes(tmp_path):
