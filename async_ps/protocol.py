@@ -1,11 +1,13 @@
 """The wire protocol of the asynchronous parameter server: ZeroMQ multipart messages, no pickle.
 
 A message is ``[header, payload_0, ..., payload_{k-1}]`` (the server's ROUTER socket sees the peer's identity
-frame in front). ``header`` is a small UTF-8 JSON object; each payload frame is one model tensor compressed block
-by block (`dsq_plugins.codec.BlockCodec`), in the model's layout order. Shape, dtype, compressor spec and block
-size are context both ends agree on at the handshake (``hello`` -> ``welcome``), so a frame carries no metadata and
-its size is checked against the exact size the codec produces (`BlockCodec.nbytes`). Random compressors draw
-from the frame seed, ``seed`` in the header of the message that carries compressed frames.
+frame in front). ``header`` is a small UTF-8 JSON object; each payload frame is one key of the server's key range
+(`split_keys`: a tensor, or a block-aligned piece of one) compressed block by block (`dsq_plugins.codec.BlockCodec`),
+in key order. Shape, dtype, compressor spec, block size and the keys are context both ends agree on at the
+handshake (``hello`` -> ``welcome``), so a frame carries no metadata and its size is checked against the exact
+size the codec produces (`BlockCodec.nbytes`). Random compressors draw from the frame seed, ``seed`` in the header
+of the message that carries compressed frames. A job with several servers talks to each of them alone; server
+``i`` of ``N`` holds the i-th of N key ranges (`partition`).
 
 Every header carries:
 
@@ -19,15 +21,21 @@ Requests and their type-specific header fields (replies echo ``s``):
 ========== ============================================================ =====================================
 request    fields and frames                                            reply
 ========== ============================================================ =====================================
-hello      ``layout`` [[name, shape, dtype], ...], ``held`` (the        ``welcome``: ``session``, ``epoch``,
-           previous session and its pull count, or null); frames: the   ``version``, ``up``/``down`` specs,
-           worker's parameters, dense (used if the server has no model) ``block``, ``max_staleness``, ``mode``
+hello      ``layout`` [[name, shape, dtype], ...] (the whole model),    ``welcome``: ``session``, ``epoch``,
+           ``held`` (the previous session and its pull count, or null)  ``version``, ``up``/``down`` specs,
+                                                                        ``block``, ``max_staleness``, ``mode``,
+                                                                        ``num_servers``, ``server_index``,
+                                                                        ``key_elems``, ``key_range``,
+                                                                        ``initialised``
+init       ``session``; frames: the worker's parameters of the          ``status``
+           server's keys, dense (taken if the server has no model)
 pull       ``session``, ``full`` (true: send x dense)                   ``model``: ``kind`` full|delta,
                                                                         ``version``, ``seed``; frames: dense
-                                                                        tensors (full) or ``down`` frames
+                                                                        keys (full) or ``down`` frames
 push       ``session``, ``base`` (version the update was computed at),  ``ack``: ``status`` applied|rejected|
            ``loss``, ``rnorm`` (worker residual norm), ``skipped``,     skipped, ``version``, ``tau``,
            ``seed``; frames: ``up`` frames of the compensated update    ``scale``, ``reason``
+step       as push: a push whose answer is the pull that follows it     ``model`` with the ``ack`` fields
 heartbeat  ``session``, ``skipped``                                     ``hb``: ``known``, ``epoch``
 done       ``session``                                                  ``status``
 status     (none)                                                       ``status``: ``version``, ``done``,
@@ -45,10 +53,11 @@ import torch
 
 
 __all__ = ["PROTOCOL_VERSION", "REQUEST_TYPES", "REPLY_TYPES", "ERROR_CODES", "ProtocolError", "Limits",
-           "encode", "decode", "dtype_name", "dtype_from_name", "layout_of", "check_layout"]
+           "encode", "decode", "dtype_name", "dtype_from_name", "layout_of", "check_layout", "split_keys",
+           "partition", "key_layout", "key_seed", "DEFAULT_KEY_ELEMS"]
 
-PROTOCOL_VERSION = 2
-REQUEST_TYPES = ("hello", "pull", "push", "heartbeat", "done", "status", "bye")
+PROTOCOL_VERSION = 3
+REQUEST_TYPES = ("hello", "init", "pull", "push", "step", "heartbeat", "done", "status", "bye")
 REPLY_TYPES = ("welcome", "model", "ack", "hb", "status", "error")
 ERROR_CODES = ("malformed", "auth", "version", "too_many_frames", "oversized", "bad_type", "bad_field",
                "bad_payload", "layout", "unknown_worker", "internal")
@@ -231,3 +240,49 @@ def unpack(codec, frames: Sequence, layout: Layout, seed: int = 0, device=None) 
     if frames and not isinstance(frames[0], torch.Tensor):
         frames = frame_tensors(codec, frames, layout)
     return [codec.decode(f, shape, dtype, seed, device) for f, (_, shape, dtype) in zip(frames, layout)]
+
+
+# ---------------------------------------------------------------------------------------------------------- keys
+Key = Tuple[int, int, int]          # (tensor index in the layout, first element, one past the last element)
+
+DEFAULT_KEY_ELEMS = 1 << 18
+
+
+def split_keys(layout: Layout, block_size: int, key_elems: int = DEFAULT_KEY_ELEMS) -> List[Key]:
+    """The model's keys: each tensor cut into pieces of `key_elems` elements (rounded up to whole blocks of
+    `block_size`), in layout order. A piece starts on a block boundary, so compressing a key block by block gives
+    exactly the blocks of the whole tensor; its frame is the next one of a message."""
+    step = max(1, -(-key_elems // block_size)) * block_size
+    keys = []
+    for i, (_, shape, _) in enumerate(layout):
+        n = numel(shape)
+        keys += [(i, a, min(a + step, n)) for a in range(0, n, step)] or [(i, 0, 0)]
+    return keys
+
+
+def partition(keys: Sequence[Key], parts: int) -> List[Tuple[int, int]]:
+    """`parts` contiguous ranges ``[k0, k1)`` of `keys`, each about an equal share of the elements (as ps-lite
+    and BytePS partition keys over servers); every range holds at least one key."""
+    if parts < 1 or parts > len(keys):
+        raise ValueError(f"cannot split a model of {len(keys)} keys into {parts} parts (1 to {len(keys)})")
+    sizes = [max(1, b - a) for _, a, b in keys]
+    total, bounds, acc, k = sum(sizes), [0], 0, 0
+    for p in range(1, parts):
+        target = total * p / parts
+        while k < len(keys) - (parts - p) and (acc + sizes[k] / 2 < target or k < bounds[-1] + 1):
+            acc += sizes[k]
+            k += 1
+        bounds.append(k)
+    bounds.append(len(keys))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def key_layout(layout: Layout, keys: Sequence[Key]) -> Layout:
+    """The layout of the frames of `keys`: one 1-D entry per key (``name[a:b]``), in the tensor's dtype."""
+    return [(f"{layout[i][0]}[{a}:{b}]", (b - a,), layout[i][2]) for i, a, b in keys]
+
+
+def key_seed(seed: int, key: int) -> int:
+    """The frame seed of key `key` (its index among the model's keys) in a message whose header says `seed`:
+    random compressors draw independently per key (the codec numbers blocks from 0 in every frame)."""
+    return (seed + 0x9E3779B9 * key) & 0xFFFFFFFF

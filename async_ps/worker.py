@@ -12,23 +12,35 @@ In a training script::
 
 `step` lets the optimizer compute its update ``u = p_before - p_after`` (any torch optimizer; the learning rate
 and schedule stay in the script), puts the parameters back to the pulled model, and pushes
-``c = C_w(u + e)`` with ``e <- u + e - c`` (error feedback on the worker). The residual ``e`` is committed only when
-the server applied the push: a push rejected as stale, skipped, or lost in a server restart leaves ``e`` as it was,
-so that over the accepted pushes ``sum(c) + e = sum(u)`` holds exactly. An update holding NaN or Inf is not
-pushed at all (counted in `skipped`). Then it pulls: the server's compressed delta ``C_s(x - x_hat_j)`` is added to
-the parameters, which therefore always equal the server's ``x_hat_j``.
+``c = C_w(u + e)`` with ``e <- u + e - c`` (error feedback on the worker, one residual per key). The residual is
+committed only where the server applied the push: a push rejected as stale, skipped, or lost in a server restart
+leaves ``e`` as it was, so that over the accepted pushes ``sum(c) + e = sum(u)`` holds exactly, key by key. An
+update holding NaN or Inf is not pushed at all (counted in `skipped`). The push is a ``step`` request whose answer
+is the server's compressed delta ``C_s(x - x_hat_j)``, added to the parameters, which therefore always equal the
+server's ``x_hat_j``: one round trip per step.
 
-A heartbeat thread (its own socket) tells the server the worker is alive and notices when the server stops
-answering or forgets the session (a restart); the next request then reconnects, says hello again and pulls the
-full model.
+With ``overlap=True`` `step` returns as soon as the push is sent, and the next `step` (or `pull`, `finish`)
+first takes its answer: the script computes its next gradient while the reply is in flight, on parameters one
+delta older (a staleness of one more version, which the server counts like any other).
+
+Several servers (``address`` a list, or ``DSQ_PS_ADDR`` comma-separated): each holds one key range
+(`protocol.partition`, announced in its welcome and checked here); a step sends every server its frames and
+waits for all answers, each server's outcome (`StepResult.parts`) committing the residual of its own keys.
+
+A heartbeat thread (one socket per server) tells the servers the worker is alive and notices when one stops
+answering or forgets the session (a restart); the next request to it then reconnects, says hello again and pulls
+that server's keys in full, while the other servers go on.
+
+CUDA models compress and decompress on the device (`BlockCodec` runs on the tensors' device); only the frames
+cross to host memory.
 """
 import logging
 import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
 
 import torch
 import zmq
@@ -37,7 +49,8 @@ from dsq_plugins.codec import BlockCodec
 from dsq_plugins.memory import ErrorFeedback
 from dsq_plugins.registry import get_compressor
 
-from .protocol import REPLY_TYPES, Limits, ProtocolError, decode, encode, layout_of, layout_to_json, pack, unpack
+from .protocol import (REPLY_TYPES, Limits, ProtocolError, decode, encode, frame_tensors, key_layout, key_seed,
+                       layout_of, layout_to_json, partition, split_keys)
 
 __all__ = ["Worker", "StepResult", "ServerError", "ServerLost", "ENV_ADDR", "ENV_TOKEN", "ENV_WORKER",
            "ENV_NUM_WORKERS"]
@@ -61,62 +74,84 @@ class ServerLost(RuntimeError):
 
 @dataclass
 class StepResult:
-    """What became of one `Worker.step`: ``status`` is ``applied``, ``rejected`` (too stale), ``skipped``
-    (non-finite update, not pushed or not applied) or ``lost`` (server gone; the worker rejoined); ``tau`` is the
-    staleness in versions and ``scale`` the step factor the server used; ``version`` the model version now held."""
+    """What became of one `Worker.step`: ``status`` is ``applied`` (by every server), ``rejected`` (too stale),
+    ``skipped`` (non-finite update, not pushed or not applied), ``lost`` (a server gone; the worker rejoined it),
+    ``partial`` (servers disagreed: see `parts`) or ``pending`` (``overlap=True``: the first step, whose answer
+    the next step takes); ``tau`` is the staleness in versions and ``scale`` the step factor (of the first
+    server); ``version`` the model version now held (the sum over servers); ``parts`` each server's
+    ``{"status", "tau", "scale"}``."""
 
     status: str
     version: int
     tau: int = 0
     scale: float = 0.0
+    parts: list = field(default_factory=list)
+
+
+class _Link:
+    """One server: its address, sockets, session and the version of its keys this worker holds."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.sock = None
+        self.session: Optional[str] = None
+        self.epoch: Optional[str] = None
+        self.pulls = 0                      # pulls applied in this session
+        self.version = -1
+        self.index = 0                      # the server's index, and its keys [k0, k1) among the model's
+        self.k0 = self.k1 = 0
+        self.seq = 0
+        self.hb = {"last_answer": time.monotonic(), "forgotten": False}
 
 
 class Worker:
-    """One worker of the parameter server.
+    """One worker of the parameter server (or servers).
 
     Args:
-        model: the module whose parameters (``named_parameters()`` order) the server holds. Buffers are local.
+        model: the module whose parameters (``named_parameters()`` order) the servers hold. Buffers are local.
         optimizer: computes each update from the gradients (its ``step()`` is called by `step`).
-        address: the server endpoint (``tcp://HOST:PORT`` or ``inproc://NAME``); token: the shared token.
+        address: the server endpoint (``tcp://HOST:PORT`` or ``inproc://NAME``), or a list of them (or a
+            comma-separated string) for several servers; token: the shared token.
         worker_id: this worker's name (stable across restarts: a restarted worker replaces its old session).
-        heartbeat_interval: seconds between heartbeats; the server counts as lost after ``server_timeout``
+        heartbeat_interval: seconds between heartbeats; a server counts as lost after ``server_timeout``
             seconds without a heartbeat answer.
         request_timeout: seconds to wait for any one answer (a pull may legitimately wait at the staleness bound).
         reconnect_timeout: seconds to keep trying to rejoin a lost server before giving up (`ServerLost`).
+        overlap: send each step's push and return; the next call takes the answer (see the module docstring).
         record: keep every pushed and pulled tensor in `records` (tests check the conservation laws with it).
         context: the ZeroMQ context (``inproc://`` needs the server's).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer, address: str, token: str, worker_id: Optional[str] = None,
-                 heartbeat_interval: float = 1.0, server_timeout: float = 10.0, request_timeout: float = 300.0,
-                 reconnect_timeout: float = 120.0, record: bool = False, context: Optional[zmq.Context] = None,
-                 connect: bool = True):
+    def __init__(self, model: torch.nn.Module, optimizer, address: Union[str, Sequence[str]], token: str,
+                 worker_id: Optional[str] = None, heartbeat_interval: float = 1.0, server_timeout: float = 10.0,
+                 request_timeout: float = 300.0, reconnect_timeout: float = 120.0, overlap: bool = False,
+                 record: bool = False, context: Optional[zmq.Context] = None, connect: bool = True):
         self.model = model
         self.optimizer = optimizer
-        self.address = address
+        addresses = [a.strip() for a in address.split(",")] if isinstance(address, str) else list(address)
+        if not addresses or not all(addresses):
+            raise ValueError(f"no parameter server address in {address!r}")
+        self.address = ",".join(addresses)
+        self.links = [_Link(a) for a in addresses]
         self.token = token
         self.worker_id = worker_id or f"w{os.getpid()}-{secrets.token_hex(2)}"
         self.heartbeat_interval = heartbeat_interval
         self.server_timeout = server_timeout
         self.request_timeout = request_timeout
         self.reconnect_timeout = reconnect_timeout
+        self.overlap = overlap
         self.context = context or zmq.Context.instance()
         self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters()])
         self.layout = layout_of(zip(self.names, self.params))
-        self.ef = ErrorFeedback()
+        self.keys: List = []
+        self.ef = ErrorFeedback()                # residuals by key index (one per tensor for small tensors)
         self.record = record
         self.records = []
-        self.version = -1
-        self.session: Optional[str] = None
-        self._pulls = 0                                  # pulls applied in this session
-        self.epoch: Optional[str] = None
         self.up = self.down = None
         self.accepted = self.rejected = self.skipped = self.lost = self.rejoins = 0
         self.bytes_up = self.bytes_down = 0
-        self._sock = None
-        self._seq = 0
         self._limits = Limits()
-        self._hb_state = {"last_answer": time.monotonic(), "forgotten": False}
+        self._inflight = None
         self._hb_stop = threading.Event()
         self._hb_thread: Optional[threading.Thread] = None
         if connect:
@@ -124,7 +159,8 @@ class Worker:
 
     @classmethod
     def from_env(cls, model: torch.nn.Module, optimizer, **kwargs) -> "Worker":
-        """A worker configured by the launcher's environment: ``DSQ_PS_ADDR``, ``DSQ_PS_TOKEN``, ``DSQ_PS_WORKER``."""
+        """A worker configured by the launcher's environment: ``DSQ_PS_ADDR`` (comma-separated for several
+        servers), ``DSQ_PS_TOKEN``, ``DSQ_PS_WORKER``."""
         missing = [k for k in (ENV_ADDR, ENV_TOKEN) if not os.environ.get(k)]
         if missing:
             raise RuntimeError(f"{', '.join(missing)} not set: run this script under `dsq-async-ps ... -- python "
@@ -132,74 +168,127 @@ class Worker:
         return cls(model, optimizer, os.environ[ENV_ADDR], os.environ[ENV_TOKEN],
                    worker_id=os.environ.get(ENV_WORKER), **kwargs)
 
+    @property
+    def version(self) -> int:
+        """The model version held: the sum over servers of each one's version (-1 before the first pull)."""
+        return sum(link.version for link in self.links) if all(lk.version >= 0 for lk in self.links) else -1
+
+    @property
+    def session(self) -> Optional[str]:
+        return self.links[0].session
+
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
-        """Say hello (the server adopts this model if it has none yet), then pull the full model. Retries until
-        the server answers or ``reconnect_timeout`` passes."""
+        """Say hello to every server (checking that their key ranges tile the model), give the parameters to any
+        server that has no model yet, then pull the full model. Retries until the servers answer or
+        ``reconnect_timeout`` passes."""
+        welcomes = [self._hello(link) for link in self.links]
+        self._agree(welcomes)
+        self._start_heartbeats()
+        for link in self.links:
+            self._init(link, welcomes[self.links.index(link)])
+        self._pull_all(full=False)             # full unless a resumed server still has this worker's copy
+
+    def _hello(self, link: _Link) -> dict:
         deadline = time.monotonic() + self.reconnect_timeout
-        dense = BlockCodec(get_compressor("none"))
         while True:
-            self._reset_socket()
-            frames, _ = pack(dense, [p.detach() for p in self.params])
+            self._reset_socket(link)
             try:
-                held = {"session": self.session, "pulls": self._pulls} if self.session else None
-                reply, _ = self._request("hello", frames, timeout=min(2.0, self.reconnect_timeout),
+                held = {"session": link.session, "pulls": link.pulls} if link.session else None
+                reply, _ = self._request(link, "hello", timeout=min(2.0, self.reconnect_timeout),
                                          layout=layout_to_json(self.layout), held=held)
                 break
             except ServerError:
-                self._sock.close(0)             # refused (wrong model, token...): nothing to retry
-                self._sock = None
+                link.sock.close(0)              # refused (wrong model, token...): nothing to retry
+                link.sock = None
                 raise
             except ServerLost:
                 if time.monotonic() > deadline:
-                    raise ServerLost(f"no parameter server answered at {self.address} within "
+                    raise ServerLost(f"no parameter server answered at {link.address} within "
                                      f"{self.reconnect_timeout:.0f} s") from None
-        self.session, self.epoch, self._pulls = reply["session"], reply["epoch"], 0
-        block = int(reply.get("block", 4096))
-        self.up = BlockCodec(get_compressor(reply["up"]), block)
-        self.down = BlockCodec(get_compressor(reply["down"]), block)
+        link.session, link.epoch, link.pulls = reply["session"], reply["epoch"], 0
+        link.index = int(reply.get("server_index", 0))
+        link.k0, link.k1 = reply.get("key_range", [0, 0])
+        link.hb.update(last_answer=time.monotonic(), forgotten=False)
+        return reply
+
+    def _agree(self, welcomes: List[dict]) -> None:
+        """Check the servers are one job: same codecs, blocks and keys, indices 0..N-1, ranges that tile the
+        model; order the links by server index."""
+        first = welcomes[0]
+        n = len(self.links)
+        for w in welcomes:
+            for k in ("up", "down", "block", "key_elems", "mode", "num_servers"):
+                if w.get(k) != first.get(k):
+                    raise ServerError("layout", f"the servers disagree on {k!r}: {first.get(k)!r} vs {w.get(k)!r}")
+        if first.get("num_servers", 1) != n or sorted(lk.index for lk in self.links) != list(range(n)):
+            raise ServerError("layout", f"{n} server addresses given, but the servers say they are "
+                                        f"{sorted(lk.index for lk in self.links)} of {first.get('num_servers')}")
+        block = int(first.get("block", 4096))
+        self.keys = split_keys(self.layout, block, int(first.get("key_elems", 1 << 18)))
+        self.links.sort(key=lambda lk: lk.index)
+        for link, (k0, k1) in zip(self.links, partition(self.keys, n)):
+            if (link.k0, link.k1) != (k0, k1):
+                raise ServerError("layout", f"server {link.index} holds keys [{link.k0}, {link.k1}), expected "
+                                            f"[{k0}, {k1})")
+        self.up = BlockCodec(get_compressor(first["up"]), block)
+        self.down = BlockCodec(get_compressor(first["down"]), block)
         self.dense = BlockCodec(get_compressor("none"), block)
-        self.mode = reply["mode"]
-        self._hb_state.update(last_answer=time.monotonic(), forgotten=False)
-        self._start_heartbeats()
-        self.pull()
+        self.mode = first["mode"]
+        self._flat = [p.detach().view(-1) for p in self.params]
 
-    def _reset_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-        self._sock = self.context.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.address)
+    def _key_view(self, k: int, tensors=None) -> torch.Tensor:
+        i, a, b = self.keys[k]
+        return (self._flat[i] if tensors is None else tensors[i].reshape(-1))[a:b]
 
-    def _request(self, kind: str, frames=(), timeout: Optional[float] = None, **fields):
-        """Send one request and wait for its answer: ``(header, frames)``. Raises `ServerError` for an error
-        answer and `ServerLost` when none comes in time or the heartbeats say the server is gone."""
-        self._seq += 1
-        msg = encode(kind, self.token, self.worker_id, self._seq, frames, **fields)
-        self._sock.send_multipart(msg, copy=False)
+    def _init(self, link: _Link, welcome: dict) -> None:
+        if welcome.get("initialised"):
+            return
+        frames = [self._key_view(k).cpu().numpy() for k in range(link.k0, link.k1)]
+        self._request(link, "init", frames, session=link.session)
+
+    def _reset_socket(self, link: _Link) -> None:
+        if link.sock is not None:
+            link.sock.close(0)
+        link.sock = self.context.socket(zmq.DEALER)
+        link.sock.setsockopt(zmq.LINGER, 0)
+        link.sock.connect(link.address)
+
+    def _send(self, link: _Link, kind: str, frames=(), **fields) -> int:
+        link.seq += 1
+        link.sock.send_multipart(encode(kind, self.token, self.worker_id, link.seq, frames, **fields), copy=False)
         self.bytes_up += sum(len(f) for f in frames)
-        deadline = time.monotonic() + (timeout or self.request_timeout)
+        return link.seq
+
+    def _receive(self, link: _Link, kind: str, seq: int, timeout: Optional[float] = None):
+        """Wait for the answer to request `seq`: ``(header, frames)``. Raises `ServerError` for an error
+        answer and `ServerLost` when none comes in time or the heartbeats say the server is gone."""
+        timeout = timeout or self.request_timeout
+        deadline = time.monotonic() + timeout
         while True:
-            if self._sock.poll(50):
-                header, payload = self._decode_reply(self._sock.recv_multipart())
-                if header["s"] != self._seq:
+            if link.sock.poll(50):
+                header, payload = self._decode_reply(link.sock.recv_multipart())
+                if header["s"] != seq:
                     continue                     # the answer to an earlier request that timed out
                 self.bytes_down += sum(len(f) for f in payload)
                 if header["type"] == "error":
                     raise ServerError(str(header.get("code")), str(header.get("message")))
                 return header, payload
             if time.monotonic() > deadline:
-                raise ServerLost(f"no answer to {kind!r} from {self.address} in {timeout or self.request_timeout} s")
-            if kind != "hello" and self._server_gone():
-                raise ServerLost(f"the parameter server at {self.address} stopped answering or restarted")
+                raise ServerLost(f"no answer to {kind!r} from {link.address} in {timeout} s")
+            if kind != "hello" and self._server_gone(link):
+                raise ServerLost(f"the parameter server at {link.address} stopped answering or restarted")
+
+    def _request(self, link: _Link, kind: str, frames=(), timeout: Optional[float] = None, **fields):
+        return self._receive(link, kind, self._send(link, kind, frames, **fields), timeout)
 
     def _decode_reply(self, frames):
         # Replies carry no token: an error reply may go to a peer that never proved it has one.
         header, payload = decode(frames, None, self._limits, types=REPLY_TYPES)
         return header, payload
 
-    def _server_gone(self) -> bool:
-        st = self._hb_state
+    def _server_gone(self, link: _Link) -> bool:
+        st = link.hb
         return st["forgotten"] or time.monotonic() - st["last_answer"] > self.server_timeout
 
     def _start_heartbeats(self) -> None:
@@ -210,80 +299,95 @@ class Worker:
         self._hb_thread.start()
 
     def _heartbeat_loop(self) -> None:
-        sock = None
+        socks = {}
         try:
-            sock = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 4)
-            sock.connect(self.address)
+            for link in self.links:
+                sock = self.context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 4)
+                sock.connect(link.address)
+                socks[link.address] = sock
+            poller = zmq.Poller()
+            for sock in socks.values():
+                poller.register(sock, zmq.POLLIN)
             while not self._hb_stop.is_set():
-                try:
-                    sock.send_multipart(encode("heartbeat", self.token, self.worker_id, 0, session=self.session,
-                                               skipped=self.skipped), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                for link in self.links:
+                    try:
+                        socks[link.address].send_multipart(encode("heartbeat", self.token, self.worker_id, 0,
+                                                                  session=link.session, skipped=self.skipped),
+                                                           zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                 end = time.monotonic() + self.heartbeat_interval
                 while not self._hb_stop.is_set() and time.monotonic() < end:
-                    if sock.poll(50):
+                    for sock, _ in poller.poll(50):
+                        link = next(lk for lk in self.links if socks[lk.address] is sock)
                         header, _ = self._decode_reply(sock.recv_multipart())
                         if header.get("type") == "hb":
-                            self._hb_state["last_answer"] = time.monotonic()
-                            if not header.get("known") or header.get("epoch") != self.epoch:
-                                self._hb_state["forgotten"] = True
+                            link.hb["last_answer"] = time.monotonic()
+                            if not header.get("known") or header.get("epoch") != link.epoch:
+                                link.hb["forgotten"] = True
         except zmq.ContextTerminated:
             pass
         finally:
-            if sock is not None:
+            for sock in socks.values():
                 sock.close(0)
 
-    def _rejoin(self, why: Exception) -> None:
-        log.warning("worker %s: %s; rejoining", self.worker_id, why)
+    def _rejoin(self, link: _Link, why: Exception) -> None:
+        """Say hello to a lost server again (it may have restarted), re-initialise it if it has no model, and
+        pull its keys (in full, unless it kept this worker's copy)."""
+        log.warning("worker %s: server %d: %s; rejoining", self.worker_id, link.index, why)
         self.rejoins += 1
-        self._hb_stop.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join()
-        self.connect()
+        welcome = self._hello(link)
+        if (welcome.get("server_index", 0), *welcome.get("key_range", [0, 0])) != (link.index, link.k0, link.k1):
+            raise ServerError("layout", f"the server at {link.address} came back as another server")
+        self._init(link, welcome)
+        # Not `full`: a server resumed from a checkpoint that still has this worker's copy sends a delta.
+        self._apply_pull(link, *self._request(link, "pull", session=link.session, full=False))
 
     # ------------------------------------------------------------------ training
     def pull(self, full: bool = False) -> int:
-        """Bring the parameters up to the server's model (full: dense; else the compressed delta). May wait at the
-        staleness bound. Returns the version now held."""
-        header, frames = self._request("pull", session=self.session, full=full)
-        codec = self.dense_or_down(header["kind"])
-        seed = header.get("seed", 0) if isinstance(header.get("seed", 0), int) else 0
-        values = unpack(codec, frames, self.layout, seed, device=self.params[0].device)
-        with torch.no_grad():
-            for p, v in zip(self.params, values):
-                if header["kind"] == "full":
-                    p.copy_(v)
-                else:
-                    p.add_(v)
-        if self.record:
-            self.records.append({"kind": header["kind"], "values": [v.clone() for v in values]})
-        self.version = header["version"]
-        self._pulls += 1
+        """Bring the parameters up to the servers' model (full: dense; else the compressed deltas). May wait at
+        the staleness bound. Returns the version now held."""
+        self._collect()
+        self._pull_all(full)
         return self.version
 
-    def dense_or_down(self, kind: str):
-        if kind == "full":
-            return self.dense
-        if kind == "delta":
-            return self.down
-        raise ProtocolError("malformed", f"unknown model kind {kind!r}")
+    def _pull_all(self, full: bool) -> None:
+        seqs = [self._send(link, "pull", session=link.session, full=full) for link in self.links]
+        for link, seq in zip(self.links, seqs):
+            self._apply_pull(link, *self._receive(link, "pull", seq))
+
+    def _apply_pull(self, link: _Link, header: dict, frames) -> None:
+        kind = header.get("kind")
+        if kind not in ("full", "delta"):
+            raise ProtocolError("malformed", f"unknown model kind {kind!r}")
+        codec = self.dense if kind == "full" else self.down
+        seed = header.get("seed", 0) if isinstance(header.get("seed", 0), int) else 0
+        keys = self.keys[link.k0:link.k1]
+        frames = frame_tensors(codec, frames, key_layout(self.layout, keys))
+        values = [torch.zeros_like(p) for p in self.params] if self.record else None
+        with torch.no_grad():
+            for k, frame in zip(range(link.k0, link.k1), frames):
+                view = self._key_view(k)
+                if kind == "full":
+                    view.copy_(codec.decode(frame, view.shape, view.dtype, 0, view.device))
+                else:
+                    codec.decode_add(frame, view, 1.0, key_seed(seed, k))
+                if values is not None:
+                    before = values[self.keys[k][0]].view(-1)[self.keys[k][1]:self.keys[k][2]]
+                    before.copy_(view if kind == "full" else codec.decode(frame, view.shape, view.dtype,
+                                                                          key_seed(seed, k), view.device))
+        if self.record:
+            self.records.append({"kind": kind, "server": link.index, "values": values})
+        link.version = header["version"]
+        link.pulls += 1
 
     def step(self, loss: Optional[float] = None) -> StepResult:
         """Take the optimizer's update from the current gradients, push it compressed with the residual, and
-        pull. Call it where ``optimizer.step()`` would go."""
-        try:
-            return self._step(loss)
-        except (ServerLost, ServerError) as e:
-            if isinstance(e, ServerError) and e.code != "unknown_worker":
-                raise
-            self.lost += 1
-            self._rejoin(e)
-            return StepResult("lost", self.version)
-
-    def _step(self, loss) -> StepResult:
+        take the servers' answer (with ``overlap``: the previous step's answer, before computing this one).
+        Call it where ``optimizer.step()`` would go."""
+        previous = self._collect()
         with torch.no_grad():
             before = [p.detach().clone() for p in self.params]
             self.optimizer.step()
@@ -294,39 +398,86 @@ class Worker:
         # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor.
         if not all(bool(torch.isfinite(u.sum())) for u in update):
             self.skipped += 1
-            return StepResult("skipped", self.version)
-        compensated = [self.ef.compensate(i, u) for i, u in enumerate(update)]
+            return previous or StepResult("skipped", self.version)
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
-        frames, sent = pack(self.up, compensated, seed)        # compressed on the model's device
-        header, _ = self._request("push", frames, session=self.session, base=self.version,
-                                  loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
-                                  skipped=self.skipped, seed=seed)
-        status = header["status"]
+        compensated, sent, seqs = [], [], []
+        for link in self.links:
+            frames = []
+            for k in range(link.k0, link.k1):
+                v = self.ef.compensate(k, self._key_view(k, update))
+                frame, decoded = self.up.encode(v, key_seed(seed, k))      # compressed on the model's device
+                compensated.append(v)
+                sent.append(decoded)
+                frames.append(frame.cpu().numpy())
+            seqs.append(self._send(link, "step", frames, session=link.session, base=link.version,
+                                   loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
+                                   skipped=self.skipped, seed=seed))
+        self._inflight = (seqs, compensated, sent, update)
+        if self.overlap:
+            return previous or StepResult("pending", self.version)
+        return self._collect()
+
+    def _collect(self) -> Optional[StepResult]:
+        """Take the answers to the step in flight: commit the residual of each server's keys it applied, add
+        its delta. None when no step is in flight."""
+        if self._inflight is None:
+            return None
+        seqs, compensated, sent, update = self._inflight
+        self._inflight = None
+        parts = []
+        for link, seq in zip(self.links, seqs):
+            try:
+                header, frames = self._receive(link, "step", seq)
+            except (ServerLost, ServerError) as e:
+                if isinstance(e, ServerError) and e.code != "unknown_worker":
+                    raise
+                self.lost += 1
+                self._rejoin(link, e)
+                parts.append({"status": "lost", "tau": 0, "scale": 0.0, "server": link.index})
+                continue
+            status = header["status"]
+            if status == "applied":
+                for k in range(link.k0, link.k1):
+                    self.ef.update(k, compensated[k], sent[k])
+            parts.append({"status": status, "tau": header["tau"], "scale": header["scale"], "server": link.index})
+            self._apply_pull(link, header, frames)
+        statuses = {p["status"] for p in parts}
+        status = statuses.pop() if len(statuses) == 1 else "partial"
         if status == "applied":
-            for i, (v, c) in enumerate(zip(compensated, sent)):
-                self.ef.update(i, v, c)
             self.accepted += 1
         elif status == "rejected":
             self.rejected += 1
-        else:
+        elif status == "skipped":
             self.skipped += 1
         if self.record:
-            self.records.append({"kind": "push", "status": status, "scale": header["scale"], "tau": header["tau"],
-                                 "update": update, "sent": [c.clone() for c in sent]})
-        result = StepResult(status, self.version, header["tau"], header["scale"])
-        self.pull()
-        result.version = self.version
-        return result
+            full_sent = [torch.zeros_like(p) for p in self.params]
+            for k, c in enumerate(sent):
+                self._key_view(k, full_sent).copy_(c)
+            self.records.append({"kind": "push", "status": status, "scale": parts[0]["scale"],
+                                 "tau": parts[0]["tau"], "parts": parts, "update": update, "sent": full_sent})
+        return StepResult(status, self.version, parts[0]["tau"], parts[0]["scale"], parts)
 
     def status(self) -> dict:
-        """The server's counters (see `ParameterServer.status`)."""
-        return self._request("status")[0]
+        """The servers' counters (see `ParameterServer.status`): one server's as they are; several servers' summed
+        (versions, pushes, bytes) or their minimum (live and done workers), with each in ``servers``."""
+        sts = [self._request(link, "status")[0] for link in self.links]
+        if len(sts) == 1:
+            return sts[0]
+        out = dict(sts[0])
+        for k in ("version", "applied", "rejected", "skipped", "dropped", "errors", "bytes_up", "bytes_down"):
+            out[k] = sum(s.get(k, 0) for s in sts)
+        for k in ("live", "done"):
+            out[k] = min(s.get(k, 0) for s in sts)
+        out["servers"] = sts
+        return out
 
     def finish(self, wait: bool = True, timeout: float = 600.0, num_workers: Optional[int] = None) -> None:
-        """Tell the server this worker is done; with `wait`, wait until ``num_workers`` workers (default: the
-        launcher's ``DSQ_PS_NUM_WORKERS``, else the server's ``num_workers``) are done, then pull the exact
+        """Tell the servers this worker is done; with `wait`, wait until ``num_workers`` workers (default: the
+        launcher's ``DSQ_PS_NUM_WORKERS``, else the servers' ``num_workers``) are done, then pull the exact
         (dense) final model into the parameters."""
-        self._request("done", session=self.session)
+        self._collect()
+        for link in self.links:
+            self._request(link, "done", session=link.session)
         if not wait:
             return
         want = num_workers or int(os.environ.get(ENV_NUM_WORKERS, 0)) or None
@@ -339,24 +490,35 @@ class Worker:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {st['done']} of {need} workers finished within {timeout:.0f} s")
             time.sleep(0.2)
-        self.pull(full=True)
+        self._pull_all(full=True)
 
     def residual_norm(self) -> float:
         return self.ef.norm()
 
+    def residuals(self) -> List[torch.Tensor]:
+        """The uplink residual ``e`` per parameter (its keys' residuals put together; zeros where none yet)."""
+        out = [torch.zeros_like(p) for p in self.params]
+        for k in range(len(self.keys)):
+            e = self.ef.get(k)
+            if e is not None:
+                self._key_view(k, out).copy_(e)
+        return out
+
     def close(self) -> None:
-        """Say goodbye (the server forgets this worker at once), stop the heartbeats and close the sockets."""
-        if self._sock is not None and self.session is not None:
-            try:
-                self._request("bye", session=self.session, timeout=2.0)
-            except (ServerLost, ServerError):
-                pass
+        """Say goodbye (the servers forget this worker at once), stop the heartbeats and close the sockets."""
+        for link in self.links:
+            if link.sock is not None and link.session is not None:
+                try:
+                    self._request(link, "bye", session=link.session, timeout=2.0)
+                except (ServerLost, ServerError):
+                    pass
         self._hb_stop.set()
         if self._hb_thread is not None:
             self._hb_thread.join()
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        for link in self.links:
+            if link.sock is not None:
+                link.sock.close(0)
+                link.sock = None
 
     def __enter__(self):
         return self

@@ -8,11 +8,11 @@ field, the full blocks then the tail block. Its size is the sum of its blocks' `
 (frame seed, block): the frame seed is context the sender puts in its message header. Encoding and decoding are
 the compressor's batched `encode` / `decode` on the tensor's own device; only the frame bytes move to the host.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import rng
+from . import fastpath, kernels, rng
 from .compressors import Compressor
 from .plan import BucketPlan, WireLayout
 
@@ -62,32 +62,64 @@ class BlockCodec:
         if flat.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=flat.device), tensor.detach().clone()
         plan, lay, static = self._layout(flat.numel(), flat.dtype, flat.device)
+        frame, full, tail = self._encode_fields(flat, plan, lay, static, seed)
+        comp, B = self.compressor, self.block_size
+        seeds_full, seeds_tail = self._seeds(static, plan, seed)
+        parts = []
+        if full is not None:
+            parts.append(comp.decode(full, B, flat.dtype, None, seeds_full).reshape(-1))
+        if tail is not None:
+            n = int(plan.tail_lengths[0])
+            parts.append(comp.decode(tail, plan.cap, flat.dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
+        return frame, torch.cat(parts).view(tensor.shape)
+
+    def _encode_fields(self, flat: torch.Tensor, plan, lay, static, seed: int, frame=None, full_blocks=True):
+        """Compress `flat` into a frame: ``(frame, full_fields, tail_fields)`` (None where there is no such part).
+        ``full_blocks=False``: `flat` is only the tail block's values, and the full blocks' bytes of the given
+        `frame` are the caller's."""
         comp, B, R = self.compressor, self.block_size, plan.R
         seeds_full, seeds_tail = self._seeds(static, plan, seed)
-        frame = torch.zeros(lay.total, dtype=torch.uint8, device=flat.device)
-        parts = []
-        if R:
-            x = flat[:R * B].view(R, B)
-            fields = comp.encode(x, None, seeds_full)
+        if frame is None:
+            frame = torch.zeros(lay.total, dtype=torch.uint8, device=flat.device)
+        full = tail = None
+        if R and full_blocks:
+            full = comp.encode(flat[:R * B].view(R, B), None, seeds_full)
             for k, f in enumerate(lay.fields):
                 start = lay.full_off[0][k]
-                frame[start:start + R * f.full * f.itemsize] = fields[f.name].contiguous().view(torch.uint8).view(-1)
-            parts.append(comp.decode(fields, B, flat.dtype, None, seeds_full).reshape(-1))
+                frame[start:start + R * f.full * f.itemsize] = full[f.name].contiguous().view(torch.uint8).view(-1)
         if plan.T:
             n, cap = int(plan.tail_lengths[0]), plan.cap
             x = flat.new_zeros(1, cap)
-            x[0, :n] = flat[R * B:]
-            lengths = plan.tail_lengths_t()
-            fields = comp.encode(x, lengths, seeds_tail)
+            x[0, :n] = flat[R * B:] if full_blocks else flat
+            tail = comp.encode(x, plan.tail_lengths_t(), seeds_tail)
             for k, f in enumerate(lay.fields):
                 count = int(f.tail[0])
-                t = fields[f.name].to(f.dtype, copy=True)     # tails travel in the full rows' field types
+                t = tail[f.name].to(f.dtype, copy=True)     # tails travel in the full rows' field types
                 t[:, count:] = 0                            # the receiver sees zeros beyond the row's count
-                fields[f.name] = t
+                tail[f.name] = t
                 start = lay.tail_off[0][k]
                 frame[start:start + count * f.itemsize] = t[0, :count].contiguous().view(torch.uint8)
-            parts.append(comp.decode(fields, cap, flat.dtype, lengths, seeds_tail)[0, :n])
-        return frame, torch.cat(parts).view(tensor.shape)
+        return frame, full, tail
+
+    def _frame_fields(self, frame: torch.Tensor, numel: int, dtype: torch.dtype, device):
+        """``(plan, full_fields, tail_fields)`` of a frame: views (or aligned copies) of its full blocks' fields
+        and zero-padded copies of its tail block's (None where there is no such part)."""
+        plan, lay, _ = self._layout(numel, dtype, device)
+        if frame.numel() != lay.total:
+            raise ValueError(f"a {self.spec} frame of a {numel}-element {dtype} tensor is {lay.total} bytes, "
+                             f"got {frame.numel()}")
+        full = tail = None
+        if plan.R:
+            full = {f.name: _field(frame, lay.full_off[0][k], plan.R * f.full, f.dtype).view(plan.R, f.full)
+                    for k, f in enumerate(lay.fields)}
+        if plan.T:
+            tail = {}
+            for k, f in enumerate(lay.fields):
+                count, start = int(f.tail[0]), lay.tail_off[0][k]
+                t = torch.zeros(1, f.tail_cap, dtype=f.dtype, device=device)
+                t[0, :count] = _field(frame, start, count, f.dtype)
+                tail[f.name] = t
+        return plan, full, tail
 
     def decode(self, frame: torch.Tensor, shape, dtype: torch.dtype, seed: int = 0, device=None) -> torch.Tensor:
         """The tensor of `shape` and `dtype` a frame holds, on `device` (default: the frame's)."""
@@ -97,30 +129,79 @@ class BlockCodec:
             numel *= s
         if numel == 0:
             return torch.zeros(shape, dtype=dtype, device=device)
-        plan, lay, static = self._layout(numel, dtype, device)
-        if frame.numel() != lay.total:
-            raise ValueError(f"a {self.spec} frame of a {tuple(shape)} {dtype} tensor is {lay.total} bytes, "
-                             f"got {frame.numel()}")
-        frame = frame.to(device)
+        plan, full, tail = self._frame_fields(frame.to(device), numel, dtype, device)
         comp, B, R = self.compressor, self.block_size, plan.R
-        seeds_full, seeds_tail = self._seeds(static, plan, seed)
+        seeds_full, seeds_tail = self._seeds(self._layout(numel, dtype, device)[2], plan, seed)
         parts = []
-        if R:
-            fields = {}
-            for k, f in enumerate(lay.fields):
-                start = lay.full_off[0][k]
-                fields[f.name] = _field(frame, start, R * f.full, f.dtype).view(R, f.full)
-            parts.append(comp.decode(fields, B, dtype, None, seeds_full).reshape(-1))
-        if plan.T:
+        if full is not None:
+            parts.append(comp.decode(full, B, dtype, None, seeds_full).reshape(-1))
+        if tail is not None:
             n = int(plan.tail_lengths[0])
-            fields = {}
-            for k, f in enumerate(lay.fields):
-                count, start = int(f.tail[0]), lay.tail_off[0][k]
-                t = torch.zeros(1, f.tail_cap, dtype=f.dtype, device=device)
-                t[0, :count] = _field(frame, start, count, f.dtype)
-                fields[f.name] = t
-            parts.append(comp.decode(fields, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
+            parts.append(comp.decode(tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
         return torch.cat(parts).view(shape)
+
+    def decode_add(self, frame: torch.Tensor, acc: torch.Tensor, alpha: float = 1.0, seed: int = 0,
+                   scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``acc += alpha * decode(frame)`` in place, without a tensor-sized temporary where the compressor adds
+        in one pass (`Compressor.decode_add`; ``alpha != 1`` decodes into `scratch`, a reused buffer of at least
+        ``acc.numel()`` elements, when given). `acc` is a contiguous tensor; the frame moves to its device."""
+        flat = acc.view(-1)
+        numel, dtype, device = flat.numel(), flat.dtype, flat.device
+        if numel == 0:
+            return acc
+        plan, full, tail = self._frame_fields(frame.to(device), numel, dtype, device)
+        comp, B, R = self.compressor, self.block_size, plan.R
+        seeds_full, seeds_tail = self._seeds(self._layout(numel, dtype, device)[2], plan, seed)
+        if full is not None:
+            rows = flat[:R * B].view(R, B)
+            if comp.name == "sign" and dtype == torch.float32 and fastpath.on_cpu(flat) and kernels.available():
+                kernels.sign_apply(rows.numpy().reshape(-1), full["scale"].reshape(-1).contiguous().numpy(),
+                                   full["bits"].reshape(-1).contiguous().numpy(), alpha, B)
+            elif alpha == 1.0:
+                comp.decode_add(full, B, dtype, rows, None, seeds_full)
+            else:
+                out = None if scratch is None else scratch.view(-1)[:R * B].view(R, B)
+                rows.add_(comp.decode(full, B, dtype, None, seeds_full, out=out), alpha=alpha)
+        if tail is not None:
+            n = int(plan.tail_lengths[0])
+            decoded = comp.decode(tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n]
+            flat[R * B:].add_(decoded, alpha=alpha)
+        return acc
+
+    def encode_delta(self, x: torch.Tensor, x_hat: torch.Tensor, seed: int = 0,
+                     scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The frame of ``C(x - x_hat)``, with ``x_hat += decode(frame)`` done in place (the downlink of a
+        worker's copy: its residual ``x - x_hat`` is what stays behind). `x` and `x_hat` are contiguous tensors of
+        one shape, dtype and device; `scratch` (at least ``x.numel()`` elements) holds the difference, so that no
+        tensor-sized temporary is allocated."""
+        flat, held = x.view(-1), x_hat.view(-1)
+        numel, dtype, device = flat.numel(), flat.dtype, flat.device
+        if numel == 0:
+            return torch.empty(0, dtype=torch.uint8, device=device)
+        plan, lay, static = self._layout(numel, dtype, device)
+        comp, B, R = self.compressor, self.block_size, plan.R
+        if (comp.name == "sign" and dtype == torch.float32 and fastpath.on_cpu(flat, held) and kernels.available()
+                and R):
+            frame = torch.zeros(lay.total, dtype=torch.uint8)
+            k_s = next(k for k, f in enumerate(lay.fields) if f.name == "scale")
+            k_b = next(k for k, f in enumerate(lay.fields) if f.name == "bits")
+            scale = _field(frame, lay.full_off[0][k_s], R, torch.float32)
+            bits = frame[lay.full_off[0][k_b]:lay.full_off[0][k_b] + R * lay.fields[k_b].full]
+            kernels.sign_delta(flat.numpy(), held.numpy(), scale.numpy(), bits.numpy(), B)
+            if plan.T:
+                diff = flat[R * B:] - held[R * B:]
+                _, _, tail = self._encode_fields(diff, plan, lay, static, seed, frame, full_blocks=False)
+                held[R * B:].add_(comp.decode(tail, plan.cap, dtype, plan.tail_lengths_t(), None)[0, :diff.numel()])
+            return frame
+        diff = torch.sub(flat, held, out=None if scratch is None else scratch.view(-1)[:numel])
+        frame, fields_full, fields_tail = self._encode_fields(diff, plan, lay, static, seed)
+        seeds_full, seeds_tail = self._seeds(static, plan, seed)
+        if fields_full is not None:
+            comp.decode_add(fields_full, B, dtype, held[:R * B].view(R, B), None, seeds_full)
+        if fields_tail is not None:
+            n = int(plan.tail_lengths[0])
+            held[R * B:].add_(comp.decode(fields_tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
+        return frame
 
     def finite(self, frame: torch.Tensor, numel: int, dtype: torch.dtype) -> bool:
         """Whether every floating-point field of the frame is finite. For the built-in compressors the decoded

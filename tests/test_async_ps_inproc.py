@@ -41,25 +41,33 @@ def fake_step(w, gen, nan=False):
     return w.step()
 
 
-def pushes(w, status="applied"):
-    return [r for r in w.records if r["kind"] == "push" and r["status"] == status]
+def pushes(w, status="applied", server=0):
+    """`w`'s push records whose part at server `server` had `status`."""
+    return [r for r in w.records if r["kind"] == "push"
+            and next(p["status"] for p in r["parts"] if p["server"] == server) == status]
 
 
-def assert_server_conservation(snap, workers):
-    """x = x0 - sum over every applied push of scale * c, recomputed in float64 from what the workers sent."""
-    for i, (x, x0) in enumerate(zip(snap["x"], snap["x0"])):
-        expected = x0.double() - sum((r["scale"] * r["sent"][i].double() for w in workers for r in pushes(w)),
-                                     torch.zeros_like(x0, dtype=torch.float64))
-        torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-5)
+def assert_server_conservation(snap, workers, server=0):
+    """Key by key: x = x0 - sum over every push this server applied of scale * c, recomputed in float64 from what
+    the workers sent. `snap` is a snapshot or a checkpoint (per-key ``xk``/``x0k`` or ``x``/``x0`` with ``keys``),
+    or per-tensor ``x``/``x0``."""
+    xs, x0s = (snap["xk"], snap["x0k"]) if "xk" in snap else (snap["x"], snap["x0"])
+    keys = snap.get("keys") or [(i, 0, x.numel()) for i, x in enumerate(xs)]
+    assert len(keys) == len(xs)
+    for (i, a, b), x, x0 in zip(keys, xs, x0s):
+        applied = [(next(p["scale"] for p in r["parts"] if p["server"] == server), r["sent"][i].reshape(-1)[a:b])
+                   for w in workers for r in pushes(w, server=server)]
+        expected = x0.double().reshape(-1) - sum((scale * c.double() for scale, c in applied),
+                                                  torch.zeros(b - a, dtype=torch.float64))
+        torch.testing.assert_close(x.double().reshape(-1), expected, rtol=0, atol=1e-5)
 
 
 def assert_worker_conservation(w):
     """Over the applied pushes: sum of compressed updates sent + the residual = sum of raw updates."""
     applied = pushes(w)
-    for i, p in enumerate(w.params):
+    for i, (p, e) in enumerate(zip(w.params, w.residuals())):
         sent = sum((r["sent"][i] for r in applied), torch.zeros_like(p))
         raw = sum((r["update"][i] for r in applied), torch.zeros_like(p))
-        e = w.ef.get(i) if w.ef.get(i) is not None else torch.zeros_like(p)
         torch.testing.assert_close(sent + e, raw, rtol=0, atol=1e-6)
 
 
@@ -310,10 +318,12 @@ def test_server_skips_a_nonfinite_push_and_counts_it():
         sock.connect(srv.address)
         try:
             dense = [p.detach().numpy().tobytes() for p in net.parameters()]
-            sock.send_multipart(encode("hello", srv.token, "raw", 1, dense,
+            sock.send_multipart(encode("hello", srv.token, "raw", 1,
                                        layout=layout_to_json(layout_of(net.named_parameters()))))
             assert sock.poll(5000)
             session = json.loads(sock.recv_multipart()[0])["session"]
+            sock.send_multipart(encode("init", srv.token, "raw", 1, dense, session=session))     # one key a tensor
+            assert sock.poll(5000) and json.loads(sock.recv_multipart()[0])["initialised"]
             frames = []
             for p in net.parameters():
                 frame, _ = srv.up.encode(torch.ones_like(p))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
+from dsq_plugins import fastpath
 from dsq_plugins.codec import BlockCodec
 
 B = 64
@@ -64,3 +65,33 @@ def test_wrong_frame_size_is_refused():
     codec = BlockCodec(dsq.get_compressor("sign"), B)
     with pytest.raises(ValueError, match="bytes"):
         codec.decode(torch.zeros(3, dtype=torch.uint8), (100,), torch.float32)
+
+
+@pytest.mark.parametrize("spec", ["none", "sign", "topk:0.1", "int8:16", "grouptopk:0.25+sign", "randomk:0.2"])
+@pytest.mark.parametrize("numel", [37, B, 3 * B + 5])
+@pytest.mark.parametrize("fast", [True, False])
+def test_fused_server_passes_match_plain_torch(spec, numel, fast):
+    """`decode_add` is ``acc + alpha * decode(frame)`` and `encode_delta` is ``encode(x - x_hat)`` with ``x_hat``
+    moved by what it decodes to: against plain torch, with the numba kernels (sign, fast paths on) and without."""
+    codec = BlockCodec(dsq.get_compressor(spec), B)
+    gen = torch.Generator().manual_seed(numel)
+    x, x_hat, g = (torch.randn(numel, generator=gen) for _ in range(3))
+    was = fastpath.enabled()
+    fastpath.set_enabled(fast)
+    try:
+        frame, decoded = codec.encode(g, 11)
+        acc = x.clone()
+        codec.decode_add(frame, acc, -0.375, 11, scratch=torch.empty(numel))
+        torch.testing.assert_close(acc, x - 0.375 * decoded, rtol=0, atol=1e-6)       # one rounding or two
+        held = x_hat.clone()
+        got = codec.encode_delta(x, held, 5, scratch=torch.empty(numel))
+        ref_frame, ref_decoded = codec.encode(x - x_hat, 5)
+        assert got.numel() == ref_frame.numel() == codec.nbytes(numel, torch.float32)
+        # The numba sign kernel sums a block's |d| in another order: its scale may differ in the last bit.
+        tol = 1e-6 if spec == "sign" and fast else 0
+        torch.testing.assert_close(held, x_hat + ref_decoded, rtol=tol, atol=tol)
+        torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), ref_decoded, rtol=tol, atol=tol)
+        if not tol:
+            assert torch.equal(got, ref_frame)
+    finally:
+        fastpath.set_enabled(was)
