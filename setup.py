@@ -32,10 +32,10 @@ setup(
     extras_require={
         "horovod": ["horovod==0.28.1"],
         "deepspeed": ["deepspeed>=0.19", "pydantic>=2"],
-        "async": ["pyzmq>=25"],
+        "async": ["pyzmq>=25", "numba>=0.59"],
         "lightning": ["lightning>=2.2"],
         "transformers": ["transformers>=4.40", "accelerate>=0.30"],
-        "all": ["horovod==0.28.1", "deepspeed>=0.19", "pydantic>=2", "pyzmq>=25", "lightning>=2.2",
+        "all": ["horovod==0.28.1", "deepspeed>=0.19", "pydantic>=2", "pyzmq>=25", "numba>=0.59", "lightning>=2.2",
                 "transformers>=4.40", "accelerate>=0.30"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "transformers>=4.40", "accelerate>=0.30",
                  "lightning>=2.2"],

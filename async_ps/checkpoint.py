@@ -1,8 +1,10 @@
 """Server checkpoints on disk: one file, written atomically, read back without unpickling arbitrary objects.
 
-A checkpoint holds the model ``x`` and the initial model ``x0`` (lists of tensors in layout order), the layout,
-the version (steps applied), the counters, and per worker its downlink copy ``x_hat_j`` (so its downlink residual
-is ``x - x_hat_j``), its pull count and its push counters. It is written with `torch.save` and read with
+A checkpoint holds one server's keys of the model ``x`` and of the initial model ``x0`` (lists of 1-D tensors in
+key order; ``keys`` says which tensor and elements each is), the layout, which server of how many it is, its number
+(``number``, see the server's durability), the version (steps applied), the counters, and per worker its downlink
+copy ``x_hat_j`` of the same keys (so its downlink residual is ``x - x_hat_j``), its pull count and its push
+counters. It is written with `torch.save` and read with
 ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
 """
 import os
@@ -14,7 +16,7 @@ import torch
 __all__ = ["FILENAME", "save", "load"]
 
 FILENAME = "async_ps.pt"
-FORMAT = 1
+FORMAT = 2
 
 
 def save(directory, state: dict) -> Path:

@@ -17,6 +17,12 @@ A push carrying ``c_i`` (the worker's compressed, compensated update) computed a
 
 A ``step`` request is a push whose answer is the pull: one round trip per training step.
 
+Durability: checkpoints are numbered; an applied push's ack says which checkpoint will first hold it (``ck``) and
+which ones are on disk (``durable``), and a server resumed from checkpoint ``c`` says ``resumed_from = c`` in its
+welcome. A worker keeps the sum of what it sent per checkpoint number not yet on disk, and after such a restart
+adds the sums the server lost (numbers above ``c``) back into its residual: a SIGKILL loses no update, it delays
+the lost ones to the worker's next pushes.
+
 Blocking bound: a worker whose clock (its pushes) is ``max_staleness`` or more ahead of the pack waits at its next
 pull until the pack catches up. The pack's clock is the lower median of the live workers' clocks (with two workers:
 the slower one's, i.e. stale synchronous parallel), so one worker cannot run away from the others, while a single
@@ -293,6 +299,9 @@ class ParameterServer:
         self._round: Dict[str, tuple] = {}    # sync mode: this round's pushes (frames, seed)
         self._last_ckpt = (time.monotonic(), 0)
         self._ckpt_pending = False
+        self.ckpt_epoch = 0          # checkpoint copies queued so far: a push applied now is in checkpoint number
+        self.durable = -1            # ckpt_epoch and later ones; checkpoints 0..durable are on disk
+        self.resumed_from: Optional[int] = None
         self._monitor = None
         self._norms: Dict[str, float] = {}
         self._resumable: Dict[str, dict] = {}   # downlink state from a checkpoint, by worker, until it rejoins
@@ -593,7 +602,9 @@ class ParameterServer:
                            version=self.version, up=self.up.spec, down=self.down.spec, block=self.block_size,
                            max_staleness=self.max_staleness, mode=self.mode, layout=layout_to_json(self.layout),
                            num_servers=self.num_servers, server_index=self.server_index, key_elems=self.key_elems,
-                           key_range=list(self.key_range), initialised=self.x is not None)
+                           key_range=list(self.key_range), initialised=self.x is not None,
+                           checkpointing=bool(self.checkpoint_dir), durable=self.durable,
+                           resumed_from=self.resumed_from)
 
     def _init(self, slot: _Slot, seq: int, payload: list) -> list:
         """The first worker's parameters of this server's keys become the model (later inits are ignored)."""
@@ -709,7 +720,7 @@ class ParameterServer:
             slot.accepted += 1
             slot.behind = False
             self.counters["applied"] += 1
-        ack = dict(status=status, reason=reason, tau=tau, scale=scale)
+        ack = dict(status=status, reason=reason, tau=tau, scale=scale, ck=self.ckpt_epoch, durable=self.durable)
         if pull:
             self._close_round()
             replies = self._pull(slot, header["s"], False, ack, applies)
@@ -758,15 +769,21 @@ class ParameterServer:
             self._checkpoint_async()
         return []
 
-    def _copy_job(self, slots: List[_Slot], on_done=None) -> _Job:
-        return self._dispatch(_Job(len(self.keys), len(self.shards), copy=slots, on_done=on_done))
+    def _copy_job(self, slots: List[_Slot], on_done=None, checkpoint: bool = False) -> _Job:
+        """Queue a copy of the state; for a checkpoint, the pushes applied from now on belong to the next one."""
+        job = self._dispatch(_Job(len(self.keys), len(self.shards), copy=slots, on_done=on_done))
+        if checkpoint:
+            self.ckpt_epoch += 1
+        return job
 
     def _checkpoint_state(self) -> dict:
         """The control part of a checkpoint, taken at the moment its copy job is queued."""
         return {"layout": layout_to_json(self.layout), "version": self.version, "counters": dict(self.counters),
+                "number": self.ckpt_epoch, "resumed_from": self.resumed_from, "epoch": self.epoch,
                 "taus": dict(self.taus), "num_servers": self.num_servers, "server_index": self.server_index,
                 "key_elems": self.key_elems, "block_size": self.block_size, "key_range": list(self.key_range),
-                "keys": [list(k) for k in self.keys], "workers": {s.worker: {"session": s.session, "pulls": s.pulls, "base": s.base,
+                "keys": [list(k) for k in self.keys],
+                "workers": {s.worker: {"session": s.session, "pulls": s.pulls, "base": s.base,
                                        "accepted": s.accepted, "rejected": s.rejected, "skipped": s.skipped}
                             for s in self.slots.values() if s.held}}
 
@@ -782,7 +799,7 @@ class ParameterServer:
             st = dict(state, x=job.state["x"], x0=job.state["x0"])
             st["workers"] = {w: dict(info, x_hat=job.state["x_hat"][w]) for w, info in state["workers"].items()}
             self._writer.put(st)
-        return self._copy_job(slots, on_done=to_writer)
+        return self._copy_job(slots, on_done=to_writer, checkpoint=True)
 
     def _writer_loop(self) -> None:
         while True:
@@ -793,6 +810,7 @@ class ParameterServer:
                 path = checkpoint.save(self.checkpoint_dir, state)
                 with self._lock:
                     self.counters["checkpoints"] += 1
+                    self.durable = max(self.durable, state["number"])
                 log.info("checkpoint at version %d -> %s", state["version"], path)
             except Exception:
                 log.exception("checkpoint failed")
@@ -809,7 +827,7 @@ class ParameterServer:
                 return
             state = self._checkpoint_state()
             slots = [s for s in self.slots.values() if s.held]
-            job = self._copy_job(slots)
+            job = self._copy_job(slots, checkpoint=True)
         if not job.finished.wait(60):
             raise TimeoutError("the shard threads did not copy the state within 60 s")
         state.update(x=job.state["x"], x0=job.state["x0"])
@@ -818,6 +836,7 @@ class ParameterServer:
         with self._lock:
             self._last_ckpt = (time.monotonic(), state["counters"].get("applied", 0))
             self.counters["checkpoints"] += 1
+            self.durable = max(self.durable, state["number"])
         log.info("checkpoint at version %d -> %s", state["version"], path)
 
     def _restore(self, state: Optional[dict]) -> None:
@@ -836,6 +855,8 @@ class ParameterServer:
         self.counters = Counter(state["counters"])
         self.taus = Counter({int(k): v for k, v in state["taus"].items()})
         self.counters["resumed"] += 1
+        self.durable = self.resumed_from = int(state["number"])
+        self.ckpt_epoch = self.durable + 1
         self._resumable = dict(state["workers"])
         self._last_ckpt = (time.monotonic(), self.counters["applied"])
         self._start_shards()

@@ -27,6 +27,10 @@ Several servers (``address`` a list, or ``DSQ_PS_ADDR`` comma-separated): each h
 (`protocol.partition`, announced in its welcome and checked here); a step sends every server its frames and
 waits for all answers, each server's outcome (`StepResult.parts`) committing the residual of its own keys.
 
+A server SIGKILLed and resumed from its checkpoint has lost the pushes it applied after that checkpoint; the
+worker kept their sum (per checkpoint number, until the server says it is on disk) and puts it back into its
+residual, so that it is pushed again: no update is lost (`recovered` counts such restarts).
+
 A heartbeat thread (one socket per server) tells the servers the worker is alive and notices when one stops
 answering or forgets the session (a restart); the next request to it then reconnects, says hello again and pulls
 that server's keys in full, while the other servers go on.
@@ -102,6 +106,8 @@ class _Link:
         self.k0 = self.k1 = 0
         self.seq = 0
         self.hb = {"last_answer": time.monotonic(), "forgotten": False}
+        self.checkpointing = False
+        self.unsaved = {}                   # checkpoint number -> per key, the sum of applied pushes it will hold
 
 
 class Worker:
@@ -148,7 +154,7 @@ class Worker:
         self.record = record
         self.records = []
         self.up = self.down = None
-        self.accepted = self.rejected = self.skipped = self.lost = self.rejoins = 0
+        self.accepted = self.rejected = self.skipped = self.lost = self.rejoins = self.recovered = 0
         self.bytes_up = self.bytes_down = 0
         self._limits = Limits()
         self._inflight = None
@@ -206,11 +212,40 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise ServerLost(f"no parameter server answered at {link.address} within "
                                      f"{self.reconnect_timeout:.0f} s") from None
+        restarted = link.epoch is not None and reply["epoch"] != link.epoch
         link.session, link.epoch, link.pulls = reply["session"], reply["epoch"], 0
+        self._recover(link, reply, restarted)
+        link.checkpointing = bool(reply.get("checkpointing"))
         link.index = int(reply.get("server_index", 0))
         link.k0, link.k1 = reply.get("key_range", [0, 0])
         link.hb.update(last_answer=time.monotonic(), forgotten=False)
         return reply
+
+    def _recover(self, link: _Link, welcome: dict, restarted: bool) -> None:
+        """After a server restart: what it applied but did not checkpoint goes back into the residual (and so is
+        pushed again), so that ``sum(c applied) + e = sum(u)`` holds for its keys against its resumed state."""
+        if not restarted or not link.unsaved:
+            link.unsaved = {}
+            return
+        resumed = welcome.get("resumed_from")
+        if not isinstance(resumed, int):
+            log.warning("worker %s: server %d restarted without a checkpoint: the pushes it had applied are gone",
+                        self.worker_id, link.index)
+            link.unsaved = {}
+            return
+        lost = 0
+        for number, sums in sorted(link.unsaved.items()):
+            if number <= resumed:
+                continue
+            lost += 1
+            for k, c in sums.items():
+                e = self.ef.residuals.get(k)
+                self.ef.residuals[k] = c.clone() if e is None else e.add_(c)
+        link.unsaved = {}
+        if lost:
+            self.recovered += 1
+            log.warning("worker %s: server %d resumed from checkpoint %d: pushes it had applied after it are back "
+                        "in the residual", self.worker_id, link.index, resumed)
 
     def _agree(self, welcomes: List[dict]) -> None:
         """Check the servers are one job: same codecs, blocks and keys, indices 0..N-1, ranges that tile the
@@ -433,13 +468,17 @@ class Worker:
                     raise
                 self.lost += 1
                 self._rejoin(link, e)
-                parts.append({"status": "lost", "tau": 0, "scale": 0.0, "server": link.index})
+                parts.append({"status": "lost", "tau": 0, "scale": 0.0, "server": link.index, "ck": None,
+                              "epoch": None})
                 continue
             status = header["status"]
             if status == "applied":
                 for k in range(link.k0, link.k1):
                     self.ef.update(k, compensated[k], sent[k])
-            parts.append({"status": status, "tau": header["tau"], "scale": header["scale"], "server": link.index})
+                if link.checkpointing:
+                    self._unsaved(link, header, sent)
+            parts.append({"status": status, "tau": header["tau"], "scale": header["scale"], "server": link.index,
+                          "ck": header.get("ck"), "epoch": link.epoch})
             self._apply_pull(link, header, frames)
         statuses = {p["status"] for p in parts}
         status = statuses.pop() if len(statuses) == 1 else "partial"
@@ -456,6 +495,21 @@ class Worker:
             self.records.append({"kind": "push", "status": status, "scale": parts[0]["scale"],
                                  "tau": parts[0]["tau"], "parts": parts, "update": update, "sent": full_sent})
         return StepResult(status, self.version, parts[0]["tau"], parts[0]["scale"], parts)
+
+    @staticmethod
+    def _unsaved(link: _Link, header: dict, sent) -> None:
+        """Keep the sums of applied pushes per checkpoint number until the server says that checkpoint is on disk."""
+        number, durable = header.get("ck"), header.get("durable")
+        if not isinstance(number, int) or not isinstance(durable, int):
+            return
+        for n in [n for n in link.unsaved if n <= durable]:
+            del link.unsaved[n]
+        sums = link.unsaved.setdefault(number, {})
+        for k in range(link.k0, link.k1):
+            if k in sums:
+                sums[k].add_(sent[k])
+            else:
+                sums[k] = sent[k].clone()
 
     def status(self) -> dict:
         """The servers' counters (see `ParameterServer.status`): one server's as they are; several servers' summed

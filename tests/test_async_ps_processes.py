@@ -383,3 +383,63 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
         assert tag in scalars, (tag, sorted(scalars))
     assert "ps/staleness" in events.Tags()["histograms"]
     assert events.Scalars("ps/protocol_errors")[-1].value >= 10
+
+
+def test_two_servers_four_workers_a_server_sigkilled_and_resumed_loses_no_update(tmp_path):
+    """`dsq-async-ps --num-servers 2`: 4 digits workers (the example) against 2 server processes, each owning half
+    the keys. Server 1 is SIGKILLed mid-training; the launcher restarts it from its checkpoint while the workers
+    keep pushing to server 0. Then, per server and key: x = x0 - sum of the surviving applied pushes (scale * c);
+    per worker and key: surviving c + e = every applied u (what server 1 lost went back into the residuals); worker
+    0 ends holding both servers' exact model, which reaches 0.9 test accuracy."""
+    token, ckpt, rec = "k" * 32, tmp_path / "ckpt", tmp_path / "rec"
+    rec.mkdir()
+    with cleanup() as procs:
+        procs.append(Proc([*LAUNCHER, "--num-servers", "2", "--num-workers", "4", "--checkpoint-dir", ckpt,
+                           "--checkpoint-every-pushes", "25", "--max-restarts", "1", "--heartbeat-timeout", "5",
+                           "--no-progress", "--", sys.executable, EXAMPLE, "--epochs", "30", "--record-dir", rec],
+                          {"DSQ_PS_TOKEN": token}))
+        launcher = procs[0]
+        m = launcher.wait_line(r"server 1 of 2 started \(pid (\d+)\) at (tcp://\S+)", 60)
+        pid, address = int(m.group(1)), m.group(2)
+        probe = zmq.Context.instance().socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.connect(address)
+        deadline = time.monotonic() + 90
+        while request(probe, encode("status", token, "probe", 1))[0]["applied"] < 200:
+            assert time.monotonic() < deadline, launcher.text()
+            time.sleep(0.1)
+        probe.close(0)
+        os.kill(pid, signal.SIGKILL)
+        assert launcher.wait(240) == 0, launcher.text()
+        text = "\n".join(launcher.err)
+        assert "server 1 died (signal SIGKILL); restart 1/1 from its checkpoint" in text, text
+        acc = float(launcher.out[-1].split("=")[1])
+        assert acc >= 0.9, text
+    finals = [checkpoint.load(ckpt / f"server-{s}") for s in range(2)]
+    assert finals[1]["resumed_from"] is not None and finals[0]["resumed_from"] is None
+    dumps = [torch.load(rec / f"worker-{i}.pt", weights_only=False) for i in range(4)]
+    keys = dumps[0]["keys"]
+    for s, final in enumerate(finals):
+        k0, k1 = final["key_range"]
+        assert [tuple(k) for k in final["keys"]] == [tuple(k) for k in keys[k0:k1]]
+
+        def survived(key):
+            server, epoch, ck, status = key
+            return (server == s and status == "applied"
+                    and (epoch == final["epoch"] or (final["resumed_from"] is not None and ck <= final["resumed_from"])))
+        for (i, a, b), x, x0 in zip(keys[k0:k1], final["x"], final["x0"]):
+            kept = sum((v["scaled"][i].reshape(-1)[a:b] for d in dumps for key, v in d["sums"].items()
+                        if survived(key)), torch.zeros(b - a, dtype=torch.float64))
+            torch.testing.assert_close(x.double(), x0.double() - kept, rtol=0, atol=1e-5)
+            for d in dumps:
+                sent = sum((v["sent"][i].reshape(-1)[a:b] for key, v in d["sums"].items() if survived(key)),
+                           torch.zeros(b - a))
+                raw = sum((v["update"][i].reshape(-1)[a:b] for key, v in d["sums"].items()
+                           if key[0] == s and key[3] == "applied"), torch.zeros(b - a))
+                torch.testing.assert_close(sent + d["residuals"][i].reshape(-1)[a:b], raw, rtol=0, atol=1e-5)
+            # Worker 0 waits for all, then pulls the exact model (the others leave holding their x_hat).
+            assert torch.equal(dumps[0]["params"][i].reshape(-1)[a:b], x), "worker 0 does not end with the model"
+    # Server 0 went on while server 1 was down: steps whose server-1 part was lost were applied by server 0.
+    lost = [key for d in dumps for key in d["sums"] if key[0] == 1 and key[3] == "lost"]
+    assert lost, "no worker saw server 1 go"
+    print(f"recovered after the restart: {sum(d['recovered'] for d in dumps)} workers; accuracy {acc}")
