@@ -36,7 +36,8 @@ push       ``session``, ``base`` (version the update was computed at),  ``ack``:
            ``loss``, ``rnorm`` (worker residual norm), ``skipped``,     skipped, ``version``, ``tau``,
            ``seed``; frames: ``up`` frames of the compensated update    ``scale``, ``reason``
 step       as push: a push whose answer is the pull that follows it     ``model`` with the ``ack`` fields
-heartbeat  ``session``, ``skipped``                                     ``hb``: ``known``, ``epoch``
+heartbeat  ``session``, ``skipped``                                     ``hb``: ``known``, ``epoch``,
+                                                                        ``session`` (echoed)
 done       ``session``                                                  ``status``
 status     (none)                                                       ``status``: ``version``, ``done``,
                                                                         ``live``, ``applied``, ...
@@ -245,7 +246,7 @@ def unpack(codec, frames: Sequence, layout: Layout, seed: int = 0, device=None) 
 # ---------------------------------------------------------------------------------------------------------- keys
 Key = Tuple[int, int, int]          # (tensor index in the layout, first element, one past the last element)
 
-DEFAULT_KEY_ELEMS = 1 << 18
+DEFAULT_KEY_ELEMS = 1 << 19
 
 
 def split_keys(layout: Layout, block_size: int, key_elems: int = DEFAULT_KEY_ELEMS) -> List[Key]:

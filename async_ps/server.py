@@ -29,6 +29,10 @@ the slower one's, i.e. stale synchronous parallel), so one worker cannot run awa
 straggler does not hold the majority back: its pushes become too stale and are rejected instead. A worker whose
 last push was rejected as stale, or that said it is done, is left out of the pack; a worker silent for
 ``heartbeat_timeout`` seconds is dropped with its ``x_hat_j``; a worker that joins starts at the pack's clock.
+With several servers only server 0 holds pulls at the bound (a step waits for every server's answer, so one gate
+bounds the whole model): gates at every server, each with its own clocks (which drift apart, e.g. after a
+restart), could leave two workers each waiting at the server where it is ahead. Every server still rejects a
+push staler than the bound by its own version.
 
 ``mode="sync"`` is the synchronous parameter server on the same code, the baseline of the benchmark: each round
 waits for one push from every live worker, applies their mean, and only then answers their pulls.
@@ -168,6 +172,13 @@ class _Shard:
         srv = self.server
         x = srv.x
         g = srv.key_range[0]                    # keys are numbered among the whole model's (their seeds)
+        if job.reply is not None and job.reply[1] == "delta" and len(job.applies) == 1 and not job.mean:
+            (frames, alpha, seed), (slot, _, down_seed, _) = job.applies[0], job.reply
+            for k in range(self.k0, self.k1):       # a push answered by its pull: one fused pass per key
+                job.frames[k] = srv.up.apply_delta(frames[k], x[k], alpha, key_seed(seed, g + k), srv.down,
+                                                   slot.x_hat[k], key_seed(down_seed, g + k),
+                                                   self._scratch(x[k])).numpy()
+            return self._copy_and_norms(job)
         for frames, alpha, seed in job.applies:
             for k in range(self.k0, self.k1):
                 srv.up.decode_add(frames[k], x[k], alpha, key_seed(seed, g + k), self._scratch(x[k]))
@@ -186,6 +197,10 @@ class _Shard:
                 else:
                     job.frames[k] = srv.down.encode_delta(x[k], slot.x_hat[k], key_seed(seed, g + k),
                                                           self._scratch(x[k])).numpy()
+        self._copy_and_norms(job)
+
+    def _copy_and_norms(self, job: _Job) -> None:
+        srv, x = self.server, self.server.x
         if job.copy is not None:
             st = job.state
             for k in range(self.k0, self.k1):
@@ -455,7 +470,8 @@ class ParameterServer:
                 skipped = header.get("skipped")
                 if isinstance(skipped, int):
                     slot.worker_skipped = skipped
-            router.send_multipart([identity, *encode("hb", "", wid, header["s"], known=known, epoch=self.epoch)])
+            router.send_multipart([identity, *encode("hb", "", wid, header["s"], known=known, epoch=self.epoch,
+                                                     session=header.get("session"))])
             return
         self._inbox.put((identity, header, payload, nbytes))
 
@@ -638,6 +654,8 @@ class ParameterServer:
     def _may_pull(self, slot: _Slot) -> bool:
         if self.mode == "sync":
             return slot.worker not in self._round
+        if self.server_index != 0:
+            return True             # the job's one gate is server 0 (see the module docstring)
         if slot not in self._gate_members():
             return True
         return slot.clock - self._pack_clock() < self.max_staleness

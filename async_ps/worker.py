@@ -358,7 +358,8 @@ class Worker:
                     for sock, _ in poller.poll(50):
                         link = next(lk for lk in self.links if socks[lk.address] is sock)
                         header, _ = self._decode_reply(sock.recv_multipart())
-                        if header.get("type") == "hb":
+                        if header.get("type") == "hb" and header.get("session") == link.session:
+                            # (an answer to a heartbeat of an earlier session says nothing about this one)
                             link.hb["last_answer"] = time.monotonic()
                             if not header.get("known") or header.get("epoch") != link.epoch:
                                 link.hb["forgotten"] = True

@@ -10,6 +10,7 @@ the compressor's batched `encode` / `decode` on the tensor's own device; only th
 """
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import fastpath, kernels, rng
@@ -149,15 +150,20 @@ class BlockCodec:
         numel, dtype, device = flat.numel(), flat.dtype, flat.device
         if numel == 0:
             return acc
-        plan, full, tail = self._frame_fields(frame.to(device), numel, dtype, device)
+        frame = frame.to(device)
+        if self._sign_fast(flat):
+            lay = self._layout(numel, dtype, device)[1]
+            if frame.numel() != lay.total:
+                raise ValueError(f"a {self.spec} frame of a {numel}-element {dtype} tensor is {lay.total} bytes, "
+                                 f"got {frame.numel()}")
+            kernels.sign_apply(flat.numpy(), *_sign_fields(frame, lay), alpha, self.block_size)
+            return acc
+        plan, full, tail = self._frame_fields(frame, numel, dtype, device)
         comp, B, R = self.compressor, self.block_size, plan.R
         seeds_full, seeds_tail = self._seeds(self._layout(numel, dtype, device)[2], plan, seed)
         if full is not None:
             rows = flat[:R * B].view(R, B)
-            if comp.name == "sign" and dtype == torch.float32 and fastpath.on_cpu(flat) and kernels.available():
-                kernels.sign_apply(rows.numpy().reshape(-1), full["scale"].reshape(-1).contiguous().numpy(),
-                                   full["bits"].reshape(-1).contiguous().numpy(), alpha, B)
-            elif alpha == 1.0:
+            if alpha == 1.0:
                 comp.decode_add(full, B, dtype, rows, None, seeds_full)
             else:
                 out = None if scratch is None else scratch.view(-1)[:R * B].view(R, B)
@@ -167,6 +173,11 @@ class BlockCodec:
             decoded = comp.decode(tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n]
             flat[R * B:].add_(decoded, alpha=alpha)
         return acc
+
+    def _sign_fast(self, *tensors: torch.Tensor) -> bool:
+        """Whether the numba sign kernels take these tensors (sign, float32, contiguous, CPU, fast paths on)."""
+        return (self.compressor.name == "sign" and kernels.available() and fastpath.on_cpu(*tensors)
+                and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
 
     def encode_delta(self, x: torch.Tensor, x_hat: torch.Tensor, seed: int = 0,
                      scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -180,18 +191,9 @@ class BlockCodec:
             return torch.empty(0, dtype=torch.uint8, device=device)
         plan, lay, static = self._layout(numel, dtype, device)
         comp, B, R = self.compressor, self.block_size, plan.R
-        if (comp.name == "sign" and dtype == torch.float32 and fastpath.on_cpu(flat, held) and kernels.available()
-                and R):
+        if self._sign_fast(flat, held):
             frame = torch.zeros(lay.total, dtype=torch.uint8)
-            k_s = next(k for k, f in enumerate(lay.fields) if f.name == "scale")
-            k_b = next(k for k, f in enumerate(lay.fields) if f.name == "bits")
-            scale = _field(frame, lay.full_off[0][k_s], R, torch.float32)
-            bits = frame[lay.full_off[0][k_b]:lay.full_off[0][k_b] + R * lay.fields[k_b].full]
-            kernels.sign_delta(flat.numpy(), held.numpy(), scale.numpy(), bits.numpy(), B)
-            if plan.T:
-                diff = flat[R * B:] - held[R * B:]
-                _, _, tail = self._encode_fields(diff, plan, lay, static, seed, frame, full_blocks=False)
-                held[R * B:].add_(comp.decode(tail, plan.cap, dtype, plan.tail_lengths_t(), None)[0, :diff.numel()])
+            kernels.sign_delta(flat.numpy(), held.numpy(), *_sign_fields(frame, lay), B)
             return frame
         diff = torch.sub(flat, held, out=None if scratch is None else scratch.view(-1)[:numel])
         frame, fields_full, fields_tail = self._encode_fields(diff, plan, lay, static, seed)
@@ -202,6 +204,25 @@ class BlockCodec:
             n = int(plan.tail_lengths[0])
             held[R * B:].add_(comp.decode(fields_tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
         return frame
+
+    def apply_delta(self, frame: torch.Tensor, x: torch.Tensor, alpha: float, seed: int, down: "BlockCodec",
+                    x_hat: torch.Tensor, down_seed: int = 0, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`decode_add` of `frame` into `x`, then ``down.encode_delta(x, x_hat)``: a push answered by its pull. Both
+        ``sign`` on float32 CPU tensors take one fused kernel, block by block; anything else the two calls."""
+        flat, held = x.view(-1), x_hat.view(-1)
+        numel, dtype = flat.numel(), flat.dtype
+        if not (self.compressor.name == down.compressor.name and self.block_size == down.block_size
+                and self._sign_fast(flat, held) and frame.device.type == "cpu"):
+            self.decode_add(frame, x, alpha, seed, scratch)
+            return down.encode_delta(x, x_hat, down_seed, scratch)
+        lay = self._layout(numel, dtype, flat.device)[1]
+        if frame.numel() != lay.total:
+            raise ValueError(f"a {self.spec} frame of a {numel}-element {dtype} tensor is {lay.total} bytes, "
+                             f"got {frame.numel()}")
+        out = torch.zeros(lay.total, dtype=torch.uint8)
+        kernels.sign_apply_delta(flat.numpy(), *_sign_fields(frame, lay), alpha, held.numpy(),
+                                 *_sign_fields(out, lay), self.block_size)
+        return out
 
     def finite(self, frame: torch.Tensor, numel: int, dtype: torch.dtype) -> bool:
         """Whether every floating-point field of the frame is finite. For the built-in compressors the decoded
@@ -226,3 +247,15 @@ def _field(frame: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> t
     if start % size or piece.data_ptr() % size:
         piece = piece.clone()
     return piece.view(dtype)
+
+
+def _sign_fields(frame: torch.Tensor, lay) -> Tuple[np.ndarray, np.ndarray]:
+    """The scale (float32, one per block, tail included) and bits regions of a one-message sign frame (its tail's
+    fields follow the full blocks' within each field: the layout is aligned to 1), as numpy views."""
+    k_s = next(k for k, f in enumerate(lay.fields) if f.name == "scale")
+    k_b = next(k for k, f in enumerate(lay.fields) if f.name == "bits")
+    end_s = lay.tail_off[0][k_s] + int(lay.fields[k_s].tail.sum()) * 4
+    end_b = lay.tail_off[0][k_b] + int(lay.fields[k_b].tail.sum())
+    start_s, start_b = lay.full_off[0][k_s], lay.full_off[0][k_b]
+    return (_field(frame, start_s, (end_s - start_s) // 4, torch.float32).numpy(),
+            frame[start_b:end_b].numpy())

@@ -93,5 +93,12 @@ def test_fused_server_passes_match_plain_torch(spec, numel, fast):
         torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), ref_decoded, rtol=tol, atol=tol)
         if not tol:
             assert torch.equal(got, ref_frame)
+        # apply_delta (fused for sign) is decode_add then encode_delta.
+        acc, held = x.clone(), x_hat.clone()
+        got = codec.apply_delta(frame, acc, -0.375, 11, codec, held, 5, scratch=torch.empty(numel))
+        torch.testing.assert_close(acc, x - 0.375 * decoded, rtol=0, atol=1e-6)
+        ref_frame, ref_decoded = codec.encode(acc - x_hat, 5)
+        torch.testing.assert_close(held, x_hat + ref_decoded, rtol=tol, atol=tol)
+        assert got.numel() == ref_frame.numel() and (tol or torch.equal(got, ref_frame))
     finally:
         fastpath.set_enabled(was)
