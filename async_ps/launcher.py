@@ -261,7 +261,8 @@ class ServerGroup:
             if self.restarts[i] < self.args.max_restarts:
                 self.restarts[i] += 1
                 resume = bool(self.args.checkpoint_dir)
-                how_back = " from its checkpoint" if resume else " (no --checkpoint-dir: its keys restart from a worker)"
+                how_back = (" from its checkpoint" if resume
+                            else " (no --checkpoint-dir: its keys restart from a worker)")
                 _say(f"server {i} died ({how}); restart {self.restarts[i]}/{self.args.max_restarts}{how_back}")
                 self.start(i, resume=resume)
             elif self.failed is None:

@@ -426,7 +426,8 @@ def test_two_servers_four_workers_a_server_sigkilled_and_resumed_loses_no_update
         def survived(key):
             server, epoch, ck, status = key
             return (server == s and status == "applied"
-                    and (epoch == final["epoch"] or (final["resumed_from"] is not None and ck <= final["resumed_from"])))
+                    and (epoch == final["epoch"]
+                         or (final["resumed_from"] is not None and ck <= final["resumed_from"])))
         for (i, a, b), x, x0 in zip(keys[k0:k1], final["x"], final["x0"]):
             kept = sum((v["scaled"][i].reshape(-1)[a:b] for d in dumps for key, v in d["sums"].items()
                         if survived(key)), torch.zeros(b - a, dtype=torch.float64))
