@@ -239,7 +239,8 @@ class ParameterServer:
         limits: `protocol.Limits` on frames and sizes.
         num_servers, server_index: this server owns key range `server_index` of `num_servers`.
         key_elems: elements per key (rounded up to whole blocks); every server of a job must use the same.
-        threads: shard threads applying this server's keys (default: up to 4, at most one per key).
+        threads: shard threads applying this server's keys (default: one per 4M elements, up to 4 and the CPUs;
+            at most one per key).
     """
 
     def __init__(self, bind: str = "tcp://127.0.0.1:0", token: Optional[str] = None, compressor: str = "sign",
@@ -277,7 +278,7 @@ class ParameterServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.num_workers = num_workers
         self.num_servers, self.server_index, self.key_elems = num_servers, server_index, key_elems
-        self.threads = threads or max(1, min(4, os.cpu_count() or 1))
+        self.threads = threads          # None: chosen from the model's size when it arrives
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every_s = checkpoint_every_s
         self.checkpoint_every_pushes = checkpoint_every_pushes
@@ -636,7 +637,11 @@ class ParameterServer:
         return self._reply(slot.identity, "status", slot.worker, seq, **self._status())
 
     def _start_shards(self) -> None:
-        n = min(self.threads, len(self.keys))
+        # By default one shard thread per 4M elements, up to 4 and the CPUs: below that, handing a push to a second
+        # thread costs more than its half of the arithmetic saves (measured, benchmarks/async_ps.py).
+        elems = sum(b - a for _, a, b in self.keys)
+        want = self.threads or max(1, min(4, os.cpu_count() or 1, elems // (1 << 22)))
+        n = min(want, len(self.keys))
         self.shards = [_Shard(self, i, a, b) for i, (a, b) in enumerate(partition(self.keys, n))]
         if self._threads:
             for sh in self.shards:

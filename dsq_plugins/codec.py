@@ -251,11 +251,19 @@ def _field(frame: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> t
 
 def _sign_fields(frame: torch.Tensor, lay) -> Tuple[np.ndarray, np.ndarray]:
     """The scale (float32, one per block, tail included) and bits regions of a one-message sign frame (its tail's
-    fields follow the full blocks' within each field: the layout is aligned to 1), as numpy views."""
-    k_s = next(k for k, f in enumerate(lay.fields) if f.name == "scale")
-    k_b = next(k for k, f in enumerate(lay.fields) if f.name == "bits")
-    end_s = lay.tail_off[0][k_s] + int(lay.fields[k_s].tail.sum()) * 4
-    end_b = lay.tail_off[0][k_b] + int(lay.fields[k_b].tail.sum())
-    start_s, start_b = lay.full_off[0][k_s], lay.full_off[0][k_b]
-    return (_field(frame, start_s, (end_s - start_s) // 4, torch.float32).numpy(),
-            frame[start_b:end_b].numpy())
+    fields follow the full blocks' within each field: the layout is aligned to 1), as numpy views (the scales an
+    aligned copy where the frame's bytes are not aligned: only frames the caller allocated are written)."""
+    regions = getattr(lay, "sign_regions", None)          # computed once per layout
+    if regions is None:
+        k_s = next(k for k, f in enumerate(lay.fields) if f.name == "scale")
+        k_b = next(k for k, f in enumerate(lay.fields) if f.name == "bits")
+        start_s, start_b = lay.full_off[0][k_s], lay.full_off[0][k_b]
+        end_s = lay.tail_off[0][k_s] + int(lay.fields[k_s].tail.sum()) * 4
+        end_b = lay.tail_off[0][k_b] + int(lay.fields[k_b].tail.sum())
+        regions = lay.sign_regions = (start_s, (end_s - start_s) // 4, start_b, end_b)
+    start_s, count_s, start_b, end_b = regions
+    data = frame.numpy()
+    scales = data[start_s:start_s + 4 * count_s]
+    scales = scales.view(np.float32) if start_s % 4 == 0 and scales.ctypes.data % 4 == 0 else \
+        scales.copy().view(np.float32)
+    return scales, data[start_b:end_b]
