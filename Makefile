@@ -28,10 +28,11 @@ $(STAMP): $(CORE) tools/horovod_wheel.sh
 	touch $@
 
 # The second run takes the pure-torch paths that CUDA takes (DSQ_FAST_PATHS=0: no numpy specialisations) through
-# the core, the engine and the DDP hook, so the code a GPU runs is tested on a machine without one. It leaves out
-# what no fast path touches: the refusal of foreign checkpoints and the pickled form of a resume.
+# the core, the engine, the DDP hook and the parameter server's worker and server (in-process), so the code a GPU
+# runs is tested on a machine without one. It leaves out what no fast path touches: the refusal of foreign
+# checkpoints and the pickled form of a resume.
 CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py \
-	tests/test_auto.py tests/test_ddp_hook.py
+	tests/test_auto.py tests/test_ddp_hook.py tests/test_async_ps_inproc.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -270,6 +270,9 @@ class Worker:
         self.down = BlockCodec(get_compressor(first["down"]), block)
         self.dense = BlockCodec(get_compressor("none"), block)
         self.mode = first["mode"]
+        if self.overlap and self.mode == "sync":
+            raise ValueError("overlap=True cannot work with a synchronous (mode='sync') server: every push but the "
+                             "first of a round would be one version stale, and sync rejects any staleness")
         self._flat = [p.detach().view(-1) for p in self.params]
 
     def _key_view(self, k: int, tensors=None) -> torch.Tensor:
@@ -423,7 +426,11 @@ class Worker:
         """Take the optimizer's update from the current gradients, push it compressed with the residual, and
         take the servers' answer (with ``overlap``: the previous step's answer, before computing this one).
         Call it where ``optimizer.step()`` would go."""
+        # The gradients were taken at the parameters held before the answer in flight (if any) arrives: that
+        # version is the push's base, so the extra staleness of `overlap` is counted (a rejoin can only lower it).
+        bases = [link.version for link in self.links]
         previous = self._collect()
+        bases = [min(b, link.version) for b, link in zip(bases, self.links)]
         with torch.no_grad():
             before = [p.detach().clone() for p in self.params]
             self.optimizer.step()
@@ -437,7 +444,7 @@ class Worker:
             return previous or StepResult("skipped", self.version)
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
         compensated, sent, seqs = [], [], []
-        for link in self.links:
+        for link, base in zip(self.links, bases):
             frames = []
             for k in range(link.k0, link.k1):
                 v = self.ef.compensate(k, self._key_view(k, update))
@@ -445,7 +452,7 @@ class Worker:
                 compensated.append(v)
                 sent.append(decoded)
                 frames.append(frame.cpu().numpy())
-            seqs.append(self._send(link, "step", frames, session=link.session, base=link.version,
+            seqs.append(self._send(link, "step", frames, session=link.session, base=base,
                                    loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
                                    skipped=self.skipped, seed=seed))
         self._inflight = (seqs, compensated, sent, update)

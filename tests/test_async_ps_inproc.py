@@ -238,6 +238,54 @@ def test_straggler_does_not_slow_the_others():
             w.close()
 
 
+def test_overlap_takes_each_answer_at_the_next_step_and_counts_its_staleness():
+    """overlap=True: step returns once the push is sent (the parameters still the previous x_hat_j while the
+    server has already answered), the next step takes that answer before its own update, and the push then
+    says the version its gradient was taken at: one worker's pushes are 1 stale (step 1/2), and both
+    conservation laws and the exact downlink hold for two workers stepping concurrently."""
+    with server(max_staleness=8, staleness_policy="inverse") as srv:
+        w = worker(srv, "solo", overlap=True)
+        gen = torch.Generator().manual_seed(0)
+        assert fake_step(w, gen).status == "pending"
+        assert srv.wait_for(lambda s: s.version == 1, timeout=20)
+        held = srv.snapshot()["workers"]["solo"]["x_hat"]
+        assert any(not torch.equal(p.detach(), x) for p, x in zip(w.params, held)), \
+            "the reply in flight was already applied: the step waited for it"
+        results = [fake_step(w, gen) for _ in range(4)]
+        assert [(r.status, r.tau, r.scale) for r in results] == [("applied", 0, 1.0)] + [("applied", 1, 0.5)] * 3
+        w.finish(wait=False)                          # takes the last answer
+        assert w.accepted == 5 and srv.snapshot()["counters"]["applied"] == 5
+        snap = srv.snapshot()
+        assert snap["taus"] == {0: 1, 1: 4}
+        assert_server_conservation(snap, [w])
+        assert_worker_conservation(w)
+        assert_downlink(snap, w)
+        w.close()
+
+    with server(max_staleness=1000) as srv:
+        ws = [worker(srv, f"w{i}", overlap=True) for i in range(2)]
+
+        def loop(w, k):
+            g = torch.Generator().manual_seed(k)
+            for _ in range(12):
+                fake_step(w, g)
+            w.pull()                                  # takes the last answer without a push
+        ts = [threading.Thread(target=loop, args=(w, k)) for k, w in enumerate(ws)]
+        [t.start() for t in ts]
+        [t.join(60) for t in ts]
+        snap = srv.snapshot()
+        assert sum(w.accepted for w in ws) == 24 == snap["counters"]["applied"]
+        assert min(snap["taus"]) >= 0 and sum(k * v for k, v in snap["taus"].items()) >= 22
+        assert_server_conservation(snap, ws)
+        for w in ws:
+            assert_worker_conservation(w)
+            assert_downlink(snap, w)
+            w.close()
+
+    with server(mode="sync") as srv, pytest.raises(ValueError, match="overlap"):
+        worker(srv, "s", overlap=True)
+
+
 def test_sync_mode_applies_the_mean_once_per_round():
     with server(mode="sync", compressor="none") as srv:
         ws = [worker(srv, f"w{i}", lr=1.0) for i in range(3)]
