@@ -36,7 +36,7 @@ answering or forgets the session (a restart); the next request to it then reconn
 that server's keys in full, while the other servers go on.
 
 CUDA models compress and decompress on the device (`BlockCodec` runs on the tensors' device); only the frames
-cross to host memory.
+cross to host memory, each message's frames in one transfer each way.
 """
 import logging
 import os
@@ -282,7 +282,7 @@ class Worker:
     def _init(self, link: _Link, welcome: dict) -> None:
         if welcome.get("initialised"):
             return
-        frames = [self._key_view(k).cpu().numpy() for k in range(link.k0, link.k1)]
+        frames = _to_host([self._key_view(k).view(torch.uint8) for k in range(link.k0, link.k1)])
         self._request(link, "init", frames, session=link.session)
 
     def _reset_socket(self, link: _Link) -> None:
@@ -404,7 +404,8 @@ class Worker:
         codec = self.dense if kind == "full" else self.down
         seed = header.get("seed", 0) if isinstance(header.get("seed", 0), int) else 0
         keys = self.keys[link.k0:link.k1]
-        frames = frame_tensors(codec, frames, key_layout(self.layout, keys))
+        frames = _to_device(frame_tensors(codec, frames, key_layout(self.layout, keys)),
+                            [self._key_view(k).device for k in range(link.k0, link.k1)])
         values = [torch.zeros_like(p) for p in self.params] if self.record else None
         with torch.no_grad():
             for k, frame in zip(range(link.k0, link.k1), frames):
@@ -438,8 +439,9 @@ class Worker:
             for p, b in zip(self.params, before):
                 p.copy_(b)
         # The sum is non-finite whenever an element is (or when finite values overflow it: skipped too, never
-        # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor.
-        if not all(bool(torch.isfinite(u.sum())) for u in update):
+        # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor, and one check of all the
+        # sums is one host synchronisation on a GPU.
+        if not bool(torch.isfinite(torch.stack([u.sum().double() for u in update])).all()):
             self.skipped += 1
             return previous or StepResult("skipped", self.version)
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
@@ -451,8 +453,8 @@ class Worker:
                 frame, decoded = self.up.encode(v, key_seed(seed, k))      # compressed on the model's device
                 compensated.append(v)
                 sent.append(decoded)
-                frames.append(frame.cpu().numpy())
-            seqs.append(self._send(link, "step", frames, session=link.session, base=base,
+                frames.append(frame)
+            seqs.append(self._send(link, "step", _to_host(frames), session=link.session, base=base,
                                    loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
                                    skipped=self.skipped, seed=seed))
         self._inflight = (seqs, compensated, sent, update)
@@ -587,3 +589,25 @@ class Worker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _to_host(frames: List[torch.Tensor]) -> list:
+    """Frames (uint8 tensors) as host arrays for the wire: CPU tensors as they are; device tensors joined and
+    copied to the host at once (one transfer and one synchronisation per message, not one per key)."""
+    if all(f.device.type == "cpu" for f in frames):
+        return [f.numpy() for f in frames]
+    joined = torch.cat([f.to(frames[0].device) for f in frames]).cpu().numpy()
+    out, start = [], 0
+    for f in frames:
+        out.append(joined[start:start + f.numel()])
+        start += f.numel()
+    return out
+
+
+def _to_device(frames: List[torch.Tensor], devices) -> List[torch.Tensor]:
+    """Host frames moved to the devices of their keys: joined into one transfer where every key is on one device
+    that is not the CPU."""
+    if not frames or all(d.type == "cpu" for d in devices) or len(set(devices)) > 1:
+        return [f.to(d) for f, d in zip(frames, devices)]
+    joined = torch.cat(frames).to(devices[0])
+    return list(torch.split(joined, [f.numel() for f in frames]))

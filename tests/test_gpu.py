@@ -1,6 +1,8 @@
 """The engine on CUDA: every compressor against its CPU result, the engine with 4 ranks on one GPU (`ThreadWorld`)
-against the Simulator, and DDP over NCCL (world size 1) with the hook, whose step runs with no host
-synchronisation.
+against the Simulator, DDP over NCCL (world size 1) with the hook, whose step runs with no host
+synchronisation, the parameter server's codec passes on CUDA against the CPU's (numba kernels there) and an
+asynchronous-parameter-server worker with a CUDA model against one with the same model on the CPU (needs pyzmq,
+which the GPU machine's image lacks: skipped there, with the reason).
 
 Skipped, with the reason, without CUDA (CI has no GPU). `tools/gpu_check.sh` runs them on a machine with one, with
 pytest or, where there is none (the GPU machine's image), as ``python3 -m tests.test_gpu``.
@@ -22,6 +24,16 @@ try:
                                     reason="needs CUDA (run tools/gpu_check.sh on a machine with a GPU)")
 except ImportError:           # the GPU machine's image: run by main() below
     pytest = None
+
+class _Skip(Exception):
+    """A test that cannot run here (without pytest: reported as SKIP by `main`)."""
+
+
+def _skip(reason: str):
+    if pytest is not None:
+        pytest.skip(reason)
+    raise _Skip(reason)
+
 
 SPECS = ["none", "fp16", "bf16", "sign", "topk:0.01", "topk:0.3", "randomk:0.1", "qsgd:16", "int8", "int8:7"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -137,6 +149,71 @@ def test_ddp_nccl_hook_equals_simulator_and_never_syncs():
         dist.destroy_process_group()
 
 
+def test_block_codec_server_passes_on_cuda_equal_cpu():
+    """The parameter server's passes (`BlockCodec.encode`, `decode_add`, `encode_delta`, `apply_delta`) on CUDA
+    give the CPU's values (on the CPU, sign takes the numba kernels: an independent implementation)."""
+    from dsq_plugins.codec import BlockCodec
+    for spec in ["sign", "topk:0.01", "int8", "randomk:0.1"]:
+        codec = BlockCodec(dsq.get_compressor(spec), 1024)
+        for n in (1000, 3 * 1024 + 17):
+            g = torch.Generator().manual_seed(n)
+            x, x_hat, u = (torch.randn(n, generator=g) for _ in range(3))
+            out = {}
+            for dev in ("cpu", "cuda"):
+                xs, hs, us = x.to(dev), x_hat.to(dev), u.to(dev)
+                frame, sent = codec.encode(us, seed=5)
+                assert frame.device.type == sent.device.type == dev
+                acc = xs.clone()
+                codec.decode_add(frame, acc, -0.5, seed=5)
+                held = hs.clone()
+                delta = codec.encode_delta(acc, held, seed=9)
+                x2, h2 = xs.clone(), hs.clone()
+                fused = codec.apply_delta(frame, x2, -0.5, 5, codec, h2, 9)
+                out[dev] = [t.cpu() for t in (sent, acc, held, x2, h2, codec.decode(delta, (n,), torch.float32, 9),
+                                              codec.decode(fused, (n,), torch.float32, 9))]
+                assert frame.numel() == codec.nbytes(n, torch.float32) == delta.numel()
+            for k, (a, b) in enumerate(zip(out["cpu"], out["cuda"])):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{spec} n={n} #{k}: {m}")
+
+
+def test_async_worker_with_a_cuda_model_equals_one_on_cpu():
+    """Two in-process parameter servers, one worker each, the same model, gradients and sign compression: the CUDA
+    worker's parameters and residuals (on the device) equal the CPU worker's after every step."""
+    try:
+        import zmq  # noqa: F401
+    except ImportError:
+        _skip("pyzmq is not installed (the GPU machine's image has none): the CUDA worker is untested here")
+    import async_ps
+
+    def make(dev, k):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(300, 257), torch.nn.Tanh(), torch.nn.Linear(257, 5)).to(dev)
+        srv = async_ps.ParameterServer(bind=f"inproc://gpu-check-{k}", compressor="sign", block_size=1024,
+                                       key_elems=1 << 14).start()
+        w = async_ps.Worker(m, torch.optim.SGD(m.parameters(), lr=0.1), srv.address, srv.token, worker_id=f"{dev}{k}",
+                            context=srv.context)
+        return srv, w
+    pairs = [make("cpu", 0), make("cuda", 1)]
+    try:
+        for step in range(5):
+            for _, w in pairs:
+                for i, p in enumerate(w.params):
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i)).to(
+                        p.device)
+                assert w.step().status == "applied"
+            (_, cpu), (_, gpu) = pairs
+            assert all(p.device.type == "cuda" for p in gpu.params)
+            for a, b in zip(cpu.params, gpu.params):
+                torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-5)
+            for a, b in zip(cpu.residuals(), gpu.residuals()):
+                assert b.device.type == "cuda"
+                torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    finally:
+        for srv, w in pairs:
+            w.close()
+            srv.stop()
+
+
 def main() -> int:
     """Run every test of this module without pytest; exit 1 if any fails."""
     if not torch.cuda.is_available():
@@ -147,6 +224,8 @@ def main() -> int:
         try:
             fn()
             print(f"PASS {name}", flush=True)
+        except _Skip as why:
+            print(f"SKIP {name}: {why}", flush=True)
         except Exception:                       # report every failure, then exit 1
             failed += 1
             print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)

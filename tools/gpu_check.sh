@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with a CUDA GPU (CI has none): the CUDA tests (every compressor on CUDA against
 # the CPU, the engine with 4 ranks on one GPU against the Simulator, DDP over NCCL with the hook under
-# torch.cuda.set_sync_debug_mode("error")) and the GPU stage benchmark (each stage of a round as a ratio to clone
+# torch.cuda.set_sync_debug_mode("error"), the parameter server's codec passes on CUDA against the CPU's; the
+# CUDA async_ps worker test needs pyzmq and reports SKIP on the GPU image) and the GPU stage benchmark (each stage of a round as a ratio to clone
 # of the same gradient, and the persistent memory). Uses the machine's python3 with the repo on PYTHONPATH (the GPU
 # image has torch with CUDA but no registry, pytest, deepspeed, horovod or pyzmq). About 2 minutes on an H200.
 #
