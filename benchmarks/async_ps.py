@@ -248,8 +248,9 @@ def throughput(code: Path, size: str, n: int, servers: int, seconds: float, comp
                    "--bind", "tcp://127.0.0.1:0"]
             if servers > 1:
                 cmd += ["--num-servers", str(servers), "--server-index", str(i)]
+            # cwd: `python -m` puts the working directory first on the path, ahead of PYTHONPATH
             p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                 start_new_session=True)
+                                 start_new_session=True, cwd=str(code))
             procs.append(p)
             addresses.append(p.stdout.readline().strip())
         wenv = dict(env, DSQ_PS_ADDR=",".join(addresses), DSQ_PS_NUM_WORKERS=str(n))
