@@ -158,6 +158,7 @@ class Worker:
         self.bytes_up = self.bytes_down = 0
         self._limits = Limits()
         self._inflight = None
+        self._before = self._update = self._compensated = None
         self._hb_stop = threading.Event()
         self._hb_thread: Optional[threading.Thread] = None
         if connect:
@@ -432,12 +433,19 @@ class Worker:
         bases = [link.version for link in self.links]
         previous = self._collect()
         bases = [min(b, link.version) for b, link in zip(bases, self.links)]
+        if self._before is None:              # reused from step to step: no model-sized allocation per step
+            self._before = [torch.empty_like(p) for p in self.params]
+            self._update = [torch.empty_like(p) for p in self.params]
+            self._compensated = [torch.empty_like(self._key_view(k)) for k in range(len(self.keys))]
         with torch.no_grad():
-            before = [p.detach().clone() for p in self.params]
+            for b, p in zip(self._before, self.params):
+                b.copy_(p)
             self.optimizer.step()
-            update = [b - p for b, p in zip(before, self.params)]
-            for p, b in zip(self.params, before):
+            update = [torch.sub(b, p, out=u) for b, p, u in zip(self._before, self.params, self._update)]
+            for p, b in zip(self.params, self._before):
                 p.copy_(b)
+            if self.record:
+                update = [u.clone() for u in update]
         # The sum is non-finite whenever an element is (or when finite values overflow it: skipped too, never
         # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor, and one check of all the
         # sums is one host synchronisation on a GPU.
@@ -449,7 +457,7 @@ class Worker:
         for link, base in zip(self.links, bases):
             frames = []
             for k in range(link.k0, link.k1):
-                v = self.ef.compensate(k, self._key_view(k, update))
+                v = self.ef.compensate(k, self._key_view(k, update), out=self._compensated[k])
                 frame, decoded = self.up.encode(v, key_seed(seed, k))      # compressed on the model's device
                 compensated.append(v)
                 sent.append(decoded)

@@ -72,7 +72,7 @@ class BlockCodec:
         if tail is not None:
             n = int(plan.tail_lengths[0])
             parts.append(comp.decode(tail, plan.cap, flat.dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
-        return frame, torch.cat(parts).view(tensor.shape)
+        return frame, _joined(parts).view(tensor.shape)
 
     def _encode_fields(self, flat: torch.Tensor, plan, lay, static, seed: int, frame=None, full_blocks=True):
         """Compress `flat` into a frame: ``(frame, full_fields, tail_fields)`` (None where there is no such part).
@@ -139,7 +139,7 @@ class BlockCodec:
         if tail is not None:
             n = int(plan.tail_lengths[0])
             parts.append(comp.decode(tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
-        return torch.cat(parts).view(shape)
+        return _joined(parts).view(shape)
 
     def decode_add(self, frame: torch.Tensor, acc: torch.Tensor, alpha: float = 1.0, seed: int = 0,
                    scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -238,6 +238,11 @@ class BlockCodec:
                 if count and not bool(torch.isfinite(_field(frame, start, count, f.dtype)).all()):
                     return False
         return True
+
+
+def _joined(parts):
+    """The decoded pieces of a tensor (full blocks, tail block) as one flat tensor; a single piece is not copied."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _field(frame: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
