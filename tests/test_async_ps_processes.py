@@ -241,6 +241,9 @@ def test_checkpoint_kill_resume_and_the_worker_reconnects(tmp_path):
         g = torch.Generator().manual_seed(0)
         for _ in range(12):
             assert fake_step(w, g).status == "applied"
+        deadline = time.monotonic() + 20          # checkpoints are written by a thread of their own
+        while (checkpoint.load(ckpt) or {"version": -1})["version"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
         procs[0].kill(signal.SIGKILL)
         procs[0].wait(10)
         state = checkpoint.load(ckpt)
