@@ -58,7 +58,7 @@ class BlockCodec:
 
     def encode(self, tensor: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(frame, decoded)``: the frame (uint8, on the tensor's device) and the tensor the receiver will decode
-        from it (the tensor's shape and dtype)."""
+        from it (the tensor's shape and dtype; for a lossless compressor it may share `tensor`'s memory)."""
         flat = tensor.detach().reshape(-1).contiguous()
         if flat.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=flat.device), tensor.detach().clone()
