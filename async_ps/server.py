@@ -59,7 +59,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import zmq
@@ -75,6 +75,7 @@ from .protocol import field as hfield
 
 __all__ = ["ParameterServer", "STALENESS_POLICIES", "MODES"]
 
+COPY = False
 log = logging.getLogger("async_ps.server")
 
 STALENESS_POLICIES = ("inverse", "constant")
@@ -142,11 +143,15 @@ class _Shard:
         self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         biggest = max((server.x[k].numel() for k in range(k0, k1)), default=0)
         self.scratch = torch.empty(biggest, dtype=torch.float64)     # reused by every job (sliced, viewed)
+        self._views: Dict[Tuple[int, torch.dtype], torch.Tensor] = {}
         self.thread = threading.Thread(target=self._loop, name=f"ps-shard-{index}", daemon=True)
 
     def _scratch(self, t: torch.Tensor) -> torch.Tensor:
-        n = t.numel() * t.element_size()
-        return self.scratch.view(torch.uint8)[:n].view(t.dtype)
+        key = (t.numel(), t.dtype)
+        view = self._views.get(key)                  # one view per key size, made once
+        if view is None:
+            view = self._views[key] = self.scratch.view(torch.uint8)[:t.numel() * t.element_size()].view(t.dtype)
+        return view
 
     def _loop(self) -> None:
         srv = self.server

@@ -20,6 +20,8 @@ from .plan import BucketPlan, WireLayout
 __all__ = ["BlockCodec"]
 
 _KEY = "tensor"
+_NUMPY_FLOATS = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+                 torch.float64: np.dtype(np.float64)}
 
 
 class BlockCodec:
@@ -205,6 +207,25 @@ class BlockCodec:
             held[R * B:].add_(comp.decode(fields_tail, plan.cap, dtype, plan.tail_lengths_t(), seeds_tail)[0, :n])
         return frame
 
+    def encode_residual(self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, seed: int = 0
+                        ) -> torch.Tensor:
+        """The frame of ``C(x + residual)``, with ``out = x + residual - decode(frame)`` (error feedback on the
+        sender: compensate, compress, and the residual that stays behind). The three are contiguous tensors of one
+        shape, dtype and device; `out` may be `residual` itself. Sign on float32 CPU tensors takes one kernel."""
+        flat, e, left = x.view(-1), residual.view(-1), out.view(-1)
+        numel, dtype, device = flat.numel(), flat.dtype, flat.device
+        if numel == 0:
+            return torch.empty(0, dtype=torch.uint8, device=device)
+        if self._sign_fast(flat, e, left):
+            lay = self._layout(numel, dtype, device)[1]
+            frame = torch.zeros(lay.total, dtype=torch.uint8)
+            kernels.sign_residual(flat.numpy(), e.numpy(), left.numpy(), *_sign_fields(frame, lay), self.block_size)
+            return frame
+        compensated = torch.add(flat, e, out=left)
+        frame, decoded = self.encode(compensated, seed)
+        left.sub_(decoded.view(-1))           # a lossless compressor's decoded is `left` itself: nothing is left
+        return frame
+
     def apply_delta(self, frame: torch.Tensor, x: torch.Tensor, alpha: float, seed: int, down: "BlockCodec",
                     x_hat: torch.Tensor, down_seed: int = 0, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`decode_add` of `frame` into `x`, then ``down.encode_delta(x, x_hat)``: a push answered by its pull. Both
@@ -231,13 +252,16 @@ class BlockCodec:
         if numel == 0:
             return True
         plan, lay, _ = self._layout(numel, dtype, frame.device)
-        for k, f in enumerate(lay.fields):
-            if not f.dtype.is_floating_point:
-                continue
-            for start, count in ((lay.full_off[0][k], plan.R * f.full), (lay.tail_off[0][k], int(f.tail.sum()))):
-                if count and not bool(torch.isfinite(_field(frame, start, count, f.dtype)).all()):
-                    return False
-        return True
+        regions = getattr(lay, "float_regions", None)     # (byte start, items, dtype) per float field, once
+        if regions is None:
+            regions = lay.float_regions = [
+                (start, count, f.dtype) for k, f in enumerate(lay.fields) if f.dtype.is_floating_point
+                for start, count in ((lay.full_off[0][k], plan.R * f.full), (lay.tail_off[0][k], int(f.tail.sum())))
+                if count]
+        if fastpath.on_cpu(frame) and all(d in _NUMPY_FLOATS for _, _, d in regions):
+            data = frame.numpy()           # numpy: a few microseconds where torch's three ops per field cost tens
+            return all(np.isfinite(_np_field(data, start, count, d)).all() for start, count, d in regions)
+        return all(bool(torch.isfinite(_field(frame, start, count, d)).all()) for start, count, d in regions)
 
 
 def _joined(parts):
@@ -252,6 +276,15 @@ def _field(frame: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> t
     if start % size or piece.data_ptr() % size:
         piece = piece.clone()
     return piece.view(dtype)
+
+
+def _np_field(data: np.ndarray, start: int, count: int, dtype: torch.dtype) -> np.ndarray:
+    """`_field` of a CPU frame's numpy view."""
+    size = _NUMPY_FLOATS[dtype].itemsize
+    piece = data[start:start + count * size]
+    if start % size or piece.ctypes.data % size:
+        piece = piece.copy()
+    return piece.view(_NUMPY_FLOATS[dtype])
 
 
 def _sign_fields(frame: torch.Tensor, lay) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
-"""Fused CPU kernels (numba) of the parameter server's hot passes with the ``sign`` compressor.
+"""Fused CPU kernels (numba) of the hot passes of the parameter server and its workers with ``sign``.
 
-Each is a specialisation of what `BlockCodec.decode_add`, `BlockCodec.encode_delta` and `BlockCodec.apply_delta`
-do in torch ops on any device; they run only for contiguous float32 CPU tensors while `fastpath` is on. Rows are
+Each is a specialisation of what `BlockCodec.decode_add`, `BlockCodec.encode_delta`, `BlockCodec.apply_delta` and
+`BlockCodec.encode_residual` do in torch ops on any device; they run only for contiguous float32 CPU tensors while `fastpath` is on. Rows are
 blocks of ``B`` elements, the last one possibly short (a frame's tail block); ``bits`` holds ``B / 8`` bytes per
 full block and ``ceil(n / 8)`` for a short one, element 0 in the most significant bit, a set bit meaning negative
 (`bitpack.pack_negative`), padding bits 0; a short row's scale is its mean over its ``n`` elements.
@@ -10,6 +10,8 @@ full block and ``ceil(n / 8)`` for a short one, element 0 in the most significan
 - `sign_delta`: ``d = x - x_hat``, ``scale[r] = mean |d|`` over the block, the sign bits of ``d``, and
   ``x_hat += scale[r] * sign(d)`` (the downlink of a worker's copy, DESIGN.md section 1, "Asynchronous variant").
 - `sign_apply_delta`: both, block by block, while a block is in cache (a push answered by its pull).
+- `sign_residual`: ``c = x + e``, its scales and sign bits, and ``e' = c - scale[r] * sign(c)`` (a worker's error
+  feedback: compensate, compress, keep what was left behind).
 
 Per block, the bits are unpacked with one table look-up per byte (eight flags as one 64-bit word) and packed with
 one multiplication per byte (eight 0/1 flag bytes times 0x8040201008040201 gather their bits in the top byte), so
@@ -22,7 +24,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["available", "sign_apply", "sign_delta", "sign_apply_delta"]
+__all__ = ["available", "sign_apply", "sign_delta", "sign_apply_delta", "sign_residual"]
 
 try:
     import numba
@@ -57,28 +59,54 @@ if numba is not None:
             acc[base + i] += -s if flags[i] else s
 
     @numba.njit(nogil=True, cache=True, inline="always")
-    def _diff_l1(x, xh, base, n, tmp):                     # pragma: no cover - compiled
+    def _diff_l1(x, xh, base, n, flags):                   # pragma: no cover - compiled
         l1 = np.float32(0.0)
         for i in range(n):
             d = x[base + i] - xh[base + i]
-            tmp[i] = d
+            flags[i] = d < 0
             l1 += abs(d)
         return l1
 
     @numba.njit(nogil=True, cache=True, inline="always")
-    def _move_copy(xh, base, n, t, tmp, flags, padded):    # pragma: no cover - compiled
+    def _apply_diff_l1(x, xh, base, n, s, fin, fout):      # pragma: no cover - compiled
+        l1 = np.float32(0.0)
         for i in range(n):
-            neg = tmp[i] < 0
-            xh[base + i] += -t if neg else t
-            flags[i] = neg
+            v = x[base + i] + (-s if fin[i] else s)
+            x[base + i] = v
+            d = v - xh[base + i]
+            fout[i] = d < 0
+            l1 += abs(d)
+        return l1
+
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _move(xh, base, n, t, flags, padded):              # pragma: no cover - compiled
+        for i in range(n):
+            xh[base + i] += -t if flags[i] else t
         for i in range(n, padded):                         # a short row's padding packs as 0 bits
+            flags[i] = 0
+
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _sum_l1(x, e, base, n, flags):                     # pragma: no cover - compiled
+        l1 = np.float32(0.0)
+        for i in range(n):
+            c = x[base + i] + e[base + i]
+            flags[i] = c < 0
+            l1 += abs(c)
+        return l1
+
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _left(x, e, out, base, n, t, flags, padded):       # pragma: no cover - compiled
+        for i in range(n):
+            out[base + i] = (x[base + i] + e[base + i]) - (-t if flags[i] else t)
+        for i in range(n, padded):
             flags[i] = 0
 
     # The helpers are inlined (numba IR), so that the callers' flags apply: reordering can only change the L1 sum.
     # Row r holds elements [r * B, (r + 1) * B) and its bits start at byte r * B / 8. The full rows loop over
     # ``range(scale.shape[0])`` (the callers pass the full rows' scales): so written, LLVM vectorises the row loops
     # (a bound computed from numel measured 8x slower). A short last row (the frame's tail block, whose fields
-    # follow the full blocks' in a sign frame) is one call of its own.
+    # follow the full blocks' in a sign frame) is one call of its own. The sign of ``d`` is kept as a flag byte
+    # while its L1 sum is taken, so that a row is read from memory once and ``x_hat`` is written once.
     @numba.njit(nogil=True, cache=True, fastmath=_FAST)
     def _sign_apply(acc, scale, bits, alpha, B, words):                 # pragma: no cover - compiled
         flags = words.view(np.uint8)
@@ -92,42 +120,62 @@ if numba is not None:
         _apply_row(acc, r * B, n, np.float32(alpha) * scale[r], words.view(np.uint8))
 
     @numba.njit(nogil=True, cache=True, fastmath=_FAST)
-    def _sign_delta(x, xh, scale, bits, B, tmp, words):                 # pragma: no cover - compiled
+    def _sign_delta(x, xh, scale, bits, B, words):                      # pragma: no cover - compiled
         flags = words.view(np.uint8)
         for r in range(scale.shape[0]):
-            t = np.float32(_diff_l1(x, xh, r * B, B, tmp) / np.float32(B))
+            t = np.float32(_diff_l1(x, xh, r * B, B, flags) / np.float32(B))
             scale[r] = t
-            _move_copy(xh, r * B, B, t, tmp, flags, B)
+            _move(xh, r * B, B, t, flags, B)
             _pack(words, B // 8, bits, r * (B // 8))
 
     @numba.njit(nogil=True, cache=True, fastmath=_FAST)
-    def _sign_delta_short(x, xh, scale, bits, B, r, n, tmp, words):     # pragma: no cover - compiled
+    def _sign_delta_short(x, xh, scale, bits, B, r, n, words):          # pragma: no cover - compiled
         nb = (n + 7) // 8
-        t = np.float32(_diff_l1(x, xh, r * B, n, tmp) / np.float32(n))
+        flags = words.view(np.uint8)
+        t = np.float32(_diff_l1(x, xh, r * B, n, flags) / np.float32(n))
         scale[r] = t
-        _move_copy(xh, r * B, n, t, tmp, words.view(np.uint8), 8 * nb)
+        _move(xh, r * B, n, t, flags, 8 * nb)
         _pack(words, nb, bits, r * (B // 8))
 
     @numba.njit(nogil=True, cache=True, fastmath=_FAST)
-    def _sign_apply_delta(x, scale, bits, alpha, xh, dscale, dbits, B, tmp, words):   # pragma: no cover
+    def _sign_apply_delta(x, scale, bits, alpha, xh, dscale, dbits, B, win, wout):   # pragma: no cover
+        fin, fout = win.view(np.uint8), wout.view(np.uint8)
+        for r in range(scale.shape[0]):
+            _unpack(bits, r * (B // 8), B // 8, win)
+            t = _apply_diff_l1(x, xh, r * B, B, np.float32(alpha) * scale[r], fin, fout)
+            t = np.float32(t / np.float32(B))
+            dscale[r] = t
+            _move(xh, r * B, B, t, fout, B)
+            _pack(wout, B // 8, dbits, r * (B // 8))
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FAST)
+    def _sign_residual(x, e, out, scale, bits, B, words):               # pragma: no cover - compiled
         flags = words.view(np.uint8)
         for r in range(scale.shape[0]):
-            _unpack(bits, r * (B // 8), B // 8, words)
-            _apply_row(x, r * B, B, np.float32(alpha) * scale[r], flags)
-            t = np.float32(_diff_l1(x, xh, r * B, B, tmp) / np.float32(B))
-            dscale[r] = t
-            _move_copy(xh, r * B, B, t, tmp, flags, B)
-            _pack(words, B // 8, dbits, r * (B // 8))
+            t = np.float32(_sum_l1(x, e, r * B, B, flags) / np.float32(B))
+            scale[r] = t
+            _left(x, e, out, r * B, B, t, flags, B)
+            _pack(words, B // 8, bits, r * (B // 8))
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FAST)
+    def _sign_residual_short(x, e, out, scale, bits, B, r, n, words):   # pragma: no cover - compiled
+        nb = (n + 7) // 8
+        flags = words.view(np.uint8)
+        t = np.float32(_sum_l1(x, e, r * B, n, flags) / np.float32(n))
+        scale[r] = t
+        _left(x, e, out, r * B, n, t, flags, 8 * nb)
+        _pack(words, nb, bits, r * (B // 8))
 
 
-def _buffers(block: int):
-    return np.empty(block, np.float32), np.zeros(block // 8, np.uint64)
+def _words(block: int) -> np.ndarray:
+    """Eight sign flags per word: one row's worth."""
+    return np.zeros(block // 8, np.uint64)
 
 
 def sign_apply(acc: np.ndarray, scale: np.ndarray, bits: np.ndarray, alpha: float, block: int) -> None:
     """``acc += alpha * decode(scale, bits)`` in place: one row per scale (``len(acc)`` elements in all)."""
     full, n = divmod(acc.shape[0], block)
-    words = _buffers(block)[1]
+    words = _words(block)
     _sign_apply(acc, scale[:full], bits, float(alpha), block, words)
     if n:
         _sign_apply_short(acc, scale, bits, float(alpha), block, full, n, words)
@@ -137,18 +185,29 @@ def sign_delta(x: np.ndarray, x_hat: np.ndarray, scale: np.ndarray, bits: np.nda
     """Encode ``x - x_hat`` into `scale` (one per row) and `bits`, and add what the receiver decodes to `x_hat`
     in place."""
     full, n = divmod(x.shape[0], block)
-    tmp, words = _buffers(block)
-    _sign_delta(x, x_hat, scale[:full], bits, block, tmp, words)
+    words = _words(block)
+    _sign_delta(x, x_hat, scale[:full], bits, block, words)
     if n:
-        _sign_delta_short(x, x_hat, scale, bits, block, full, n, tmp, words)
+        _sign_delta_short(x, x_hat, scale, bits, block, full, n, words)
 
 
 def sign_apply_delta(x: np.ndarray, scale: np.ndarray, bits: np.ndarray, alpha: float, x_hat: np.ndarray,
                      dscale: np.ndarray, dbits: np.ndarray, block: int) -> None:
     """`sign_apply` to `x`, then `sign_delta` of `x` against `x_hat` into `dscale` and `dbits`, row by row."""
     full, n = divmod(x.shape[0], block)
-    tmp, words = _buffers(block)
-    _sign_apply_delta(x, scale[:full], bits, float(alpha), x_hat, dscale[:full], dbits, block, tmp, words)
+    win, wout = _words(block), _words(block)
+    _sign_apply_delta(x, scale[:full], bits, float(alpha), x_hat, dscale[:full], dbits, block, win, wout)
     if n:
-        _sign_apply_short(x, scale, bits, float(alpha), block, full, n, words)
-        _sign_delta_short(x, x_hat, dscale, dbits, block, full, n, tmp, words)
+        _sign_apply_short(x, scale, bits, float(alpha), block, full, n, win)
+        _sign_delta_short(x, x_hat, dscale, dbits, block, full, n, wout)
+
+
+def sign_residual(x: np.ndarray, residual: np.ndarray, out: np.ndarray, scale: np.ndarray, bits: np.ndarray,
+                  block: int) -> None:
+    """Encode ``c = x + residual`` into `scale` and `bits`, and write ``c - decode`` (what the compressor left
+    behind) to `out`, which may be `residual` itself."""
+    full, n = divmod(x.shape[0], block)
+    words = _words(block)
+    _sign_residual(x, residual, out, scale[:full], bits, block, words)
+    if n:
+        _sign_residual_short(x, residual, out, scale, bits, block, full, n, words)
