@@ -158,7 +158,7 @@ class Worker:
         self.bytes_up = self.bytes_down = 0
         self._limits = Limits()
         self._inflight = None
-        self._before = self._update = self._compensated = None
+        self._before = self._update = self._left = None
         self._hb_stop = threading.Event()
         self._hb_thread: Optional[threading.Thread] = None
         if connect:
@@ -436,7 +436,7 @@ class Worker:
         if self._before is None:              # reused from step to step: no model-sized allocation per step
             self._before = [torch.empty_like(p) for p in self.params]
             self._update = [torch.empty_like(p) for p in self.params]
-            self._compensated = [torch.empty_like(self._key_view(k)) for k in range(len(self.keys))]
+            self._left = [torch.empty_like(self._key_view(k)) for k in range(len(self.keys))]
         with torch.no_grad():
             for b, p in zip(self._before, self.params):
                 b.copy_(p)
@@ -453,19 +453,19 @@ class Worker:
             self.skipped += 1
             return previous or StepResult("skipped", self.version)
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
-        compensated, sent, seqs = [], [], []
+        frames, seqs = [], []
         for link, base in zip(self.links, bases):
-            frames = []
             for k in range(link.k0, link.k1):
-                v = self.ef.compensate(k, self._key_view(k, update), out=self._compensated[k])
-                frame, decoded = self.up.encode(v, key_seed(seed, k))      # compressed on the model's device
-                compensated.append(v)
-                sent.append(decoded)
-                frames.append(frame)
-            seqs.append(self._send(link, "step", _to_host(frames), session=link.session, base=base,
-                                   loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
+                # C(u + e) on the model's device; what it leaves behind waits in _left[k] for the server's answer
+                e = self.ef.residuals.get(k)
+                if e is None:                          # none until a push of this key is applied
+                    e = torch.zeros_like(self._left[k])
+                frames.append(self.up.encode_residual(self._key_view(k, update), e, self._left[k],
+                                                      key_seed(seed, k)))
+            seqs.append(self._send(link, "step", _to_host(frames[link.k0:link.k1]), session=link.session,
+                                   base=base, loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
                                    skipped=self.skipped, seed=seed))
-        self._inflight = (seqs, compensated, sent, update)
+        self._inflight = (seqs, frames, seed, update)
         if self.overlap:
             return previous or StepResult("pending", self.version)
         return self._collect()
@@ -475,7 +475,7 @@ class Worker:
         its delta. None when no step is in flight."""
         if self._inflight is None:
             return None
-        seqs, compensated, sent, update = self._inflight
+        seqs, frames_up, seed, update = self._inflight
         self._inflight = None
         parts = []
         for link, seq in zip(self.links, seqs):
@@ -491,10 +491,12 @@ class Worker:
                 continue
             status = header["status"]
             if status == "applied":
-                for k in range(link.k0, link.k1):
-                    self.ef.update(k, compensated[k], sent[k])
+                for k in range(link.k0, link.k1):     # the residual becomes what this push left behind
+                    old = self.ef.residuals.get(k)
+                    self.ef.residuals[k] = self._left[k]
+                    self._left[k] = torch.empty_like(self._left[k]) if old is None else old
                 if link.checkpointing:
-                    self._unsaved(link, header, sent)
+                    self._unsaved(link, header, frames_up, seed)
             parts.append({"status": status, "tau": header["tau"], "scale": header["scale"], "server": link.index,
                           "ck": header.get("ck"), "epoch": link.epoch})
             self._apply_pull(link, header, frames)
@@ -508,15 +510,16 @@ class Worker:
             self.skipped += 1
         if self.record:
             full_sent = [torch.zeros_like(p) for p in self.params]
-            for k, c in enumerate(sent):
-                self._key_view(k, full_sent).copy_(c)
+            for k, frame in enumerate(frames_up):
+                view = self._key_view(k, full_sent)
+                view.copy_(self.up.decode(frame, view.shape, view.dtype, key_seed(seed, k), view.device))
             self.records.append({"kind": "push", "status": status, "scale": parts[0]["scale"],
                                  "tau": parts[0]["tau"], "parts": parts, "update": update, "sent": full_sent})
         return StepResult(status, self.version, parts[0]["tau"], parts[0]["scale"], parts)
 
-    @staticmethod
-    def _unsaved(link: _Link, header: dict, sent) -> None:
-        """Keep the sums of applied pushes per checkpoint number until the server says that checkpoint is on disk."""
+    def _unsaved(self, link: _Link, header: dict, frames, seed: int) -> None:
+        """Keep the sums of applied pushes (decoded from their `frames`) per checkpoint number until the server says
+        that checkpoint is on disk."""
         number, durable = header.get("ck"), header.get("durable")
         if not isinstance(number, int) or not isinstance(durable, int):
             return
@@ -524,10 +527,9 @@ class Worker:
             del link.unsaved[n]
         sums = link.unsaved.setdefault(number, {})
         for k in range(link.k0, link.k1):
-            if k in sums:
-                sums[k].add_(sent[k])
-            else:
-                sums[k] = sent[k].clone()
+            if k not in sums:
+                sums[k] = torch.zeros_like(self._left[k])
+            self.up.decode_add(frames[k], sums[k], 1.0, key_seed(seed, k))
 
     def status(self) -> dict:
         """The servers' counters (see `ParameterServer.status`): one server's as they are; several servers' summed

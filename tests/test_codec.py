@@ -100,5 +100,17 @@ def test_fused_server_passes_match_plain_torch(spec, numel, fast):
         ref_frame, ref_decoded = codec.encode(acc - x_hat, 5)
         torch.testing.assert_close(held, x_hat + ref_decoded, rtol=tol, atol=tol)
         assert got.numel() == ref_frame.numel() and (tol or torch.equal(got, ref_frame))
+        # encode_residual is encode(x + e) with e' = x + e - decoded: into another tensor, and in place.
+        ref_frame, ref_decoded = codec.encode(x + x_hat, 5)
+        for in_place in (False, True):
+            e = x_hat.clone()
+            out = e if in_place else torch.full_like(x, float("nan"))
+            got = codec.encode_residual(x, e, out, 5)
+            assert got.numel() == ref_frame.numel() and (tol or torch.equal(got, ref_frame))
+            torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), ref_decoded, rtol=tol, atol=tol)
+            torch.testing.assert_close(out, (x + x_hat) - ref_decoded, rtol=tol, atol=tol)
+            # conservation on the sender: what was sent plus what stays behind is exactly what there was to send
+            torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5) + out, x + x_hat,
+                                       rtol=0, atol=1e-6)
     finally:
         fastpath.set_enabled(was)
