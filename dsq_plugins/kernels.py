@@ -3,8 +3,9 @@
 Each is a specialisation of what `BlockCodec.decode_add`, `BlockCodec.encode_delta`, `BlockCodec.apply_delta` and
 `BlockCodec.encode_residual` do in torch ops on any device; they run only for contiguous float32 CPU tensors while
 `fastpath` is on. Rows are blocks of ``B`` elements, the last one possibly short (a frame's tail block); ``bits``
-holds ``B / 8`` bytes per full block and ``ceil(n / 8)`` for a short one, element 0 in the most significant bit, a set bit meaning negative
-(`bitpack.pack_negative`), padding bits 0; a short row's scale is its mean over its ``n`` elements.
+holds ``B / 8`` bytes per full block and ``ceil(n / 8)`` for a short one, element 0 in the most significant bit, a
+set bit meaning negative (`bitpack.pack_negative`), padding bits 0; a short row's scale is its mean over its ``n``
+elements.
 
 - `sign_apply`: ``acc += alpha * scale[r] * (+-1)``: one pass over ``acc`` (the server applying a push).
 - `sign_delta`: ``d = x - x_hat``, ``scale[r] = mean |d|`` over the block, the sign bits of ``d``, and
