@@ -150,8 +150,8 @@ def test_ddp_nccl_hook_equals_simulator_and_never_syncs():
 
 
 def test_block_codec_server_passes_on_cuda_equal_cpu():
-    """The parameter server's passes (`BlockCodec.encode`, `decode_add`, `encode_delta`, `apply_delta`) on CUDA
-    give the CPU's values (on the CPU, sign takes the numba kernels: an independent implementation)."""
+    """The parameter server's and its workers' passes (`BlockCodec.encode`, `decode_add`, `encode_delta`,
+    `apply_delta`, `encode_residual`) on CUDA give the CPU's values (on the CPU, sign takes the numba kernels: an independent implementation)."""
     from dsq_plugins.codec import BlockCodec
     for spec in ["sign", "topk:0.01", "int8", "randomk:0.1"]:
         codec = BlockCodec(dsq.get_compressor(spec), 1024)
@@ -169,8 +169,12 @@ def test_block_codec_server_passes_on_cuda_equal_cpu():
                 delta = codec.encode_delta(acc, held, seed=9)
                 x2, h2 = xs.clone(), hs.clone()
                 fused = codec.apply_delta(frame, x2, -0.5, 5, codec, h2, 9)
+                left = torch.empty_like(us)
+                pushed = codec.encode_residual(us, hs, left, seed=7)
+                assert pushed.device.type == left.device.type == dev
                 out[dev] = [t.cpu() for t in (sent, acc, held, x2, h2, codec.decode(delta, (n,), torch.float32, 9),
-                                              codec.decode(fused, (n,), torch.float32, 9))]
+                                              codec.decode(fused, (n,), torch.float32, 9), left,
+                                              codec.decode(pushed, (n,), torch.float32, 7))]
                 assert frame.numel() == codec.nbytes(n, torch.float32) == delta.numel()
             for k, (a, b) in enumerate(zip(out["cpu"], out["cuda"])):
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{spec} n={n} #{k}: {m}")
