@@ -21,6 +21,9 @@ $(CORE): setup.py requirements.txt constraints.txt
 	# an editable install leaves out doublesqueeze.pth (a wheel has it): the import hook of dsq_autohook.py
 	cp doublesqueeze.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	$(PY) -c "import torch, dsq_plugins; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# DeepSpeed compiles its CPU shared-memory op at the first launch (about 30 s, then cached in
+	# ~/.cache/torch_extensions): built here, so that the first DeepSpeed test does not pay for it
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 $(STAMP): $(CORE) tools/horovod_wheel.sh
