@@ -188,6 +188,7 @@ class BlockCodec:
         one shape, dtype and device; `scratch` (at least ``x.numel()`` elements) holds the difference, so that no
         tensor-sized temporary is allocated."""
         flat, held = x.view(-1), x_hat.view(-1)
+        _same(flat, held=held)
         numel, dtype, device = flat.numel(), flat.dtype, flat.device
         if numel == 0:
             return torch.empty(0, dtype=torch.uint8, device=device)
@@ -213,6 +214,7 @@ class BlockCodec:
         sender: compensate, compress, and the residual that stays behind). The three are contiguous tensors of one
         shape, dtype and device; `out` may be `residual` itself. Sign on float32 CPU tensors takes one kernel."""
         flat, e, left = x.view(-1), residual.view(-1), out.view(-1)
+        _same(flat, residual=e, out=left)
         numel, dtype, device = flat.numel(), flat.dtype, flat.device
         if numel == 0:
             return torch.empty(0, dtype=torch.uint8, device=device)
@@ -231,6 +233,7 @@ class BlockCodec:
         """`decode_add` of `frame` into `x`, then ``down.encode_delta(x, x_hat)``: a push answered by its pull. Both
         ``sign`` on float32 CPU tensors take one fused kernel, block by block; anything else the two calls."""
         flat, held = x.view(-1), x_hat.view(-1)
+        _same(flat, x_hat=held)
         numel, dtype = flat.numel(), flat.dtype
         if not (self.compressor.name == down.compressor.name and self.block_size == down.block_size
                 and self._sign_fast(flat, held) and frame.device.type == "cpu"):
@@ -262,6 +265,14 @@ class BlockCodec:
             data = frame.numpy()           # numpy: a few microseconds where torch's three ops per field cost tens
             return all(np.isfinite(_np_field(data, start, count, d)).all() for start, count, d in regions)
         return all(bool(torch.isfinite(_field(frame, start, count, d)).all()) for start, count, d in regions)
+
+
+def _same(x: torch.Tensor, **others: torch.Tensor) -> None:
+    """Refuse tensors that do not match `x` in elements, dtype and device (a kernel would read past one)."""
+    for name, t in others.items():
+        if t.numel() != x.numel() or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} is {t.numel()} elements of {t.dtype} on {t.device}, but the tensor is "
+                             f"{x.numel()} of {x.dtype} on {x.device}")
 
 
 def _joined(parts):

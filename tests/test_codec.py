@@ -67,6 +67,28 @@ def test_wrong_frame_size_is_refused():
         codec.decode(torch.zeros(3, dtype=torch.uint8), (100,), torch.float32)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_mismatched_tensors_are_refused(fast):
+    """A copy, residual or output tensor of another size or dtype is an error, never a read past its end."""
+    codec = BlockCodec(dsq.get_compressor("sign"), B)
+    x, short, half = torch.randn(2 * B), torch.randn(2 * B - 1), torch.randn(2 * B, dtype=torch.float64)
+    frame, _ = codec.encode(x)
+    was = fastpath.enabled()
+    fastpath.set_enabled(fast)
+    try:
+        for bad in (short, half):
+            with pytest.raises(ValueError, match="x_hat is|held is"):
+                codec.encode_delta(x.clone(), bad.clone())
+            with pytest.raises(ValueError, match="x_hat is"):
+                codec.apply_delta(frame, x.clone(), 1.0, 0, codec, bad.clone())
+            with pytest.raises(ValueError, match="residual is"):
+                codec.encode_residual(x, bad.clone(), torch.empty_like(x))
+            with pytest.raises(ValueError, match="out is"):
+                codec.encode_residual(x, x.clone(), bad.clone())
+    finally:
+        fastpath.set_enabled(was)
+
+
 @pytest.mark.parametrize("spec", ["none", "sign", "topk:0.1", "int8:16", "grouptopk:0.25+sign", "randomk:0.2"])
 @pytest.mark.parametrize("numel", [37, B, 3 * B + 5])
 @pytest.mark.parametrize("fast", [True, False])
