@@ -453,7 +453,7 @@ class Worker:
             self.skipped += 1
             return previous or StepResult("skipped", self.version)
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
-        frames, seqs = [], []
+        frames, seqs, rnorm = [], [], self.ef.norm()      # the residuals only change when an answer commits
         for link, base in zip(self.links, bases):
             for k in range(link.k0, link.k1):
                 # C(u + e) on the model's device; what it leaves behind waits in _left[k] for the server's answer
@@ -463,7 +463,7 @@ class Worker:
                 frames.append(self.up.encode_residual(self._key_view(k, update), e, self._left[k],
                                                       key_seed(seed, k)))
             seqs.append(self._send(link, "step", _to_host(frames[link.k0:link.k1]), session=link.session,
-                                   base=base, loss=None if loss is None else float(loss), rnorm=self.ef.norm(),
+                                   base=base, loss=None if loss is None else float(loss), rnorm=rnorm,
                                    skipped=self.skipped, seed=seed))
         self._inflight = (seqs, frames, seed, update)
         if self.overlap:
