@@ -75,7 +75,6 @@ from .protocol import field as hfield
 
 __all__ = ["ParameterServer", "STALENESS_POLICIES", "MODES"]
 
-COPY = False
 log = logging.getLogger("async_ps.server")
 
 STALENESS_POLICIES = ("inverse", "constant")

@@ -457,9 +457,9 @@ class Worker:
         for link, base in zip(self.links, bases):
             for k in range(link.k0, link.k1):
                 # C(u + e) on the model's device; what it leaves behind waits in _left[k] for the server's answer
-                e = self.ef.residuals.get(k)
-                if e is None:                          # none until a push of this key is applied
-                    e = torch.zeros_like(self._left[k])
+                e = self.ef.residuals.get(k) if self.ef.enabled else None
+                if e is None:                          # none until a push of this key is applied: zeros, in place
+                    e = self._left[k].zero_()
                 frames.append(self.up.encode_residual(self._key_view(k, update), e, self._left[k],
                                                       key_seed(seed, k)))
             seqs.append(self._send(link, "step", _to_host(frames[link.k0:link.k1]), session=link.session,
@@ -491,7 +491,7 @@ class Worker:
                 continue
             status = header["status"]
             if status == "applied":
-                for k in range(link.k0, link.k1):     # the residual becomes what this push left behind
+                for k in range(link.k0, link.k1) if self.ef.enabled else ():   # what this push left behind
                     old = self.ef.residuals.get(k)
                     self.ef.residuals[k] = self._left[k]
                     self._left[k] = torch.empty_like(self._left[k]) if old is None else old

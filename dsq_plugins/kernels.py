@@ -107,7 +107,7 @@ if numba is not None:
     # ``range(scale.shape[0])`` (the callers pass the full rows' scales): so written, LLVM vectorises the row loops
     # (a bound computed from numel measured 8x slower). A short last row (the frame's tail block, whose fields
     # follow the full blocks' in a sign frame) is one call of its own. The sign of ``d`` is kept as a flag byte
-    # while its L1 sum is taken, so that a row is read from memory once and ``x_hat`` is written once.
+    # while its L1 sum is taken, so that each row comes from memory once (its second read hits the cache).
     @numba.njit(nogil=True, cache=True, fastmath=_FAST)
     def _sign_apply(acc, scale, bits, alpha, B, words):                 # pragma: no cover - compiled
         flags = words.view(np.uint8)
