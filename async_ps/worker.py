@@ -447,13 +447,17 @@ class Worker:
             if self.record:
                 update = [u.clone() for u in update]
         # The sum is non-finite whenever an element is (or when finite values overflow it: skipped too, never
-        # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor, and one check of all the
-        # sums is one host synchronisation on a GPU.
-        if not bool(torch.isfinite(torch.stack([u.sum().double() for u in update])).all()):
+        # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor. The sums and the norms of
+        # the residuals (reported to the servers) come to the host together: one synchronisation on a GPU.
+        n = len(update)
+        checks = torch.stack([u.sum().double() for u in update] + [
+            torch.linalg.vector_norm(e.float()).double() for e in self.ef.residuals.values()]).cpu()
+        if not bool(torch.isfinite(checks[:n]).all()):
             self.skipped += 1
             return previous or StepResult("skipped", self.version)
+        rnorm = float(torch.linalg.vector_norm(checks[n:]))    # the residuals only change when an answer commits
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
-        frames, seqs, rnorm = [], [], self.ef.norm()      # the residuals only change when an answer commits
+        frames, seqs = [], []
         for link, base in zip(self.links, bases):
             for k in range(link.k0, link.k1):
                 # C(u + e) on the model's device; what it leaves behind waits in _left[k] for the server's answer

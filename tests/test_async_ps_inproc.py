@@ -121,6 +121,19 @@ def test_conservation_two_workers(spec):
             w.close()
 
 
+def test_each_push_reports_the_residual_norm_it_was_compensated_with():
+    """The worker's residual norm reaches the server with every push (its TensorBoard's worker_residual_norm):
+    the norm of the residual before that push, recomputed here in plain torch from the residuals."""
+    with server() as srv:
+        w, gen = worker(srv, "a"), torch.Generator().manual_seed(3)
+        for _ in range(3):
+            before = torch.cat([e.reshape(-1).double() for e in w.residuals()]).norm().item()
+            assert fake_step(w, gen).status == "applied"
+            assert srv.slots["a"].worker_rnorm == pytest.approx(before, rel=1e-6, abs=1e-12)
+        assert before > 0
+        w.close()
+
+
 def test_staleness_bound_blocks_then_rejects():
     """max_staleness=2, three workers. While A and C hold their first gradients, B may run 2 pushes ahead of the
     pack (the lower median of the clocks), then its pull waits. A's push (tau=2, at the bound) is applied with step
