@@ -125,13 +125,16 @@ class Worker:
         reconnect_timeout: seconds to keep trying to rejoin a lost server before giving up (`ServerLost`).
         overlap: send each step's push and return; the next call takes the answer (see the module docstring).
         record: keep every pushed and pulled tensor in `records` (tests check the conservation laws with it).
+        norm_every_s: seconds between the residual norms reported with the pushes (a pass over the residuals; the
+            server logs them about once a second); 0: with every push.
         context: the ZeroMQ context (``inproc://`` needs the server's).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, address: Union[str, Sequence[str]], token: str,
                  worker_id: Optional[str] = None, heartbeat_interval: float = 1.0, server_timeout: float = 10.0,
                  request_timeout: float = 300.0, reconnect_timeout: float = 120.0, overlap: bool = False,
-                 record: bool = False, context: Optional[zmq.Context] = None, connect: bool = True):
+                 record: bool = False, context: Optional[zmq.Context] = None, connect: bool = True,
+                 norm_every_s: float = 1.0):
         self.model = model
         self.optimizer = optimizer
         addresses = [a.strip() for a in address.split(",")] if isinstance(address, str) else list(address)
@@ -146,6 +149,8 @@ class Worker:
         self.request_timeout = request_timeout
         self.reconnect_timeout = reconnect_timeout
         self.overlap = overlap
+        self.norm_every_s = norm_every_s
+        self._norm_at = -float("inf")                # when the last residual norm was reported
         self.context = context or zmq.Context.instance()
         self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters()])
         self.layout = layout_of(zip(self.names, self.params))
@@ -448,14 +453,17 @@ class Worker:
                 update = [u.clone() for u in update]
         # The sum is non-finite whenever an element is (or when finite values overflow it: skipped too, never
         # applied); a reduction costs a tenth of `isfinite(u).all()` on a large tensor. The sums and the norms of
-        # the residuals (reported to the servers) come to the host together: one synchronisation on a GPU.
-        n = len(update)
+        # the residuals (when reported to the servers) come to the host together: one synchronisation on a GPU.
+        n, now = len(update), time.monotonic()
+        report = now - self._norm_at >= self.norm_every_s
         checks = torch.stack([u.sum().double() for u in update] + [
-            torch.linalg.vector_norm(e.float()).double() for e in self.ef.residuals.values()]).cpu()
+            torch.linalg.vector_norm(e.float()).double() for e in self.ef.residuals.values() if report]).cpu()
         if not bool(torch.isfinite(checks[:n]).all()):
             self.skipped += 1
             return previous or StepResult("skipped", self.version)
-        rnorm = float(torch.linalg.vector_norm(checks[n:]))    # the residuals only change when an answer commits
+        rnorm = None                                    # the residuals only change when an answer commits
+        if report:
+            rnorm, self._norm_at = float(torch.linalg.vector_norm(checks[n:])), now
         seed = secrets.randbits(32) if self.up.compressor.uses_seed else 0
         frames, seqs = [], []
         for link, base in zip(self.links, bases):

@@ -121,15 +121,18 @@ def test_conservation_two_workers(spec):
             w.close()
 
 
-def test_each_push_reports_the_residual_norm_it_was_compensated_with():
-    """The worker's residual norm reaches the server with every push (its TensorBoard's worker_residual_norm):
-    the norm of the residual before that push, recomputed here in plain torch from the residuals."""
+@pytest.mark.parametrize("every_s", [0.0, 3600.0])
+def test_pushes_report_the_residual_norm_they_were_compensated_with(every_s):
+    """The worker's residual norm reaches the server with its pushes (its TensorBoard's worker_residual_norm):
+    the norm of the residual before that push, recomputed here in plain torch; with every push (``norm_every_s
+    =0``), or with the first and then once per ``norm_every_s``."""
     with server() as srv:
-        w, gen = worker(srv, "a"), torch.Generator().manual_seed(3)
-        for _ in range(3):
+        w, gen = worker(srv, "a", norm_every_s=every_s), torch.Generator().manual_seed(3)
+        for step in range(3):
             before = torch.cat([e.reshape(-1).double() for e in w.residuals()]).norm().item()
             assert fake_step(w, gen).status == "applied"
-            assert srv.slots["a"].worker_rnorm == pytest.approx(before, rel=1e-6, abs=1e-12)
+            expected = before if every_s == 0 or step == 0 else 0.0     # the first push's residual is zero
+            assert srv.slots["a"].worker_rnorm == pytest.approx(expected, rel=1e-6, abs=1e-12)
         assert before > 0
         w.close()
 
