@@ -503,10 +503,8 @@ class Worker:
                 continue
             status = header["status"]
             if status == "applied":
-                for k in range(link.k0, link.k1) if self.ef.enabled else ():   # what this push left behind
-                    old = self.ef.residuals.get(k)
-                    self.ef.residuals[k] = self._left[k]
-                    self._left[k] = torch.empty_like(self._left[k]) if old is None else old
+                for k in range(link.k0, link.k1):     # the residual becomes what this push left behind
+                    self._left[k] = self.ef.swap(k, self._left[k])
                 if link.checkpointing:
                     self._unsaved(link, header, frames_up, seed)
             parts.append({"status": status, "tau": header["tau"], "scale": header["scale"], "server": link.index,

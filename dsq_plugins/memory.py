@@ -1,7 +1,7 @@
 """Error feedback: a residual memory keyed by tensor name or bucket, usable on the worker or the server side.
 
     v = x + e[key]        (compensate)
-    e[key] <- v - C(v)    (update, with C(v) the decompressed message)
+    e[key] <- v - C(v)    (update, with C(v) the decompressed message; or `swap` in a tensor that holds it)
 
 so that what the compressor dropped is sent later instead of lost.
 """
@@ -51,6 +51,19 @@ class ErrorFeedback:
         if start != compensated.numel():
             raise ValueError(f"residual {key!r}: the sent pieces hold {start} elements, the tensor "
                              f"{compensated.numel()}")
+
+    def swap(self, key: Hashable, left: torch.Tensor) -> torch.Tensor:
+        """Make `left` (what a message left behind, e.g. `BlockCodec.encode_residual`'s ``out``) the residual of
+        `key`, without a copy, once the message counts as sent; returns the tensor it replaces (for the next
+        message's ``out``), or a new one of `left`'s shape where there was none. Disabled: keeps nothing and
+        returns `left`."""
+        if not self.enabled:
+            return left
+        old = self.residuals.get(key)
+        self.residuals[key] = left
+        if old is None or old.shape != left.shape or old.dtype != left.dtype or old.device != left.device:
+            old = torch.empty_like(left)
+        return old
 
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         return self.residuals.get(key)

@@ -32,3 +32,15 @@ def test_disabled_keeps_nothing():
     ef = ErrorFeedback(enabled=False)
     ef.update("b", torch.ones(4), torch.zeros(4))
     assert ef.get("b") is None and ef.compensate("b", torch.ones(4)).sum() == 4
+
+
+def test_swap_makes_what_was_left_the_residual_without_a_copy():
+    ef = ErrorFeedback()
+    left = torch.full((3,), 0.25)
+    spare = ef.swap("w", left)
+    assert ef.get("w") is left and spare.shape == (3,) and spare is not left      # none before: a new buffer
+    spare.fill_(-1.0)
+    assert ef.swap("w", spare) is left and ef.get("w") is spare                    # the old one comes back
+    assert torch.equal(ef.get("w"), torch.full((3,), -1.0))
+    off = ErrorFeedback(enabled=False)
+    assert off.swap("w", left) is left and off.get("w") is None
