@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 import dsq_plugins as dsq
+from checks import shut_down_and_exit
 from workload import batch, build_model
 
 
@@ -41,7 +42,7 @@ def main():
                 "worker_residual": {"weight": w[0]},
                 "server_residual": {"weight": state.expand_server_residual(0, s[0], 2000)} if 0 in s else {}},
                out / f"rank{rank}.pt")
-    accelerator.wait_for_everyone()
+    shut_down_and_exit()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
+from checks import shut_down_and_exit
+
 
 def net_bytes() -> int:
     """Bytes the loopback has carried in this network namespace (sent; each is also received)."""
@@ -105,7 +107,7 @@ def main():
     torch.save(record, out / f"rank{rank}.pt")
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
-    trainer.accelerator.wait_for_everyone()
+    shut_down_and_exit()
 
 
 if __name__ == "__main__":

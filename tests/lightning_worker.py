@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 import dsq_plugins as dsq
 from dsq_plugins.lightning_callback import DoubleSqueezeCallback
+from checks import shut_down_and_exit
 from workload import batch, build_model
 
 LR = 0.5
@@ -74,6 +75,7 @@ def main():
                 "worker_residual": {"weight": w[0]} if 0 in w else {},
                 "server_residual": {"weight": state.expand_server_residual(0, s[0], 2000)} if 0 in s else {},
                 "params": {"weight": module.net.weight.detach().clone()}}, out / f"rank{rank}.pt")
+    shut_down_and_exit()
 
 
 if __name__ == "__main__":
