@@ -4,6 +4,7 @@ counters at the end."""
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -30,8 +31,11 @@ def main():
         if args.sleep:
             time.sleep(args.sleep)
     worker.finish(wait=args.finish)
-    print(json.dumps({"worker": worker.worker_id, "accepted": worker.accepted, "rejected": worker.rejected,
-                      "rejoins": worker.rejoins, "version": worker.version}), flush=True)
+    # one write per line: the workers share the launcher's stdout, and print's two writes (line, then newline)
+    # interleave between processes when it is unbuffered (PYTHONUNBUFFERED=1)
+    sys.stdout.write(json.dumps({"worker": worker.worker_id, "accepted": worker.accepted, "rejected": worker.rejected,
+                                 "rejoins": worker.rejoins, "version": worker.version}) + "\n")
+    sys.stdout.flush()
     worker.close()
 
 
