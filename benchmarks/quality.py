@@ -1,0 +1,314 @@
+"""The quality yardstick: DoubleSqueeze's compressors against dense DDP on real models, side by side at equal steps.
+
+One `torchrun` launch (2 ranks, gloo) trains the same model from the same initial weights on the same batches once
+per method, and reports for each the validation loss, its gap to dense (relative and absolute), and the bytes a
+rank sends per step against dense DDP's (a ring all-reduce sends 2 (W - 1) / W of the gradients per step).
+
+Tasks (`benchmarks/real_models.py`): ``lm`` (a byte-level transformer on the Python standard library's sources),
+``digits`` (an MLP), ``cnn`` (a small CNN on the digits). Optimisers: ``adamw`` (linear warm-up, cosine decay,
+weight decay 0.01) and ``sgd`` (momentum 0.9, the same schedule).
+
+Methods (each one word):
+
+    dense               plain DDP
+    default             DoubleSqueezeConfig() with nothing passed: the README's one line
+    auto                DoubleSqueezeConfig(compressor="auto")
+    powersgd[:R]        torch's PowerSGD hook, rank R (default 2), 10 dense warm-up steps, the whole model in one DDP
+                        bucket (with more than one it deadlocks or aborts on gloo)
+    SPEC[@K=V...]       DoubleSqueezeConfig(compressor=SPEC, K=V...): ``sign``, ``sign@noef`` (no residual on either
+                        pass), ``int4@block_size=256``, ``sign@policy=none``...
+
+Examples::
+
+    python benchmarks/quality.py --task lm --opt adamw --methods dense default sign sign@noef int4 powersgd auto
+    python benchmarks/quality.py --suite quick --json runs/bench/quality.json --png docs/img/quality.png
+
+Writes JSON (`--json`) with every run's curve, and a PNG of validation loss against steps and against MB sent.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SUITES = {
+    # task, optimiser, lr, steps, methods
+    "lm-adamw": ("lm", "adamw", 2e-3, 300, ["dense", "default", "sign", "sign@noef", "int4", "powersgd", "auto"]),
+    "lm-sgd": ("lm", "sgd", 0.3, 300, ["dense", "default", "sign", "sign@noef", "powersgd"]),
+    "digits-sgd": ("digits", "sgd", 0.05, 300, ["dense", "default", "sign", "sign@noef", "powersgd", "auto"]),
+    "cnn-adamw": ("cnn", "adamw", 2e-3, 300, ["dense", "default", "sign", "sign@noef", "powersgd", "auto"]),
+}
+
+
+# -- one method on one rank ------------------------------------------------------------------------------------
+def parse_method(method: str):
+    """`method` -> (kind, options): ("dense", {}), ("powersgd", {"rank": 2}), ("dsq", config kwargs)."""
+    if method == "dense":
+        return "dense", {}
+    if method.startswith("powersgd"):
+        return "powersgd", {"rank": int(method.split(":")[1]) if ":" in method else 2}
+    if method == "default":
+        return "dsq", {}
+    if method == "auto":
+        return "dsq", {"compressor": "auto"}
+    spec, *opts = method.split("@")
+    kw = {"compressor": spec}
+    for o in opts:
+        if o == "noef":
+            kw.update(worker_ef=False, server_ef=False)
+            continue
+        k, v = o.split("=", 1)
+        kw[k] = v if k in ("server_compressor", "candidates", "policy") else (
+            v == "True" if v in ("True", "False") else float(v) if "." in v else int(v))
+    return "dsq", kw
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def run_method(args, method: str, task, world: int, rank: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import dsq_plugins as dsq
+
+    kind, opts = parse_method(method)
+    model = task.model()
+    numel = sum(p.numel() for p in model.parameters())
+    # torch's PowerSGD hook deadlocks or aborts on gloo when a model has more than one DDP bucket (its
+    # collectives are issued from future callbacks in an order that differs between ranks): it runs here with
+    # the whole model in one bucket, the only layout where it works on gloo.
+    ddp = DDP(model, bucket_cap_mb=1024) if kind == "powersgd" else DDP(model)
+    state = None
+    counted = {"bytes": 0}
+    if kind == "dsq":
+        state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(**opts))
+        ddp.register_comm_hook(state, dsq.doublesqueeze_hook)
+    elif kind == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+        ps_state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=opts["rank"],
+                                    start_powerSGD_iter=10, min_compression_rate=2, use_error_feedback=True,
+                                    warm_start=True)
+        ddp.register_comm_hook(ps_state, ps.powerSGD_hook)
+        counted = _count_all_reduce_bytes(world)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "adamw":
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    curve, diverged, t0 = [], False, time.perf_counter()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        x, y = task.batch_for(step, rank)
+        loss = task.loss(ddp, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        if not math.isfinite(float(loss)):
+            diverged = True
+            break
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append((step + 1, task.evaluate(model)["val_loss"]))
+    seconds = time.perf_counter() - t0
+    final = task.evaluate(model) if not diverged else {"val_loss": float("nan")}
+    steps_done = step + 1
+    dense_bytes = 2 * (world - 1) / world * numel * 4          # a ring all-reduce, per rank per step
+    if kind == "dense":
+        sent = dense_bytes * steps_done
+    elif kind == "dsq":
+        state.drain()
+        sent = state.totals.bytes_sent
+    else:
+        sent = counted["bytes"]
+    sent_all = [0.0] * world
+    t = torch.tensor([float(sent)], dtype=torch.float64)
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, t)
+    sent_all = [float(g) for g in gathered]
+    out = dict(method=method, kind=kind, options=opts, val_loss=final["val_loss"], accuracy=final.get("accuracy"),
+               diverged=diverged or not math.isfinite(final["val_loss"]), steps=steps_done, seconds=seconds,
+               bytes_per_step=max(sent_all) / steps_done, dense_bytes_per_step=dense_bytes, curve=curve)
+    if state is not None:
+        out["config"] = state.config.to_dict()
+        out.update(_dsq_report(state))
+    if counted.get("restore"):
+        counted["restore"]()
+    return out
+
+
+def _dsq_report(state) -> dict:
+    """What the engine decided, for the record: modes and switches of the guard and of auto."""
+    rep = {}
+    for name in ("guard_report", "policy_report"):
+        fn = getattr(state, name, None)
+        if fn is not None:
+            rep[name] = fn()
+    if state.auto is not None:
+        rep["auto_history"] = [list(h) for h in state.auto.history]
+    return rep
+
+
+def _count_all_reduce_bytes(world: int) -> dict:
+    """Counts what `torch.distributed.all_reduce` moves (PowerSGD's hook calls it by that name): a ring's
+    2 (W - 1) / W of each tensor per rank."""
+    import torch.distributed as dist
+    counted = {"bytes": 0}
+    original = dist.all_reduce
+
+    def all_reduce(tensor, *a, **kw):
+        counted["bytes"] += 2 * (world - 1) / world * tensor.numel() * tensor.element_size()
+        return original(tensor, *a, **kw)
+    dist.all_reduce = all_reduce
+
+    def restore():
+        dist.all_reduce = original
+    counted["restore"] = restore
+    return counted
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from real_models import Task
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    task = Task(args.task, seed=args.seed)
+    results = []
+    for method in args.methods:
+        try:
+            r = run_method(args, method, task, world, rank)
+        except Exception as e:           # a method that cannot run here is reported, not hidden
+            r = dict(method=method, error=f"{type(e).__name__}: {e}"[:400])
+            if rank == 0:
+                print(f"[{method}] failed: {r['error']}", flush=True)
+            if "gloo" in str(e).lower() or "collective" in str(e).lower():
+                results.append(r)
+                break              # a failed collective leaves the group unusable
+        results.append(r)
+        if rank == 0 and "error" not in r:
+            print(f"[{method}] val {r['val_loss']:.4f}  {r['bytes_per_step'] / 1e3:.1f} KB/step  "
+                  f"{r['seconds']:.0f} s", flush=True)
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- the driver ------------------------------------------------------------------------------------------------
+def launch(args, task, opt, lr, steps, methods, out_json: Path) -> list:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           str(Path(__file__).resolve()), "--worker-out", str(out_json), "--task", task, "--opt", opt,
+           "--lr", str(lr), "--steps", str(steps), "--warmup", str(args.warmup or max(1, steps // 10)),
+           "--wd", str(args.wd), "--clip", str(args.clip), "--eval-every", str(args.eval_every),
+           "--seed", str(args.seed), "--methods", *methods]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    if proc.returncode != 0 and not out_json.exists():
+        raise SystemExit(f"the yardstick's workers failed (exit {proc.returncode})")
+    return json.loads(out_json.read_text())
+
+
+def table(rows: list, title: str) -> str:
+    dense = next((r for r in rows if r.get("method") == "dense" and "error" not in r), None)
+    lines = [title, f"{'method':>34} {'val loss':>9} {'gap':>8} {'KB/step':>9} {'fewer':>8}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['method']:>34}  failed: {r['error'][:80]}")
+            continue
+        gap = (r["val_loss"] / dense["val_loss"] - 1) * 100 if dense else float("nan")
+        fewer = r["dense_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("inf")
+        v = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
+        lines.append(f"{r['method']:>34} {v:>9} {gap:>+7.2f}% {r['bytes_per_step'] / 1e3:>9.1f} {fewer:>7.1f}x")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.6 * len(runs)), squeeze=False)
+    for (name, rows), (a, b) in zip(runs.items(), axes):
+        for r in rows:
+            if "error" in r or not r["curve"]:
+                continue
+            s, v = zip(*r["curve"])
+            a.plot(s, v, label=r["method"])
+            b.plot([x * r["bytes_per_step"] / 1e6 for x in s], v, label=r["method"])
+        a.set(title=f"{name}: validation loss", xlabel="step", ylabel="val loss")
+        b.set(title=f"{name}: against MB sent per rank", xlabel="MB", xscale="log")
+        lo = min((min(v for _, v in r["curve"]) for r in rows if "error" not in r and r["curve"]), default=0)
+        a.set_ylim(lo * 0.97, lo * 1.6)
+        b.set_ylim(lo * 0.97, lo * 1.6)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default=None, help=f"a named set of runs ({', '.join(SUITES)}, or 'all')")
+    ap.add_argument("--task", default="lm", choices=["lm", "digits", "cnn"])
+    ap.add_argument("--opt", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps (default: steps / 10)")
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker_out:
+        return worker(args)
+
+    if args.suite:
+        names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+        plan = {n: SUITES[n] for n in names}
+    else:
+        lr = args.lr or (2e-3 if args.opt == "adamw" else 0.3)
+        plan = {f"{args.task}-{args.opt}": (args.task, args.opt, lr, args.steps,
+                                            args.methods or ["dense", "default", "sign", "sign@noef"])}
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsq-quality-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    runs, t0 = {}, time.time()
+    for name, (task, opt, lr, steps, methods) in plan.items():
+        if args.methods and args.suite:
+            methods = args.methods
+        rows = launch(args, task, opt, lr, steps, methods, tmp / f"{name}.json")
+        runs[name] = rows
+        print(table(rows, f"\n{name} ({task}, {opt}, lr {lr}, {steps} steps, {args.nproc} ranks)"), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(runs=runs, seconds=time.time() - t0, machine=platform.node(),
+                                                   date=time.strftime("%Y-%m-%d"), nproc=args.nproc), indent=1))
+    if args.png:
+        plot(runs, Path(args.png))
+
+
+if __name__ == "__main__":
+    main()
