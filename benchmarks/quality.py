@@ -6,13 +6,17 @@ rank sends per step against dense DDP's (a ring all-reduce sends 2 (W - 1) / W o
 
 Tasks (`benchmarks/real_models.py`): ``lm`` (a byte-level transformer on the Python standard library's sources),
 ``digits`` (an MLP), ``cnn`` (a small CNN on the digits). Optimisers: ``adamw`` (linear warm-up, cosine decay,
-weight decay 0.01) and ``sgd`` (momentum 0.9, the same schedule).
+weight decay 0.01, torch's default betas) and ``sgd`` (momentum 0.9, the same schedule).
 
 Methods (each one word):
 
     dense               plain DDP
     default             DoubleSqueezeConfig() with nothing passed: the README's one line
     auto                DoubleSqueezeConfig(compressor="auto")
+    adamw:SPEC[@warmup=N][@warmup_compressor=S]
+                        `dsq.DoubleSqueezeAdamW` (AdamW only): AdamW on DoubleSqueeze-averaged gradients (S, default
+                        int4:128) for N steps (default a fifth of the run), then Adam's variance frozen and the
+                        momentum compressed with SPEC
     powersgd[:R]        torch's PowerSGD hook, rank R (default 2), 10 dense warm-up steps, the whole model in one DDP
                         bucket (with more than one it deadlocks or aborts on gloo)
     SPEC[@K=V...]       DoubleSqueezeConfig(compressor=SPEC, K=V...): ``sign``, ``sign@noef`` (no residual on either
@@ -59,6 +63,13 @@ def parse_method(method: str):
         return "dsq", {}
     if method == "auto":
         return "dsq", {"compressor": "auto"}
+    if method.startswith("adamw:"):          # DoubleSqueezeAdamW: adamw:SPEC[@warmup=N][@K=V...]
+        kind, (spec, *opts) = "adamw", method[len("adamw:"):].split("@")
+        kw = {"compressor": spec}
+        for o in opts:
+            k, v = o.split("=", 1)
+            kw[k] = v if k in ("warmup_compressor", "server_compressor") else int(v) if v.isdigit() else float(v)
+        return kind, kw
     spec, *opts = method.split("@")
     kw = {"compressor": spec}
     for o in opts:
@@ -107,8 +118,17 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     for n, p in model.named_parameters():
         (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.opt == "adamw":
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    if kind == "adamw":
+        if args.opt != "adamw":
+            raise ValueError("adamw:SPEC methods are DoubleSqueezeAdamW: run them with --opt adamw")
+        o = dict(opts)
+        warm = int(o.pop("warmup", max(1, args.steps // 5)))
+        wspec = o.pop("warmup_compressor", "int4:128")
+        opt = dsq.DoubleSqueezeAdamW(groups, lr=args.lr, weight_decay=args.wd, warmup_steps=warm,
+                                     config=dsq.DoubleSqueezeConfig(guard=0.0, **o),
+                                     warmup_config=dsq.DoubleSqueezeConfig(compressor=wspec), ddp=ddp)
+    elif args.opt == "adamw":
+        opt = torch.optim.AdamW(groups, lr=args.lr)
     else:
         opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     curve, diverged, t0 = [], False, time.perf_counter()
@@ -136,6 +156,8 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     elif kind == "dsq":
         state.drain()
         sent = state.totals.bytes_sent
+    elif kind == "adamw":
+        sent = opt.bytes_sent()
     else:
         sent = counted["bytes"]
     sent_all = [0.0] * world

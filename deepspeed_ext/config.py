@@ -1,9 +1,11 @@
 """The ``"doublesqueeze"`` section of a DeepSpeed config, validated with pydantic as DeepSpeed validates its own.
 
     {"train_micro_batch_size_per_gpu": 32, ...,
-     "doublesqueeze": {"enabled": true, "compressor": "sign", "server_compressor": null, "worker_ef": true,
+     "doublesqueeze": {"enabled": true, "compressor": "int4:128", "server_compressor": null, "worker_ef": true,
                        "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0,
-                       "block_size": 4096}}
+                       "block_size": 4096, "guard": 0.15, "fallback": "int4:128"}}
+
+Every key is optional; the defaults are `dsq_plugins.DoubleSqueezeConfig`'s.
 
 Absent, or ``"enabled": false``, means stock DeepSpeed (with a warning when the section holds other settings).
 """
@@ -24,25 +26,31 @@ __all__ = ["SECTION", "DoubleSqueezeSection", "read_section"]
 SECTION = "doublesqueeze"
 
 
+_D = DoubleSqueezeConfig()       # the defaults are DoubleSqueezeConfig's
+
+
 class DoubleSqueezeSection(DeepSpeedConfigModel):
-    """The fields of `dsq_plugins.DoubleSqueezeConfig`, plus `enabled`. Unknown keys are refused."""
+    """The fields of `dsq_plugins.DoubleSqueezeConfig`, plus `enabled`; their defaults are that config's. Unknown
+    keys are refused."""
 
     enabled: bool = False
-    compressor: str = "sign"
-    server_compressor: Optional[str] = None
-    worker_ef: bool = True
-    server_ef: bool = True
-    warmup_steps: int = Field(0, ge=0)
-    min_numel: int = Field(1024, ge=0)
-    bucket_mb: float = Field(25.0, gt=0)
-    seed: int = Field(0, ge=0)
-    block_size: int = Field(4096, ge=8, multiple_of=8)
-    candidates: Optional[Union[str, List[str]]] = None
+    compressor: str = _D.compressor
+    server_compressor: Optional[str] = _D.server_compressor
+    worker_ef: bool = _D.worker_ef
+    server_ef: bool = _D.server_ef
+    warmup_steps: int = Field(_D.warmup_steps, ge=0)
+    min_numel: int = Field(_D.min_numel, ge=0)
+    bucket_mb: float = Field(_D.bucket_mb, gt=0)
+    seed: int = Field(_D.seed, ge=0)
+    block_size: int = Field(_D.block_size, ge=8, multiple_of=8)
+    candidates: Optional[Union[str, List[str]]] = _D.candidates
+    guard: float = Field(_D.guard, ge=0, lt=1)
+    fallback: Optional[str] = _D.fallback
     # DeepSpeedConfigModel drops every "auto" value (the Hugging Face Trainer's placeholder) before validation;
     # ours is a real choice, so `read_section` takes it out first and keeps it here.
     _auto: bool = PrivateAttr(False)
 
-    @field_validator("compressor", "server_compressor")
+    @field_validator("compressor", "server_compressor", "fallback")
     @classmethod
     def _known_compressor(cls, spec):
         if spec is None or spec.strip() == AUTO:

@@ -10,7 +10,9 @@ from .compressors import Compressor
 from .config import DivergenceWarning, DoubleSqueezeConfig
 from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
 from .memory import ErrorFeedback
+from .guard import QualityWarning
 from .monitor import Monitor, RoundStats, TensorBoardMonitor
+from .optim import DoubleSqueezeAdamW
 from .payload import Payload
 from .registry import ENTRY_POINT_GROUP, available_compressors, get_compressor, register_compressor
 from .simulator import Simulator
@@ -19,8 +21,8 @@ from .threadcomm import ThreadWorld
 __version__ = "0.2.0"
 
 __all__ = [
-    "Communicator", "Compressor", "DivergenceWarning", "DoubleSqueezeCollective", "Monitor", "DoubleSqueezeConfig",
-    "DoubleSqueezeState", "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator",
+    "Communicator", "Compressor", "DivergenceWarning", "DoubleSqueezeAdamW", "DoubleSqueezeCollective", "Monitor",
+    "DoubleSqueezeConfig", "DoubleSqueezeState", "QualityWarning", "ENTRY_POINT_GROUP", "ErrorFeedback", "Payload", "RoundStats", "Simulator",
     "TensorBoardMonitor", "ThreadWorld",
     "TorchDistributedCommunicator", "available_compressors", "doublesqueeze_hook", "get_compressor",
     "register_compressor",

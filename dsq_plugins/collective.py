@@ -32,10 +32,11 @@ from .communicator import Communicator, ProcessGroupUnavailable
 from .config import DoubleSqueezeConfig
 from .registry import get_compressor
 from .engine import BucketState, Exchange, Scratch, now
+from .guard import QualityGuard
 from .monitor import Monitor, RoundStats
 from .plan import BucketPlan, expand_owned
 
-__all__ = ["DoubleSqueezeCollective", "Exchange", "default_chunk_elements"]
+__all__ = ["DoubleSqueezeCollective", "BucketExchange", "Exchange", "default_chunk_elements"]
 
 
 def default_chunk_elements(device: torch.device) -> int:
@@ -51,6 +52,34 @@ class _Round:
         self.stats = RoundStats()
         self.skips: List[torch.Tensor] = []
         self.error_sq: Dict[str, torch.Tensor] = {}
+        self.guard_sampled = False
+
+
+class BucketExchange:
+    """One bucket's double pass in flight: one engine `Exchange` (part) per compressor its tensors use (the
+    quality guard may have moved some of them to another compressor), each with its own uplink and downlink, and
+    one skip decision for the whole bucket.
+
+    Attributes:
+        step: the step (communication round) it belongs to.
+        keys, items: the bucket's tensors.
+        spec: the bucket's compressor (auto's choice or the config's; None: dense).
+        parts, index: the parts, and for each the positions of its tensors among `items`.
+        skip: 0-d bool tensor once served: whether some rank had a NaN or Inf in the bucket.
+    """
+
+    def __init__(self, step: int, keys, items, spec: Optional[str]):
+        self.step, self.keys, self.items, self.spec = step, keys, items, spec
+        self.parts: List[Exchange] = []
+        self.index: List[List[int]] = []
+        self.skip: Optional[torch.Tensor] = None
+
+    @property
+    def stats(self) -> RoundStats:
+        total = RoundStats()
+        for ex in self.parts:
+            total.add(ex.stats)
+        return total
 
 
 class DoubleSqueezeCollective:
@@ -78,12 +107,14 @@ class DoubleSqueezeCollective:
         self._comm = communicator
         self._compressors = {spec: (get_compressor(spec), config.server_for(spec)) for spec in config.candidate_specs}
         self.auto: Optional[AutoTuner] = AutoTuner(config.candidate_specs) if config.auto else None
+        self.guard: Optional[QualityGuard] = (QualityGuard(config.guard, config.fallback, config.block_size)
+                                              if config.guard else None)
+        self._guard_sampling = False
         self._step_started = -1
         self.step = 0
         self._init_counters()
         self._states: Dict[Tuple, BucketState] = {}
-        self.flushes = 0                   # tensors whose residuals went out with a dense reduction (auto)
-        self._flushed: list = []
+        self.flushes = 0                   # tensors whose residuals went out with a dense reduction (auto, guard)
         self._holder: Dict[Hashable, BucketState] = {}
         self._loaded: Dict[Hashable, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         self._scratch = Scratch()
@@ -150,81 +181,140 @@ class DoubleSqueezeCollective:
         for ex, out in zip(exchanges, outs):
             self.end(ex, out)
 
-    def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]], flat: Optional[torch.Tensor] = None) -> Exchange:
+    def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]],
+              flat: Optional[torch.Tensor] = None) -> BucketExchange:
         """Stage 1, the worker pass: compress ``g + e_i`` block by block into the uplink and issue it (and the
         dense tensors' all-reduce). `flat`, if given, is the buffer the tensors are views of (a DDP bucket): a
         bucket that is dense throughout is then all-reduced in place. The tensors must stay untouched until `end`."""
         keys, tensors = self._check(items)
-        if self.auto is not None and self._step_started != self.step:
+        if self._step_started != self.step:
             self._step_started = self.step
-            if self.step >= self.config.warmup_steps:
-                device = tensors[0].device
-                W = self.world_size
-                self.auto.ring = 2 * (W - 1) / W
-                self.auto.on_step_start(self.step, self.auto.clock(), lambda v: self._mean_over_ranks(v, device),
-                                        (lambda n: self._time_all_reduce(n, device)) if W > 1 else None)
-        state = self._state_for(keys, tensors)
+            self._on_step_start(tensors[0].device)
+        spec, groups = self._groups(keys, tensors)
+        bex = BucketExchange(self.step, keys, tensors, spec)
         track = self.monitor is not None and self.monitor.wants(self.step)
-        ex = Exchange(state, tensors, self.step, track)
-        ex.flushed = self._flushed
-        t0 = now()
-        bad = state.worker_pass(ex, self._scratch, flat)
-        ex.in_place_dense = ex.dense_buf is not None and ex.dense_buf is flat
-        comm, plan = self.comm, state.plan
-        W, me = plan.world_size, plan.rank
-        if state.has_rows:
-            state.send[state.header_pos] = bad.to(torch.uint8)
-            up = state.up
-            ex.up = comm.all_to_all_async(state.send, up.sizes, [up.sizes[me]] * W,
-                                          out=state.exchange_buf[:state.recv_size], name=f"dsq.up.{keys[0]}")
-        if ex.dense_buf is not None:
-            ex.dense = comm.all_reduce_sum_async(ex.dense_buf, name=f"dsq.dense.{keys[0]}")
-        self._count(ex, t0)
-        return ex
+        comm = self.comm
+        for part_spec, idx, dense in groups:
+            sub_keys, sub = [keys[i] for i in idx], [tensors[i] for i in idx]
+            state, flushed = self._state_for(sub_keys, sub, part_spec, dense)
+            ex = Exchange(state, sub, self.step, track)
+            ex.flushed = flushed
+            plan = state.plan
+            if self._guard_sampling and plan.compressed and state.keep_worker:
+                ex.guard_sums = torch.zeros(4, len(plan.compressed), dtype=torch.float64, device=plan.device)
+            t0 = now()
+            part_flat = flat if len(groups) == 1 else None
+            bad = state.worker_pass(ex, self._scratch, part_flat)
+            ex.in_place_dense = ex.dense_buf is not None and ex.dense_buf is part_flat
+            W, me = plan.world_size, plan.rank
+            if state.has_rows:
+                state.send[state.header_pos] = bad.to(torch.uint8)
+                up = state.up
+                ex.up = comm.all_to_all_async(state.send, up.sizes, [up.sizes[me]] * W,
+                                              out=state.exchange_buf[:state.recv_size], name=f"dsq.up.{sub_keys[0]}")
+            if ex.dense_buf is not None:
+                ex.dense = comm.all_reduce_sum_async(ex.dense_buf, name=f"dsq.dense.{sub_keys[0]}")
+            self._count(ex, t0)
+            bex.parts.append(ex)
+            bex.index.append(idx)
+        return bex
 
-    def serve(self, ex: Exchange) -> None:
-        """Stage 2, once the uplink has arrived: the skip decision, the worker residual update, and the server
-        pass of this rank's blocks into its downlink message, which is then issued."""
-        state = ex.state
-        recv = ex.up.wait() if ex.up is not None else None
-        if ex.dense is not None:
-            ex.dense.wait()
-            if recv is None:
-                ex.skip = ~torch.isfinite(ex.dense_buf.sum())
-        t0 = now()
-        state.serve(ex, recv, self._scratch)
-        if state.has_rows:
-            down = state.down
-            ex.down = self.down_comm.all_gather_async(state.own, down.sizes, out=state.exchange_buf[:down.total],
-                                                 name=f"dsq.down.{ex.state.plan.keys[0]}")
-        ex.stats.compress_seconds += now() - t0
+    def serve(self, bex: BucketExchange) -> None:
+        """Stage 2, once the uplinks have arrived: the skip decision (any rank's flag in any part), the worker
+        residual update, and the server pass of this rank's blocks into its downlink messages, which are then
+        issued."""
+        recvs, flags = [], []
+        for ex in bex.parts:
+            recv = ex.up.wait() if ex.up is not None else None
+            if ex.dense is not None:
+                ex.dense.wait()
+            recvs.append(recv)
+            flags.append(ex.state.skip_flag(recv) if recv is not None else ~torch.isfinite(ex.dense_buf.sum()))
+        bex.skip = flags[0] if len(flags) == 1 else torch.stack(flags).any()
+        for ex, recv in zip(bex.parts, recvs):
+            ex.skip = bex.skip
+            t0 = now()
+            ex.state.serve(ex, recv, self._scratch)
+            if ex.state.has_rows:
+                down = ex.state.down
+                ex.down = self.down_comm.all_gather_async(ex.state.own, down.sizes,
+                                                          out=ex.state.exchange_buf[:down.total],
+                                                          name=f"dsq.down.{ex.state.plan.keys[0]}")
+            ex.stats.compress_seconds += now() - t0
 
-    def end(self, ex: Exchange, outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        """Stage 3, once the downlink has arrived: decode every block's update into `outs` (default: into the
+    def end(self, bex: BucketExchange, outs: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Stage 3, once the downlinks have arrived: decode every block's update into `outs` (default: into the
         input tensors themselves). A skipped exchange gives all-NaN updates."""
-        gathered = ex.down.wait() if ex.down is not None else None
-        t0 = now()
         in_place = outs is None
-        outs = ex.items if in_place else outs
-        ex.in_place_dense = ex.in_place_dense and in_place
-        ex.state.finish(ex, gathered, outs, self._scratch)
-        ex.stats.compress_seconds += now() - t0
-        ex.finished = True
-        if ex.flushed and ex.skip is not None and bool(ex.skip):     # (a host read, on a switch step only)
-            for key, w, s in ex.flushed:          # a skipped step applies nothing: the residuals stay held
-                self._loaded[key] = (w, s)
+        outs = bex.items if in_place else outs
+        skipped = None
+        for ex, idx in zip(bex.parts, bex.index):
+            gathered = ex.down.wait() if ex.down is not None else None
+            t0 = now()
+            ex.in_place_dense = ex.in_place_dense and in_place
+            ex.state.finish(ex, gathered, [outs[i] for i in idx], self._scratch)
+            ex.stats.compress_seconds += now() - t0
+            if ex.flushed:
+                if skipped is None:
+                    skipped = bool(bex.skip)       # (a host read, on a switch step only)
+                if skipped:                        # a skipped step applies nothing: the residuals stay held
+                    for key, w, s in ex.flushed:
+                        self._loaded[key] = (w, s)
+        stats = bex.stats
         if self.auto is not None:
-            plan, r = ex.state.plan, ex.stats
-            ring = 2 * (plan.world_size - 1) * plan.numel * torch.empty((), dtype=plan.dtype).element_size() \
-                // max(1, plan.world_size)
-            self.auto.record(self.auto.measuring, tuple(plan.keys), r.compress_seconds, r.bytes_sent, ring)
+            itemsize = bex.items[0].element_size()
+            W = self.world_size
+            ring = 2 * (W - 1) * sum(t.numel() for t in bex.items) * itemsize // max(1, W)
+            self.auto.record(self.auto.measuring, tuple(bex.keys), stats.compress_seconds, stats.bytes_sent, ring)
         with self._lock:
-            r = self._rounds.setdefault(ex.step, _Round())
-            r.stats.add(ex.stats)
-            r.skips.append(ex.skip)
-            for name, v in ex.error_sq.items():
-                r.error_sq[name] = r.error_sq.get(name, 0) + v
+            if self.guard is not None and bex.spec is not None:
+                for ex in bex.parts:
+                    if ex.guard_sums is not None:
+                        self.guard.add([sp.key for sp in ex.state.plan.compressed], bex.spec, ex.guard_sums)
+            r = self._rounds.setdefault(bex.step, _Round())
+            r.stats.add(stats)
+            r.skips.append(bex.skip)
+            r.guard_sampled |= any(ex.guard_sums is not None for ex in bex.parts)
+            for ex in bex.parts:
+                for name, v in ex.error_sq.items():
+                    r.error_sq[name] = r.error_sq.get(name, 0) + v
         return outs
+
+    def _on_step_start(self, device) -> None:
+        """The first reduction of a step: auto's schedule and the guard's decisions, at the same step on every
+        rank (each may take a small all-reduce)."""
+        warm = self.step < self.config.warmup_steps
+        if self.auto is not None and not warm:
+            W = self.world_size
+            self.auto.ring = 2 * (W - 1) / W
+            self.auto.on_step_start(self.step, self.auto.clock(), lambda v: self._mean_over_ranks(v, device),
+                                    (lambda n: self._time_all_reduce(n, device)) if W > 1 else None)
+        if self.guard is not None:
+            with self._lock:
+                due = self.guard.due()
+            if due:
+                with self._lock:
+                    switches = self.guard.decide(self.step, lambda v: self._sum_over_ranks(v, device))
+                self.guard.warn(switches, self.describe_key)
+                if switches and self.monitor is not None:
+                    for sw in switches:
+                        self.monitor.log_scalar(f"{self.monitor.prefix}guard/{self.describe_key(sw.key)}",
+                                                float(self.guard.levels[(sw.key, sw.spec)]), self.step)
+                    self.monitor.log_scalar(self.monitor.prefix + "guard/switches", float(len(self.guard.switches)),
+                                            self.step)
+            self._guard_sampling = not warm and self.guard.samples(self.step)
+
+    def describe_key(self, key: Hashable) -> str:
+        """How a tensor is named in warnings and TensorBoard tags (integrations with names override this)."""
+        return str(key)
+
+    def guard_report(self) -> dict:
+        """The guard's switches so far: [{step, tensor, from, to, pass, delta, nominal}]."""
+        if self.guard is None:
+            return {"enabled": False}
+        return {"enabled": True, "switches": [
+            dict(step=s.step, tensor=self.describe_key(s.key), spec=s.spec, to=s.to or "dense", pass_=s.pass_,
+                 delta=round(s.delta, 4), nominal=round(s.nominal, 4)) for s in self.guard.switches]}
 
     # -- plans and residuals -----------------------------------------------------------------------------------
     def _check(self, items):
@@ -243,6 +333,10 @@ class DoubleSqueezeCollective:
                                  f"{tensors[0].dtype} on {tensors[0].device}, {key!r} is {t.dtype} on {t.device}")
         return keys, tensors
 
+    def _sum_over_ranks(self, values: List[float], device) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        return self.comm.all_reduce_sum(t).tolist()
+
     def _mean_over_ranks(self, values: List[float], device) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         return (self.comm.all_reduce_sum(t) / self.world_size).tolist()
@@ -259,30 +353,51 @@ class DoubleSqueezeCollective:
             torch.cuda.synchronize(buf.device)
         return now() - t0
 
-    def _state_for(self, keys, tensors) -> BucketState:
-        numels = tuple(t.numel() for t in tensors)
+    def _groups(self, keys, tensors):
+        """(the bucket's compressor spec or None, [(spec, positions, dense flags)]): the bucket's tensors grouped
+        by the compressor each uses at this step. Dense tensors (small, warm-up, auto's dense) ride in the first
+        group's messages; a bucket with nothing compressed is one dense group."""
         spec = self.auto.choice(tuple(keys)) if self.auto is not None else self.config.compressor
-        dense = tuple(spec is None or not self.compresses(n) for n in numels)
-        if all(dense):
-            spec = None
+        per = []
+        for key, t in zip(keys, tensors):
+            if spec is None or not self.compresses(t.numel()):
+                per.append(None)
+            else:
+                per.append(spec if self.guard is None else self.guard.spec_for(key, spec))
+        specs = list(dict.fromkeys(s for s in per if s is not None))
+        if not specs:
+            return spec, [(None, list(range(len(keys))), tuple(True for _ in keys))]
+        groups = []
+        for n, s in enumerate(specs):
+            idx = [i for i, x in enumerate(per) if x == s or (n == 0 and x is None)]
+            groups.append((s, idx, tuple(per[i] is None for i in idx)))
+        return spec, groups
+
+    def _state_for(self, keys, tensors, spec, dense) -> Tuple[BucketState, list]:
+        numels = tuple(t.numel() for t in tensors)
         dtype, device = tensors[0].dtype, tensors[0].device
         key = (tuple(keys), numels, dense, dtype, device, spec)
         state = self._states.get(key)
         if state is None:
             state = self._new_state(keys, numels, dense, dtype, device, spec)
             self._states[key] = state
-        self._flushed = self._claim(state, keys, tensors)
-        return state
+        return state, self._claim(state, keys, tensors)
 
     def _new_state(self, keys, numels, dense, dtype, device, spec) -> BucketState:
         cfg = self.config
         chunk = self.chunk_elements or default_chunk_elements(device)
         plan = BucketPlan(keys, numels, dense, dtype, device, self.world_size, self.rank, cfg.block_size, chunk)
-        wc, sc = self._compressors[spec] if spec is not None else self._compressors[cfg.candidate_specs[0]]
+        wc, sc = self._pair(spec if spec is not None else cfg.candidate_specs[0])
         state = BucketState(plan, wc, sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
         state.spec = spec
         state.live = set()
         return state
+
+    def _pair(self, spec: str):
+        """(worker, server) compressors of a part compressed with `spec`."""
+        if spec not in self._compressors:
+            self._compressors[spec] = (get_compressor(spec), self.config.server_for(spec))
+        return self._compressors[spec]
 
     def _claim(self, state: BucketState, keys, tensors) -> list:
         """Make `state` hold the residuals of the tensors it compresses (moved from whichever state or checkpoint
@@ -434,6 +549,9 @@ class DoubleSqueezeCollective:
                 flags = torch.stack(skips)
                 self._skipped_reductions.append(flags.sum())
                 self._skipped_pending.append(flags.any())
+        if r.guard_sampled:
+            with self._lock:
+                self.guard.end_sample()
         for name, v in r.error_sq.items():
             setattr(r.stats, name, float(v))
         self._totals.add(r.stats)
@@ -470,6 +588,7 @@ class DoubleSqueezeCollective:
         key, step, counters, config."""
         return dict(self._identity(), step=self.step, skipped_steps=self.skipped_steps,
                     totals=self.totals.as_dict(), auto=None if self.auto is None else self.auto.state_dict(),
+                    guard=None if self.guard is None else self.guard.state_dict(),
                     worker_residuals={k: v.detach().cpu().clone() for k, v in self.worker_residuals().items()},
                     server_residuals={k: v.detach().cpu().clone() for k, v in self.server_residuals().items()})
 
@@ -499,6 +618,8 @@ class DoubleSqueezeCollective:
                 setattr(self._totals, k, v)
         if self.auto is not None and sd.get("auto"):
             self.auto.load_state_dict(sd["auto"])
+        if self.guard is not None and sd.get("guard"):
+            self.guard.load_state_dict(sd["guard"])
         worker, server = sd["worker_residuals"], sd["server_residuals"]
         self.reset_residuals()
         for key in set(worker) | set(server):

@@ -108,6 +108,12 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
             numbers.append(n)
         return numbers
 
+    def describe_key(self, key) -> str:
+        """A parameter's number and shape, for warnings and TensorBoard tags (DDP's hook sees no names)."""
+        if isinstance(key, int) and key < len(self._params):
+            return f"param{key}{list(self._params[key].shape)}".replace(" ", "")
+        return str(key)
+
     def parameter_residuals(self):
         """[(parameter, worker residual or None, server residual or None), ...], flat, of the parameter's
         size. The server residual holds this rank's owned blocks (zero elsewhere): summed over ranks it is `e`."""

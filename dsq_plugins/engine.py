@@ -62,6 +62,9 @@ class Exchange:
         self.host_skip: Optional[bool] = None         # the same, where reading it is free (CPU fast path)
         self.stats = RoundStats()
         self.error_sq = {}                           # device accumulators of the monitor's error norms
+        # the quality guard's sample: (4, compressed tensors) float64, rows worker error, worker input, server
+        # error, server input (squared norms), or None when this step is not sampled
+        self.guard_sums: Optional[torch.Tensor] = None
         self.flushed: list = []                      # residuals sent along with dense tensors (auto's switches)
         self.finished = False
 
@@ -228,13 +231,16 @@ class BucketState:
         return buf
 
     # -- stage 2: residual update and the server pass ---------------------------------------------------------
+    def skip_flag(self, recv: torch.Tensor) -> torch.Tensor:
+        """0-d bool: whether any rank flagged a NaN or Inf in the uplink messages `recv` (W messages to this
+        rank, each with the sender's flag in its header)."""
+        M = self.up.sizes[self.plan.rank]
+        return (recv[:self.recv_size].view(self.plan.world_size, M)[:, 0] != 0).any()
+
     def serve(self, ex: Exchange, recv: Optional[torch.Tensor], scratch: Scratch) -> None:
-        """Given the uplink bytes (W messages to this rank), decide the skip, update the worker residual and run
-        the server pass into `self.own` (this rank's downlink message)."""
-        p = self.plan
-        if recv is not None:
-            M = self.up.sizes[p.rank]
-            ex.skip = (recv[:self.recv_size].view(p.world_size, M)[:, 0] != 0).any()
+        """Given the uplink bytes (W messages to this rank) and the skip decision `ex.skip` (the bucket's: every
+        part of it and every rank), update the worker residual and run the server pass into `self.own` (this
+        rank's downlink message)."""
         if fastpath.on_cpu(ex.skip):
             ex.host_skip = bool(ex.skip)
         if not self.has_rows:
@@ -243,7 +249,8 @@ class BucketState:
         self._server_pass(ex, recv[:self.recv_size], scratch)
 
     def _update_residual(self, ex: Exchange, e: torch.Tensor, v: torch.Tensor, decode, tmp: Optional[torch.Tensor],
-                         pad: Optional[torch.Tensor] = None, role: str = "worker") -> None:
+                         pad: Optional[torch.Tensor] = None, role: str = "worker",
+                         tensors: Optional[torch.Tensor] = None) -> None:
         """e <- v - decode(out), unless the exchange is skipped (then e stays as it is). `decode(out)` decodes the
         sent fields into `out` (None: a new tensor). Where the skip is known on the host, e itself takes the
         decoded values and the difference in place; else the difference goes through `tmp` and `torch.where`."""
@@ -260,8 +267,20 @@ class BucketState:
             new.masked_fill_(pad, 0)
         self._track(ex, f"{role}_input_sq", v)
         self._track(ex, f"{role}_error_sq", new)
+        if ex.guard_sums is not None and tensors is not None:
+            self._guard_rows(ex, 0 if role == "worker" else 2, new, v, tensors)
         if ex.host_skip is None:
             torch.where(ex.skip, e, new, out=e)
+
+    @staticmethod
+    def _guard_rows(ex: Exchange, row: int, err: torch.Tensor, v: torch.Tensor, tensors: torch.Tensor) -> None:
+        """Add the rows' squared norms of the error and of the input, by tensor, to the guard's sample (nothing
+        on a skipped step)."""
+        sq = torch.stack([torch.linalg.vector_norm(err, dim=1, dtype=torch.float64),
+                          torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)]).square_()
+        if ex.host_skip is None:
+            sq = torch.where(ex.skip, 0.0, sq)
+        ex.guard_sums[row:row + 2].index_add_(1, tensors, sq)
 
     def _track(self, ex: Exchange, name: str, t: torch.Tensor) -> None:
         if ex.track:
@@ -282,14 +301,15 @@ class BucketState:
             s = None if seeds is None else seeds[a:b]
             self._update_residual(ex, self.e_full[a:b], v,
                                   lambda out: wc.decode(fields, B, p.dtype, None, s, out=out),
-                                  None if d_buf is None else d_buf[:(b - a) * B].view(b - a, B))
+                                  None if d_buf is None else d_buf[:(b - a) * B].view(b - a, B),
+                                  tensors=p.tensor_of_rows(False, False)[a:b])
         if p.T:
             fields = {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}
             lengths, seeds = p.tail_lengths_t(), self.seeds("up_tail", ex.step)
             # self.vt still holds g + e_i of the tails, from the worker pass
             self._update_residual(ex, self.e_tail, self.vt,
                                   lambda out: wc.decode(fields, p.cap, p.dtype, lengths, seeds, out=out),
-                                  None, pad=p.tail_pad_mask(mine=False))
+                                  None, pad=p.tail_pad_mask(mine=False), tensors=p.tensor_of_rows(True, False))
 
     def _server_pass(self, ex: Exchange, recv: torch.Tensor, scratch: Scratch) -> None:
         p, wc, sc, up, down = self.plan, self.wc, self.sc, self.up, self.down
@@ -325,7 +345,8 @@ class BucketState:
                 s = None if own_seeds is None else own_seeds[a:b]
                 self._update_residual(ex, self.s_full[a:b], vs,
                                       lambda out: sc.decode(fields, B, p.dtype, None, s, out=out),
-                                      None if tmp_buf is None else tmp_buf[:n].view(b - a, B), role="server")
+                                      None if tmp_buf is None else tmp_buf[:n].view(b - a, B), role="server",
+                                      tensors=p.tensor_of_rows(False, True)[a:b])
         if p.T_me:
             self._server_tails(ex, msgs)
         n = p.dense_count[me]
@@ -364,7 +385,8 @@ class BucketState:
             own = {f.name: self.own_tail[k] for k, f in enumerate(down.fields)}
             self._update_residual(ex, self.s_tail, vs, lambda out: sc.decode(own, p.cap, p.dtype, lengths, seeds,
                                                                                out=out),
-                                  None, pad=p.tail_pad_mask(mine=True), role="server")
+                                  None, pad=p.tail_pad_mask(mine=True), role="server",
+                                  tensors=p.tensor_of_rows(True, True))
 
     # -- stage 3: decode the downlink into the outputs --------------------------------------------------------
     def finish(self, ex: Exchange, gathered: Optional[torch.Tensor], outs: List[torch.Tensor],

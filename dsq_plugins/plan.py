@@ -93,11 +93,16 @@ class BucketPlan:
         self.world_size, self.rank, self.block_size = world_size, rank, block_size
         B, W = block_size, world_size
         spans, row, tail_row, tails, owners_full, owners_tail = [], 0, 0, [], [], []
+        row_tensor, tail_tensor = [], []
         for i, (key, d, dn) in enumerate(zip(keys, numels, dense)):
             if dn:
                 spans.append(Span(i, key, d, True, 0, 0, -1, 0))
                 continue
             full, tail = divmod(d, B)
+            c = len(spans) - sum(x.dense for x in spans)       # its place among the compressed tensors
+            row_tensor += [c] * full
+            if tail:
+                tail_tensor.append(c)
             off = owner_offset(key)
             owners_full.append((np.arange(full, dtype=np.int64) + off) % W)
             if tail:
@@ -110,6 +115,9 @@ class BucketPlan:
         self.dense_items = [s.item for s in spans if s.dense]
         self.compressed = [s for s in spans if not s.dense]
         self.R, self.T = row, tail_row
+        # per row, the place of its tensor among `compressed` (the quality guard sums rows by tensor)
+        self.row_tensor = np.array(row_tensor, dtype=np.int64)
+        self.tail_tensor = np.array(tail_tensor, dtype=np.int64)
         self.tail_lengths = np.array(tails, dtype=np.int64)
         self.cap = -(-int(self.tail_lengths.max()) // 8) * 8 if tails else 8
         self.owner_full = np.concatenate(owners_full) if owners_full else np.zeros(0, dtype=np.int64)
@@ -146,6 +154,13 @@ class BucketPlan:
 
     def my_tail_lengths_t(self) -> torch.Tensor:
         return self.on_device("my_tail_lengths", lambda: self.tail_lengths[self.owned_tail[self.rank]])
+
+    def tensor_of_rows(self, tail: bool, mine: bool) -> torch.Tensor:
+        """Per row (full or tail rows; all in tensor order, or this rank's owned ones in server order), the place
+        of its tensor among `compressed`."""
+        src = self.tail_tensor if tail else self.row_tensor
+        rows = (self.owned_tail if tail else self.owned_full)[self.rank] if mine else slice(None)
+        return self.on_device(f"tensor_of_rows{int(tail)}{int(mine)}", lambda: src[rows])
 
     def tail_pad_mask(self, mine: bool) -> torch.Tensor:
         """(rows, cap) bool, True beyond each tail row's length (all tails, or this rank's owned ones)."""

@@ -1,0 +1,284 @@
+"""`DoubleSqueezeAdamW`: AdamW whose communication is DoubleSqueeze on the momentum (1-bit Adam's construction,
+generalised to any compressor and to both residuals).
+
+Why an optimizer: Adam divides every coordinate by its own running RMS, so it amplifies the compression error of
+small coordinates, and the noise error feedback moves between steps inflates its second moment. On a transformer
+language model (docs/RESULTS.md section 7) a 1- or 2-bit gradient under AdamW trails dense by 5-40% however the
+scales are cut, while a linear optimizer turns error feedback's delay into nothing lost. So, as in 1-bit Adam
+(Tang et al., 2021): Adam's variance is learnt during a warm-up, then frozen, and from then on the optimizer is
+linear in what crosses the wire, which is the momentum:
+
+    warm-up (step < warmup_steps): AdamW on gradients averaged by DoubleSqueeze with `warmup_config`
+        (default ``int4:128``: 4.7 bits per element, as accurate as dense for Adam's variance)
+    freeze: d = sqrt(v_hat) + eps, per coordinate, the same on every rank
+    then, every step, rank i:
+        w_i = beta1 * m + (1 - beta1) * g_i / d         the momentum, whitened by the frozen denominator
+        m   = DoubleSqueeze(w_i)                         compressed with `config` (default ``sign``), both residuals
+        x  <- x * (1 - lr * weight_decay) - lr * m / (1 - beta1^t)
+
+Whitening makes every coordinate of the compressed vector comparable (a scaled sign over a block then contracts as
+on Gaussian data), and the update, ``m`` itself, is what the conservation law counts:
+``sum_t m_t = sum_t mean_i w_i,t - mean_i e_i,T - e_T`` in the whitened space (`collective`).
+
+Where it runs: with `torch.distributed` (gloo, NCCL) on any launcher; pass the DDP-wrapped model as `ddp` and the
+optimizer takes over DDP's gradient communication (a hook that averages with DoubleSqueeze during warm-up and
+leaves gradients local afterwards, when the momentum is what travels); without DDP it averages the gradients
+itself. Horovod: pass ``communicator=horovod_ext.communicator.HorovodCommunicator()`` and a plain (not
+`hvd.DistributedOptimizer`) model. DeepSpeed: not yet (its engine owns the gradient reduction).
+
+Every rank checkpoints its own `state_dict()` (the residuals differ by rank).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .collective import DoubleSqueezeCollective
+from .communicator import Communicator, TorchDistributedCommunicator
+from .config import DoubleSqueezeConfig
+from .monitor import Monitor
+
+__all__ = ["DoubleSqueezeAdamW"]
+
+_FORMAT = "dsq-adamw-1"
+
+
+class DoubleSqueezeAdamW(torch.optim.Optimizer):
+    """AdamW with DoubleSqueeze-compressed momentum after a variance warm-up (module docstring).
+
+    Args:
+        params: parameters (or parameter groups, with their own lr / weight_decay).
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW`.
+        warmup_steps: steps of AdamW on averaged gradients before the variance freezes (1-bit Adam advises 15-25%
+            of training; too short a warm-up freezes a variance that has not settled).
+        config: the DoubleSqueeze config of the momentum (default: ``sign`` on both passes, both residuals,
+            the quality guard off: the whitened momentum is what sign contracts on).
+        warmup_config: the config of the warm-up's gradients (default ``int4:128``).
+        ddp: the `DistributedDataParallel` model whose gradients this optimizer averages (its comm hook is
+            replaced). None: the optimizer averages them itself.
+        process_group: the group to average over (default: the world), or
+        communicator: any `Communicator` (Horovod's), instead of a process group.
+        monitor: optional `Monitor` for both collectives' metrics (``dsq/`` during warm-up, ``dsq/momentum/``
+            after).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, *, warmup_steps: int = 1000,
+                 config: Optional[DoubleSqueezeConfig] = None, warmup_config: Optional[DoubleSqueezeConfig] = None,
+                 ddp=None, process_group=None, communicator: Optional[Communicator] = None,
+                 monitor: Optional[Monitor] = None):
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate {lr!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas!r}: each in [0, 1)")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an integer >= 1 (Adam's variance is learnt then frozen), "
+                             f"got {warmup_steps!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.config = config or DoubleSqueezeConfig(compressor="sign", guard=0.0)
+        self.warmup_config = warmup_config or DoubleSqueezeConfig(compressor="int4:128")
+        for name, c in (("config", self.config), ("warmup_config", self.warmup_config)):
+            if not isinstance(c, DoubleSqueezeConfig):
+                raise TypeError(f"{name} must be a DoubleSqueezeConfig, got {type(c).__name__}")
+            if c.auto:
+                raise ValueError(f"{name}: compressor='auto' is for gradient hooks; name a compressor here")
+        self.warmup_steps = warmup_steps
+        self.monitor = monitor
+        self.steps = 0
+        self._process_group, self._communicator = process_group, communicator
+        self.grads: Optional[DoubleSqueezeCollective] = None        # the warm-up's gradient collective
+        self.momentum: Optional[DoubleSqueezeCollective] = None
+        self._ddp_state = None
+        self._pending_sd: Optional[dict] = None
+        if ddp is not None:
+            self._attach(ddp)
+
+    # -- communication --------------------------------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        """Whether the variance is frozen and the momentum is what travels."""
+        return self.steps >= self.warmup_steps
+
+    def _comm(self) -> Communicator:
+        if self._communicator is None:
+            if not dist.is_initialized():
+                raise RuntimeError("DoubleSqueezeAdamW needs torch.distributed initialised (or a communicator)")
+            self._communicator = TorchDistributedCommunicator(self._process_group)
+        return self._communicator
+
+    def _collectives(self) -> None:
+        if self.momentum is not None:
+            return
+        mon = self.monitor
+        self.momentum = DoubleSqueezeCollective(self.config, self._comm(), _Prefixed(mon, "momentum/") if mon
+                                                else None)
+        if self._ddp_state is None:
+            self.grads = DoubleSqueezeCollective(self.warmup_config, self._comm(), mon)
+        if self._pending_sd is not None:
+            sd, self._pending_sd = self._pending_sd, None
+            self._load_collectives(sd)
+
+    def _attach(self, ddp) -> None:
+        """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up, nothing after."""
+        from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
+        self._ddp_state = DoubleSqueezeState(self.warmup_config, process_group=self._process_group,
+                                             monitor=self.monitor)
+        self.grads = self._ddp_state
+        opt = self
+
+        def hook(state, bucket):
+            if opt.frozen:
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())      # the local gradient: the momentum travels in step()
+                return fut
+            return doublesqueeze_hook(state, bucket)
+        ddp.register_comm_hook(self._ddp_state, hook)
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # -- the step -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._collectives()
+        if not self.frozen:
+            self._warmup_step()
+        else:
+            self._momentum_step()
+        self.steps += 1
+        return loss
+
+    def _items(self, tensors):
+        return [(n, t.reshape(-1)) for n, t in tensors]
+
+    def _warmup_step(self) -> None:
+        params = [(n, p) for n, p in enumerate(self._params()) if p.grad is not None]
+        if self._ddp_state is None and params:       # no DDP: average the gradients here
+            by_dtype = {}
+            for n, p in params:
+                by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append((n, p.grad))
+            for group in by_dtype.values():
+                self.grads.reduce(self._items(group), outs=[g.reshape(-1) for _, g in group])
+            self.grads.finish_step()
+        t = self.steps + 1
+        grads = [p.grad for _, p in params]
+        # a NaN or Inf anywhere (DoubleSqueeze makes a skipped bucket all-NaN on every rank): the step is skipped
+        ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if not ok:
+                    continue
+                g = p.grad
+                st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (st["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        if t == self.warmup_steps:            # freeze: the whitened momentum travels from the next step on
+            for group in self.param_groups:
+                beta2 = group["betas"][1]
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and "exp_avg_sq" in st:
+                        st["denom"] = (st.pop("exp_avg_sq") / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                        st["exp_avg"].div_(st["denom"])
+
+    def _momentum_step(self) -> None:
+        t = self.steps + 1
+        whitened, entries = [], []
+        for n, p in enumerate(self._params()):
+            st = self.state.get(p)
+            if not st or "denom" not in st:
+                continue                     # never had a gradient during warm-up: stays where it is
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            beta1 = self._group_of(p)["betas"][0]
+            w = st["exp_avg"] * beta1 + (g / st["denom"]) * (1 - beta1)
+            whitened.append((n, w.reshape(-1)))
+            entries.append(p)
+        if not whitened:
+            return
+        by_dtype = {}
+        for (n, w), p in zip(whitened, entries):
+            by_dtype.setdefault((w.dtype, w.device), []).append((n, w, p))
+        outs = {}
+        for group in by_dtype.values():
+            res = self.momentum.reduce([(n, w) for n, w, _ in group])
+            for (n, _, p), m in zip(group, res):
+                outs[n] = (p, m)
+        self.momentum.finish_step()
+        ok = torch.stack([torch.isfinite(m).all() for _, m in outs.values()]).all()
+        for p, m in outs.values():
+            grp = self._group_of(p)
+            beta1 = grp["betas"][0]
+            st = self.state[p]
+            st["exp_avg"].copy_(torch.where(ok, m.view_as(p), st["exp_avg"]))
+            step = st["exp_avg"] * (-grp["lr"] / (1 - beta1 ** t)) - p * (grp["lr"] * grp["weight_decay"])
+            p.add_(torch.where(ok, step, torch.zeros_like(step)))
+
+    def _group_of(self, p):
+        if not hasattr(self, "_groups") or len(self._groups) != sum(len(g["params"]) for g in self.param_groups):
+            self._groups = {id(q): g for g in self.param_groups for q in g["params"]}
+        return self._groups[id(p)]
+
+    # -- counters and checkpoints ----------------------------------------------------------------------------
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent, both collectives together (warm-up gradients, then momentum)."""
+        total = 0
+        for c in (self.grads, self.momentum):
+            if c is not None and c.bound:
+                if hasattr(c, "drain"):
+                    c.drain()
+                total += c.totals.bytes_sent
+        return total
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["doublesqueeze"] = dict(format=_FORMAT, steps=self.steps, warmup_steps=self.warmup_steps,
+                                   grads=None if self.grads is None or not self.grads.bound
+                                   else self.grads.state_dict(),
+                                   momentum=None if self.momentum is None else self.momentum.state_dict())
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("doublesqueeze", None)
+        if ours is None or ours.get("format") != _FORMAT:
+            raise ValueError("not a DoubleSqueezeAdamW.state_dict() of this version (no 'doublesqueeze' entry of "
+                             f"format {_FORMAT!r})")
+        if ours["warmup_steps"] != self.warmup_steps:
+            raise ValueError(f"cannot resume: the state was saved with warmup_steps={ours['warmup_steps']}, "
+                             f"this optimizer has {self.warmup_steps}")
+        super().load_state_dict(state_dict)
+        self.steps = ours["steps"]
+        if self.momentum is None:
+            self._pending_sd = ours
+        else:
+            self._load_collectives(ours)
+
+    def _load_collectives(self, ours: dict) -> None:
+        if ours.get("momentum") is not None:
+            self.momentum.load_state_dict(ours["momentum"])
+        if ours.get("grads") is not None and self.grads is not None:
+            self.grads.load_state_dict(ours["grads"])
+
+
+class _Prefixed(Monitor):
+    """A monitor that writes another's tags under an extra prefix."""
+
+    def __init__(self, inner: Monitor, extra: str):
+        super().__init__(inner.every, inner.prefix + extra)
+        self.inner = inner
+
+    def log_scalar(self, tag, value, step):
+        self.inner.log_scalar(tag, value, step)
