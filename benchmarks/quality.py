@@ -171,6 +171,13 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     if state is not None:
         out["config"] = state.config.to_dict()
         out.update(_dsq_report(state))
+        if not out["diverged"]:
+            # the worker residual against this rank's gradient at the end: error feedback's health
+            with ddp.no_sync():
+                opt.zero_grad(set_to_none=True)
+                task.loss(ddp, x, y).backward()
+            g = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None))
+            out["residual_ratio"] = state.residual_norms()[0] / max(g, 1e-30)
     if counted.get("restore"):
         counted["restore"]()
     return out
@@ -252,7 +259,7 @@ def launch(args, task, opt, lr, steps, methods, out_json: Path) -> list:
 
 def table(rows: list, title: str) -> str:
     dense = next((r for r in rows if r.get("method") == "dense" and "error" not in r), None)
-    lines = [title, f"{'method':>34} {'val loss':>9} {'gap':>8} {'KB/step':>9} {'fewer':>8}"]
+    lines = [title, f"{'method':>34} {'val loss':>9} {'gap':>8} {'KB/step':>9} {'fewer':>8} {'|e|/|g|':>8}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['method']:>34}  failed: {r['error'][:80]}")
@@ -260,7 +267,9 @@ def table(rows: list, title: str) -> str:
         gap = (r["val_loss"] / dense["val_loss"] - 1) * 100 if dense else float("nan")
         fewer = r["dense_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("inf")
         v = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
-        lines.append(f"{r['method']:>34} {v:>9} {gap:>+7.2f}% {r['bytes_per_step'] / 1e3:>9.1f} {fewer:>7.1f}x")
+        ratio = f"{r['residual_ratio']:.2f}" if r.get("residual_ratio") is not None else ""
+        lines.append(f"{r['method']:>34} {v:>9} {gap:>+7.2f}% {r['bytes_per_step'] / 1e3:>9.1f} {fewer:>7.1f}x "
+                     f"{ratio:>8}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
     {"train_micro_batch_size_per_gpu": 32, ...,
      "doublesqueeze": {"enabled": true, "compressor": "int4:128", "server_compressor": null, "worker_ef": true,
                        "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0,
-                       "block_size": 4096, "guard": 0.15, "fallback": "int4:128"}}
+                       "block_size": 4096, "guard": 0.1, "fallback": "int4:128"}}
 
 Every key is optional; the defaults are `dsq_plugins.DoubleSqueezeConfig`'s.
 

@@ -10,7 +10,7 @@ from .registry import get_compressor
 __all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES"]
 
 AUTO = "auto"
-DEFAULT_CANDIDATES = "sign,grouptopk:0.03+sign"
+DEFAULT_CANDIDATES = "int4:128,sign,grouptopk:0.03+sign"
 
 
 class DivergenceWarning(UserWarning):
@@ -41,7 +41,8 @@ class DoubleSqueezeConfig:
             (its last block may be shorter), and each compressor runs per block (sign: one scale per block;
             topk: k of each block); each block has one owner rank that runs its server pass.
         candidates: under ``compressor="auto"``, the compressors it may choose besides dense: specs separated by
-            commas, or a list (default ``"sign,grouptopk:0.03+sign"``). Only with auto.
+            commas, or a list (default ``"int4:128,sign,grouptopk:0.03+sign"``: the first is the one it starts
+            with; the quality guard moves a tensor off a candidate that does not contract on it). Only with auto.
         guard: the quality guard (`dsq_plugins.guard`): a tensor whose compression keeps less than this fraction
             of the compressor's nominal contraction (measured per pass, per tensor, summed over the ranks) moves to
             `fallback`, and, failing that too, goes dense, with a warning; 0 turns the guard off.
@@ -58,7 +59,7 @@ class DoubleSqueezeConfig:
     seed: int = 0
     block_size: int = 4096
     candidates: Optional[str] = None
-    guard: float = 0.15
+    guard: float = 0.1
     fallback: Optional[str] = "int4:128"
 
     def __post_init__(self):

@@ -6,31 +6,38 @@ import json
 import os
 from typing import Optional
 
-from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.config import DEFAULT_CANDIDATES, DoubleSqueezeConfig
 from dsq_plugins.registry import available_compressors
 
 __all__ = ["ENV_CONFIG", "ENV_LOGDIR", "add_flags", "config_from_flags", "config_from_env", "logdir_from_env"]
 
 ENV_CONFIG = "DSQ_HOROVOD_CONFIG"
 ENV_LOGDIR = "DSQ_HOROVOD_LOGDIR"
+_D = DoubleSqueezeConfig()          # every default is DoubleSqueezeConfig's
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     valid = ", ".join(available_compressors())
     group = parser.add_argument_group("DoubleSqueeze (switches horovod_ext.DistributedOptimizer on)")
     group.add_argument("--dsq-compressor", metavar="SPEC",
-                       help=f"worker compressor: one of {valid} (with ':ARG' where it takes one, e.g. topk:0.01), "
-                            f"a sparsifier+quantiser (topk:0.01+int4), or auto (dense or a candidate, per bucket, "
-                            f"from measured step times)")
+                       help=f"worker compressor: 'default' ({_D.compressor}), one of {valid} (with ':ARG' where it "
+                            f"takes one, e.g. topk:0.01), a sparsifier+quantiser (topk:0.01+int4), or auto (dense or "
+                            f"a candidate, per bucket, from measured step times)")
     group.add_argument("--dsq-candidates", metavar="SPECS",
-                       help="with --dsq-compressor auto: the compressors it may choose, comma-separated "
-                            "(default sign,grouptopk:0.03+sign)")
+                       help=f"with --dsq-compressor auto: the compressors it may choose, comma-separated "
+                            f"(default {DEFAULT_CANDIDATES})")
+    group.add_argument("--dsq-guard", metavar="F", type=float,
+                       help=f"the quality guard: a tensor whose compression keeps less than F of the compressor's "
+                            f"nominal contraction moves to --dsq-fallback, then dense (default {_D.guard}; 0: off)")
+    group.add_argument("--dsq-fallback", metavar="SPEC",
+                       help=f"where the guard moves a failing tensor (default {_D.fallback}; 'dense': straight to "
+                            f"dense)")
     group.add_argument("--dsq-server-compressor", metavar="SPEC",
                        help="server (downlink) compressor; default: the same as --dsq-compressor")
     group.add_argument("--dsq-warmup-steps", metavar="N", type=int,
-                       help="steps averaged densely before compression starts (default 0)")
+                       help=f"steps averaged densely before compression starts (default {_D.warmup_steps})")
     group.add_argument("--dsq-block-size", metavar="N", type=int,
-                       help="elements per compressed block (a multiple of 8; default 4096)")
+                       help=f"elements per compressed block (a multiple of 8; default {_D.block_size})")
     group.add_argument("--dsq-no-server-ef", action="store_true",
                        help="drop the server residual (the server re-compresses without memory)")
     group.add_argument("--dsq-logdir", metavar="DIR", help="rank 0 writes TensorBoard metrics here")
@@ -40,14 +47,19 @@ def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
     """The config the flags ask for (None without `--dsq-compressor`). Raises ValueError on a bad value,
     naming the valid compressors."""
     others = [f for f in ("dsq_server_compressor", "dsq_warmup_steps", "dsq_block_size", "dsq_logdir",
-                          "dsq_candidates")
-              if getattr(ns, f) is not None]
+                          "dsq_candidates", "dsq_guard", "dsq_fallback")
+              if getattr(ns, f, None) is not None]
     if ns.dsq_compressor is None:
         if others or ns.dsq_no_server_ef:
             raise ValueError("--dsq-compressor is required with the other --dsq-* flags")
         return None
-    kwargs = {"compressor": ns.dsq_compressor, "server_compressor": ns.dsq_server_compressor,
+    compressor = _D.compressor if ns.dsq_compressor.strip() == "default" else ns.dsq_compressor
+    kwargs = {"compressor": compressor, "server_compressor": ns.dsq_server_compressor,
               "server_ef": not ns.dsq_no_server_ef}
+    if getattr(ns, "dsq_guard", None) is not None:
+        kwargs["guard"] = ns.dsq_guard
+    if getattr(ns, "dsq_fallback", None) is not None:
+        kwargs["fallback"] = None if ns.dsq_fallback.strip() == "dense" else ns.dsq_fallback
     if ns.dsq_warmup_steps is not None:
         kwargs["warmup_steps"] = ns.dsq_warmup_steps
     if ns.dsq_block_size is not None:

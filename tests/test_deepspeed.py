@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import deepspeed_ext
 import dsq_plugins as dsq
+from dsq_plugins.config import DEFAULT_CANDIDATES
 from deepspeed_ext.config import read_section
 
 from .checks import VALID_NAMES, assert_conservation, assert_same_update_everywhere
@@ -86,10 +87,11 @@ def test_stage0_equals_simulator_and_conserves(torchrun, tmp_path, nproc, spec):
 def test_auto_from_the_config_section(torchrun, tmp_path):
     """"compressor": "auto" in the section (which DeepSpeed's own config models would drop as the Trainer's
     placeholder): measured choices, the same on both ranks, nothing lost across the switches."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "auto", "--steps", "12")
+    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "auto", "--steps", "18")
     assert ranks[0]["config"]["compressor"] == "auto"
     assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
-    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "grouptopk:0.03+sign", "dense"]
+    modes = DEFAULT_CANDIDATES.split(",") + ["dense"]
+    assert [m for _, m in ranks[0]["auto"]["history"]][:len(modes)] == modes
     assert ranks[0]["auto"]["flushes"] > 0
     assert_conservation(ranks)
 
@@ -206,4 +208,6 @@ def test_example_sign_within_two_points_of_stock(torchrun, tmp_path):
     stock, sign = results["stock"], results["doublesqueeze"]
     assert stock["accuracy"] > 0.95
     assert sign["accuracy"] >= stock["accuracy"] - 0.02, (sign["accuracy"], stock["accuracy"])
-    assert stock["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 20
+    # sign sends 1/31 of the bytes; late in training, when the model has converged and its gradients are sparse,
+    # the quality guard moves the layers on which sign stops contracting to int4:128 (6.8x): 10-12x in all
+    assert stock["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 8

@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dsq_plugins as dsq
+from dsq_plugins.config import DEFAULT_CANDIDATES
 import horovod_ext
 from horovod_ext.launcher import split_argv
 
@@ -159,9 +160,10 @@ def test_gradient_accumulation(horovodrun, tmp_path):
 
 def test_auto_decides_the_same_on_every_rank_and_loses_nothing(horovodrun, tmp_path):
     """compressor="auto" (its default candidates) on real step times, the decisions taken on Horovod's thread."""
-    ranks = run(horovodrun, tmp_path, 2, "--compressors", "auto", "--steps", "14", tags=("auto",))["auto"]
+    ranks = run(horovodrun, tmp_path, 2, "--compressors", "auto", "--steps", "18", tags=("auto",))["auto"]
     assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
-    assert [m for _, m in ranks[0]["auto"]["history"]][:3] == ["sign", "grouptopk:0.03+sign", "dense"]
+    modes = DEFAULT_CANDIDATES.split(",") + ["dense"]
+    assert [m for _, m in ranks[0]["auto"]["history"]][:len(modes)] == modes
     assert ranks[0]["auto"]["flushes"] > 0
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)
@@ -244,7 +246,9 @@ def test_example_sign_by_flag_within_two_points_of_plain_horovod(horovodrun, tmp
     assert not plain["doublesqueeze"] and sign["doublesqueeze"] and sign["config"]["compressor"] == "sign"
     assert plain["accuracy"] > 0.95
     assert sign["accuracy"] >= plain["accuracy"] - 0.02, (sign["accuracy"], plain["accuracy"])
-    assert plain["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 20
+    # sign sends 1/31 of the bytes; late in training, when the model has converged and its gradients are sparse,
+    # the quality guard moves the layers on which sign stops contracting to int4:128 (6.8x): 10-12x in all
+    assert plain["mb_sent_per_worker"] / sign["mb_sent_per_worker"] > 8
 
 
 STOCK = ROOT / "tests" / "hvd_stock_script.py"

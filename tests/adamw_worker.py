@@ -1,0 +1,78 @@
+"""Runs under torchrun: DDP training with `dsq.DoubleSqueezeAdamW`, recording what tests/test_optim.py checks.
+
+Each rank writes OUT/rank{r}.pt: per step its local gradient (before the optimizer's exchange, by parameter name),
+the parameters after the step, and, once the variance is frozen, the whitened momentum and the denominators; at
+the end the momentum collective's residuals and the bytes sent.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dsq_plugins as dsq
+from checks import shut_down_and_exit
+from workload import batch, build_model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--compressor", default="sign")
+    ap.add_argument("--warmup-compressor", default="int4:128")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--load", default=None)
+    ap.add_argument("--nan-at", type=int, default=-1)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model("multi")
+    names = [n for n, _ in model.named_parameters()]
+    ddp = DDP(model)
+    cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=256, min_numel=16, guard=0.0)
+    wcfg = dsq.DoubleSqueezeConfig(compressor=args.warmup_compressor, block_size=256, min_numel=16)
+    opt = dsq.DoubleSqueezeAdamW(ddp.parameters(), lr=args.lr, weight_decay=0.1, warmup_steps=args.warmup,
+                                 config=cfg, warmup_config=wcfg, ddp=ddp)
+    first = 0
+    if args.load:
+        ckpt = torch.load(f"{args.load}/ckpt_rank{rank}.pt", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        first = ckpt["step"]
+    records = []
+    for step in range(first, args.steps):
+        x, y = batch(step, 0, rank, "multi")
+        if step == args.nan_at and rank == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        rec = {"grad": {n: p.grad.detach().clone() for n, p in zip(names, model.parameters())}, "frozen": opt.frozen}
+        opt.step()
+        rec["param"] = {n: p.detach().clone() for n, p in zip(names, model.parameters())}
+        if opt.frozen:
+            rec["m"] = {n: opt.state[p]["exp_avg"].clone() for n, p in zip(names, model.parameters())}
+            rec["denom"] = {n: opt.state[p]["denom"].clone() for n, p in zip(names, model.parameters())}
+        records.append(rec)
+        if step + 1 == args.save_at:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
+                       out / f"ckpt_rank{rank}.pt")
+    momentum = opt.momentum
+    torch.save({"records": records, "first": first, "names": names,
+                "worker_residual": {names[k]: v for k, v in momentum.worker_residuals().items()},
+                "server_residual": {names[k]: momentum.expand_server_residual(k, v, model.get_parameter(
+                    names[k]).numel()) for k, v in momentum.server_residuals().items()},
+                "momentum_bytes": momentum.totals.bytes_sent, "momentum_steps": momentum.step,
+                "bytes_sent": opt.bytes_sent(), "skipped": momentum.skipped_steps}, out / f"rank{rank}.pt")
+    shut_down_and_exit()
+
+
+if __name__ == "__main__":
+    main()
