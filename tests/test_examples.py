@@ -29,7 +29,7 @@ def test_ddp_digits_sign_within_two_points_of_dense(torchrun, tmp_path, nproc=3)
         assert f"dsq/{tag}" in tags
     assert {"train/loss", "test/accuracy"} <= tags
     ratio = [e.value for e in events.Scalars("dsq/compression_ratio")]
-    assert min(ratio) > 20
+    assert ratio[0] > 20 and min(ratio) > 6         # sign, then int4:128 where the guard moved a layer
     assert all(0 < e.value < 1.5 for e in events.Scalars("dsq/worker_rel_error"))
     assert all(e.value == 0 for e in events.Scalars("dsq/skipped_steps"))
     assert len(events.Scalars("dsq/bytes_up")) == sign["steps"]
