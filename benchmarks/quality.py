@@ -45,10 +45,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SUITES = {
     # task, optimiser, lr, steps, methods
-    "lm-adamw": ("lm", "adamw", 2e-3, 300, ["dense", "default", "sign", "sign@noef", "int4", "powersgd", "auto"]),
-    "lm-sgd": ("lm", "sgd", 0.3, 300, ["dense", "default", "sign", "sign@noef", "powersgd"]),
-    "digits-sgd": ("digits", "sgd", 0.05, 300, ["dense", "default", "sign", "sign@noef", "powersgd", "auto"]),
-    "cnn-adamw": ("cnn", "adamw", 2e-3, 300, ["dense", "default", "sign", "sign@noef", "powersgd", "auto"]),
+    "lm-adamw": ("lm", "adamw", 2e-3, 300, ["dense", "default", "int4:128@noef", "sign@guard=0", "sign@noef",
+                                            "sign", "adamw:sign", "adamw:sign@noef", "adamw:sign@warmup=40",
+                                            "powersgd", "auto"]),
+    "lm-sgd": ("lm", "sgd", 0.3, 300, ["dense", "default", "int4:128@noef", "sign@guard=0", "sign@noef", "sign",
+                                       "powersgd", "auto"]),
+    "digits-sgd": ("digits", "sgd", 0.05, 300, ["dense", "default", "int4:128@noef", "sign", "sign@noef",
+                                                "powersgd", "auto"]),
+    "cnn-adamw": ("cnn", "adamw", 2e-3, 300, ["dense", "default", "int4:128@noef", "sign", "sign@noef",
+                                              "adamw:sign", "powersgd", "auto"]),
 }
 
 
@@ -67,6 +72,9 @@ def parse_method(method: str):
         kind, (spec, *opts) = "adamw", method[len("adamw:"):].split("@")
         kw = {"compressor": spec}
         for o in opts:
+            if o == "noef":
+                kw.update(worker_ef=False, server_ef=False)
+                continue
             k, v = o.split("=", 1)
             kw[k] = v if k in ("warmup_compressor", "server_compressor") else int(v) if v.isdigit() else float(v)
         return kind, kw
@@ -142,7 +150,7 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             diverged = True
             break
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

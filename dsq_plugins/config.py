@@ -10,7 +10,7 @@ from .registry import get_compressor
 __all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES"]
 
 AUTO = "auto"
-DEFAULT_CANDIDATES = "int4:128,sign,grouptopk:0.03+sign"
+DEFAULT_CANDIDATES = "int4:128"
 
 
 class DivergenceWarning(UserWarning):
@@ -41,8 +41,9 @@ class DoubleSqueezeConfig:
             (its last block may be shorter), and each compressor runs per block (sign: one scale per block;
             topk: k of each block); each block has one owner rank that runs its server pass.
         candidates: under ``compressor="auto"``, the compressors it may choose besides dense: specs separated by
-            commas, or a list (default ``"int4:128,sign,grouptopk:0.03+sign"``: the first is the one it starts
-            with; the quality guard moves a tensor off a candidate that does not contract on it). Only with auto.
+            commas, or a list (default ``"int4:128"``, the one compressor that trained like dense on every model
+            of the quality yardstick: exploring ``sign`` or ``grouptopk:0.03+sign`` for a few steps alone cost a
+            transformer 5-7%, docs/RESULTS.md section 6). Only with auto.
         guard: the quality guard (`dsq_plugins.guard`): a tensor whose compression keeps less than this fraction
             of the compressor's nominal contraction (measured per pass, per tensor, summed over the ranks) moves to
             `fallback`, and, failing that too, goes dense, with a warning; 0 turns the guard off.

@@ -133,7 +133,7 @@ def test_mixed_assignment_from_work_and_bytes():
 
 def test_config():
     c = dsq.DoubleSqueezeConfig(compressor="auto")
-    assert c.auto and c.candidate_specs == ["int4:128", "sign", "grouptopk:0.03+sign"]
+    assert c.auto and c.candidate_specs == ["int4:128"]
     with pytest.raises(ValueError, match="fixed compressor"):
         dsq.Simulator(2, c)
     with pytest.raises(ValueError, match="auto"):
