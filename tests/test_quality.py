@@ -17,9 +17,9 @@ from .conftest import ROOT
 QUALITY = ROOT / "benchmarks" / "quality.py"
 
 
-def yardstick(tmp_path, opt, steps, methods, lr=None):
+def yardstick(tmp_path, opt, steps, methods, lr=None, warmup=0):
     out = tmp_path / f"{opt}.json"
-    cmd = [sys.executable, str(QUALITY), "--task", "lm", "--opt", opt, "--steps", str(steps),
+    cmd = [sys.executable, str(QUALITY), "--task", "lm", "--opt", opt, "--steps", str(steps), "--warmup", str(warmup),
            "--eval-every", str(steps), "--json", str(out), "--methods", *methods]
     if lr is not None:
         cmd += ["--lr", str(lr)]
@@ -31,7 +31,9 @@ def yardstick(tmp_path, opt, steps, methods, lr=None):
 
 @pytest.fixture(scope="module")
 def sgd(tmp_path_factory):
-    return yardstick(tmp_path_factory.mktemp("sgd"), "sgd", 80, ["dense", "default", "sign@guard=0"])
+    # 100 steps, the learning rate warming up to 0.3 over 30 (measured: dense 3.016, the default 2.899 with its
+    # residual at 0.10 of the gradient, sign without the guard 3.229 with its residual at 13.6 times it)
+    return yardstick(tmp_path_factory.mktemp("sgd"), "sgd", 100, ["dense", "default", "sign@guard=0"], warmup=30)
 
 
 def test_default_under_sgd_momentum_keeps_its_residual_below_the_gradient_and_trains_like_dense(sgd):
