@@ -69,25 +69,25 @@ def parse_method(method: str):
     if method == "auto":
         return "dsq", {"compressor": "auto"}
     if method.startswith("adamw:"):          # DoubleSqueezeAdamW: adamw:SPEC[@warmup=N][@K=V...]
-        kind, (spec, *opts) = "adamw", method[len("adamw:"):].split("@")
-        kw = {"compressor": spec}
-        for o in opts:
-            if o == "noef":
-                kw.update(worker_ef=False, server_ef=False)
-                continue
-            k, v = o.split("=", 1)
-            kw[k] = v if k in ("warmup_compressor", "server_compressor") else int(v) if v.isdigit() else float(v)
-        return kind, kw
-    spec, *opts = method.split("@")
+        return "adamw", _options(*method[len("adamw:"):].split("@"))
+    return "dsq", _options(*method.split("@"))
+
+
+_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor")
+
+
+def _options(spec: str, *opts: str) -> dict:
+    """``SPEC@K=V@noef...`` -> keyword arguments: the compressor, ``noef`` (no residual on either pass), and
+    ``K=V`` pairs (numbers, True / False, or text for the spec-valued keys)."""
     kw = {"compressor": spec}
     for o in opts:
         if o == "noef":
             kw.update(worker_ef=False, server_ef=False)
             continue
         k, v = o.split("=", 1)
-        kw[k] = v if k in ("server_compressor", "candidates", "policy") else (
+        kw[k] = v if k in _TEXT_OPTIONS else (
             v == "True" if v in ("True", "False") else float(v) if "." in v else int(v))
-    return "dsq", kw
+    return kw
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
