@@ -19,12 +19,13 @@ steps; SGD, lr 0.01):
     ddp-powersgd     DDP + torch's powerSGD_hook: matrix_approximation_rank 2, start_powerSGD_iter 2, warm_start,
                      use_error_feedback, min_compression_rate 2 (its defaults otherwise); DDP bucket_cap_mb 1024
                      (one bucket: with several, the hook deadlocks on Gloo, see the worker)
-    dsq-sign         DDP + dsq_plugins.doublesqueeze_hook, DoubleSqueezeConfig(compressor="sign")
+    dsq-int4:128     DDP + dsq_plugins.doublesqueeze_hook, DoubleSqueezeConfig() (its default compressor, int4:128)
+    dsq-sign         the same with compressor "sign"
     dsq-topk:0.01    the same with compressor "topk:0.01"
     dsq-topk:0.01+int4    the same, top-1% with its values in 4 bits (+ a min and step per block)
     dsq-grouptopk:0.03+sign, dsq-grouptopk:0.03+int4   the 3% of groups of 32 elements of largest energy, their
                      values in 1 bit (+ a block scale) or 4 bits
-    dsq-auto         the same with compressor "auto" (candidates sign, grouptopk:0.03+sign, and dense): it chooses
+    dsq-auto         the same with compressor "auto" (its default candidates, int4:128, and dense): it chooses
                      from its own step times. The link changes between phases, and it has to notice: each phase runs
                      --adapt-steps steps first (recorded: the mean step time over them includes its explorations),
                      then the measured steps
@@ -89,9 +90,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-sign", "dsq-topk:0.01", "dsq-topk:0.01+int4",
-               "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock", "hvd-dsq-sign",
-               "ds-stock", "ds-dsq-sign")
+ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", "dsq-topk:0.01",
+               "dsq-topk:0.01+int4", "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock",
+               "hvd-dsq-sign", "ds-stock", "ds-dsq-sign")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 NEEDS_ROOT = ("cluster.py: needs root (it creates network namespaces, veth pairs, a bridge and tc qdiscs); "
               "run it as root")
