@@ -45,7 +45,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import bitpack, rng
+from . import bitpack, fastpath, kernels, rng
 from .payload import Field, Payload
 
 __all__ = ["Compressor", "NoneCompressor", "CastCompressor", "SignCompressor", "TopKCompressor",
@@ -652,10 +652,23 @@ class IntCompressor(_Batched):
         return [("mins", torch.float32, chunks), ("steps", torch.float32, chunks),
                 ("q", torch.uint8, bitpack.packed_nbytes(numel, self.bits))]
 
+    def _fast(self, t: torch.Tensor, cap: int, lengths) -> bool:
+        """Whether the numba kernels take this batch: float32 on the CPU, whole chunks, every row full."""
+        return (lengths is None and cap % self.chunk == 0 and self.chunk % 4 == 0
+                and t.dtype == torch.float32 and kernels.available() and fastpath.on_cpu(t))
+
     def encode(self, x, lengths=None, seeds=None):
         rows, cap = x.shape
         c, top = self.chunk, 2 ** self.bits - 1
         chunks = -(-cap // c)
+        if self._fast(x, cap, lengths):            # the range in torch, the levels and packing in one numba pass
+            v = x.contiguous().view(rows, chunks, c)
+            lo, hi = v.amin(dim=2), v.amax(dim=2)
+            step = (hi - lo) / float(top)
+            q = torch.empty(rows, cap * self.bits // 8, dtype=torch.uint8)
+            kernels.int_quantize(v.view(-1).numpy(), c, self.bits, lo.view(-1).numpy(), step.view(-1).numpy(),
+                                 q.view(-1).numpy())
+            return {"mins": lo, "steps": step, "q": q}
         v = x.float()
         if chunks * c != cap:
             v = torch.cat([v, v.new_zeros(rows, chunks * c - cap)], dim=1)
@@ -684,6 +697,13 @@ class IntCompressor(_Batched):
         rows = q.shape[0]
         c = self.chunk
         chunks = fields["mins"].shape[1]
+        if dtype == torch.float32 and self._fast(q.new_empty((), dtype=dtype), cap, lengths) \
+                and (out is None or out.is_contiguous()):
+            out = torch.empty(rows, cap, dtype=dtype) if out is None else out
+            kernels.int_decode(q.contiguous().view(-1).numpy(), c, self.bits,
+                               fields["mins"].contiguous().view(-1).numpy(),
+                               fields["steps"].contiguous().view(-1).numpy(), out.view(-1).numpy())
+            return out
         if self.bits < 8:
             q = bitpack.unpack_uint(q, rows * cap, self.bits).view(rows, cap)
         v = q.float()

@@ -1,4 +1,5 @@
-"""Fused CPU kernels (numba) of the hot passes of the parameter server and its workers with ``sign``.
+"""Fused CPU kernels (numba) of the hot passes of the parameter server and its workers with ``sign``, and of the
+min-max quantisers (``int8``, ``int4``, ``int2``: quantise and pack in one pass, unpack and dequantise in one).
 
 Each is a specialisation of what `BlockCodec.decode_add`, `BlockCodec.encode_delta`, `BlockCodec.apply_delta` and
 `BlockCodec.encode_residual` do in torch ops on any device; they run only for contiguous float32 CPU tensors while
@@ -25,7 +26,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["available", "sign_apply", "sign_delta", "sign_apply_delta", "sign_residual"]
+__all__ = ["available", "sign_apply", "sign_delta", "sign_apply_delta", "sign_residual", "int_quantize", "int_decode"]
 
 try:
     import numba
@@ -212,3 +213,81 @@ def sign_residual(x: np.ndarray, residual: np.ndarray, out: np.ndarray, scale: n
     _sign_residual(x, residual, out, scale[:full], bits, block, words)
     if n:
         _sign_residual_short(x, residual, out, scale, bits, block, full, n, words)
+
+
+# -- min-max quantisers (`IntCompressor`: int8, int4, int2), whole chunks -----------------------------------------
+if numba is not None:
+    _MAGIC = np.float32(12582912.0)         # 1.5 * 2^23: (y + M) - M rounds 0 <= y < 2^22 half to even
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy")
+    def _int_quantize(x, chunk, bits, mins, steps, q):               # pragma: no cover - compiled
+        top = np.float32((1 << bits) - 1)
+        zero = np.float32(0.0)
+        per = 8 // bits
+        levels = np.empty(chunk, dtype=np.uint8)
+        for k in range(mins.shape[0]):
+            base = k * chunk
+            qbase = base // per
+            lo = mins[k]
+            step = steps[k]
+            if not (abs(lo) < np.inf and abs(step) < np.inf):     # a NaN or an infinity: the step is skipped
+                for j in range(chunk // per):
+                    q[qbase + j] = 0
+                continue
+            safe = step if step > zero else np.float32(1.0)
+            for i in range(chunk):                 # branch-free, so that it vectorises
+                y = (x[base + i] - lo) / safe
+                y = y if y > zero else zero
+                y = y if y < top else top
+                levels[i] = np.uint8(np.int32((y + _MAGIC) - _MAGIC))
+            if bits == 8:
+                for j in range(chunk):
+                    q[qbase + j] = levels[j]
+            elif bits == 4:
+                for j in range(chunk // 2):
+                    q[qbase + j] = (levels[2 * j] << 4) | levels[2 * j + 1]
+            else:
+                for j in range(chunk // 4):
+                    q[qbase + j] = ((levels[4 * j] << 6) | (levels[4 * j + 1] << 4) | (levels[4 * j + 2] << 2)
+                                    | levels[4 * j + 3])
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy")
+    def _int_decode(q, chunk, bits, mins, steps, out):               # pragma: no cover - compiled
+        per = 8 // bits
+        levels = np.empty(chunk, dtype=np.uint8)
+        for k in range(mins.shape[0]):
+            base = k * chunk
+            qbase = base // per
+            if bits == 8:
+                for j in range(chunk):
+                    levels[j] = q[qbase + j]
+            elif bits == 4:
+                for j in range(chunk // 2):
+                    b = q[qbase + j]
+                    levels[2 * j] = b >> 4
+                    levels[2 * j + 1] = b & 15
+            else:
+                for j in range(chunk // 4):
+                    b = q[qbase + j]
+                    levels[4 * j] = b >> 6
+                    levels[4 * j + 1] = (b >> 4) & 3
+                    levels[4 * j + 2] = (b >> 2) & 3
+                    levels[4 * j + 3] = b & 3
+            lo = mins[k]
+            step = steps[k]
+            for i in range(chunk):
+                v = np.float32(levels[i]) * step
+                out[base + i] = v + lo
+
+
+def int_quantize(x: np.ndarray, chunk: int, bits: int, mins: np.ndarray, steps: np.ndarray, q: np.ndarray) -> None:
+    """The levels of float32 `x` (whole chunks of `chunk` elements, ``chunk * bits`` a multiple of 8) given each
+    chunk's minimum and step, packed ``8 / bits`` to a byte, the first in the most significant bits, into `q`:
+    `IntCompressor.encode`'s arithmetic in float32 (round half to even, clamp to the levels), bit for bit. A chunk
+    whose minimum or step is not finite gets zero levels (the engine skips that step)."""
+    _int_quantize(x, chunk, bits, mins, steps, q)
+
+
+def int_decode(q: np.ndarray, chunk: int, bits: int, mins: np.ndarray, steps: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of `int_quantize`: ``out = level * step + min`` (two roundings, as the torch path)."""
+    _int_decode(q, chunk, bits, mins, steps, out)
