@@ -291,7 +291,7 @@ class DoubleSqueezeCollective:
                                     (lambda n: self._time_all_reduce(n, device)) if W > 1 else None)
         if self.guard is not None:
             with self._lock:
-                due = self.guard.due()
+                due = self.guard.due(self.step)
             if due:
                 with self._lock:
                     switches = self.guard.decide(self.step, lambda v: self._sum_over_ranks(v, device))

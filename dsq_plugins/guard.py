@@ -11,11 +11,11 @@ gradients can defeat it: a scaled sign over a block whose mass sits in a few ent
 rows, heavy-tailed weight gradients) keeps delta near 0.1 on a transformer, its residuals grow to 10-20 times the
 gradient, and training falls far behind dense, under SGD and AdamW alike (docs/RESULTS.md section 7).
 
-The guard measures delta per tensor and pass on sampled steps (every `sample_every` steps, 8 by default: two extra
-reads of the compensated input and of the residual, by rows, folded into per-tensor sums; +19% of an int4:128
-round's CPU time on a sampled step), and sums the ranks' figures in one small all-reduce, so that every rank
-takes the same decision at the same step: after the first sample of a tensor under a compressor (step 0: the
-next step already uses the fallback), then every `window` samples. A tensor
+The guard measures delta per tensor and pass on sampled steps (every step for the first `early` (32), then every
+`sample_every` (8): two extra reads of the compensated input and of the residual, by rows, folded into per-tensor
+sums; +19% of an int4:128 round's CPU time on a sampled step), and sums the ranks' figures in one small
+all-reduce, so that every rank takes the same decision at the same step: after every sample during the first
+`early` steps and after the first sample of a tensor under a new compressor, then every `window` samples. A tensor
 whose delta on either pass is below ``min_fraction * delta_0`` moves to the `fallback` compressor, and a tensor
 that fails under the fallback too goes dense. A switch loses nothing: the tensor's residuals move to its new
 compressor's rows, or, going dense, are sent along with its next gradient (``g + e_i`` from every rank and ``W e``
@@ -81,12 +81,14 @@ class QualityGuard:
         block_size: the engine's block size (the nominal delta is measured on blocks of this size).
         sample_every: steps between sampled steps.
         window: samples per decision.
+        early: for the first `early` steps every step is sampled and decided on: a residual that stops contracting
+            grows within tens of steps, and what it feeds the optimiser meanwhile stays (Adam's second moment).
     """
 
     def __init__(self, min_fraction: float, fallback: Optional[str], block_size: int, sample_every: int = 8,
-                 window: int = 4):
+                 window: int = 4, early: int = 32):
         self.min_fraction, self.fallback, self.block_size = min_fraction, fallback, block_size
-        self.sample_every, self.window = sample_every, window
+        self.sample_every, self.window, self.early = sample_every, window, early
         self.levels: Dict[Tuple[Hashable, str], int] = {}     # (tensor, bucket spec) -> 1 fallback, 2 dense
         self.switches: List[Switch] = []
         self._sums: Dict[Tuple[tuple, str], torch.Tensor] = {}
@@ -103,7 +105,7 @@ class QualityGuard:
 
     def samples(self, step: int) -> bool:
         """Whether the engine measures delta at `step`."""
-        return step % self.sample_every == 0
+        return step < self.early or step % self.sample_every == 0
 
     # -- measurements --------------------------------------------------------------------------------------------
     def add(self, keys: Sequence[Hashable], spec: str, sums: torch.Tensor) -> None:
@@ -116,12 +118,12 @@ class QualityGuard:
     def end_sample(self) -> None:
         self._samples += 1
 
-    def due(self) -> bool:
+    def due(self, step: int) -> bool:
         """Whether the next step starts with a decision: a window of samples is complete, or a tensor has been
         sampled under a compressor for the first time (a compressor that does not contract would otherwise feed
         its inflated updates to the optimiser for a whole window, and Adam's second moment remembers them for
         about 1000 steps)."""
-        if self._samples >= self.window:
+        if self._samples >= (1 if step <= self.early else self.window):
             return True
         return self._samples >= 1 and any((k, spec) not in self._judged for keys, spec in self._sums for k in keys)
 
