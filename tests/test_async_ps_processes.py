@@ -376,8 +376,13 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
         text = launcher.text()
         assert "worker 1 died (signal SIGKILL); restart 1/1" in text
         assert re.search(r"[1-9]\d* rejoined|[1-9]\d* workers dropped", text), text
-        version = int(re.search(r"done: version (\d+)", text).group(1))
-        assert version >= 3 * 450 + 30, "the killed worker's pushes before the kill were not kept"
+        done = re.search(r"done: version (\d+), (\d+) pushes applied, (\d+) rejected as stale, (\d+) skipped", text)
+        version, applied, stale, skipped = map(int, done.groups())
+        assert version == applied
+        # Every push the workers made is accounted for (a stale one is rejected by design, not lost): the three
+        # full runs plus the killed worker's 30 or more before the kill.
+        assert applied + stale + skipped >= 3 * 450 + 30, "the killed worker's pushes before the kill were not kept"
+        assert applied >= 0.9 * (3 * 450 + 30), text
     events = EventAccumulator(str(logdir), size_guidance={"histograms": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
