@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from dsq_plugins.registry import get_compressor
+from dsq_plugins.compression.registry import get_compressor
 
 from .protocol import DEFAULT_KEY_ELEMS, Limits
 from .server import MODES, STALENESS_POLICIES, ParameterServer

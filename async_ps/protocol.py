@@ -2,7 +2,7 @@
 
 A message is ``[header, payload_0, ..., payload_{k-1}]`` (the server's ROUTER socket sees the peer's identity
 frame in front). ``header`` is a small UTF-8 JSON object; each payload frame is one key of the server's key range
-(`split_keys`: a tensor, or a block-aligned piece of one) compressed block by block (`dsq_plugins.codec.BlockCodec`),
+(`split_keys`: a tensor, or a block-aligned piece of one) compressed block by block (`dsq_plugins.engine.codec.BlockCodec`),
 in key order. Shape, dtype, compressor spec, block size and the keys are context both ends agree on at the
 handshake (``hello`` -> ``welcome``), so a frame carries no metadata and its size is checked against the exact
 size the codec produces (`BlockCodec.nbytes`). Random compressors draw from the frame seed, ``seed`` in the header

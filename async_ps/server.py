@@ -64,8 +64,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import zmq
 
-from dsq_plugins.codec import BlockCodec
-from dsq_plugins.registry import get_compressor
+from dsq_plugins.engine.codec import BlockCodec
+from dsq_plugins.compression.registry import get_compressor
 
 from . import checkpoint
 from .protocol import (DEFAULT_KEY_ELEMS, Limits, ProtocolError, check_layout, decode, encode, frame_tensors,
@@ -343,7 +343,7 @@ class ParameterServer:
         outbox_pull.setsockopt(zmq.LINGER, 0)
         outbox_pull.bind(self._outbox_addr)
         if self.logdir:
-            from dsq_plugins.monitor import TensorBoardMonitor
+            from dsq_plugins.monitoring.monitor import TensorBoardMonitor
             self._monitor = TensorBoardMonitor(str(self.logdir), prefix="ps/")
         self._threads = [threading.Thread(target=self._io_loop, args=(router, outbox_pull), name="ps-io", daemon=True),
                          threading.Thread(target=self._control_loop, name="ps-control", daemon=True),

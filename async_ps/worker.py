@@ -49,9 +49,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 import zmq
 
-from dsq_plugins.codec import BlockCodec
-from dsq_plugins.memory import ErrorFeedback
-from dsq_plugins.registry import get_compressor
+from dsq_plugins.engine.codec import BlockCodec
+from dsq_plugins.engine.memory import ErrorFeedback
+from dsq_plugins.compression.registry import get_compressor
 
 from .protocol import (REPLY_TYPES, Limits, ProtocolError, decode, encode, frame_tensors, key_layout, key_seed,
                        layout_of, layout_to_json, partition, split_keys)

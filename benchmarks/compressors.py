@@ -2,7 +2,7 @@
 
 What it measures, in one run, single-threaded (``torch.set_num_threads(1)``), on ``torch.randn(numel)`` fp32
 (default 16M = 16 * 1024 * 1024 elements, 64 MiB), cut into blocks of ``--block-size`` elements (4096) as the
-engine cuts every gradient (`dsq_plugins.codec.BlockCodec`: one batched call for all blocks):
+engine cuts every gradient (`dsq_plugins.engine.codec.BlockCodec`: one batched call for all blocks):
 
 - time: the median over ``--repeats`` repetitions (after one warm-up) of encoding then decoding, reported as
   a ratio to the median of ``x.clone()``, which is timed in the same run, interleaved with the compressors so that
@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import dsq_plugins as dsq
-from dsq_plugins.codec import BlockCodec
+from dsq_plugins.engine.codec import BlockCodec
 
 DEFAULT_SPECS = ["none", "fp16", "bf16", "sign", "topk:0.01", "randomk:0.01", "qsgd:16", "int8"]
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import dsq_plugins as dsq  # noqa: E402
-from dsq_plugins.compressors import QSGDCompressor, RandomKCompressor  # noqa: E402
+from dsq_plugins.compression.compressors import QSGDCompressor, RandomKCompressor  # noqa: E402
 from digits_common import digits, mlp  # noqa: E402
 
 

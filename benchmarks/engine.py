@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dsq_plugins as dsq  # noqa: E402
-from dsq_plugins.collective import DoubleSqueezeCollective  # noqa: E402
-from dsq_plugins.communicator import Communicator, Pending  # noqa: E402
+from dsq_plugins.engine.collective import DoubleSqueezeCollective  # noqa: E402
+from dsq_plugins.engine.communicator import Communicator, Pending  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ 1. DDP jobs

@@ -19,7 +19,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.config import AUTO
-from dsq_plugins.registry import get_compressor
+from dsq_plugins.compression.registry import get_compressor
 
 __all__ = ["SECTION", "DoubleSqueezeSection", "read_section"]
 

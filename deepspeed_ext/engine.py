@@ -36,10 +36,10 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import groups
 
-from dsq_plugins.collective import DoubleSqueezeCollective
-from dsq_plugins.communicator import TorchDistributedCommunicator
+from dsq_plugins.engine.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.config import DoubleSqueezeConfig
-from dsq_plugins.monitor import Monitor
+from dsq_plugins.monitoring.monitor import Monitor
 
 from .config import DoubleSqueezeSection
 

@@ -4,19 +4,19 @@ The core: compressors and their wire payloads, the block-wise engine and the dou
 DDP communication hook, the single-process reference `Simulator`, and TensorBoard monitoring. The Horovod,
 DeepSpeed and async parameter-server integrations are thin adapters over these.
 """
-from .collective import DoubleSqueezeCollective
-from .communicator import Communicator, TorchDistributedCommunicator
-from .compressors import Compressor
+from .engine.collective import DoubleSqueezeCollective
+from .engine.communicator import Communicator, TorchDistributedCommunicator
+from .compression.compressors import Compressor
 from .config import DivergenceWarning, DoubleSqueezeConfig
-from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
-from .memory import ErrorFeedback
-from .guard import QualityWarning
-from .monitor import Monitor, RoundStats, TensorBoardMonitor
-from .optim import DoubleSqueezeAdamW
-from .payload import Payload
-from .registry import ENTRY_POINT_GROUP, available_compressors, get_compressor, register_compressor
-from .simulator import Simulator
-from .threadcomm import ThreadWorld
+from .frontends.ddp_hook import DoubleSqueezeState, doublesqueeze_hook
+from .engine.memory import ErrorFeedback
+from .engine.guard import QualityWarning
+from .monitoring.monitor import Monitor, RoundStats, TensorBoardMonitor
+from .frontends.optim import DoubleSqueezeAdamW
+from .compression.payload import Payload
+from .compression.registry import ENTRY_POINT_GROUP, available_compressors, get_compressor, register_compressor
+from .engine.simulator import Simulator
+from .engine.threadcomm import ThreadWorld
 
 __version__ = "0.2.0"
 

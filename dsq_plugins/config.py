@@ -4,8 +4,8 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional
 
-from .compressors import Compressor
-from .registry import get_compressor
+from .compression.compressors import Compressor
+from .compression.registry import get_compressor
 
 __all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES"]
 
@@ -27,7 +27,7 @@ class DoubleSqueezeConfig:
             128, 6.8x fewer bytes than fp32, within 0.2% of dense on a transformer under AdamW and SGD, where 1-bit
             ``"sign"`` (32x) trails by 37%: docs/RESULTS.md section 7; ``"topk:0.01"``, ``"topk:0.01+int4"``...), or
             ``"auto"``: the engine measures its own steps and chooses per bucket between dense and `candidates`
-            (`dsq_plugins.auto`), so that a step is never much slower than dense.
+            (`dsq_plugins.engine.auto`), so that a step is never much slower than dense.
         server_compressor: spec of the server compressor `C_s`; None means the same as `compressor` (under
             auto: the same as the bucket's choice); ``"none"`` gives a dense downlink (single-pass error feedback,
             MEM-SGD).
@@ -44,7 +44,7 @@ class DoubleSqueezeConfig:
             commas, or a list (default ``"int4:128"``, the one compressor that trained like dense on every model
             of the quality yardstick: exploring ``sign`` or ``grouptopk:0.03+sign`` for a few steps alone cost a
             transformer 5-7%, docs/RESULTS.md section 6). Only with auto.
-        guard: the quality guard (`dsq_plugins.guard`): a tensor whose compression keeps less than this fraction
+        guard: the quality guard (`dsq_plugins.engine.guard`): a tensor whose compression keeps less than this fraction
             of the compressor's nominal contraction (measured per pass, per tensor, summed over the ranks) moves to
             `fallback`, and, failing that too, goes dense, with a warning; 0 turns the guard off.
         fallback: the compressor the guard moves a failing tensor to (lossy), or None: straight to dense.

@@ -7,7 +7,7 @@ from typing import List, Optional
 import horovod.torch as hvd
 import torch
 
-from dsq_plugins.communicator import Communicator, Pending
+from dsq_plugins.engine.communicator import Communicator, Pending
 
 __all__ = ["HorovodCommunicator"]
 
@@ -44,7 +44,7 @@ class HorovodCommunicator(Communicator):
                 return result
             out.copy_(result)
             return out
-        return Pending(wait, lambda: hvd.poll(handle))
+        return Pending(wait)
 
     def all_to_all_async(self, send, send_sizes, recv_sizes, out=None, name=None):
         splits = torch.tensor(send_sizes, dtype=torch.int32)
@@ -60,7 +60,7 @@ class HorovodCommunicator(Communicator):
 
     def all_reduce_sum_async(self, tensor, name=None):
         handle = hvd.allreduce_async_(tensor, op=hvd.Sum, name=self._name(name), process_set=self.process_set)
-        return Pending(lambda: hvd.synchronize(handle), lambda: hvd.poll(handle))
+        return Pending(lambda: hvd.synchronize(handle))
 
     def _name(self, name: Optional[str]) -> Optional[str]:
         return None if name is None else self._prefix + name

@@ -12,7 +12,7 @@ in that group too: Horovod 0.28's allreduce refuses bfloat16 tensors.
 """
 import horovod.torch.compression as hvd_compression
 
-from dsq_plugins.registry import get_compressor
+from dsq_plugins.compression.registry import get_compressor
 
 __all__ = ["Compression", "DoubleSqueezeCompressor"]
 

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from dsq_plugins.config import DEFAULT_CANDIDATES, DoubleSqueezeConfig
-from dsq_plugins.registry import available_compressors
+from dsq_plugins.compression.registry import available_compressors
 
 __all__ = ["ENV_CONFIG", "ENV_LOGDIR", "add_flags", "config_from_flags", "config_from_env", "logdir_from_env"]
 

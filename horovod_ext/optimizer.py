@@ -2,7 +2,7 @@
 
 As in Horovod, a hook on each parameter fires when its gradient has been accumulated during backward; when
 every parameter of a bucket is ready, the hook hands the bucket to the communication thread
-(`dsq_plugins.pipeline.CommThread`) and returns: the worker pass (compression), `hvd.alltoall_async`, the server
+(`dsq_plugins.engine.pipeline.CommThread`) and returns: the worker pass (compression), `hvd.alltoall_async`, the server
 pass, `hvd.allgather_async` and the decoding all run off the autograd thread while backward goes on. The thread
 interleaves buckets (begin bucket b, then finish bucket b - 1), so one bucket's compression overlaps the previous
 one's transfer. `synchronize()` (called by `step()`) waits for the rest; the averages land in each `p.grad`. The
@@ -23,11 +23,11 @@ import horovod.torch as hvd
 import torch
 from horovod.common.util import split_list
 
-from dsq_plugins.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.collective import DoubleSqueezeCollective
 from dsq_plugins.config import DoubleSqueezeConfig
-from dsq_plugins.monitor import TensorBoardMonitor
+from dsq_plugins.monitoring.monitor import TensorBoardMonitor
 
-from dsq_plugins.pipeline import CommThread
+from dsq_plugins.engine.pipeline import CommThread
 
 from .communicator import HorovodCommunicator
 from .compression import DoubleSqueezeCompressor

@@ -4,7 +4,7 @@ answer for the same gradients."""
 import torch
 
 import dsq_plugins as dsq
-from dsq_plugins.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.collective import DoubleSqueezeCollective
 
 SIZES = {"a": 1000, "b": 64 * 7, "c": 37, "d": 64 * 3 + 5, "e": 8, "f": 640}      # block size 64: tails, a full-only
 

@@ -89,7 +89,7 @@ def main():
     callback = None
     if args.mode == "ddp" and args.dsq:
         import dsq_plugins as dsq
-        from dsq_plugins.hf_trainer import DoubleSqueezeCallback
+        from dsq_plugins.frontends.hf_trainer import DoubleSqueezeCallback
         callback = DoubleSqueezeCallback(trainer, dsq.DoubleSqueezeConfig(compressor="sign", block_size=1024))
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=True if args.resume else None)

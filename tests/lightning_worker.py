@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 import dsq_plugins as dsq
-from dsq_plugins.lightning_callback import DoubleSqueezeCallback
+from dsq_plugins.frontends.lightning_callback import DoubleSqueezeCallback
 from checks import shut_down_and_exit
 from workload import batch, build_model
 

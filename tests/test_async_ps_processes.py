@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import async_ps
 import dsq_plugins as dsq
-from dsq_plugins.codec import BlockCodec
+from dsq_plugins.engine.codec import BlockCodec
 from async_ps import checkpoint
 from async_ps.protocol import encode, layout_of, layout_to_json
 

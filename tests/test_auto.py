@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
-from dsq_plugins.auto import DENSE, MIXED, AutoTuner
+from dsq_plugins.engine.auto import DENSE, MIXED, AutoTuner
 
 from .engine_cases import SIZES, grads_of, make_config
 

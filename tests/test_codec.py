@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
-from dsq_plugins import fastpath
-from dsq_plugins.codec import BlockCodec
+from dsq_plugins.compression import fastpath
+from dsq_plugins.engine.codec import BlockCodec
 
 B = 64
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dsq_plugins as dsq
-from dsq_plugins import bitpack
-from dsq_plugins.compressors import index_dtype
-from dsq_plugins.payload import Payload
+from dsq_plugins.compression import bitpack
+from dsq_plugins.compression.compressors import index_dtype
+from dsq_plugins.compression.payload import Payload
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BUILTINS = ["none", "fp16", "bf16", "sign", "topk", "grouptopk", "randomk", "qsgd", "int8", "int4", "int2"]
@@ -671,7 +671,7 @@ def test_int_quantisers_numba_kernels_equal_the_torch_path_bit_for_bit(spec):
     dequantising in one) against the pure-torch code every device runs: the same fields and the same decoded
     values, ties included (values exactly half a step apart round to even), and a chunk with a NaN or an infinity
     still reported non-finite."""
-    from dsq_plugins import fastpath
+    from dsq_plugins.compression import fastpath
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 1024, generator=g) * torch.logspace(-3, 2, 6)[:, None]
     x[1, :128] = torch.arange(128) * 0.5                  # ties at every other element

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
-from dsq_plugins.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.collective import DoubleSqueezeCollective
 
 from .engine_cases import SIZES, grads_of, make_config, run_world, simulate
 

@@ -152,7 +152,7 @@ def test_ddp_nccl_hook_equals_simulator_and_never_syncs():
 def test_block_codec_server_passes_on_cuda_equal_cpu():
     """The parameter server's and its workers' passes (`BlockCodec.encode`, `decode_add`, `encode_delta`,
     `apply_delta`, `encode_residual`) on CUDA give the CPU's values (on the CPU, sign takes the numba kernels: an independent implementation)."""
-    from dsq_plugins.codec import BlockCodec
+    from dsq_plugins.engine.codec import BlockCodec
     for spec in ["sign", "topk:0.01", "int8", "randomk:0.1"]:
         codec = BlockCodec(dsq.get_compressor(spec), 1024)
         for n in (1000, 3 * 1024 + 17):

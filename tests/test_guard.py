@@ -1,4 +1,4 @@
-"""The quality guard (`dsq_plugins.guard`): a tensor whose compressor stops contracting moves to the fallback, then
+"""The quality guard (`dsq_plugins.engine.guard`): a tensor whose compressor stops contracting moves to the fallback, then
 dense, and nothing is lost in the switch.
 
 Two ranks in one process (`ThreadWorld`). Tensor "spiky" has its gradient mass in 1% of its entries (a scaled sign
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
-from dsq_plugins.collective import DoubleSqueezeCollective
-from dsq_plugins.guard import nominal_delta
+from dsq_plugins.engine.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.guard import nominal_delta
 
 N = {"spiky": 2048, "gauss": 1000}
 B = 256

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dsq_plugins.memory import ErrorFeedback
+from dsq_plugins.engine.memory import ErrorFeedback
 
 
 def test_residual_of_a_matrix_from_pieces_is_kept_in_place():

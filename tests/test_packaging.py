@@ -30,7 +30,7 @@ def test_wheel_has_the_hook_and_the_extras(wheel):
         pth = z.read("doublesqueeze.pth").decode()
     assert "doublesqueeze.pth" in names and "dsq_autohook.py" in names
     assert pth.strip() == "import dsq_autohook"
-    assert {"dsq_plugins/engine.py", "deepspeed_ext/autopatch.py", "horovod_ext/autopatch.py"} <= names
+    assert {"dsq_plugins/engine/bucket.py", "deepspeed_ext/autopatch.py", "horovod_ext/autopatch.py"} <= names
     extras = set(meta.get_all("Provides-Extra"))
     assert {"deepspeed", "horovod", "lightning", "transformers", "async", "test"} <= extras
     requires = meta.get_all("Requires-Dist")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
-from dsq_plugins import registry
-from dsq_plugins.compressors import Compressor, TopKCompressor
-from dsq_plugins.payload import Payload
+from dsq_plugins.compression import registry
+from dsq_plugins.compression.compressors import Compressor, TopKCompressor
+from dsq_plugins.compression.payload import Payload
 
 BUILTINS = ["bf16", "fp16", "grouptopk", "int2", "int4", "int8", "none", "qsgd", "randomk", "sign", "topk"]
 

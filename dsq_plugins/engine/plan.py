@@ -30,7 +30,7 @@ from typing import Dict, Hashable, List, NamedTuple, Sequence, Tuple
 import numpy as np
 import torch
 
-from .compressors import Compressor
+from ..compression.compressors import Compressor
 
 __all__ = ["BucketPlan", "WireLayout", "Span", "owner_offset", "owned_blocks", "expand_owned"]
 
@@ -250,7 +250,6 @@ class WireLayout:
             self.tail_off.append(to)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.total = int(sum(self.sizes))
-        self.payload_bytes = [s - header for s in self.sizes]
 
     def dense_views(self, buf: torch.Tensor, mine: bool = False):
         """(segments, views): the dense blocks of every message in a buffer of all W messages (mine: of this

@@ -26,14 +26,14 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import fastpath
+from ..compression import fastpath
 from .auto import AutoTuner, DENSE, MIXED
 from .communicator import Communicator, ProcessGroupUnavailable
-from .config import DoubleSqueezeConfig
-from .registry import get_compressor
-from .engine import BucketState, Exchange, Scratch, now
+from ..config import DoubleSqueezeConfig
+from ..compression.registry import get_compressor
+from .bucket import BucketState, Exchange, Scratch, now
 from .guard import QualityGuard
-from .monitor import Monitor, RoundStats
+from ..monitoring.monitor import Monitor, RoundStats
 from .plan import BucketPlan, expand_owned
 
 __all__ = ["DoubleSqueezeCollective", "BucketExchange", "Exchange", "default_chunk_elements"]

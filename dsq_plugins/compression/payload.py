@@ -1,6 +1,6 @@
 """`Payload`: what a compressor produces and what crosses the wire, byte for byte."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -8,6 +8,16 @@ __all__ = ["Payload", "Field"]
 
 # A field of a payload's wire layout: (name, dtype, number of elements).
 Field = Tuple[str, torch.dtype, int]
+
+# spec -> the compressor that unpacks it: the registry installs `get_compressor` here when it is imported, so that
+# this module (which the compressors import) does not import the registry (which imports the compressors).
+_resolve: Optional[Callable[[str], object]] = None
+
+
+def set_spec_resolver(resolve: Callable[[str], object]) -> None:
+    """Install the function that `Payload.from_bytes` uses to find a spec's compressor."""
+    global _resolve
+    _resolve = resolve
 
 
 @dataclass
@@ -47,17 +57,6 @@ class Payload:
             return torch.empty(0, dtype=torch.uint8, device=device)
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
-    def write_into(self, out: torch.Tensor) -> None:
-        """Write the wire bytes into `out` (a uint8 tensor of exactly `nbytes` elements), without a copy of
-        the whole payload on the way."""
-        if out.numel() != self.nbytes:
-            raise ValueError(f"write_into needs {self.nbytes} bytes, got a buffer of {out.numel()}")
-        offset = 0
-        for t in self.fields.values():
-            b = t.contiguous().reshape(-1).view(torch.uint8)
-            out[offset:offset + b.numel()] = b
-            offset += b.numel()
-
     def to_bytes(self) -> bytes:
         """The wire bytes, copied to host memory (once) wherever the fields live."""
         return self.to_buffer().cpu().numpy().tobytes()
@@ -87,11 +86,11 @@ class Payload:
     def from_bytes(cls, data: bytes, spec: str, shape, dtype: torch.dtype, seed: Optional[int] = None) -> "Payload":
         """Rebuild a payload from `to_bytes()` output and the context: the compressor spec, shape and dtype, and
         the seed of a random compressor."""
-        from .registry import get_compressor
-
+        if _resolve is None:
+            raise RuntimeError("no compressor registry is installed: import dsq_plugins first")
         buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data)
                   else torch.empty(0, dtype=torch.uint8))
-        return get_compressor(spec).unpack(buffer, shape, dtype, seed=seed)
+        return _resolve(spec).unpack(buffer, shape, dtype, seed=seed)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

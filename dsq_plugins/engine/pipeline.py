@@ -12,7 +12,7 @@ the stream work that produced its value, not for the host.
 """
 import queue
 import threading
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -79,6 +79,3 @@ class CommThread:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-
-def wait_all(futures: List[torch.futures.Future]) -> list:
-    return [f.wait() for f in futures]

@@ -4,7 +4,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .config import DoubleSqueezeConfig
+from ..config import DoubleSqueezeConfig
 from .seeding import DOWNLINK, UPLINK, derive_seed
 
 __all__ = ["Simulator"]

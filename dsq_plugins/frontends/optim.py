@@ -33,10 +33,10 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .collective import DoubleSqueezeCollective
-from .communicator import Communicator, TorchDistributedCommunicator
-from .config import DoubleSqueezeConfig
-from .monitor import Monitor
+from ..engine.collective import DoubleSqueezeCollective
+from ..engine.communicator import Communicator, TorchDistributedCommunicator
+from ..config import DoubleSqueezeConfig
+from ..monitoring.monitor import Monitor
 
 __all__ = ["DoubleSqueezeAdamW"]
 

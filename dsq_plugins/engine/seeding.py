@@ -1,6 +1,6 @@
 """Seeds of the compressors' randomness, derived from where and when a block is compressed, so that every rank
 agrees on them, a resumed run repeats them, and the Simulator reproduces them (the mixing lives in `rng`)."""
-from . import rng
+from ..compression import rng
 
 __all__ = ["derive_seed", "UPLINK", "DOWNLINK"]
 

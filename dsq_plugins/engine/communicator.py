@@ -23,16 +23,13 @@ class ProcessGroupUnavailable(RuntimeError):
 class Pending:
     """A collective in flight: `wait()` returns its result (and re-raises its error)."""
 
-    def __init__(self, wait: Callable[[], torch.Tensor], poll: Optional[Callable[[], bool]] = None):
-        self._wait, self._poll, self._done, self._value = wait, poll, False, None
+    def __init__(self, wait: Callable[[], torch.Tensor]):
+        self._wait, self._done, self._value = wait, False, None
 
     def wait(self) -> torch.Tensor:
         if not self._done:
             self._value, self._done = self._wait(), True
         return self._value
-
-    def poll(self) -> bool:
-        return self._done or self._poll is None or self._poll()
 
     @staticmethod
     def done(value: torch.Tensor) -> "Pending":
@@ -89,7 +86,7 @@ class TorchDistributedCommunicator(Communicator):
         def wait():
             work.wait()
             return value
-        return Pending(wait, work.is_completed)
+        return Pending(wait)
 
     def all_to_all_async(self, send, send_sizes, recv_sizes, out=None, name=None):
         if out is None:

@@ -45,7 +45,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import bitpack, fastpath, kernels, rng
+from . import bitpack
+from . import fastpath
+from . import kernels
+from . import rng
 from .payload import Field, Payload
 
 __all__ = ["Compressor", "NoneCompressor", "CastCompressor", "SignCompressor", "TopKCompressor",

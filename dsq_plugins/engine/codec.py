@@ -13,8 +13,10 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from . import fastpath, kernels, rng
-from .compressors import Compressor
+from ..compression import fastpath
+from ..compression import kernels
+from ..compression import rng
+from ..compression.compressors import Compressor
 from .plan import BucketPlan, WireLayout
 
 __all__ = ["BlockCodec"]

@@ -28,11 +28,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .collective import DoubleSqueezeCollective
-from .communicator import TorchDistributedCommunicator
-from .config import DoubleSqueezeConfig
-from .monitor import Monitor
-from .pipeline import CommThread
+from ..engine.collective import DoubleSqueezeCollective
+from ..engine.communicator import TorchDistributedCommunicator
+from ..config import DoubleSqueezeConfig
+from ..monitoring.monitor import Monitor
+from ..engine.pipeline import CommThread
 
 __all__ = ["DoubleSqueezeState", "doublesqueeze_hook"]
 

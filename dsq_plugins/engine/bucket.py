@@ -23,9 +23,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from . import fastpath, rng
-from .compressors import Compressor
-from .monitor import RoundStats
+from ..compression import fastpath
+from ..compression import rng
+from ..compression.compressors import Compressor
+from ..monitoring.monitor import RoundStats
 from .plan import BucketPlan, WireLayout
 from .seeding import DOWNLINK, UPLINK
 
@@ -66,7 +67,6 @@ class Exchange:
         # error, server input (squared norms), or None when this step is not sampled
         self.guard_sums: Optional[torch.Tensor] = None
         self.flushed: list = []                      # residuals sent along with dense tensors (auto's switches)
-        self.finished = False
 
 
 def _views(tensors, segments, dst_is_item: bool, batch: torch.Tensor):

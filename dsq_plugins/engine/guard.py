@@ -28,7 +28,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .registry import get_compressor
+from ..compression.registry import get_compressor
 
 __all__ = ["QualityGuard", "QualityWarning", "Switch", "nominal_delta", "DENSE_LEVEL"]
 

@@ -16,6 +16,7 @@ import torch
 
 from .compressors import (CastCompressor, ComposedCompressor, Compressor, GroupTopKCompressor, IntCompressor,
                           NoneCompressor, QSGDCompressor, RandomKCompressor, SignCompressor, TopKCompressor)
+from .payload import set_spec_resolver
 
 __all__ = ["ENTRY_POINT_GROUP", "register_compressor", "get_compressor", "available_compressors"]
 
@@ -101,3 +102,6 @@ def get_compressor(spec) -> Compressor:
     if not isinstance(compressor, Compressor):
         raise TypeError(f"the factory of compressor {name!r} returned {compressor!r}, not a dsq_plugins.Compressor")
     return compressor
+
+
+set_spec_resolver(get_compressor)

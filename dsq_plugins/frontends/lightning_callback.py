@@ -1,0 +1,66 @@
+"""DoubleSqueeze in Lightning: the DDP hook through `DDPStrategy`, the residuals through Lightning's checkpoints.
+
+    import dsq_plugins as dsq
+    from dsq_plugins.frontends.lightning_callback import DoubleSqueezeCallback
+    from lightning.pytorch.strategies import DDPStrategy
+
+    state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor="sign"))   # before the process group exists
+    trainer = L.Trainer(strategy=DDPStrategy(ddp_comm_state=state, ddp_comm_hook=dsq.doublesqueeze_hook),
+                        callbacks=[DoubleSqueezeCallback(state)], ...)
+    trainer.fit(model, ckpt_path=...)                                             # resumes the residuals exactly
+
+The callback does two things Lightning does not:
+- Lightning's DDPStrategy registers communication hooks on CUDA only (on the CPU it drops them without a word, so
+  a gloo run would train dense): the callback registers the hook on the strategy's DDP model wherever Lightning did
+  not (the `DDPStrategy` arguments may then be left out);
+- Lightning writes a checkpoint from rank 0 only, and residuals are per rank: the callback gathers every rank's
+  `state_dict()` into the checkpoint (key ``"doublesqueeze"``, a list by global rank) and each rank loads its own on
+  resume. A checkpoint from another world size is refused with the reason.
+Lightning's DeepSpeedStrategy needs no callback: the DeepSpeed config's "doublesqueeze" section switches it on
+(`deepspeed_ext`), and its residuals go into DeepSpeed's checkpoint folders.
+"""
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch.nn.parallel import DistributedDataParallel
+
+from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
+
+__all__ = ["DoubleSqueezeCallback", "CHECKPOINT_KEY"]
+
+CHECKPOINT_KEY = "doublesqueeze"
+
+
+class DoubleSqueezeCallback(Callback):
+    """Makes sure the DoubleSqueeze hook is registered on the strategy's DDP model, saves every rank's state in
+    Lightning's checkpoints and restores this rank's from them."""
+
+    def __init__(self, state: DoubleSqueezeState):
+        self.state = state
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        model = trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise RuntimeError(f"DoubleSqueezeCallback needs Lightning's DDPStrategy (the model is a "
+                               f"{type(model).__name__}); with DeepSpeedStrategy use the config's \"doublesqueeze\" "
+                               f"section instead")
+        hooks = getattr(model, "_comm_hooks", [])
+        if not any(state is self.state for _, state in hooks):
+            model.register_comm_hook(self.state, doublesqueeze_hook)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        mine = self.state.state_dict()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)          # every rank builds the checkpoint; rank 0 writes it
+        else:
+            every = [mine]
+        checkpoint[CHECKPOINT_KEY] = every
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        every = checkpoint.get(CHECKPOINT_KEY)
+        if every is None:
+            return                                        # a checkpoint from a run without DoubleSqueeze
+        if len(every) != trainer.world_size:
+            raise ValueError(f"this checkpoint holds DoubleSqueeze residuals of {len(every)} ranks, the run has "
+                             f"{trainer.world_size}: residuals are per rank and per owned block")
+        self.state.load_state_dict(every[trainer.global_rank])
