@@ -18,19 +18,18 @@ the CPU with fast paths on, where reading it costs nothing and saves the work.
 """
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..compression import fastpath
-from ..compression import rng
+from ..compression import fastpath, rng
 from ..compression.compressors import Compressor
 from ..monitoring.monitor import RoundStats
+from .kinds import Pass, Rows, SeedSite, Side, TailSlots
 from .plan import BucketPlan, WireLayout
-from .seeding import DOWNLINK, UPLINK
 
-__all__ = ["BucketState", "Exchange", "Scratch"]
+__all__ = ["BucketState", "ErrorNorms", "Exchange", "Scratch"]
 
 
 class Scratch:
@@ -51,6 +50,38 @@ class Scratch:
         return sum(_nbytes(b) for b in list(self.bufs.values()))
 
 
+class ErrorNorms:
+    """Squared norms of each pass's input and compression error, summed over a round's rows (device scalars, or
+    0 until something is added): what the monitor reports as each pass's relative error."""
+
+    __slots__ = ("worker_input_sq", "worker_error_sq", "server_input_sq", "server_error_sq")
+
+    def __init__(self):
+        self.worker_input_sq = self.worker_error_sq = self.server_input_sq = self.server_error_sq = 0
+
+    def add_rows(self, side: Side, v: torch.Tensor, err: torch.Tensor) -> None:
+        """Add ||v||^2 and ||err||^2 of one side's rows."""
+        v_sq = torch.linalg.vector_norm(v, dtype=torch.float64) ** 2
+        e_sq = torch.linalg.vector_norm(err, dtype=torch.float64) ** 2
+        if side is Side.WORKER:
+            self.worker_input_sq, self.worker_error_sq = self.worker_input_sq + v_sq, self.worker_error_sq + e_sq
+        else:
+            self.server_input_sq, self.server_error_sq = self.server_input_sq + v_sq, self.server_error_sq + e_sq
+
+    def add(self, other: "ErrorNorms") -> None:
+        self.worker_input_sq = self.worker_input_sq + other.worker_input_sq
+        self.worker_error_sq = self.worker_error_sq + other.worker_error_sq
+        self.server_input_sq = self.server_input_sq + other.server_input_sq
+        self.server_error_sq = self.server_error_sq + other.server_error_sq
+
+    def into(self, stats: RoundStats) -> None:
+        """Write the sums (read to the host) into `stats`."""
+        stats.worker_input_sq = float(self.worker_input_sq)
+        stats.worker_error_sq = float(self.worker_error_sq)
+        stats.server_input_sq = float(self.server_input_sq)
+        stats.server_error_sq = float(self.server_error_sq)
+
+
 class Exchange:
     """One bucket's double pass in flight."""
 
@@ -62,7 +93,7 @@ class Exchange:
         self.skip: Optional[torch.Tensor] = None      # 0-d bool, on the device
         self.host_skip: Optional[bool] = None         # the same, where reading it is free (CPU fast path)
         self.stats = RoundStats()
-        self.error_sq = {}                           # device accumulators of the monitor's error norms
+        self.norms = ErrorNorms()                    # the monitor's error norms (only when `track`)
         # the quality guard's sample: (4, compressed tensors) float64, rows worker error, worker input, server
         # error, server input (squared norms), or None when this step is not sampled
         self.guard_sums: Optional[torch.Tensor] = None
@@ -92,6 +123,7 @@ class BucketState:
     def __init__(self, plan: BucketPlan, wc: Compressor, sc: Compressor, worker_ef: bool, server_ef: bool,
                  base_seed: int):
         self.plan, self.wc, self.sc = plan, wc, sc
+        self.live: set = set()        # the keys whose residuals this state holds now (the collective's bookkeeping)
         p, dev, dt = plan, plan.device, plan.dtype
         B, W, me = p.block_size, p.world_size, p.rank
         self.has_rows = p.R + p.T > 0
@@ -103,10 +135,11 @@ class BucketState:
         self.s_full = zeros(p.F_me, B) if self.keep_server else None
         self.s_tail = zeros(p.T_me, p.cap) if self.keep_server else None
         self.dense_buf = None
+        self.compressed_keys = {s.key: s for s in p.compressed}   # the tensors it compresses, keeps residuals of
         if not self.has_rows:
             return
-        self.up: WireLayout = p.layout(wc, "up")
-        self.down: WireLayout = p.layout(sc, "down")
+        self.up: WireLayout = p.layout(wc, Pass.UP)
+        self.down: WireLayout = p.layout(sc, Pass.DOWN)
         u8 = dict(dtype=torch.uint8, device=dev)
         self.send = torch.zeros(self.up.total, **u8)
         self.recv_size = W * self.up.sizes[me]
@@ -122,8 +155,9 @@ class BucketState:
         self._seeds = self._static_seeds(base_seed)
 
     # -- seeds ---------------------------------------------------------------------------------------------------
-    def _static_seeds(self, base: int) -> Dict[str, torch.Tensor]:
-        """Static seeds (see `rng`) of every row this rank compresses or decodes, by role, as int64 tensors."""
+    def _static_seeds(self, base: int) -> Dict[Tuple[SeedSite, Rows], List[torch.Tensor]]:
+        """Static seeds (see `rng`) of every row this rank compresses or decodes, by site and kind of row, as int64
+        tensors: one table per sender for `SeedSite.RECV` of a compressor seeded per rank, else one."""
         p, out = self.plan, {}
         full_blocks = [(s.key, b) for s in p.compressed for b in range(s.full)]
         tail_blocks = [(s.key, s.full) for s in p.compressed if s.tail_row >= 0]
@@ -135,25 +169,26 @@ class BucketState:
         mine_tail = [tail_blocks[r] for r in p.owned_tail[p.rank]]
         if self.wc.uses_seed:
             per_rank = self.wc.seed_per_rank
-            out["up_full"] = table(full_blocks, UPLINK, p.rank if per_rank else -1)
-            out["up_tail"] = table(tail_blocks, UPLINK, p.rank if per_rank else -1)
+            me = p.rank if per_rank else -1
+            out[SeedSite.SEND, Rows.FULL] = [table(full_blocks, Pass.UP, me)]
+            out[SeedSite.SEND, Rows.TAIL] = [table(tail_blocks, Pass.UP, me)]
             senders = range(p.world_size) if per_rank else [-1]
-            out["recv_full"] = [table(mine_full, UPLINK, i) for i in senders]
-            out["recv_tail"] = [table(mine_tail, UPLINK, i) for i in senders]
+            out[SeedSite.RECV, Rows.FULL] = [table(mine_full, Pass.UP, i) for i in senders]
+            out[SeedSite.RECV, Rows.TAIL] = [table(mine_tail, Pass.UP, i) for i in senders]
         if self.sc.uses_seed:
-            out["own_full"] = table(mine_full, DOWNLINK, -1)
-            out["own_tail"] = table(mine_tail, DOWNLINK, -1)
-            out["down_full"] = table(full_blocks, DOWNLINK, -1)
-            out["down_tail"] = table(tail_blocks, DOWNLINK, -1)
+            out[SeedSite.OWN, Rows.FULL] = [table(mine_full, Pass.DOWN, -1)]
+            out[SeedSite.OWN, Rows.TAIL] = [table(mine_tail, Pass.DOWN, -1)]
+            out[SeedSite.GATHER, Rows.FULL] = [table(full_blocks, Pass.DOWN, -1)]
+            out[SeedSite.GATHER, Rows.TAIL] = [table(tail_blocks, Pass.DOWN, -1)]
         return out
 
-    def seeds(self, role: str, step: int, sender: int = 0) -> Optional[torch.Tensor]:
-        t = self._seeds.get(role)
-        if t is None:
+    def seeds(self, site: SeedSite, rows: Rows, step: int, sender: int = 0) -> Optional[torch.Tensor]:
+        """The seeds at `step` of the rows of kind `rows` used at `site` (`sender`: whose uplink, for RECV), or None
+        for a compressor without randomness."""
+        tables = self._seeds.get((site, rows))
+        if tables is None:
             return None
-        if isinstance(t, list):
-            t = t[sender if len(t) > 1 else 0]
-        return rng.step_seeds(t, step)
+        return rng.step_seeds(tables[sender if len(tables) > 1 else 0], step)
 
     # -- stage 1: the worker pass ----------------------------------------------------------------------------
     def worker_pass(self, ex: Exchange, scratch: Scratch, flat: Optional[torch.Tensor]) -> torch.Tensor:
@@ -163,7 +198,7 @@ class BucketState:
         bad = torch.zeros((), dtype=torch.bool, device=p.device)
         if self.has_rows:
             B = p.block_size
-            seeds = self.seeds("up_full", ex.step)
+            seeds = self.seeds(SeedSite.SEND, Rows.FULL, ex.step)
             v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
             for a, b in p.chunks(p.R):
                 v = v_buf[:(b - a) * B].view(b - a, B)
@@ -174,11 +209,11 @@ class BucketState:
                     self._rows_view(self.send, up, i, a, b, write=fields[f.name])
             if p.T:
                 vt = self._compensated_tail(ex.items)
-                fields = wc.encode(vt, p.tail_lengths_t(), self.seeds("up_tail", ex.step))
+                fields = wc.encode(vt, p.tail_lengths_t(), self.seeds(SeedSite.SEND, Rows.TAIL, ex.step))
                 for i, f in enumerate(up.fields):
                     t = self.up_tail[i]
                     t.copy_(fields[f.name]).masked_fill_(up.tail_invalid(i, mine=False), 0)
-                    pad, buf = up.tail_index(i, "all")
+                    pad, buf = up.tail_index(i, TailSlots.ALL)
                     self.send.view(f.dtype)[buf] = t.view(-1)[pad]
                 bad |= _nonfinite(wc, {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}, vt)
             if p.dense_items:                  # small tensors ride uncompressed in the same messages
@@ -249,7 +284,7 @@ class BucketState:
         self._server_pass(ex, recv[:self.recv_size], scratch)
 
     def _update_residual(self, ex: Exchange, e: torch.Tensor, v: torch.Tensor, decode, tmp: Optional[torch.Tensor],
-                         pad: Optional[torch.Tensor] = None, role: str = "worker",
+                         pad: Optional[torch.Tensor] = None, side: Side = Side.WORKER,
                          tensors: Optional[torch.Tensor] = None) -> None:
         """e <- v - decode(out), unless the exchange is skipped (then e stays as it is). `decode(out)` decodes the
         sent fields into `out` (None: a new tensor). Where the skip is known on the host, e itself takes the
@@ -265,10 +300,10 @@ class BucketState:
             new = e
         if pad is not None:
             new.masked_fill_(pad, 0)
-        self._track(ex, f"{role}_input_sq", v)
-        self._track(ex, f"{role}_error_sq", new)
+        if ex.track:
+            ex.norms.add_rows(side, v, new)
         if ex.guard_sums is not None and tensors is not None:
-            self._guard_rows(ex, 0 if role == "worker" else 2, new, v, tensors)
+            self._guard_rows(ex, 0 if side is Side.WORKER else 2, new, v, tensors)
         if ex.host_skip is None:
             torch.where(ex.skip, e, new, out=e)
 
@@ -282,16 +317,11 @@ class BucketState:
             sq = torch.where(ex.skip, 0.0, sq)
         ex.guard_sums[row:row + 2].index_add_(1, tensors, sq)
 
-    def _track(self, ex: Exchange, name: str, t: torch.Tensor) -> None:
-        if ex.track:
-            sq = torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
-            ex.error_sq[name] = ex.error_sq.get(name, 0) + sq
-
     def _worker_residual(self, ex: Exchange, scratch: Scratch) -> None:
         if not self.keep_worker or ex.host_skip:
             return
         p, wc, up, B = self.plan, self.wc, self.up, self.plan.block_size
-        seeds = self.seeds("up_full", ex.step)
+        seeds = self.seeds(SeedSite.SEND, Rows.FULL, ex.step)
         v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
         d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device) if ex.host_skip is None else None
         for a, b in p.chunks(p.R):
@@ -305,7 +335,7 @@ class BucketState:
                                   tensors=p.tensor_of_rows(False, False)[a:b])
         if p.T:
             fields = {f.name: self.up_tail[i] for i, f in enumerate(up.fields)}
-            lengths, seeds = p.tail_lengths_t(), self.seeds("up_tail", ex.step)
+            lengths, seeds = p.tail_lengths_t(), self.seeds(SeedSite.SEND, Rows.TAIL, ex.step)
             # self.vt still holds g + e_i of the tails, from the worker pass
             self._update_residual(ex, self.e_tail, self.vt,
                                   lambda out: wc.decode(fields, p.cap, p.dtype, lengths, seeds, out=out),
@@ -316,8 +346,8 @@ class BucketState:
         B, W, me = p.block_size, p.world_size, p.rank
         M = up.sizes[me]
         msgs = recv.view(W, M)
-        own_seeds = self.seeds("own_full", ex.step)
-        recv_seeds = [self.seeds("recv_full", ex.step, i) for i in range(W)]
+        own_seeds = self.seeds(SeedSite.OWN, Rows.FULL, ex.step)
+        recv_seeds = [self.seeds(SeedSite.RECV, Rows.FULL, ex.step, i) for i in range(W)]
         total_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
         tmp_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device) if ex.host_skip is None else None
         for a, b in p.chunks(p.F_me):
@@ -345,7 +375,7 @@ class BucketState:
                 s = None if own_seeds is None else own_seeds[a:b]
                 self._update_residual(ex, self.s_full[a:b], vs,
                                       lambda out: sc.decode(fields, B, p.dtype, None, s, out=out),
-                                      None if tmp_buf is None else tmp_buf[:n].view(b - a, B), role="server",
+                                      None if tmp_buf is None else tmp_buf[:n].view(b - a, B), side=Side.SERVER,
                                       tensors=p.tensor_of_rows(False, True)[a:b])
         if p.T_me:
             self._server_tails(ex, msgs)
@@ -364,28 +394,28 @@ class BucketState:
         W, me = p.world_size, p.rank
         lengths = p.my_tail_lengths_t()
         for k, f in enumerate(up.fields):
-            pad, buf = up.tail_index(k, "mine_up")
+            pad, buf = up.tail_index(k, TailSlots.MINE_UP)
             self.recv_tail[k].view(W, -1)[:, pad] = msgs.view(f.dtype)[:, buf]
         total = None
         for i in range(W):
             fields = {f.name: self.recv_tail[k][i] for k, f in enumerate(up.fields)}
-            dec = wc.decode(fields, p.cap, p.dtype, lengths, self.seeds("recv_tail", ex.step, i))
+            dec = wc.decode(fields, p.cap, p.dtype, lengths, self.seeds(SeedSite.RECV, Rows.TAIL, ex.step, i))
             total = dec.clone() if i == 0 else total.add_(dec)
         vs = total.div_(W).masked_fill_(p.tail_pad_mask(mine=True), 0)     # decoders leave padding unspecified
         if self.keep_server:
             vs.add_(self.s_tail)
-        seeds = self.seeds("own_tail", ex.step)
+        seeds = self.seeds(SeedSite.OWN, Rows.TAIL, ex.step)
         fields = sc.encode(vs, lengths, seeds)
         for k, f in enumerate(down.fields):
             t = self.own_tail[k]
             t.copy_(fields[f.name]).masked_fill_(down.tail_invalid(k, mine=True), 0)
-            pad, buf = down.tail_index(k, "mine_down")
+            pad, buf = down.tail_index(k, TailSlots.MINE_DOWN)
             self.own.view(f.dtype)[buf] = t.view(-1)[pad]
         if self.keep_server:
             own = {f.name: self.own_tail[k] for k, f in enumerate(down.fields)}
             self._update_residual(ex, self.s_tail, vs, lambda out: sc.decode(own, p.cap, p.dtype, lengths, seeds,
                                                                                out=out),
-                                  None, pad=p.tail_pad_mask(mine=True), role="server",
+                                  None, pad=p.tail_pad_mask(mine=True), side=Side.SERVER,
                                   tensors=p.tensor_of_rows(True, True))
 
     # -- stage 3: decode the downlink into the outputs --------------------------------------------------------
@@ -394,7 +424,7 @@ class BucketState:
         p, sc, down = self.plan, self.sc, self.down if self.has_rows else None
         if self.has_rows:
             B = p.block_size
-            seeds = self.seeds("down_full", ex.step)
+            seeds = self.seeds(SeedSite.GATHER, Rows.FULL, ex.step)
             for a, b in p.chunks(p.R):
                 fields = {f.name: self._rows_view(gathered, down, i, a, b) for i, f in enumerate(down.fields)}
                 segs = p.full_segments(a, b)
@@ -411,10 +441,10 @@ class BucketState:
                     _copy(dst, src)
             if p.T:
                 for i, f in enumerate(down.fields):
-                    pad, buf = down.tail_index(i, "all")
+                    pad, buf = down.tail_index(i, TailSlots.ALL)
                     self.down_tail[i].view(-1)[pad] = gathered.view(f.dtype)[buf]
                 fields = {f.name: self.down_tail[i] for i, f in enumerate(down.fields)}
-                dec = sc.decode(fields, p.cap, p.dtype, p.tail_lengths_t(), self.seeds("down_tail", ex.step))
+                dec = sc.decode(fields, p.cap, p.dtype, p.tail_lengths_t(), self.seeds(SeedSite.GATHER, Rows.TAIL, ex.step))
                 self._nan_if_skipped(ex, dec)
                 dst, src = _views(outs, p.tail_segments(), True, dec)
                 _copy(dst, src)
@@ -516,13 +546,6 @@ class BucketState:
                 t = int(np.searchsorted(p.owned_tail[p.rank], s.tail_row))
                 if t < p.T_me and p.owned_tail[p.rank][t] == s.tail_row:
                     self.s_tail[t].zero_()
-
-    @property
-    def compressed_keys(self):
-        """The keys of the tensors this bucket compresses (and keeps residuals of)."""
-        if not hasattr(self, "_by_key"):
-            self._by_key = {s.key: s for s in self.plan.compressed}
-        return self._by_key
 
     def _span(self, key):
         return self.compressed_keys[key]

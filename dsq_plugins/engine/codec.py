@@ -13,10 +13,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..compression import fastpath
-from ..compression import kernels
-from ..compression import rng
+from ..compression import fastpath, kernels, rng
 from ..compression.compressors import Compressor
+from .kinds import Pass
 from .plan import BucketPlan, WireLayout
 
 __all__ = ["BlockCodec"]
@@ -35,15 +34,16 @@ class BlockCodec:
         self.compressor, self.block_size = compressor, block_size
         self.spec = compressor.spec
         self._layouts: Dict[Tuple, Tuple[BucketPlan, WireLayout, torch.Tensor]] = {}
+        self._float_regions: Dict[int, list] = {}       # id(layout) -> (byte start, items, dtype) per float field
 
     def _layout(self, numel: int, dtype: torch.dtype, device) -> Tuple[BucketPlan, WireLayout, torch.Tensor]:
         key = (numel, dtype, str(device))
         got = self._layouts.get(key)
         if got is None:
             plan = BucketPlan([_KEY], [numel], [False], dtype, device, 1, 0, self.block_size, 1 << 62)
-            lay = plan.layout(self.compressor, "down", align=1)
+            lay = plan.layout(self.compressor, Pass.DOWN, align=1)
             blocks = plan.R + plan.T
-            static = torch.tensor([rng.static_seed(0, _KEY, b, 0) for b in range(blocks)], dtype=torch.int64,
+            static = torch.tensor([rng.static_seed(0, _KEY, b, Pass.UP) for b in range(blocks)], dtype=torch.int64,
                                   device=device)
             got = self._layouts[key] = (plan, lay, static)
         return got
@@ -257,9 +257,9 @@ class BlockCodec:
         if numel == 0:
             return True
         plan, lay, _ = self._layout(numel, dtype, frame.device)
-        regions = getattr(lay, "float_regions", None)     # (byte start, items, dtype) per float field, once
+        regions = self._float_regions.get(id(lay))
         if regions is None:
-            regions = lay.float_regions = [
+            regions = self._float_regions[id(lay)] = [
                 (start, count, f.dtype) for k, f in enumerate(lay.fields) if f.dtype.is_floating_point
                 for start, count in ((lay.full_off[0][k], plan.R * f.full), (lay.tail_off[0][k], int(f.tail.sum())))
                 if count]

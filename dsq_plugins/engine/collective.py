@@ -31,7 +31,7 @@ from .auto import AutoTuner, DENSE, MIXED
 from .communicator import Communicator, ProcessGroupUnavailable
 from ..config import DoubleSqueezeConfig
 from ..compression.registry import get_compressor
-from .bucket import BucketState, Exchange, Scratch, now
+from .bucket import BucketState, ErrorNorms, Exchange, Scratch, now
 from .guard import QualityGuard
 from ..monitoring.monitor import Monitor, RoundStats
 from .plan import BucketPlan, expand_owned
@@ -51,7 +51,7 @@ class _Round:
     def __init__(self):
         self.stats = RoundStats()
         self.skips: List[torch.Tensor] = []
-        self.error_sq: Dict[str, torch.Tensor] = {}
+        self.norms = ErrorNorms()
         self.guard_sampled = False
 
 
@@ -276,8 +276,7 @@ class DoubleSqueezeCollective:
             r.skips.append(bex.skip)
             r.guard_sampled |= any(ex.guard_sums is not None for ex in bex.parts)
             for ex in bex.parts:
-                for name, v in ex.error_sq.items():
-                    r.error_sq[name] = r.error_sq.get(name, 0) + v
+                r.norms.add(ex.norms)
         return outs
 
     def _on_step_start(self, device) -> None:
@@ -388,10 +387,7 @@ class DoubleSqueezeCollective:
         chunk = self.chunk_elements or default_chunk_elements(device)
         plan = BucketPlan(keys, numels, dense, dtype, device, self.world_size, self.rank, cfg.block_size, chunk)
         wc, sc = self._pair(spec if spec is not None else cfg.candidate_specs[0])
-        state = BucketState(plan, wc, sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
-        state.spec = spec
-        state.live = set()
-        return state
+        return BucketState(plan, wc, sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
 
     def _pair(self, spec: str):
         """(worker, server) compressors of a part compressed with `spec`."""
@@ -552,8 +548,7 @@ class DoubleSqueezeCollective:
         if r.guard_sampled:
             with self._lock:
                 self.guard.end_sample()
-        for name, v in r.error_sq.items():
-            setattr(r.stats, name, float(v))
+        r.norms.into(r.stats)
         self._totals.add(r.stats)
         if self.monitor is not None and self.monitor.wants(step):
             w, s = self.residual_norms()
@@ -613,9 +608,7 @@ class DoubleSqueezeCollective:
         self.step = sd["step"]
         self._init_counters()
         self._skipped_host = sd["skipped_steps"]
-        for k, v in sd["totals"].items():
-            if hasattr(self._totals, k) and not isinstance(getattr(type(self._totals), k, None), property):
-                setattr(self._totals, k, v)
+        self._totals = RoundStats.from_dict(sd["totals"])
         if self.auto is not None and sd.get("auto"):
             self.auto.load_state_dict(sd["auto"])
         if self.guard is not None and sd.get("guard"):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..compression.compressors import Compressor
+from .kinds import Pass, TailSlots
 
 __all__ = ["BucketPlan", "WireLayout", "Span", "owner_offset", "owned_blocks", "expand_owned"]
 
@@ -187,9 +188,9 @@ class BucketPlan:
         return [(s.item, s.full * self.block_size, s.tail_row * self.cap, s.tail) for s in self.compressed
                 if s.tail_row >= 0]
 
-    def layout(self, compressor: Compressor, direction: str, align: int = 8) -> "WireLayout":
-        """The message layout of `compressor` in `direction` ("up": rank i to each rank j; "down": each rank's
-        own rows to every rank), field sections padded to `align` bytes."""
+    def layout(self, compressor: Compressor, direction: Pass, align: int = 8) -> "WireLayout":
+        """The message layout of `compressor` in `direction` (`Pass.UP`: rank i to each rank j; `Pass.DOWN`: each
+        rank's own rows to every rank), field sections padded to `align` bytes."""
         key = (compressor.spec, direction, align)
         lay = self.layouts.get(key)
         if lay is None:
@@ -215,7 +216,7 @@ class WireLayout:
     """Message sizes, field offsets and the index tables that pack and unpack one compressor's fields, for one
     bucket plan and one direction. Sizes are bytes; offsets into a dtype view of a buffer are items."""
 
-    def __init__(self, plan: BucketPlan, compressor: Compressor, direction: str, align: int = 8):
+    def __init__(self, plan: BucketPlan, compressor: Compressor, direction: Pass, align: int = 8):
         self.plan, self.compressor, self.direction, self.align = plan, compressor, direction, align
         B, W, dtype = plan.block_size, plan.world_size, plan.dtype
         full_layout = compressor.row_layout(B, dtype, B)
@@ -229,7 +230,7 @@ class WireLayout:
             fields.append((-itemsize, i, _Field(name, dt, itemsize, count, _count(cap_layout, name), tail, move,
                                                 count * itemsize // size)))
         self.fields: List[_Field] = [f for _, _, f in sorted(fields, key=lambda x: (x[0], x[1]))]
-        header = UPLINK_HEADER if direction == "up" else 0
+        header = UPLINK_HEADER if direction is Pass.UP else 0
         self.header = header
         itemsize = torch.empty((), dtype=dtype).element_size()
         # message j: sizes, the dense section's byte offset, and the byte offset of each field's full and tail part
@@ -280,41 +281,42 @@ class WireLayout:
                 base = (self.starts[j] + self.full_off[j][f]) // width
                 starts[rows] = base + np.arange(len(rows), dtype=np.int64) * fld.move_items
             return starts
-        return plan.on_device(f"rows:{self.compressor.spec}:{self.direction}:{f}", make)
+        return plan.on_device(f"rows:{self.compressor.spec}:{self.direction.name}:{f}", make)
 
-    def tail_index(self, f: int, which: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def tail_index(self, f: int, which: TailSlots) -> Tuple[torch.Tensor, torch.Tensor]:
         """(positions in the padded tail batch, positions in a dtype view of a buffer) of field f's tail items.
 
-        which = "all": every tail row (tensor order) against the buffer of all W messages (the uplink send buffer,
-        the downlink gathered buffer); "mine_up": this rank's owned tail rows (server order) against ONE uplink
-        message to this rank; "mine_down": the same rows against this rank's own downlink message."""
+        `TailSlots.ALL`: every tail row (tensor order) against the buffer of all W messages (the uplink send buffer,
+        the downlink gathered buffer); `MINE_UP`: this rank's owned tail rows (server order) against ONE uplink
+        message to this rank; `MINE_DOWN`: the same rows against this rank's own downlink message."""
         plan, fld = self.plan, self.fields[f]
 
         def make():
             pad, buf = [], []
             me = plan.rank
-            ranks = range(plan.world_size) if which == "all" else [me]
+            every = which is TailSlots.ALL
+            ranks = range(plan.world_size) if every else [me]
             for j in ranks:
                 rows = plan.owned_tail[j]
                 start = self.tail_off[j][f] // fld.itemsize
-                if which == "all":
+                if every:
                     start += self.starts[j] // fld.itemsize
                 for p, r in enumerate(rows):
                     n = int(fld.tail[r])
-                    slot = r if which == "all" else p
+                    slot = r if every else p
                     pad.append(slot * fld.tail_cap + np.arange(n, dtype=np.int64))
                     buf.append(start + np.arange(n, dtype=np.int64))
                     start += n
             cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
             return np.stack([cat(pad), cat(buf)])
-        both = plan.on_device(f"tail:{self.compressor.spec}:{self.direction}:{f}:{which}", make)
+        both = plan.on_device(f"tail:{self.compressor.spec}:{self.direction.name}:{f}:{which.value}", make)
         return both[0], both[1]
 
     def tail_invalid(self, f: int, mine: bool) -> torch.Tensor:
         """(rows, tail_cap) bool: the items of field f beyond each tail row's count."""
         plan, fld = self.plan, self.fields[f]
         counts = fld.tail[plan.owned_tail[plan.rank]] if mine else fld.tail
-        return plan.on_device(f"tinv:{self.compressor.spec}:{self.direction}:{f}:{int(mine)}",
+        return plan.on_device(f"tinv:{self.compressor.spec}:{self.direction.name}:{f}:{int(mine)}",
                               lambda: np.arange(fld.tail_cap)[None, :] >= counts[:, None])
 
 

@@ -40,6 +40,11 @@ class RoundStats:
     def bytes_recv(self) -> int:
         return self.bytes_up_recv + self.bytes_down_recv
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoundStats":
+        """The counters of `as_dict` (its derived totals are recomputed, not read)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv)
