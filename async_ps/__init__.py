@@ -4,7 +4,8 @@
   compresses each worker's downlink against the copy it holds (server.py).
 - `Worker`: pulls, pushes with its residual, heartbeats, rejoins after a server restart; `Worker.from_env` and
   `Worker.step` are the training-loop helper (worker.py).
-- the wire format: JSON header + exactly `Payload.to_bytes()` per tensor, no pickle (protocol.py).
+- the wire format: JSON header + one `BlockCodec` frame per key (a tensor, or a block-aligned piece of one), no
+  pickle (protocol.py).
 - `dsq-async-ps`: the launcher (launcher.py); checkpoints (checkpoint.py).
 """
 from .protocol import PROTOCOL_VERSION, Limits, ProtocolError

@@ -1,5 +1,5 @@
 """`ParameterServer`: holds the model (or its share of the keys), applies compressed error-compensated pushes as
-they arrive, and sends each worker a compressed delta against the copy it holds (DESIGN.md section 1,
+they arrive, and sends each worker a compressed delta against the copy it holds (docs/ARCHITECTURE.md section 1,
 "Asynchronous variant").
 
 Per worker j the server keeps ``x_hat_j``, the model copy j holds. A pull sends ``c = C_s(x - x_hat_j)`` and does

@@ -1,4 +1,4 @@
-"""`DoubleSqueezeConfig`: what to compress with and which switches of DESIGN.md section 1 are on."""
+"""`DoubleSqueezeConfig`: what to compress with and which switches of docs/ARCHITECTURE.md section 1 are on."""
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields

@@ -12,7 +12,7 @@ B = 64
 
 
 def payload_bytes(spec, n, block=B):
-    """The wire bytes of one block of n elements of fp32, written out from DESIGN.md section 3 (the index type
+    """The wire bytes of one block of n elements of fp32, written out from docs/ARCHITECTURE.md section 3 (the index type
     of top-k follows the configured block size)."""
     name, _, arg = spec.partition(":")
     if name == "sign":

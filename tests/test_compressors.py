@@ -1,4 +1,4 @@
-"""Property tests of every built-in compressor against plain-torch references written here (DESIGN.md section 3).
+"""Property tests of every built-in compressor against plain-torch references written here (docs/ARCHITECTURE.md section 3).
 
 Every compressor: any float dtype and shape in, the same out; the payload packs to exactly `nbytes` bytes, which
 is what `Compressor.nbytes` predicts; `Payload.from_bytes` of those bytes decompresses to the same tensor, bit for

@@ -5,7 +5,7 @@
 #
 # Horovod 0.28.1 (its last release) pins C++14 in its CMake files, and torch >= 2.1's headers need C++17, so
 # the sdist does not build as shipped. This script builds it with the standard raised to 17, the Gloo
-# controller, PyTorch only, and no MPI (DESIGN.md section 4), then caches the wheel under
+# controller, PyTorch only, and no MPI (docs/ARCHITECTURE.md section 4), then caches the wheel under
 #   ${DSQ_WHEEL_CACHE:-~/.cache/doublesqueeze/wheels}/horovod-<hvd>-torch<torch>-<python tag>/
 # so later set-ups and CI install it in seconds. The cache key holds the Horovod, torch and Python versions:
 # a wheel built against one torch ABI is never installed against another.

@@ -1,7 +1,7 @@
 """The built-in compressors. Each has one job: a block of elements -> its wire fields (packed to their true size)
 -> the block again.
 
-A compressor works on *blocks* (DESIGN.md section 3): `compress(t)` treats the tensor `t` as one block, and the
+A compressor works on *blocks* (docs/ARCHITECTURE.md section 3): `compress(t)` treats the tensor `t` as one block, and the
 engine applies the same compressor to every block of every tensor at once through the batched pair
 `encode` / `decode`, on a (rows, cap) batch of blocks, one block per row, each row zero beyond its length. Semantics,
 per block of ``n`` elements (exact, so results can be checked against a reference):

@@ -10,7 +10,7 @@ elements.
 
 - `sign_apply`: ``acc += alpha * scale[r] * (+-1)``: one pass over ``acc`` (the server applying a push).
 - `sign_delta`: ``d = x - x_hat``, ``scale[r] = mean |d|`` over the block, the sign bits of ``d``, and
-  ``x_hat += scale[r] * sign(d)`` (the downlink of a worker's copy, DESIGN.md section 1, "Asynchronous variant").
+  ``x_hat += scale[r] * sign(d)`` (the downlink of a worker's copy, docs/ARCHITECTURE.md section 1, "Asynchronous variant").
 - `sign_apply_delta`: both, block by block, while a block is in cache (a push answered by its pull).
 - `sign_residual`: ``c = x + e``, its scales and sign bits, and ``e' = c - scale[r] * sign(c)`` (a worker's error
   feedback: compensate, compress, keep what was left behind).

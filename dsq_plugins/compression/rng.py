@@ -6,7 +6,7 @@ compressed on rank 3 on a GPU and the same block compressed by the `Simulator` o
 and a batch of blocks draws them in one pass. Everything is int64 arithmetic on values below 2**32, masked back to
 32 bits after each product (the wrap-around of a signed 64-bit product keeps its low 32 bits right).
 
-Seeds (DESIGN.md section 3): a block's seed is ``step_seed(static, step)``, where ``static`` hashes (config seed,
+Seeds (docs/ARCHITECTURE.md section 3): a block's seed is ``step_seed(static, step)``, where ``static`` hashes (config seed,
 tensor key, block, pass[, rank]) once per bucket layout (`static_seed`) and the step is mixed in with tensor ops.
 """
 import zlib

@@ -1,7 +1,7 @@
 """`BlockCodec`: a compressor applied block by block to whole tensors, for wires that carry one frame per tensor
 (the asynchronous parameter server).
 
-A tensor of ``d`` elements is cut into blocks of ``block_size`` elements exactly as the engine cuts it (DESIGN.md
+A tensor of ``d`` elements is cut into blocks of ``block_size`` elements exactly as the engine cuts it (docs/ARCHITECTURE.md
 section 3); its frame is the engine's message layout for one rank (`plan.WireLayout`, no header, no padding): per
 field, the full blocks then the tail block. Its size is the sum of its blocks' `Compressor.nbytes`, and a dense
 (``none``) frame is the tensor's raw bytes. Random compressors draw from the seeds of

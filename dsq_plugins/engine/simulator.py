@@ -1,5 +1,5 @@
 """`Simulator`: DoubleSqueeze with n workers and one parameter server, in one process, written straight from the
-four lines of DESIGN.md section 1, block by block. It is the reference the distributed code is checked against."""
+four lines of docs/ARCHITECTURE.md section 1, block by block. It is the reference the distributed code is checked against."""
 from typing import List, Optional, Sequence
 
 import torch

@@ -34,7 +34,7 @@ class DoubleSqueezeCallback(TrainerCallback):
 
     Args:
         trainer: the `transformers.Trainer` (its DDP model exists only once `train()` has prepared it).
-        config: the `DoubleSqueezeConfig` (default: sign on both passes).
+        config: the `DoubleSqueezeConfig` (default: `DoubleSqueezeConfig()`, the README's default).
         monitor: optional `dsq_plugins.Monitor`.
         resume_from: a checkpoint folder to load the residuals from when training resumes (default: the
             Trainer's ``output_dir/checkpoint-{global_step}``).
