@@ -9,9 +9,10 @@ the gradients of an accumulation boundary, on this engine instance only (nothing
 * ZeRO stage 1: `optimizer.reduce_gradients`. Ours averages the full gradients, then runs the optimizer's
   own epilogue, which finds its buckets empty and copies this rank's partition (no communication).
 
-Either way each parameter's gradient goes through `DoubleSqueezeCollective.reduce_buckets` (block by block, one
-all_to_all up and one all_gather down per bucket, compressed bytes only), keyed by its name in the model; the
-buckets are pipelined (each one compresses while the ones before it travel). DeepSpeed's `overlap_comm` (reducing
+Either way each parameter's gradient goes through the core's `BucketPipeline` (`engine.doublesqueeze_pipeline`,
+over `engine.doublesqueeze`: block by block, one all_to_all up and one all_gather down per bucket, compressed bytes
+only), keyed by its name in the model; the buckets are pipelined (each one compresses while the one before it
+travels). DeepSpeed's `overlap_comm` (reducing
 inside backward hooks) is not used: at stage 0 DeepSpeed itself reduces only after backward, and at stage 1
 DoubleSqueeze replaces the reduction that `overlap_comm` would run in those hooks, so it is refused there. DeepSpeed's
 averaging settings keep their math: the collective receives ``g * pre`` and the gradient becomes
@@ -36,9 +37,10 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import groups
 
+from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.collective import DoubleSqueezeCollective
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
-from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_for, plan_buckets, write_back
 from dsq_plugins.monitoring.monitor import Monitor
 
 from .config import DoubleSqueezeSection
@@ -99,34 +101,22 @@ def _scaling(engine, world: int) -> Tuple[float, float]:
 
 
 def _average(engine, named: List[Tuple[str, torch.Tensor]]) -> None:
-    """Replace each gradient in `named` by its DoubleSqueeze average over the data-parallel group, in place.
-    Buckets of `bucket_mb` (by dtype) are pipelined: every bucket's uplink leaves before the first is served."""
+    """Replace each gradient in `named` by its DoubleSqueeze average over the data-parallel group, in place:
+    buckets of `bucket_mb` (one dtype each) through the engine's `BucketPipeline`."""
     dsq: DoubleSqueezeCollective = engine.doublesqueeze
+    pipeline: BucketPipeline = engine.doublesqueeze_pipeline
     pre, post = _scaling(engine, dsq.world_size)
-    out_scale = dsq.world_size * post
-    limit = dsq.config.bucket_mb * 2 ** 20
-    buckets, open_by_dtype = [], {}
-    for name, g in named:
-        key = (g.dtype, g.device)
-        bucket = open_by_dtype.get(key)
-        nbytes = g.numel() * g.element_size()
-        if bucket is None or (bucket[1] and bucket[1] + nbytes > limit):
-            bucket = open_by_dtype[key] = [[], 0]
-            buckets.append(bucket)
-        bucket[0].append((name, g))
-        bucket[1] += nbytes
-    items = [[(name, g.reshape(-1) * pre if pre != 1.0 else g.reshape(-1)) for name, g in b] for b, _ in buckets]
-    # The averages go straight into the gradients (contiguous ones; others through a copy).
-    outs = [[g.view(-1) if g.is_contiguous() else torch.empty(g.numel(), dtype=g.dtype, device=g.device)
-             for _, g in b] for b, _ in buckets]
-    dsq.reduce_buckets(items, outs)
-    for (b, _), out in zip(buckets, outs):
-        for (_, g), o in zip(b, out):
-            if out_scale != 1.0:
-                o.mul_(out_scale)
-            if o.data_ptr() != g.data_ptr():
-                g.copy_(o.view_as(g))
-    dsq.finish_step()
+    issued = []
+    for bucket in plan_buckets(named, dsq.config.bucket_mb):
+        grads = [named[i][1] for i in bucket]
+        items = [(named[i][0], g.reshape(-1) * pre if pre != 1.0 else g.reshape(-1)) for i, g in zip(bucket, grads)]
+        outs = outputs_for(grads)
+        issued.append((grads, outs, pipeline.issue(items, outs)))
+    closed = pipeline.end_step()
+    for grads, outs, done in issued:
+        done.wait()
+        write_back(grads, outs, dsq.world_size * post)
+    closed.wait()
 
 
 def _stage0_reduce(self, grads=None, elements_per_buffer=500000000):
@@ -142,9 +132,7 @@ def _stage0_reduce(self, grads=None, elements_per_buffer=500000000):
         for name, p in self.module.named_parameters():
             if not p.requires_grad or p.numel() == 0:
                 continue
-            if p.grad is None:      # another rank may have one: every rank must send the same tensors
-                p.grad = torch.zeros_like(p)
-            if p.grad.is_sparse:
+            if grad_or_zeros(p).is_sparse:
                 raise NotImplementedError(f"parameter {name!r} has a sparse gradient; DoubleSqueeze compresses "
                                           f"dense gradients")
             named.append((name, p.grad))
@@ -218,7 +206,8 @@ def install(engine, config, monitor: Optional[Monitor] = None):
         engine: a `DeepSpeedEngine` (ZeRO stage 0 or 1).
         config: a `DoubleSqueezeConfig`, a `DoubleSqueezeSection`, or the section as a dict.
         monitor: where the metrics go; default: the engine's own monitor, when its config enables one.
-    The collective is `engine.doublesqueeze` (residuals, counters, `state_dict`).
+    The collective is `engine.doublesqueeze` (residuals, counters, `state_dict`); the pipeline that runs its
+    buckets, `engine.doublesqueeze_pipeline`.
     """
     if getattr(engine, "doublesqueeze", None) is not None:
         raise RuntimeError("DoubleSqueeze is already installed in this engine")
@@ -234,6 +223,7 @@ def install(engine, config, monitor: Optional[Monitor] = None):
         monitor = DeepSpeedMonitor(engine)
     group = groups._get_data_parallel_group()
     engine.doublesqueeze = DoubleSqueezeCollective(config, TorchDistributedCommunicator(group), monitor)
+    engine.doublesqueeze_pipeline = BucketPipeline(engine.doublesqueeze, "dsq-deepspeed")
 
     optimizer = engine.optimizer
     if engine.zero_optimization_stage() == 0 or isinstance(optimizer, BF16_Optimizer):

@@ -1,12 +1,12 @@
 """`horovod_ext.DistributedOptimizer`: Horovod's DistributedOptimizer, with gradients averaged by DoubleSqueeze.
 
 As in Horovod, a hook on each parameter fires when its gradient has been accumulated during backward; when
-every parameter of a bucket is ready, the hook hands the bucket to the communication thread
-(`dsq_plugins.engine.pipeline.CommThread`) and returns: the worker pass (compression), `hvd.alltoall_async`, the server
-pass, `hvd.allgather_async` and the decoding all run off the autograd thread while backward goes on. The thread
-interleaves buckets (begin bucket b, then finish bucket b - 1), so one bucket's compression overlaps the previous
-one's transfer. `synchronize()` (called by `step()`) waits for the rest; the averages land in each `p.grad`. The
-math is `DoubleSqueezeCollective`'s, block by block, with both residuals (DESIGN.md section 1):
+every parameter of a bucket is ready, the hook hands the bucket to the core's `BucketPipeline`
+(`dsq_plugins.engine.pipeline`) and returns: the worker pass (compression), `hvd.alltoall_async`, the server
+pass, `hvd.allgather_async` and the decoding all run on its communication thread while backward goes on, one
+bucket behind the other (bucket b's compression overlaps bucket b - 1's transfer). `synchronize()` (called by
+`step()`) waits for the rest; the averages land in each `p.grad`. The math is `DoubleSqueezeCollective`'s, block
+by block, with both residuals (docs/ARCHITECTURE.md section 1):
 
     worker i:  c_i = C_w(g_i + e_i),  e_i <- g_i + e_i - c_i     (uplink: each block to its owner)
     owner r:   c = C_s(mean_i c_i + e),  e <- ... - c            (downlink: all-gather of the owners' blocks)
@@ -23,11 +23,10 @@ import horovod.torch as hvd
 import torch
 from horovod.common.util import split_list
 
-from dsq_plugins.engine.collective import DoubleSqueezeCollective
 from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.engine.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_for, plan_buckets, write_back
 from dsq_plugins.monitoring.monitor import TensorBoardMonitor
-
-from dsq_plugins.engine.pipeline import CommThread
 
 from .communicator import HorovodCommunicator
 from .compression import DoubleSqueezeCompressor
@@ -82,23 +81,15 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         elif groups:
             buckets = [list(b) for b in split_list(trainable, groups) if b]
         else:
-            buckets, size, limit = [[]], 0, config.bucket_mb * 2 ** 20
-            for p in reversed(trainable):
-                nbytes = p.numel() * p.element_size()
-                if buckets[-1] and size + nbytes > limit:
-                    buckets.append([])
-                    size = 0
-                buckets[-1].append(p)
-                size += nbytes
-            buckets = [b for b in buckets if b]
+            order = list(reversed(trainable))
+            buckets = [[order[i] for i in b] for b in plan_buckets([(None, p) for p in order], config.bucket_mb)]
         self._buckets: List[List[torch.Tensor]] = buckets
         self._bucket_of = {p: b for b, ps in enumerate(buckets) for p in ps}
         self._delay = {p: backward_passes_per_step for p in trainable}
         self._ready = [0] * len(buckets)
-        self._launched: Dict[int, torch.futures.Future] = {}     # bucket -> its finish (or begin) future
-        self._exchanges: Dict[int, object] = {}
-        self._unfinished: List[int] = []                            # begun, finish not yet queued
-        self._thread = CommThread("dsq-horovod")
+        self._launched: Dict[int, torch.futures.Future] = {}     # bucket -> its future in the pipeline
+        self._outs: Dict[int, List[torch.Tensor]] = {}
+        self._pipeline = BucketPipeline(self.doublesqueeze, "dsq-horovod") if self.doublesqueeze else None
         self._synchronized = False
         self._should_synchronize = True
         # As in Horovod, a rank outside the process set does not communicate: its step uses its own gradients.
@@ -118,10 +109,7 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
                 self._launch(b)
 
     def _flat_grad(self, p: torch.Tensor) -> torch.Tensor:
-        if p.grad is None:
-            # Another rank may have a gradient for it (a dynamic graph): everyone must send the same tensors.
-            p.grad = torch.zeros_like(p)
-        g = p.grad
+        g = grad_or_zeros(p)
         if g.is_sparse:
             if not self.sparse_as_dense:
                 raise ValueError(f"parameter {self._parameter_names[p]!r} has a sparse gradient: DoubleSqueeze "
@@ -133,30 +121,11 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         return g
 
     def _launch(self, b: int) -> None:
-        """Queue bucket b's worker pass and uplink on the communication thread, then the finish of the bucket
-        begun before it (so that b compresses while the previous bucket travels)."""
-        items = [(self._parameter_names[p], self._flat_grad(p)) for p in self._buckets[b]]
-
-        def begin():
-            self._exchanges[b] = self.doublesqueeze.begin(items)
-        self._launched[b] = self._thread.submit(begin)
-        if self._unfinished:
-            self._queue_finish(self._unfinished.pop())
-        self._unfinished.append(b)
-
-    def _queue_finish(self, b: int) -> None:
+        """Issue bucket b in the pipeline (its averages go straight into the gradients where they can)."""
         params = self._buckets[b]
-        # The averages go straight into the gradients where they are plain contiguous tensors.
-        direct = [not p.grad.is_sparse and p.grad.is_contiguous() for p in params]
-        outs = [p.grad.view(-1) if d else torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-                for p, d in zip(params, direct)]
-
-        def finish():
-            ex = self._exchanges.pop(b)
-            self.doublesqueeze.serve(ex)
-            self.doublesqueeze.end(ex, outs)
-            return outs, direct
-        self._launched[b] = self._thread.submit(finish)
+        items = [(self._parameter_names[p], self._flat_grad(p)) for p in params]
+        self._outs[b] = outputs_for([p.grad for p in params])
+        self._launched[b] = self._pipeline.issue(items, self._outs[b])
 
     def synchronize(self) -> None:
         """Finish every bucket's double pass and write the averages into the gradients. Buckets whose
@@ -168,22 +137,14 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         for b in range(len(self._buckets)):
             if b not in self._launched:
                 self._launch(b)
-        while self._unfinished:
-            self._queue_finish(self._unfinished.pop())
+        closed = self._pipeline.end_step()
         scale = self.doublesqueeze.world_size if self.op == hvd.Sum else self.gradient_predivide_factor
         for b in range(len(self._buckets)):
-            outs, direct = self._launched[b].wait()
-            params = self._buckets[b]
-            for p, out, d in zip(params, outs, direct):
-                if scale != 1.0:
-                    out.mul_(scale)
-                if not d:
-                    if p.grad.is_sparse:
-                        p.grad.zero_().add_(out.view(p.shape).to_sparse())
-                    else:
-                        p.grad.copy_(out.view(p.shape))
-        self.doublesqueeze.finish_step()
+            self._launched[b].wait()
+            write_back([p.grad for p in self._buckets[b]], self._outs[b], scale)
+        closed.wait()
         self._launched.clear()
+        self._outs.clear()
         self._ready = [0] * len(self._buckets)
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step

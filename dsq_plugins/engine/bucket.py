@@ -266,9 +266,11 @@ class BucketState:
         return buf
 
     # -- stage 2: residual update and the server pass ---------------------------------------------------------
-    def skip_flag(self, recv: torch.Tensor) -> torch.Tensor:
-        """0-d bool: whether any rank flagged a NaN or Inf in the uplink messages `recv` (W messages to this
-        rank, each with the sender's flag in its header)."""
+    def skip_flag(self, ex: Exchange, recv: Optional[torch.Tensor]) -> torch.Tensor:
+        """0-d bool: whether any rank had a NaN or Inf in this part: a flag in the header of an uplink message of
+        `recv` (W messages to this rank), or, in a part that is dense throughout, a non-finite reduced sum."""
+        if recv is None:
+            return ~torch.isfinite(ex.dense_buf.sum())
         M = self.up.sizes[self.plan.rank]
         return (recv[:self.recv_size].view(self.plan.world_size, M)[:, 0] != 0).any()
 

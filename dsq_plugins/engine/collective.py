@@ -1,6 +1,6 @@
 """The double-pass error-compensated collective: DoubleSqueeze on any `Communicator`, block by block.
 
-For each block (DESIGN.md section 3) of each tensor, on each of W ranks, the block's owner r acting as its server:
+For each block (docs/ARCHITECTURE.md section 3) of each tensor, on each of W ranks, the block's owner r acting as its server:
 
     worker i:   v_i = g_i + e_i;   c_i = C_w(v_i);   e_i <- v_i - c_i
                 all_to_all: each block's c_i goes to the block's owner        (compressed bytes only)
@@ -8,7 +8,7 @@ For each block (DESIGN.md section 3) of each tensor, on each of W ranks, the blo
                 all_gather of every owner's c                                 (compressed bytes only)
     every rank: the update of the block is c
 
-Telescoping gives the conservation law ``sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T`` (DESIGN.md). A block's
+Telescoping gives the conservation law ``sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T`` (docs/ARCHITECTURE.md). A block's
 owner, seeds and compression depend on the tensor, the block and W only, so the result does not depend on how an
 integration groups tensors into buckets: it equals `Simulator` for any layout. Tensors below `min_numel` elements,
 and every tensor during warm-up, travel uncompressed and keep no residual: in the same two messages when the
@@ -18,11 +18,12 @@ A step with a NaN/Inf on any rank is skipped on every rank: each uplink message 
 ranks learn it from the same all_to_all; no residual changes and the update is all-NaN, so that an AMP
 `GradScaler` skips the optimiser step exactly as with plain DDP. The flag is a device tensor: nothing waits for it.
 
-The stages (`begin`, `serve`, `end`) can run on different threads: an integration issues the uplink from its
-backward hook and serves it from a communication thread (`pipeline.CommThread`); `reduce` runs them in a row.
+The stages (`begin`, `serve`, `end`) can run on different threads: the adapters drive them through
+`pipeline.BucketPipeline` (the uplink issued where a bucket becomes ready, the rest on a communication thread);
+`reduce` runs them in a row.
 """
 import threading
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,16 +96,20 @@ class DoubleSqueezeCollective:
         communicator: the `Communicator` (None: bound later with `bind`, before the first reduction).
         monitor: optional `Monitor`.
         chunk_elements: elements of full rows per chunk (default: `default_chunk_elements` of the device).
+        key_names: how a key is named in warnings and TensorBoard tags (default: ``str(key)``).
     """
 
     def __init__(self, config: DoubleSqueezeConfig, communicator: Optional[Communicator] = None,
-                 monitor: Optional[Monitor] = None, chunk_elements: Optional[int] = None):
+                 monitor: Optional[Monitor] = None, chunk_elements: Optional[int] = None,
+                 key_names: Optional[Callable[[Hashable], str]] = None):
         if not isinstance(config, DoubleSqueezeConfig):
             raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
         self.config = config
         self.monitor = monitor
         self.chunk_elements = chunk_elements
         self._comm = communicator
+        self._down_comm: Optional[Communicator] = None
+        self._key_names = key_names
         self._compressors = {spec: (get_compressor(spec), config.server_for(spec)) for spec in config.candidate_specs}
         self.auto: Optional[AutoTuner] = AutoTuner(config.candidate_specs) if config.auto else None
         self.guard: Optional[QualityGuard] = (QualityGuard(config.guard, config.fallback, config.block_size)
@@ -134,8 +139,12 @@ class DoubleSqueezeCollective:
             raise ProcessGroupUnavailable("this DoubleSqueeze collective has no process group yet")
         return self._comm
 
-    def bind(self, communicator: Communicator) -> None:
-        self._comm = communicator
+    def bind(self, communicator: Communicator, down: Optional[Communicator] = None) -> None:
+        """Bind the communicator (and, if given, another one of the same ranks for the downlinks: DDP's hook
+        issues uplinks and downlinks from two threads)."""
+        self._comm, self._down_comm = communicator, down
+        self._down_comm: Optional[Communicator] = None
+        self._key_names = key_names
 
     @property
     def bound(self) -> bool:
@@ -144,7 +153,7 @@ class DoubleSqueezeCollective:
     @property
     def down_comm(self) -> Communicator:
         """The communicator of the downlink (the DDP hook gives it a process group of its own)."""
-        return self.comm
+        return self._down_comm or self.comm
 
     @property
     def rank(self) -> int:
@@ -169,17 +178,6 @@ class DoubleSqueezeCollective:
         ex = self.begin(items, flat)
         self.serve(ex)
         return self.end(ex, outs)
-
-    def reduce_buckets(self, buckets: Sequence[Sequence[Tuple[Hashable, torch.Tensor]]],
-                       outs: Sequence[List[torch.Tensor]]) -> None:
-        """`reduce` of several groups, pipelined on this thread: every group's worker pass and uplink first (each
-        group's compression overlaps the transfer of the groups before it), then each group's server pass,
-        downlink and decoding, in the same order."""
-        exchanges = [self.begin(items) for items in buckets]
-        for ex in exchanges:
-            self.serve(ex)
-        for ex, out in zip(exchanges, outs):
-            self.end(ex, out)
 
     def begin(self, items: Sequence[Tuple[Hashable, torch.Tensor]],
               flat: Optional[torch.Tensor] = None) -> BucketExchange:
@@ -229,7 +227,7 @@ class DoubleSqueezeCollective:
             if ex.dense is not None:
                 ex.dense.wait()
             recvs.append(recv)
-            flags.append(ex.state.skip_flag(recv) if recv is not None else ~torch.isfinite(ex.dense_buf.sum()))
+            flags.append(ex.state.skip_flag(ex, recv))
         bex.skip = flags[0] if len(flags) == 1 else torch.stack(flags).any()
         for ex, recv in zip(bex.parts, recvs):
             ex.skip = bex.skip
@@ -304,8 +302,8 @@ class DoubleSqueezeCollective:
             self._guard_sampling = not warm and self.guard.samples(self.step)
 
     def describe_key(self, key: Hashable) -> str:
-        """How a tensor is named in warnings and TensorBoard tags (integrations with names override this)."""
-        return str(key)
+        """How a tensor is named in warnings and TensorBoard tags (`key_names`, else ``str(key)``)."""
+        return self._key_names(key) if self._key_names is not None else str(key)
 
     def guard_report(self) -> dict:
         """The guard's switches so far: [{step, tensor, from, to, pass, delta, nominal}]."""
@@ -526,9 +524,13 @@ class DoubleSqueezeCollective:
     def finish_step(self) -> RoundStats:
         """Close the current step (communication round) once all its reductions have ended: advance `step`,
         fold the round's counters into `totals`, log to the monitor. Returns the round's counters."""
-        step = self.step
-        self.step += 1
-        return self.close_step(step)
+        return self.close_step(self.advance_step())
+
+    def advance_step(self) -> int:
+        """Start the next step (reductions begun from now on belong to it); returns the step it ends, which
+        `close_step` closes once its reductions have all ended."""
+        step, self.step = self.step, self.step + 1
+        return step
 
     def close_step(self, step: int) -> RoundStats:
         """Fold step `step`'s counters (its reductions have all ended) into `totals` and log them; `step` itself

@@ -9,12 +9,12 @@ Example::
 
 The hook replaces DDP's all-reduce of a gradient bucket by the double pass of `DoubleSqueezeCollective` over the
 bucket's parameters, block by block: ``C_w(g_i + e_i)`` goes up to each block's owner, the owners average and send
-down ``C_s(mean + e)``, and DDP receives the result as the averaged gradient (DESIGN.md sections 1 and 6).
+down ``C_s(mean + e)``, and DDP receives the result as the averaged gradient (docs/ARCHITECTURE.md sections 1 and 6).
 
 Overlap: the hook runs the worker pass and issues the uplink (on the process group), then returns a future at
-once; the state's communication thread serves the buckets in the order they were issued (server pass, downlink on
-a second process group), decodes each one's downlink once the next one has been served, and completes each
-future, while backward goes on. The state
+once; the state's `BucketPipeline` serves the buckets on its communication thread in the order they were issued
+(server pass, downlink on a second process group), decodes each one's downlink once the next one has been served,
+and completes each future, while backward goes on. The state
 binds its process group at the first hook call, so it can be built before ``init_process_group`` (Lightning's
 ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)`` and Accelerate do that), as `PowerSGDState` can.
 
@@ -23,63 +23,60 @@ iteration, and which a resumed process starts afresh) does not change the result
 order the hook first sees them (DDP's initial bucket order: the same in every process for the same model and DDP
 arguments); residuals, seeds and `state_dict` use that number.
 """
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..config import DoubleSqueezeConfig
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
-from ..config import DoubleSqueezeConfig
-from ..monitoring.monitor import Monitor
-from ..engine.pipeline import CommThread
+from ..engine.pipeline import BucketPipeline
+from ..monitoring.monitor import Monitor, RoundStats
 
 __all__ = ["DoubleSqueezeState", "doublesqueeze_hook"]
 
 _FORMAT = "dsq-ddp-2"
 
 
-class DoubleSqueezeState(DoubleSqueezeCollective):
-    """State of the DDP hook: the collective on a `torch.distributed` process group, parameter numbers, and the
-    communication thread.
+class DoubleSqueezeState:
+    """State of the DDP hook: a `DoubleSqueezeCollective` on a `torch.distributed` process group, the parameter
+    numbers, and the `BucketPipeline` that runs the buckets. Picklable, and can be built before the process
+    group exists (it binds at the first hook call), as `PowerSGDState`.
 
     Args:
-        config: a `DoubleSqueezeConfig` (default: ``sign`` on both passes with both residuals).
+        config: a `DoubleSqueezeConfig` (default: ``DoubleSqueezeConfig()``).
         process_group: the group to communicate in (default: the world), taken at the first hook call.
         monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
+
+    Attributes:
+        collective: the `DoubleSqueezeCollective` (residuals, counters, policies).
     """
 
     def __init__(self, config: Optional[DoubleSqueezeConfig] = None, process_group=None,
                  monitor: Optional[Monitor] = None):
-        super().__init__(config or DoubleSqueezeConfig(), None, monitor)
+        self.collective = DoubleSqueezeCollective(config or DoubleSqueezeConfig(), None, monitor,
+                                                  key_names=self.describe_key)
         self.process_group = process_group
+        self.pipeline = BucketPipeline(self.collective, "dsq-ddp", begin_on_thread=False)
         self._numbers: Dict[int, int] = {}       # id(param) -> parameter number
         self._params: List[torch.Tensor] = []     # by number; keeps them alive so that ids stay unique
-        self._thread: Optional[CommThread] = None
-        self._down_comm = None
         self._pending_sd: Optional[dict] = None
-        self._unfinished = None                  # (exchange, its serve future, bucket future, buffer): not yet decoded
 
     # -- the process groups --------------------------------------------------------------------------------
     def bind_process_group(self) -> None:
         """Take the process group (and make the downlink's twin group) if not done yet. Called by the hook;
         every rank of the group reaches it at its first hook call."""
-        if self.bound:
+        if self.collective.bound:
             return
         up = TorchDistributedCommunicator(self.process_group)
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
         backend = dist.get_backend(self.process_group)
         down_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True) if up.size > 1 else None
-        self.bind(up)
-        self._down_comm = TorchDistributedCommunicator(down_group) if down_group is not None else up
-        self._thread = CommThread()
+        self.collective.bind(up, TorchDistributedCommunicator(down_group) if down_group is not None else None)
         if self._pending_sd is not None:
             sd, self._pending_sd = self._pending_sd, None
-            super().load_state_dict(sd)
-
-    @property
-    def down_comm(self):
-        return self._down_comm or self.comm
+            self.collective.load_state_dict(sd)
 
     def __getstate__(self):
         """Pickles like PowerSGD's state: the config and this rank's state, without the process group, the
@@ -94,8 +91,92 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
             self.load_state_dict(state["sd"])
 
     def __del__(self):
-        if getattr(self, "_thread", None) is not None:
-            self._thread.stop()
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.stop()
+
+    # -- what the collective holds ---------------------------------------------------------------------------
+    @property
+    def config(self) -> DoubleSqueezeConfig:
+        return self.collective.config
+
+    @property
+    def monitor(self) -> Optional[Monitor]:
+        return self.collective.monitor
+
+    @monitor.setter
+    def monitor(self, monitor: Optional[Monitor]) -> None:
+        self.collective.monitor = monitor
+
+    @property
+    def bound(self) -> bool:
+        return self.collective.bound
+
+    @property
+    def rank(self) -> int:
+        return self.collective.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.collective.world_size
+
+    @property
+    def step(self) -> int:
+        """The current step: backward passes begun so far (the next buckets belong to it)."""
+        return self.collective.step
+
+    @property
+    def chunk_elements(self) -> Optional[int]:
+        return self.collective.chunk_elements
+
+    @chunk_elements.setter
+    def chunk_elements(self, value: Optional[int]) -> None:
+        self.collective.chunk_elements = value
+
+    @property
+    def auto(self):
+        """The `auto` policy, or None."""
+        return self.collective.auto
+
+    @property
+    def guard(self):
+        """The quality guard, or None."""
+        return self.collective.guard
+
+    @property
+    def flushes(self) -> int:
+        return self.collective.flushes
+
+    @property
+    def totals(self) -> RoundStats:
+        """Counters summed over the closed steps (waits for the communication thread)."""
+        self.drain()
+        return self.collective.totals
+
+    @property
+    def skipped_steps(self) -> int:
+        self.drain()
+        return self.collective.skipped_steps
+
+    def worker_residuals(self) -> Dict[Hashable, torch.Tensor]:
+        return self.collective.worker_residuals()
+
+    def server_residuals(self) -> Dict[Hashable, torch.Tensor]:
+        return self.collective.server_residuals()
+
+    def expand_server_residual(self, key: Hashable, compact: torch.Tensor, numel: int) -> torch.Tensor:
+        return self.collective.expand_server_residual(key, compact, numel)
+
+    def residual_norms(self):
+        return self.collective.residual_norms()
+
+    def memory_report(self) -> Dict[str, int]:
+        return self.collective.memory_report()
+
+    def guard_report(self) -> dict:
+        return self.collective.guard_report()
+
+    def reset_residuals(self) -> None:
+        self.collective.reset_residuals()
 
     # -- parameters ----------------------------------------------------------------------------------------
     def parameter_numbers(self, params) -> List[int]:
@@ -132,7 +213,7 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
                 return self._pending_sd
             self.bind_process_group()
         self.drain()
-        return dict(super().state_dict(), format=_FORMAT)
+        return dict(self.collective.state_dict(), format=_FORMAT)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != _FORMAT:
@@ -144,20 +225,11 @@ class DoubleSqueezeState(DoubleSqueezeCollective):
                 return
             self.bind_process_group()
         self.drain()
-        super().load_state_dict(sd)
+        self.collective.load_state_dict(sd)
 
     def drain(self) -> None:
         """Wait until every bucket handed to the communication thread is done."""
-        if self._thread is not None:
-            self._thread.drain()
-
-    def submit(self, fn, device) -> torch.futures.Future:
-        return self._thread.submit(fn, device if device.type == "cuda" else None)
-
-    @staticmethod
-    def new_future(device) -> torch.futures.Future:
-        """A future for a bucket: CUDA-aware on a GPU (its waiters wait for the stream work behind its value)."""
-        return torch.futures.Future(devices=[device]) if device.type == "cuda" else torch.futures.Future()
+        self.pipeline.drain()
 
 
 def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -165,37 +237,16 @@ def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> to
 
     Math (per block, see `DoubleSqueezeCollective`): returns ``C_s(mean_i C_w(g_i + e_i) + e)`` of every block and
     updates ``e_i`` and ``e``, so nothing the compressors drop is lost. The step advances after the last bucket of
-    each backward pass. The hook itself only compresses and issues the uplink; the state's communication thread
-    serves the bucket (server pass, downlink issued) as soon as its uplink has arrived and, once the next bucket
-    has been served too, decodes the downlink into the bucket and completes the future: a bucket's downlink
-    travels while the next bucket's uplink does.
+    each backward pass. The hook itself only compresses and issues the uplink; the state's pipeline serves the
+    bucket (server pass, downlink issued) as soon as its uplink has arrived and, once the next bucket has been
+    served too, decodes the downlink into the bucket (the averages overwrite it, as all-reduce does) and completes
+    the future: a bucket's downlink travels while the next bucket's uplink does.
     """
     state.bind_process_group()
     params = bucket.parameters()
     flat = bucket.buffer()
     items = list(zip(state.parameter_numbers(params), flat.split([p.numel() for p in params])))
-    ex = state.begin(items, flat=flat)
-    future = state.new_future(flat.device)
-    served = state.submit(lambda: state.serve(ex), flat.device)
-    previous, state._unfinished = state._unfinished, (ex, served, future, flat)
-    if previous is not None:
-        state.submit(_finisher(state, *previous), flat.device)
+    future = state.pipeline.issue(items, flat=flat, result=flat)
     if bucket.is_last():
-        state.step += 1          # this backward's step is ex.step; the next backward's buckets are the next step
-        state._unfinished = None
-        state.submit(_finisher(state, ex, served, future, flat, close=True), flat.device)
+        state.pipeline.end_step()
     return future
-
-
-def _finisher(state: DoubleSqueezeState, ex, served, future, flat, close: bool = False):
-    def finish():
-        try:
-            served.wait()        # re-raises an error of the server pass
-            state.end(ex)        # the averages overwrite the bucket, as all-reduce does
-            if close:
-                state.close_step(ex.step)
-        except BaseException as e:
-            future.set_exception(e)
-            raise
-        future.set_result(flat)
-    return finish

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import Communicator, TorchDistributedCommunicator
+from ..engine.pipeline import plan_buckets
 from ..config import DoubleSqueezeConfig
 from ..monitoring.monitor import Monitor
 
@@ -158,10 +159,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
     def _warmup_step(self) -> None:
         params = [(n, p) for n, p in enumerate(self._params()) if p.grad is not None]
         if self._ddp_state is None and params:       # no DDP: average the gradients here
-            by_dtype = {}
-            for n, p in params:
-                by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append((n, p.grad))
-            for group in by_dtype.values():
+            named = [(n, p.grad) for n, p in params]
+            for bucket in plan_buckets(named, self.warmup_config.bucket_mb):
+                group = [named[i] for i in bucket]
                 self.grads.reduce(self._items(group), outs=[g.reshape(-1) for _, g in group])
             self.grads.finish_step()
         t = self.steps + 1
@@ -208,14 +208,10 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             entries.append(p)
         if not whitened:
             return
-        by_dtype = {}
-        for (n, w), p in zip(whitened, entries):
-            by_dtype.setdefault((w.dtype, w.device), []).append((n, w, p))
         outs = {}
-        for group in by_dtype.values():
-            res = self.momentum.reduce([(n, w) for n, w, _ in group])
-            for (n, _, p), m in zip(group, res):
-                outs[n] = (p, m)
+        for bucket in plan_buckets(whitened, self.config.bucket_mb):
+            for i, m in zip(bucket, self.momentum.reduce([whitened[i] for i in bucket])):
+                outs[whitened[i][0]] = (entries[i], m)
         self.momentum.finish_step()
         ok = torch.stack([torch.isfinite(m).all() for _, m in outs.values()]).all()
         for p, m in outs.values():
