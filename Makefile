@@ -38,7 +38,7 @@ CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engin
 	tests/test_auto.py tests/test_ddp_hook.py tests/test_async_ps_inproc.py tests/test_guard.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 	DSQ_FAST_PATHS=0 $(PY) -m pytest -q $(CORE_TESTS) -k "not refused and not pickled"
 
 # The main demo: 4 DDP ranks on the digits data, five methods side by side (see examples/demo.py).

@@ -6,7 +6,7 @@ VALID_NAMES = "valid names: bf16, fp16, grouptopk, int2, int4, int8, none, qsgd,
 
 
 def assert_conservation(ranks, atol=1e-5, steps=None):
-    """sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T, parameter by parameter (DESIGN.md section 1)."""
+    """sum_t c_t = sum_t mean_i g_i,t - mean_i e_i,T - e_T, parameter by parameter (docs/ARCHITECTURE.md section 1)."""
     w = len(ranks)
     records = ranks[0]["records"]
     steps = range(len(records)) if steps is None else steps
@@ -18,6 +18,42 @@ def assert_conservation(ranks, atol=1e-5, steps=None):
         scale = 1 + max(float(x.abs().max()) for x in (applied, true, worker, server))
         torch.testing.assert_close(applied, true - worker - server, rtol=0, atol=atol * scale,
                                    msg=lambda m: f"conservation broken for {name}: {m}")
+
+
+def assert_equals_simulator(ranks, config, keys=None, steps=None, rtol=1e-5, atol=1e-6):
+    """Every rank's update of every parameter equals the `Simulator`'s on the ranks' recorded gradients, step by
+    step, and at the end each rank's worker residual and the sum of the ranks' server residuals equal the
+    Simulator's (a rank that reports no residual where the Simulator has one fails). `keys`: {name: the key the
+    integration gives the parameter} (its seeds depend on it), default the name; `steps`: how many records."""
+    import dsq_plugins as dsq
+
+    w = len(ranks)
+    records = ranks[0]["records"]
+    steps = len(records) if steps is None else steps
+    for name, c0 in records[0]["c"].items():
+        sim = dsq.Simulator(w, config, key=name if keys is None else keys[name])
+        for t in range(steps):
+            expected = sim.step([ranks[r]["records"][t]["g"][name].reshape(-1) for r in range(w)])
+            for r in range(w):
+                torch.testing.assert_close(ranks[r]["records"][t]["c"][name].reshape(-1), expected, rtol=rtol,
+                                           atol=atol, equal_nan=True,
+                                           msg=lambda m: f"rank {r} step {t} {name}: {m}")
+        zero = torch.zeros(c0.numel(), dtype=expected.dtype)
+        for r in range(w):
+            mine = ranks[r]["worker_residual"].get(name)
+            want = sim.worker_errors[r] if sim.worker_errors else zero
+            if mine is None:
+                assert not torch.count_nonzero(want), f"rank {r} keeps no worker residual of {name}"
+            else:
+                torch.testing.assert_close(mine.reshape(-1), want, rtol=rtol, atol=atol,
+                                           msg=lambda m: f"worker residual of {name} on rank {r}: {m}")
+        server = [ranks[r]["server_residual"][name].reshape(-1) for r in range(w) if name in ranks[r]["server_residual"]]
+        want = sim.server_error if sim.server_error is not None else zero
+        if not server:
+            assert not torch.count_nonzero(want), f"no rank keeps a server residual of {name}"
+        else:
+            torch.testing.assert_close(sum(server), want, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"server residual of {name}: {m}")
 
 
 def assert_same_update_everywhere(ranks):

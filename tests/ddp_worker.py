@@ -140,6 +140,9 @@ def train(args, spec, out: Path, early):
                 "auto": None if state.auto is None else {"history": state.auto.history, "times": state.auto.times,
                                                          "switches": state.auto.switches, "flushes": state.flushes},
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                # the key each parameter's residuals and seeds go by in the hook: its number
+                "keys": dict(zip((n for n, _ in model.named_parameters()),
+                                 state.parameter_numbers([p for _, p in model.named_parameters()]))),
                 "world": world}, out / f"rank{rank}.pt")
     state.drain()
 
