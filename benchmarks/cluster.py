@@ -173,7 +173,7 @@ def worker(args) -> None:
         elif m.startswith("dsq-"):
             import dsq_plugins as dsq
             state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=m[len("dsq-"):]))
-            _instrument(state, acc)
+            _instrument(state.collective, acc)
             net.register_comm_hook(state, dsq.doublesqueeze_hook)
             tuner = state.auto
         opt = torch.optim.SGD(net.parameters(), lr=0.01)

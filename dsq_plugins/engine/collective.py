@@ -143,8 +143,6 @@ class DoubleSqueezeCollective:
         """Bind the communicator (and, if given, another one of the same ranks for the downlinks: DDP's hook
         issues uplinks and downlinks from two threads)."""
         self._comm, self._down_comm = communicator, down
-        self._down_comm: Optional[Communicator] = None
-        self._key_names = key_names
 
     @property
     def bound(self) -> bool:

@@ -161,31 +161,38 @@ class BucketPipeline:
         return done
 
     def end_step(self) -> torch.futures.Future:
-        """The current step's buckets have all been issued: advance the collective's step now and queue the
-        last finish and the closing of the step's counters. Returns a future of the step's `RoundStats`."""
-        step = self.collective.advance_step()
-        last, self._behind = self._behind, None
-        if last is None:
-            done = new_future()
-            done.set_result(self.collective.close_step(step))
-            return done
-        return self._submit(self._finisher(last, close=step), last.device)
+        """The current step's buckets have all been issued: advance the collective's step and queue the last
+        finish and the closing of the step's counters. Returns a future of the step's `RoundStats`.
 
-    def _finisher(self, issued: _Issued, close: Optional[int] = None):
+        The step advances where the worker passes run, behind this step's last one and before the next step's
+        first: at once on the caller's thread, or on the communication thread under `begin_on_thread`."""
+        c = self.collective
+        last, self._behind = self._behind, None
+        if self.begin_on_thread:
+            advance = c.advance_step
+        else:
+            step = c.advance_step()
+            advance = lambda: step          # noqa: E731
+        finish_last = self._finisher(last) if last is not None else None
+
+        def close():
+            step = advance()
+            if finish_last is not None:
+                finish_last()
+            return c.close_step(step)
+        return self._submit(close, last.device if last is not None else None)
+
+    def _finisher(self, issued: _Issued):
         c = self.collective
 
         def finish():
-            stats = None
             try:
                 bex = issued.served.wait()            # re-raises an error of its worker or server pass
                 outs = c.end(bex, issued.outs)
-                if close is not None:
-                    stats = c.close_step(close)
             except BaseException as e:
                 issued.done.set_exception(e)
                 raise
             issued.done.set_result(outs if issued.result is None else issued.result)
-            return stats
         return finish
 
     def drain(self) -> None:
