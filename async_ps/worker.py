@@ -245,8 +245,7 @@ class Worker:
                 continue
             lost += 1
             for k, c in sums.items():
-                e = self.ef.residuals.get(k)
-                self.ef.residuals[k] = c.clone() if e is None else e.add_(c)
+                self.ef.add(k, c)
         link.unsaved = {}
         if lost:
             self.recovered += 1
@@ -456,8 +455,8 @@ class Worker:
         # the residuals (when reported to the servers) come to the host together: one synchronisation on a GPU.
         n, now = len(update), time.monotonic()
         report = now - self._norm_at >= self.norm_every_s
-        checks = torch.stack([u.sum().double() for u in update] + [
-            torch.linalg.vector_norm(e.float()).double() for e in self.ef.residuals.values() if report]).cpu()
+        checks = torch.stack([u.sum().double() for u in update]
+                             + [e.double() for e in (self.ef.norms() if report else ())]).cpu()
         if not bool(torch.isfinite(checks[:n]).all()):
             self.skipped += 1
             return previous or StepResult("skipped", self.version)
@@ -469,7 +468,7 @@ class Worker:
         for link, base in zip(self.links, bases):
             for k in range(link.k0, link.k1):
                 # C(u + e) on the model's device; what it leaves behind waits in _left[k] for the server's answer
-                e = self.ef.residuals.get(k) if self.ef.enabled else None
+                e = self.ef.get(k)
                 if e is None:                          # none until a push of this key is applied: zeros, in place
                     e = self._left[k].zero_()
                 frames.append(self.up.encode_residual(self._key_view(k, update), e, self._left[k],

@@ -126,7 +126,9 @@ def passes_new(size: str, reps: int) -> dict:
     import zmq
 
     from async_ps.protocol import frame_tensors, frames_finite, key_seed
-    from async_ps.server import ParameterServer, _Job, _Slot
+    from async_ps.server import ParameterServer
+    from async_ps.sessions import Slot
+    from async_ps.shards import Answer, Job, JobKind, PullKind, Push, Update
 
     shapes, x, x_hat, g = _model_data(size)
     out = {"size": size, "params": sum(t.numel() for t in x), "clone_s": _timed(lambda: [t.clone() for t in x], reps)}
@@ -134,20 +136,22 @@ def passes_new(size: str, reps: int) -> dict:
         srv = ParameterServer(compressor="sign", threads=threads)
         srv._adopt_layout([(f"p{i}", s, torch.float32) for i, s in enumerate(shapes)])
         flat = lambda ts: [t.view(-1)[a:b].clone() for (i, a, b) in srv.keys for t in [ts[i]]]  # noqa: E731
-        srv.x, srv.x0 = flat(x), flat(x)
-        srv._start_shards()
-        slot = _Slot(worker="w", session="s", identity=b"w", x_hat=flat(x_hat), held=True)
+        srv._adopt_model(flat(x), flat(x))
+        ex = srv.executor
+        slot = Slot(worker="w", session="s", identity=b"w", x_hat=flat(x_hat), held=True)
         payload = [srv.up.encode(c, key_seed(0, k))[0].numpy().tobytes() for k, c in enumerate(flat(g))]
 
-        def frames():
+        def updates():
             f = frame_tensors(srv.up, payload, srv.key_layout)
             assert frames_finite(srv.up, f, srv.key_layout)
-            return f
-        fields = {"_identity": b"w", "_worker": "w", "_seq": 1}
+            return [Update(Push(f, 0), -0.5)]
+
+        def answer():
+            return Answer(slot, PullKind.DELTA, 0, b"w", "w", 1, {})
         if threads == 1:
-            shard = srv.shards[0]
-            out["push_s"] = _timed(lambda: shard._run(_Job(len(srv.keys), 1, [(frames(), -0.5, 0)],
-                                                           reply=(slot, "delta", 0, dict(fields)))), reps)
+            shard = ex.shards[0]
+            out["push_s"] = _timed(lambda: shard.run(Job(JobKind.PULL, len(srv.keys), 1, updates(), answer=answer())),
+                                   reps)
             out["keys"] = len(srv.keys)
             continue
         sink = srv.context.socket(zmq.PULL)
@@ -160,17 +164,12 @@ def passes_new(size: str, reps: int) -> dict:
                     sink.recv_multipart()
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
-        for sh in srv.shards:
-            sh.thread.start()
+        ex.start()
 
         def push():
-            job = srv._dispatch(_Job(len(srv.keys), len(srv.shards), [(frames(), -0.5, 0)],
-                                     reply=(slot, "delta", 0, dict(fields))))
-            job.finished.wait()
-        out["wall_s"], out["threads"] = _timed(push, reps), len(srv.shards)
-        for sh in srv.shards:
-            sh.jobs.put(None)
-            sh.thread.join()
+            ex.submit(JobKind.PULL, updates=updates(), answer=answer()).finished.wait()
+        out["wall_s"], out["threads"] = _timed(push, reps), len(ex.shards)
+        ex.stop()
         stop.set()
         drainer.join()
         sink.close(0)

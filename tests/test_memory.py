@@ -44,3 +44,17 @@ def test_swap_makes_what_was_left_the_residual_without_a_copy():
     assert torch.equal(ef.get("w"), torch.full((3,), -1.0))
     off = ErrorFeedback(enabled=False)
     assert off.swap("w", left) is left and off.get("w") is None
+
+
+def test_add_puts_mass_back_in_place_and_norms_stay_on_the_device():
+    ef = ErrorFeedback()
+    ef.add("w", torch.full((2,), 3.0))                     # none before: a copy
+    e = ef.get("w")
+    ef.add("w", torch.full((2,), 1.0))
+    assert ef.get("w") is e and torch.equal(e, torch.full((2,), 4.0))
+    ef.swap("b", torch.tensor([0.0, 3.0]))
+    assert [float(n) for n in ef.norms()] == pytest.approx([32 ** 0.5, 3.0])
+    assert ef.norm() == pytest.approx(41 ** 0.5)
+    off = ErrorFeedback(enabled=False)
+    off.add("w", torch.ones(2))
+    assert off.get("w") is None and off.norms() == []

@@ -5,7 +5,7 @@
 
 so that what the compressor dropped is sent later instead of lost.
 """
-from typing import Dict, Hashable, Optional, Sequence, Union
+from typing import Dict, Hashable, List, Optional, Sequence, Union
 
 import torch
 
@@ -65,15 +65,30 @@ class ErrorFeedback:
             old = torch.empty_like(left)
         return old
 
+    def add(self, key: Hashable, x: torch.Tensor) -> None:
+        """`e[key] += x` in place (a copy of `x` where there was no residual yet): mass that must be sent later,
+        e.g. updates a restarted server lost. Disabled: keeps nothing."""
+        if not self.enabled:
+            return
+        e = self.residuals.get(key)
+        if e is None:
+            self.residuals[key] = x.clone()
+        else:
+            e.add_(x)
+
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         return self.residuals.get(key)
+
+    def norms(self) -> List[torch.Tensor]:
+        """The L2 norm of each residual, as 0-d float32 tensors on the residuals' devices (nothing is copied to the
+        host: the caller synchronises once, for all of them)."""
+        return [torch.linalg.vector_norm(e.float()) for e in self.residuals.values()]
 
     def norm(self) -> float:
         """L2 norm over all residuals."""
         if not self.residuals:
             return 0.0
-        return float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(e.float()) for e in self.residuals.values()])))
+        return float(torch.linalg.vector_norm(torch.stack(self.norms())))
 
     def __len__(self):
         return len(self.residuals)
