@@ -35,7 +35,7 @@ $(STAMP): $(CORE) tools/horovod_wheel.sh
 # runs is tested on a machine without one. It leaves out what no fast path touches: the refusal of foreign
 # checkpoints and the pickled form of a resume.
 CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py \
-	tests/test_auto.py tests/test_ddp_hook.py tests/test_async_ps_inproc.py tests/test_guard.py
+	tests/test_auto.py tests/test_ddp_hook.py tests/test_async_ps_inproc.py tests/test_guard.py tests/test_pipeline.py
 
 test: setup
 	$(PY) -m pytest -q --durations=20 tests

@@ -26,6 +26,7 @@ folder (before DeepSpeed writes `latest`), and `engine.load_checkpoint` reads it
 another world size (or without the files) resets the residuals with a warning; one from another
 DoubleSqueeze config is refused.
 """
+import functools
 import os
 import types
 import warnings
@@ -139,10 +140,9 @@ def _stage0_reduce(self, grads=None, elements_per_buffer=500000000):
     _average(self, named)
 
 
-def _stage1_reduce(self, pipeline_parallel=False):
+def _stage1_reduce(self, pipeline_parallel=False, *, engine):
     """`DeepSpeedZeroOptimizer.reduce_gradients` for stage 1: average every gradient with DoubleSqueeze, then
     the optimizer's own epilogue (its buckets are empty, so it only copies this rank's partition)."""
-    engine = self._doublesqueeze_engine
     named = []
     for group in self.bit16_groups:
         for p in group:
@@ -231,8 +231,7 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     elif isinstance(optimizer, DeepSpeedZeroOptimizer):
         if optimizer.cpu_offload:
             raise NotImplementedError("DoubleSqueeze does not support ZeRO CPU offload yet")
-        optimizer._doublesqueeze_engine = engine
-        optimizer.reduce_gradients = types.MethodType(_stage1_reduce, optimizer)
+        optimizer.reduce_gradients = types.MethodType(functools.partial(_stage1_reduce, engine=engine), optimizer)
     else:
         raise NotImplementedError(f"DoubleSqueeze cannot hook ZeRO stage {engine.zero_optimization_stage()} "
                                   f"with optimizer {type(optimizer).__name__}")

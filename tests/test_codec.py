@@ -7,6 +7,7 @@ import torch
 import dsq_plugins as dsq
 from dsq_plugins.compression import fastpath
 from dsq_plugins.engine.codec import BlockCodec
+from dsq_plugins.engine.seeding import derive_seed
 
 B = 64
 
@@ -89,48 +90,61 @@ def test_mismatched_tensors_are_refused(fast):
         fastpath.set_enabled(was)
 
 
+def blockwise(spec, x, seed):
+    """The reference a frame decodes to: each block of B elements through `Compressor.compress` / `decompress` (the
+    API test_compressors.py checks against plain torch) with its own seed, the seed the frame's `seed` derives
+    for it (the block's index under the codec's key, pass 0, shared by all ranks)."""
+    comp = dsq.get_compressor(spec)
+    return torch.cat([comp.decompress(comp.compress(x[a:a + B], seed=derive_seed(0, seed, "tensor", i, 0)))
+                      for i, a in enumerate(range(0, x.numel(), B))])
+
+
 @pytest.mark.parametrize("spec", ["none", "sign", "topk:0.1", "int8:16", "grouptopk:0.25+sign", "randomk:0.2"])
 @pytest.mark.parametrize("numel", [37, B, 3 * B + 5])
 @pytest.mark.parametrize("fast", [True, False])
-def test_fused_server_passes_match_plain_torch(spec, numel, fast):
-    """`decode_add` is ``acc + alpha * decode(frame)`` and `encode_delta` is ``encode(x - x_hat)`` with ``x_hat``
-    moved by what it decodes to: against plain torch, with the numba kernels (sign, fast paths on) and without."""
+def test_fused_server_passes_match_the_blockwise_reference(spec, numel, fast):
+    """`decode_add` is ``acc + alpha * C(g)`` and `encode_delta` is ``C(x - x_hat)`` with ``x_hat`` moved by it,
+    `apply_delta` both, `encode_residual` ``C(x + e)`` with ``e' = x + e - C(x + e)``, where C is the block-wise
+    reference (`blockwise`), not the codec itself: with the numba kernels (sign, fast paths on) and without. The
+    fused frames are also byte for byte `encode`'s where no kernel reorders a sum."""
     codec = BlockCodec(dsq.get_compressor(spec), B)
     gen = torch.Generator().manual_seed(numel)
     x, x_hat, g = (torch.randn(numel, generator=gen) for _ in range(3))
+    # The numba sign kernel sums a block's |d| in another order: its scale may differ in the last bit.
+    tol = 1e-6 if spec == "sign" and fast else 0
+    close = dict(rtol=max(tol, 1e-6), atol=max(tol, 1e-6))
     was = fastpath.enabled()
     fastpath.set_enabled(fast)
     try:
         frame, decoded = codec.encode(g, 11)
+        torch.testing.assert_close(decoded, blockwise(spec, g, 11), **close)
         acc = x.clone()
         codec.decode_add(frame, acc, -0.375, 11, scratch=torch.empty(numel))
-        torch.testing.assert_close(acc, x - 0.375 * decoded, rtol=0, atol=1e-6)       # one rounding or two
+        torch.testing.assert_close(acc, x - 0.375 * blockwise(spec, g, 11), rtol=0, atol=1e-6)
         held = x_hat.clone()
         got = codec.encode_delta(x, held, 5, scratch=torch.empty(numel))
-        ref_frame, ref_decoded = codec.encode(x - x_hat, 5)
-        assert got.numel() == ref_frame.numel() == codec.nbytes(numel, torch.float32)
-        # The numba sign kernel sums a block's |d| in another order: its scale may differ in the last bit.
-        tol = 1e-6 if spec == "sign" and fast else 0
-        torch.testing.assert_close(held, x_hat + ref_decoded, rtol=tol, atol=tol)
-        torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), ref_decoded, rtol=tol, atol=tol)
+        delta = blockwise(spec, x - x_hat, 5)
+        assert got.numel() == codec.nbytes(numel, torch.float32)
+        torch.testing.assert_close(held, x_hat + delta, **close)
+        torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), delta, **close)
         if not tol:
-            assert torch.equal(got, ref_frame)
+            assert torch.equal(got, codec.encode(x - x_hat, 5)[0])
         # apply_delta (fused for sign) is decode_add then encode_delta.
         acc, held = x.clone(), x_hat.clone()
         got = codec.apply_delta(frame, acc, -0.375, 11, codec, held, 5, scratch=torch.empty(numel))
-        torch.testing.assert_close(acc, x - 0.375 * decoded, rtol=0, atol=1e-6)
-        ref_frame, ref_decoded = codec.encode(acc - x_hat, 5)
-        torch.testing.assert_close(held, x_hat + ref_decoded, rtol=tol, atol=tol)
-        assert got.numel() == ref_frame.numel() and (tol or torch.equal(got, ref_frame))
-        # encode_residual is encode(x + e) with e' = x + e - decoded: into another tensor, and in place.
-        ref_frame, ref_decoded = codec.encode(x + x_hat, 5)
+        torch.testing.assert_close(acc, x - 0.375 * blockwise(spec, g, 11), rtol=0, atol=1e-6)
+        delta = blockwise(spec, acc - x_hat, 5)
+        torch.testing.assert_close(held, x_hat + delta, **close)
+        torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), delta, **close)
+        # encode_residual: into another tensor, and in place.
+        sent = blockwise(spec, x + x_hat, 5)
         for in_place in (False, True):
             e = x_hat.clone()
             out = e if in_place else torch.full_like(x, float("nan"))
             got = codec.encode_residual(x, e, out, 5)
-            assert got.numel() == ref_frame.numel() and (tol or torch.equal(got, ref_frame))
-            torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), ref_decoded, rtol=tol, atol=tol)
-            torch.testing.assert_close(out, (x + x_hat) - ref_decoded, rtol=tol, atol=tol)
+            assert got.numel() == codec.nbytes(numel, torch.float32)
+            torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5), sent, **close)
+            torch.testing.assert_close(out, (x + x_hat) - sent, **close)
             # conservation on the sender: what was sent plus what stays behind is exactly what there was to send
             torch.testing.assert_close(codec.decode(got, (numel,), torch.float32, 5) + out, x + x_hat,
                                        rtol=0, atol=1e-6)

@@ -422,7 +422,9 @@ class BucketState:
 
     # -- stage 3: decode the downlink into the outputs --------------------------------------------------------
     def finish(self, ex: Exchange, gathered: Optional[torch.Tensor], outs: List[torch.Tensor],
-               scratch: Scratch) -> None:
+               scratch: Scratch, into_items: bool = False) -> None:
+        """Decode the downlink (`gathered`, every owner's message) into `outs`; `into_items`: `outs` are the
+        exchange's own items (a bucket reduced dense in place then needs no copy)."""
         p, sc, down = self.plan, self.sc, self.down if self.has_rows else None
         if self.has_rows:
             B = p.block_size
@@ -462,7 +464,7 @@ class BucketState:
         elif p.dense_items:
             buf = ex.dense_buf.div_(p.world_size)
             self._nan_if_skipped(ex, buf)
-            if not ex.in_place_dense:
+            if not (ex.in_place_dense and into_items):
                 off, dst, src = 0, [], []
                 for i in p.dense_items:
                     dst.append(outs[i])

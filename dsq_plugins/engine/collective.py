@@ -247,8 +247,7 @@ class DoubleSqueezeCollective:
         for ex, idx in zip(bex.parts, bex.index):
             gathered = ex.down.wait() if ex.down is not None else None
             t0 = now()
-            ex.in_place_dense = ex.in_place_dense and in_place
-            ex.state.finish(ex, gathered, [outs[i] for i in idx], self._scratch)
+            ex.state.finish(ex, gathered, [outs[i] for i in idx], self._scratch, into_items=in_place)
             ex.stats.compress_seconds += now() - t0
             if ex.flushed:
                 if skipped is None:
