@@ -20,18 +20,19 @@ def assert_conservation(ranks, atol=1e-5, steps=None):
                                    msg=lambda m: f"conservation broken for {name}: {m}")
 
 
-def assert_equals_simulator(ranks, config, keys=None, steps=None, rtol=1e-5, atol=1e-6):
+def assert_equals_simulator(ranks, config, keys=None, steps=None, rtol=1e-5, atol=1e-6, compressors=None):
     """Every rank's update of every parameter equals the `Simulator`'s on the ranks' recorded gradients, step by
     step, and at the end each rank's worker residual and the sum of the ranks' server residuals equal the
     Simulator's (a rank that reports no residual where the Simulator has one fails). `keys`: {name: the key the
-    integration gives the parameter} (its seeds depend on it), default the name; `steps`: how many records."""
+    integration gives the parameter} (its seeds depend on it), default the name; `steps`: how many records;
+    `compressors`: the Simulator's (worker, server), e.g. plain-torch references (`tests/reference.py`)."""
     import dsq_plugins as dsq
 
     w = len(ranks)
     records = ranks[0]["records"]
     steps = len(records) if steps is None else steps
     for name, c0 in records[0]["c"].items():
-        sim = dsq.Simulator(w, config, key=name if keys is None else keys[name])
+        sim = dsq.Simulator(w, config, key=name if keys is None else keys[name], compressors=compressors)
         for t in range(steps):
             expected = sim.step([ranks[r]["records"][t]["g"][name].reshape(-1) for r in range(w)])
             for r in range(w):

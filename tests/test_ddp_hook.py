@@ -6,6 +6,7 @@ import torch
 import dsq_plugins as dsq
 from .checks import assert_conservation, assert_equals_simulator, assert_same_update_everywhere
 from .conftest import ROOT, load_ranks
+from .reference import reference
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
@@ -73,7 +74,7 @@ def test_gradient_accumulation_with_no_sync(torchrun, tmp_path):
     ranks = run(torchrun, tmp_path, 2, "--compressor", "topk:0.1", "--steps", "6", "--accum", "3")
     assert all(r["step"] == 6 for r in ranks)
     config = dsq.DoubleSqueezeConfig(compressor="topk:0.1", min_numel=16, block_size=256)
-    assert_equals_simulator(ranks, config, keys=ranks[0]["keys"])
+    assert_equals_simulator(ranks, config, keys=ranks[0]["keys"], compressors=reference("topk:0.1"))
     assert_conservation(ranks)
 
 
@@ -100,7 +101,13 @@ def check_against_simulator(ranks, nproc, spec, extra):
         server_compressor="none" if "none" in extra else None,
         worker_ef="--no-worker-ef" not in extra, server_ef="--no-server-ef" not in extra,
         warmup_steps=3 if "--warmup" in extra else 0)
-    sim = dsq.Simulator(nproc, cfg, key=0)
+    # sign and top-k against plain-torch references (the others: the library's compressors, which
+    # test_compressors.py checks against references of their own)
+    refs = None
+    if spec in ("sign", "topk:0.05"):
+        worker, server = reference(spec)
+        refs = (worker, cfg.server if "none" in extra else server)
+    sim = dsq.Simulator(nproc, cfg, key=0, compressors=refs)
     for t, rec in enumerate(ranks[0]["records"]):
         grads = [ranks[r]["records"][t]["g"]["weight"] for r in range(nproc)]
         expected = sim.step(grads)

@@ -165,7 +165,9 @@ class BucketPipeline:
         finish and the closing of the step's counters. Returns a future of the step's `RoundStats`.
 
         The step advances where the worker passes run, behind this step's last one and before the next step's
-        first: at once on the caller's thread, or on the communication thread under `begin_on_thread`."""
+        first: at once on the caller's thread, or on the communication thread under `begin_on_thread`. The last
+        bucket's future completes only once the step is closed, so that the framework's next step (which waits
+        for it) starts with the policies' step-end bookkeeping done on every rank."""
         c = self.collective
         last, self._behind = self._behind, None
         if self.begin_on_thread:
@@ -173,26 +175,28 @@ class BucketPipeline:
         else:
             step = c.advance_step()
             advance = lambda: step          # noqa: E731
-        finish_last = self._finisher(last) if last is not None else None
+        if last is None:
+            return self._submit(lambda: c.close_step(advance()), None)
+        return self._submit(self._finisher(last, advance), last.device)
 
-        def close():
-            step = advance()
-            if finish_last is not None:
-                finish_last()
-            return c.close_step(step)
-        return self._submit(close, last.device if last is not None else None)
-
-    def _finisher(self, issued: _Issued):
+    def _finisher(self, issued: _Issued, advance: Optional[Callable[[], int]] = None):
+        """Decode `issued` into its outputs; with `advance`, then close the step it returns; then complete the
+        bucket's future."""
         c = self.collective
 
         def finish():
+            stats = None
             try:
+                step = advance() if advance is not None else None
                 bex = issued.served.wait()            # re-raises an error of its worker or server pass
                 outs = c.end(bex, issued.outs)
+                if step is not None:
+                    stats = c.close_step(step)
             except BaseException as e:
                 issued.done.set_exception(e)
                 raise
             issued.done.set_result(outs if issued.result is None else issued.result)
+            return stats
         return finish
 
     def drain(self) -> None:

@@ -1,6 +1,6 @@
 """`Simulator`: DoubleSqueeze with n workers and one parameter server, in one process, written straight from the
 four lines of docs/ARCHITECTURE.md section 1, block by block. It is the reference the distributed code is checked against."""
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,13 +23,17 @@ class Simulator:
         config: the `DoubleSqueezeConfig` (compressors, error-feedback switches, warm-up, min_numel, block size,
             seed).
         key: the tensor's name in the integration (it seeds random compressors).
+        compressors: (worker, server) to use instead of the config's: any objects with ``compress(block, seed=)``,
+            ``decompress(payload)``, ``lossless`` and ``seed_per_rank`` (tests pass references written in plain
+            torch, so that the engine's compressors are checked too, not only its plumbing).
 
     Attributes:
         worker_errors: the n worker residuals e_i; server_error: the server residual e (flat).
         steps, skipped_steps: rounds taken, and rounds skipped for a non-finite gradient.
     """
 
-    def __init__(self, num_workers: int, config: Optional[DoubleSqueezeConfig] = None, key=0):
+    def __init__(self, num_workers: int, config: Optional[DoubleSqueezeConfig] = None, key=0,
+                 compressors: Optional[Tuple[object, object]] = None):
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         self.n = num_workers
@@ -38,6 +42,7 @@ class Simulator:
             raise ValueError("the Simulator needs a fixed compressor: under compressor='auto' the choice depends on "
                              "the job's own timings; simulate each candidate instead")
         self.key = key
+        self.compressors = compressors or (self.config.worker, self.config.server)
         self.worker_errors: List[torch.Tensor] = []
         self.server_error: Optional[torch.Tensor] = None
         self.steps = 0
@@ -65,7 +70,7 @@ class Simulator:
         if t < cfg.warmup_steps or d < cfg.min_numel:
             return (sum(flat[1:], flat[0].clone()) / self.n).view(shape)
 
-        wc, sc, B = cfg.worker, cfg.server, cfg.block_size
+        (wc, sc), B = self.compressors, cfg.block_size
         blocks = [(a, min(d, a + B)) for a in range(0, d, B)]
 
         def compress(comp, x, direction, worker):
