@@ -35,7 +35,7 @@ TESTS[frozen-server]="tests/test_engine.py::test_baselines_equal_simulator tests
 FILE[sign-scale]=dsq_plugins/compression/compressors.py
 OLD[sign-scale]='scale = (l1 / (cap if lengths is None else lengths.to(acc.dtype))).float()'
 NEW[sign-scale]='scale = (1.5 * l1 / (cap if lengths is None else lengths.to(acc.dtype))).float()'
-TESTS[sign-scale]="tests/test_compressors.py -k sign"
+TESTS[sign-scale]="tests/test_compressors.py::test_sign tests/test_ddp_hook.py::test_hook_equals_simulator[2-sign---no-server-ef]"
 
 copy() {                       # $1: destination; the working tree's tracked and untracked-but-not-ignored files
     mkdir -p "$1"
