@@ -10,7 +10,7 @@ from .conftest import ROOT
 EXAMPLE = ROOT / "examples" / "ddp_digits.py"
 
 
-def test_ddp_digits_sign_within_two_points_of_dense(torchrun, tmp_path, nproc=3):
+def test_ddp_digits_sign_within_two_points_of_dense(torchrun, tmp_path, nproc=2):
     out = tmp_path / "result.json"
     torchrun(nproc, EXAMPLE, ["--methods", "dense,sign", "--json", out, "--logdir", tmp_path / "tb"], timeout=300)
     results = {r["method"]: r for r in json.loads(out.read_text())["results"]}

@@ -241,8 +241,9 @@ def test_flag_switches_a_script_that_names_no_compressor(horovodrun, tmp_path):
 
 def test_example_sign_by_flag_within_two_points_of_plain_horovod(horovodrun, tmp_path):
     plain, sign = tmp_path / "plain.json", tmp_path / "sign.json"
-    horovodrun(3, EXAMPLE, ["--json", plain], timeout=300)
-    proc = horovodrun(3, EXAMPLE, ["--json", sign], timeout=300, launcher="dsq-horovodrun",
+    # 2 ranks, as the README's figures (3 on this 2-core machine took 2.5x as long)
+    horovodrun(2, EXAMPLE, ["--json", plain], timeout=300)
+    proc = horovodrun(2, EXAMPLE, ["--json", sign], timeout=300, launcher="dsq-horovodrun",
                       flags=["--dsq-compressor", "sign"])
     accuracy = json.loads(sign.read_text())["accuracy"]
     assert proc.stdout.strip().splitlines()[-1].endswith(f"final_accuracy={accuracy:.4f}")
