@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Deliberate breakages, each in a copy of the working tree: the tests that guard the feature must fail on every
-# one (and pass on the unbroken copy). Prints one line per mutant and exits 1 if any survives.
+# Deliberate breakages, each in a copy of the working tree: every test listed for a breakage must fail on it, each
+# run on its own (and all of them pass on the unbroken copy): a unit test against the Simulator or a plain-torch
+# reference, and a multi-process integration test. Prints a line per mutant and test; exits 1 if one survives.
 #
 #   bash tools/mutants.sh            (about 2 minutes on 2 cores)
 #
@@ -10,6 +11,7 @@
 #   frozen-server the server residual is never updated
 #   sign-scale    sign's per-block scale is 1.5 times the mean absolute value
 set -euo pipefail
+set -f                        # test ids hold brackets: no globbing
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$ROOT/.venv/bin/python}"
 WORK="$(mktemp -d)"
@@ -19,7 +21,7 @@ declare -A FILE OLD NEW TESTS
 FILE[zeros-up]=dsq_plugins/engine/bucket.py
 OLD[zeros-up]='fields = wc.encode(v, None, None if seeds is None else seeds[a:b])'
 NEW[zeros-up]='fields = wc.encode(torch.zeros_like(v), None, None if seeds is None else seeds[a:b])'
-TESTS[zeros-up]="tests/test_engine.py::test_baselines_equal_simulator tests/test_ddp_hook.py::test_gradient_accumulation_with_no_sync tests/test_horovod.py::test_gradient_accumulation"
+TESTS[zeros-up]="tests/test_engine.py::test_equals_simulator[2-sign] tests/test_ddp_hook.py::test_gradient_accumulation_with_no_sync tests/test_horovod.py::test_gradient_accumulation"
 
 FILE[frozen-server]=dsq_plugins/engine/bucket.py
 OLD[frozen-server]='        if ex.host_skip:
@@ -30,7 +32,7 @@ NEW[frozen-server]='        if ex.host_skip or side is Side.SERVER:
             return
         if ex.host_skip is None:
             new = decode(tmp)'
-TESTS[frozen-server]="tests/test_engine.py::test_baselines_equal_simulator tests/test_ddp_hook.py::test_gradient_accumulation_with_no_sync tests/test_horovod.py::test_gradient_accumulation"
+TESTS[frozen-server]="tests/test_engine.py::test_equals_simulator[2-sign] tests/test_ddp_hook.py::test_gradient_accumulation_with_no_sync tests/test_horovod.py::test_gradient_accumulation"
 
 FILE[sign-scale]=dsq_plugins/compression/compressors.py
 OLD[sign-scale]='scale = (l1 / (cap if lengths is None else lengths.to(acc.dtype))).float()'
@@ -54,7 +56,7 @@ run_tests() {                  # $1: tree, $2...: pytest arguments; prints pytes
 
 status=0
 copy "$WORK/base"
-ALL_TESTS="$(printf '%s\n' "${TESTS[@]}" | tr ' ' '\n' | grep '^tests/' | sort -u | tr '\n' ' ')"
+ALL_TESTS="$(printf '%s\n' "${TESTS[@]}" | tr ' ' '\n' | sort -u | tr '\n' ' ')"
 rc=$(run_tests "$WORK/base" $ALL_TESTS)
 if [ "$rc" != 0 ]; then
     echo "the unbroken tree fails its tests (pytest exit $rc): mutants prove nothing"; tail -20 "$WORK/base.log"
@@ -72,11 +74,13 @@ if text.count(old) != 1:
     sys.exit(f"mutant site not found once in {path}: {old!r}")
 open(path, "w").write(text.replace(old, new))
 PYEOF
-    rc=$(run_tests "$tree" ${TESTS[$m]})
-    if [ "$rc" = 1 ]; then
-        echo "caught    $m  (${TESTS[$m]})"
-    else
-        echo "SURVIVED  $m  (pytest exit $rc; ${TESTS[$m]})"; tail -5 "$tree.log"; status=1
-    fi
+    for t in ${TESTS[$m]}; do
+        rc=$(run_tests "$tree" "$t")
+        if [ "$rc" = 1 ]; then
+            echo "caught    $m  by $t"
+        else
+            echo "SURVIVED  $m  $t (pytest exit $rc)"; tail -5 "$tree.log"; status=1
+        fi
+    done
 done
 exit $status
