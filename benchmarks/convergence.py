@@ -474,7 +474,7 @@ def plot_compressors(out, path, P):
 
 def params(quick: bool) -> dict:
     if quick:
-        return dict(n=4, batch=16, lr=0.3, epochs=12, seeds=[0], digits_specs=["sign", "topk:0.01"], digits_extra=[],
+        return dict(n=4, batch=16, lr=0.3, epochs=8, seeds=[0], digits_specs=["sign", "topk:0.01"], digits_extra=[],
                     digits_variants=["dsq", "noef"],
                     speedup_specs=["sign"], speedup_n=[1, 2, 4, 8], speedup_seeds=[0],
                     quad=dict(dim=256, h_min=0.1, sigma=1.0, x0_scale=0.3, target=0.5, max_steps=200000),

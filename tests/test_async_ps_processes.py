@@ -352,7 +352,7 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
         procs.append(Proc([*LAUNCHER, "--num-workers", "3", "--compressor", "sign", "--max-staleness", "8",
                            "--max-restarts", "1", "--heartbeat-timeout", "3", "--logdir", logdir,
                            "--max-frame-mb", "8", "--no-progress", "--",
-                           sys.executable, EXAMPLE, "--epochs", "30"], {"DSQ_PS_TOKEN": token}))
+                           sys.executable, EXAMPLE, "--epochs", "20"], {"DSQ_PS_TOKEN": token}))
         launcher = procs[0]
         address = launcher.wait_line(r"^(tcp://\S+)$", 60, stream="out").group(1)
         pid = int(launcher.wait_line(r"worker 1 started \(pid (\d+)\)", 60).group(1))
@@ -380,9 +380,9 @@ def test_launcher_example_survives_a_kill_and_malformed_traffic(tmp_path):
         version, applied, stale, skipped = map(int, done.groups())
         assert version == applied
         # Every push the workers made is accounted for (a stale one is rejected by design, not lost): the three
-        # full runs plus the killed worker's 30 or more before the kill.
-        assert applied + stale + skipped >= 3 * 450 + 30, "the killed worker's pushes before the kill were not kept"
-        assert applied >= 0.9 * (3 * 450 + 30), text
+        # full runs (20 epochs of 15 steps) plus the killed worker's 30 or more before the kill.
+        assert applied + stale + skipped >= 3 * 300 + 30, "the killed worker's pushes before the kill were not kept"
+        assert applied >= 0.9 * (3 * 300 + 30), text
     events = EventAccumulator(str(logdir), size_guidance={"histograms": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -404,7 +404,7 @@ def test_two_servers_four_workers_a_server_sigkilled_and_resumed_loses_no_update
     with cleanup() as procs:
         procs.append(Proc([*LAUNCHER, "--num-servers", "2", "--num-workers", "4", "--checkpoint-dir", ckpt,
                            "--checkpoint-every-pushes", "25", "--max-restarts", "1", "--heartbeat-timeout", "5",
-                           "--no-progress", "--", sys.executable, EXAMPLE, "--epochs", "30", "--record-dir", rec],
+                           "--no-progress", "--", sys.executable, EXAMPLE, "--epochs", "20", "--record-dir", rec],
                           {"DSQ_PS_TOKEN": token}))
         launcher = procs[0]
         m = launcher.wait_line(r"server 1 of 2 started \(pid (\d+)\) at (tcp://\S+)", 60)
