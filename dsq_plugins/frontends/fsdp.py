@@ -1,0 +1,330 @@
+"""DoubleSqueeze under PyTorch FSDP2 (`fully_shard`), at FSDP2's published seams.
+
+Example::
+
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False)
+    state = dsq_plugins.fsdp.install(model, DoubleSqueezeConfig(compressor="sign"))
+    ... train as usual ...
+    torch.save(state.state_dict(), f"dsq_rank{rank}.pt")        # every rank saves its own
+
+`install` gives every FSDP unit of `model` a custom reduce-scatter (`FSDPModule.set_custom_reduce_scatter`) and
+all-gather (`set_custom_all_gather`) that run `engine.sharded`'s passes on the unit's flat buffer:
+
+- uplink: the gradients' reduce-scatter carries ``C_w(g_i + e_i)`` row by row to each row's owner, with the worker
+  residual ``e_i`` kept per unit (as large as the unit's unsharded gradient, in `residual_dtype`);
+- downlink (`Downlink`): ``DELTA`` keeps every rank's copy ``x_hat`` of each unit between steps and sends
+  ``C_s(x - x_hat)`` with the owner's residual (the parameters' memory of DDP or ZeRO-2: one unsharded copy per
+  rank); ``QUANTIZED`` gathers int8 blocks with no residual, keeping FSDP's memory (the ZeRO-3 case, as ZeRO++);
+  ``DENSE`` leaves the all-gather alone. The default follows the units: ``DELTA`` where they keep their
+  parameters after forward (``reshard_after_forward=False``), else ``QUANTIZED``.
+
+A step is one reduce-scatter of every unit; warm-up steps, and units smaller than ``min_numel``, go dense (FSDP's
+own collectives). What this does not honour fails in `install`, before training: ``compressor="auto"``, native
+HSDP (a 2-D mesh: its replica all-reduce would stay dense), ``server_ef=False`` with ``DELTA`` (the copies would
+drift), parameters not sharded on dim 0.
+"""
+import enum
+import warnings
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+from torch.distributed.tensor import DTensor, Shard
+
+from ..compression.registry import get_compressor
+from ..config import DoubleSqueezeConfig
+from ..engine.communicator import TorchDistributedCommunicator
+from ..engine.sharded import CompressedReduceScatter, DeltaAllGather, QuantizedAllGather
+from ..monitoring.monitor import Monitor, RoundStats
+
+__all__ = ["Downlink", "FSDPDoubleSqueezeState", "install"]
+
+_FORMAT = "dsq-fsdp-1"
+
+
+class Downlink(enum.Enum):
+    """How the parameters' all-gather travels (see the module docstring)."""
+    DELTA = "delta"
+    QUANTIZED = "quantized"
+    DENSE = "dense"
+
+
+class _Unit:
+    """One FSDP unit: its module, name, number and its two collectives."""
+
+    def __init__(self, number: int, name: str, module: FSDPModule, params: List[torch.nn.Parameter],
+                 uplink: CompressedReduceScatter, downlink):
+        self.number, self.name, self.module, self.params = number, name, module, params
+        self.uplink, self.downlink = uplink, downlink
+        self.numel = sum(p.numel() for p in params)
+
+
+class _UnitReduceScatter(ReduceScatter):
+    def __init__(self, state: "FSDPDoubleSqueezeState", unit: _Unit):
+        self.state, self.unit = state, unit
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        self.state._reduce_scatter(self.unit, output_tensor, input_tensor, group, op)
+        return None
+
+
+class _UnitAllGather(AllGather):
+    def __init__(self, state: "FSDPDoubleSqueezeState", unit: _Unit):
+        self.state, self.unit = state, unit
+
+    def allocate(self, size, *, dtype, device):
+        numel = 1
+        for s in size:
+            numel *= int(s)
+        self.unit.downlink.allocate(numel, dtype, device)
+        return self.unit.downlink.buffer.view(*size)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self.state._all_gather(self.unit, output_tensor, input_tensor, group)
+        return None
+
+
+def _managed_params(unit: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The parameters FSDP2 manages in `unit`'s group, in its order: depth first, not entering nested units."""
+    out, seen = [], set()
+
+    def visit(m: torch.nn.Module, top: bool):
+        if not top and isinstance(m, FSDPModule):
+            return
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        for child in m.children():
+            visit(child, False)
+    visit(unit, True)
+    return out
+
+
+def _reshards_after_forward(unit: FSDPModule) -> bool:
+    groups = unit._get_fsdp_state()._fsdp_param_groups
+    return any(g.post_forward_mesh_info is not None for g in groups)
+
+
+class FSDPDoubleSqueezeState:
+    """What `install` set up: the units' collectives, residuals, step and counters.
+
+    Attributes:
+        config: the `DoubleSqueezeConfig`.
+        downlink: the `Downlink` mode.
+        step: reduce-scatter rounds completed (every unit reduced once).
+        monitor: optional `Monitor`, logged once per step.
+    """
+
+    def __init__(self, module: torch.nn.Module, config: DoubleSqueezeConfig, downlink: Downlink,
+                 monitor: Optional[Monitor], residual_dtype: Optional[torch.dtype], param_compressor: str):
+        self.config, self.downlink, self.monitor = config, downlink, monitor
+        self.residual_dtype = residual_dtype
+        self.step = 0
+        self.skipped_steps = 0
+        self._totals = RoundStats()
+        self._round = RoundStats()
+        self._reduced: set = set()
+        self._comms: Dict[int, TorchDistributedCommunicator] = {}
+        self.units: List[_Unit] = []
+        worker = config.worker
+        server = config.server_for(config.compressor)
+        quant = get_compressor(param_compressor)
+        for name, m in module.named_modules():
+            if not isinstance(m, FSDPModule):
+                continue
+            params = _managed_params(m)
+            if not params:
+                continue
+            key = len(self.units)
+            up = CompressedReduceScatter(worker, config.block_size, key, config.worker_ef, residual_dtype, config.seed)
+            if downlink is Downlink.DELTA:
+                down = DeltaAllGather(server, config.block_size, key, config.seed)
+            elif downlink is Downlink.QUANTIZED:
+                down = QuantizedAllGather(quant, config.block_size, key, config.seed)
+            else:
+                down = None
+            unit = _Unit(key, name or "<root>", m, params, up, down)
+            m.set_custom_reduce_scatter(_UnitReduceScatter(self, unit))
+            if down is not None:
+                m.set_custom_all_gather(_UnitAllGather(self, unit))
+            self.units.append(unit)
+        if not self.units:
+            raise ValueError("install found no FSDP unit with parameters: call fully_shard on the model first")
+
+    # -- the collectives -------------------------------------------------------------------------------------
+    def _comm(self, group) -> TorchDistributedCommunicator:
+        comm = self._comms.get(id(group))
+        if comm is None:
+            comm = self._comms[id(group)] = TorchDistributedCommunicator(group)
+        return comm
+
+    def _compresses(self, unit: _Unit) -> bool:
+        return self.step >= self.config.warmup_steps and unit.numel >= max(1, self.config.min_numel)
+
+    def _reduce_scatter(self, unit: _Unit, out: torch.Tensor, inp: torch.Tensor, group, op) -> None:
+        if op == dist.ReduceOp.AVG:
+            average = True
+        elif op == dist.ReduceOp.SUM:
+            average = False
+        else:
+            raise ValueError(f"DoubleSqueeze under FSDP2 averages or sums gradients; got the reduce op {op} "
+                             "(a custom gradient divide factor): leave set_gradient_divide_factor unset")
+        comm = self._comm(group)
+        if self._compresses(unit):
+            skip = unit.uplink(comm, inp, out, average, self.step, self._round)
+            self._round.skipped += int(skip)
+        else:
+            dist.reduce_scatter_tensor(out, inp, op=op, group=group)
+            nbytes = (comm.size - 1) * out.numel() * out.element_size()
+            self._round.bytes_up_sent += nbytes
+            self._round.bytes_up_recv += nbytes
+            self._round.dense_bytes += nbytes
+            self._round.payload_bytes += nbytes
+            self._round.dense_tensors += 1
+        if isinstance(unit.downlink, DeltaAllGather):
+            unit.downlink.reduced()
+        if unit.number in self._reduced:            # a unit reduced twice: the round is over whatever is missing
+            self._close_round()
+        self._reduced.add(unit.number)
+        if len(self._reduced) == len(self.units):
+            self._close_round()
+
+    def _all_gather(self, unit: _Unit, out: torch.Tensor, inp: torch.Tensor, group) -> None:
+        unit.downlink(self._comm(group), out, inp, self.step, not self._compresses(unit), self._round)
+
+    def _close_round(self) -> None:
+        stats, self._round = self._round, RoundStats()
+        self._reduced = set()
+        skipped = stats.skipped > 0
+        stats.skipped = int(skipped)
+        self.skipped_steps += int(skipped)
+        self._totals.add(stats)
+        if self.monitor is not None and self.monitor.wants(self.step):
+            self.monitor.log_round(self.step, stats, self.worker_residual_norm(), 0.0, self.skipped_steps)
+        self.step += 1
+
+    # -- what it holds ---------------------------------------------------------------------------------------
+    @property
+    def totals(self) -> RoundStats:
+        """The counters summed over completed steps."""
+        return self._totals
+
+    def worker_residuals(self) -> Dict[str, torch.Tensor]:
+        """Each unit's worker residual ``e_i``, (W, n) in FSDP's rank-major layout (this rank's row is zero)."""
+        return {u.name: u.uplink.residual for u in self.units if u.uplink.residual is not None}
+
+    def worker_residual_norm(self) -> float:
+        sq = sum(float(e.float().pow(2).sum()) for e in self.worker_residuals().values())
+        return sq ** 0.5
+
+    def replicas(self) -> Dict[str, torch.Tensor]:
+        """Under ``DELTA``: each unit's copy ``x_hat`` (W, n) that every rank computes with."""
+        return {u.name: u.downlink.buffer.view(-1) for u in self.units
+                if isinstance(u.downlink, DeltaAllGather) and u.downlink.buffer is not None}
+
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes this state keeps from step to step, by role: worker residuals, replicas (``DELTA``'s copies)."""
+        worker = sum(u.uplink.memory() for u in self.units)
+        replicas = sum(u.downlink.memory() for u in self.units if u.downlink is not None)
+        return {"worker_residuals": worker, "replicas": replicas, "total": worker + replicas}
+
+    def resync(self) -> None:
+        """Send the next parameter all-gather of every unit dense: after the parameters were changed other than by
+        an optimizer step between a reduce-scatter and the next all-gather (for example, loaded)."""
+        for u in self.units:
+            if isinstance(u.downlink, DeltaAllGather):
+                u.downlink.resync()
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's state for an exact resume on the same number of ranks: residuals per unit, each rank's own
+        row of its copies under ``DELTA``, the step and counters."""
+        W = dist.get_world_size()
+        return {"format": _FORMAT, "config": self.config.to_dict(), "downlink": self.downlink.value,
+                "world_size": W, "rank": dist.get_rank(), "step": self.step, "skipped_steps": self.skipped_steps,
+                "totals": self._totals.as_dict(),
+                "worker_residuals": {u.name: u.uplink.residual.detach().cpu().clone()
+                                     for u in self.units if u.uplink.residual is not None},
+                "replica_rows": {u.name: u.downlink.mine.detach().cpu().clone() for u in self.units
+                                 if isinstance(u.downlink, DeltaAllGather) and u.downlink.mine is not None}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("format") != _FORMAT:
+            raise ValueError(f"not a DoubleSqueeze FSDP2 state (format {sd.get('format')!r}, expected {_FORMAT!r})")
+        W = dist.get_world_size()
+        if sd["world_size"] != W or sd["rank"] != dist.get_rank():
+            raise ValueError(f"this state was saved by rank {sd['rank']} of {sd['world_size']}; this is rank "
+                             f"{dist.get_rank()} of {W}")
+        if sd["config"] != self.config.to_dict() or sd["downlink"] != self.downlink.value:
+            raise ValueError("this state was saved under another DoubleSqueeze config or downlink mode")
+        names = {u.name for u in self.units}
+        unknown = (set(sd["worker_residuals"]) | set(sd["replica_rows"])) - names
+        if unknown:
+            raise ValueError(f"this state has units this model does not: {sorted(unknown)}")
+        self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
+        self._totals = RoundStats.from_dict(sd["totals"])
+        self._round, self._reduced = RoundStats(), set()
+        for u in self.units:
+            device = u.params[0].device
+            e = sd["worker_residuals"].get(u.name)
+            u.uplink.residual = None if e is None else e.to(device).clone()
+            if isinstance(u.downlink, DeltaAllGather):
+                mine = sd["replica_rows"].get(u.name)
+                u.downlink.load_row(None if mine is None else mine.to(device))
+
+
+def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = None, *,
+            monitor: Optional[Monitor] = None, downlink: Union[Downlink, str, None] = None,
+            residual_dtype: Optional[torch.dtype] = None, param_compressor: str = "int8") -> FSDPDoubleSqueezeState:
+    """DoubleSqueeze on `module`'s FSDP2 units (call it after the `fully_shard` calls, before training).
+
+    Args:
+        module: the root module, `fully_shard`-ed (its units are it and every `FSDPModule` inside).
+        config: a `DoubleSqueezeConfig` (default: ``DoubleSqueezeConfig()``).
+        monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
+        downlink: a `Downlink` (or its value); default: ``DELTA`` if no unit reshards after forward, else
+            ``QUANTIZED``.
+        residual_dtype: dtype of the worker residuals (default: the gradients' reduce dtype).
+        param_compressor: the compressor of ``QUANTIZED`` all-gathers (default ``"int8"``).
+
+    Returns:
+        the `FSDPDoubleSqueezeState`.
+    """
+    config = config or DoubleSqueezeConfig()
+    if not isinstance(config, DoubleSqueezeConfig):
+        raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
+    if not isinstance(module, FSDPModule):
+        raise TypeError("install expects the root module after fully_shard (an FSDPModule), got "
+                        f"{type(module).__name__}")
+    if config.auto:
+        raise ValueError("compressor='auto' is not supported under FSDP2: name a compressor (default 'int4:128')")
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        for p in _managed_params(m):
+            if not isinstance(p, DTensor):
+                continue
+            if p.device_mesh.ndim != 1:
+                raise ValueError("native HSDP (a 2-D mesh) is not supported: its replica all-reduce would travel "
+                                 "dense; shard on a 1-D mesh")
+            if tuple(p.placements) != (Shard(0),):
+                raise ValueError(f"parameters must be sharded on dim 0, got {p.placements}")
+    if downlink is None:
+        downlink = Downlink.QUANTIZED if any(_reshards_after_forward(m) for m in units) else Downlink.DELTA
+    try:
+        downlink = Downlink(downlink)
+    except ValueError:
+        raise ValueError(f"unknown downlink {downlink!r}: one of {[d.value for d in Downlink]}") from None
+    if downlink is Downlink.DELTA and not config.server_ef:
+        raise ValueError("downlink='delta' needs server_ef=True: without the owner's residual the copies drift")
+    if config.guard:
+        warnings.warn("the quality guard does not run under FSDP2: units keep their compressor "
+                      "(DoubleSqueezeConfig(guard=0) silences this)", UserWarning, stacklevel=2)
+    return FSDPDoubleSqueezeState(module, config, downlink, monitor, residual_dtype, param_compressor)

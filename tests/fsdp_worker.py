@@ -1,0 +1,110 @@
+"""One rank of a DoubleSqueeze FSDP2 run on a model whose gradients are known in closed form, for
+test_fsdp.py's plain-torch reference: every parameter p adds ``0.5 * A * |p|^2 + <p, c>`` to the loss, so its
+gradient is ``A * p_used + c`` where p_used is what the forward computed with and c is drawn per (rank, step,
+parameter). Writes OUT/rank{r}.pt: per step the full parameters, the worker residuals, the replicas, the totals.
+
+    torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT --downlink delta --steps 4 [--save-at 2] [--resume F]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import fully_shard
+
+import dsq_plugins as dsq
+import dsq_plugins.fsdp as dsq_fsdp
+
+A = 0.5
+LR = 0.1
+SHAPES = {"a.w": (13, 3), "a.b": (5,), "b.w": (9, 4), "own": (7,)}
+
+
+def coefficients(rank: int, step: int, name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + sorted(SHAPES).index(name))
+    return torch.randn(SHAPES[name], generator=g)
+
+
+def initial(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(77 + sorted(SHAPES).index(name))
+    return torch.randn(SHAPES[name], generator=g)
+
+
+class Leaf(nn.Module):
+    def __init__(self, prefix, names):
+        super().__init__()
+        self.names = [f"{prefix}.{n}" for n in names]
+        for n, full in zip(names, self.names):
+            setattr(self, n, nn.Parameter(initial(full)))
+
+    def forward(self, cs):
+        out = 0
+        for full in self.names:
+            p = getattr(self, full.split(".")[1])
+            out = out + 0.5 * A * (p * p).sum() + (p * cs[full]).sum()
+        return out
+
+
+class Root(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Leaf("a", ["w", "b"])
+        self.b = Leaf("b", ["w"])
+        self.own = nn.Parameter(initial("own"))
+
+    def forward(self, cs):
+        return self.a(cs) + self.b(cs) + 0.5 * A * (self.own * self.own).sum() + (self.own * cs["own"]).sum()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--downlink", default="delta")
+    ap.add_argument("--compressor", default="sign")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--reshard", action="store_true", help="reshard_after_forward=True")
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--resume", default=None)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = Root()
+    for unit in (model.a, model.b, model):
+        fully_shard(unit, reshard_after_forward=args.reshard)
+    config = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=16, min_numel=0, guard=0.0)
+    state = dsq_fsdp.install(model, config, downlink=args.downlink)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    start = 0
+    if args.resume:
+        ck = torch.load(Path(args.resume) / f"ck{rank}.pt", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        state.load_state_dict(ck["dsq"])
+        start = ck["step"]
+    records = []
+    for t in range(start, args.steps):
+        cs = {n: coefficients(rank, t, n) for n in SHAPES}
+        loss = model(cs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        records.append({"step": t, "params": full,
+                        "worker": {k: v.clone() for k, v in state.worker_residuals().items()},
+                        "replicas": {k: v.clone() for k, v in state.replicas().items()},
+                        "totals": state.totals.as_dict(), "dsq_step": state.step})
+        if t + 1 == args.save_at:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dsq": state.state_dict(),
+                        "step": t + 1}, Path(args.out) / f"ck{rank}.pt")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save({"records": records, "memory": state.memory_report(), "world": dist.get_world_size()},
+               Path(args.out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
