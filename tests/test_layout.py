@@ -72,7 +72,7 @@ def test_subpackages_import_in_one_direction():
         parts = m.split(".")
         return parts[1] if len(parts) > 1 else "face"
     for m, targets in graph().items():
-        if group(m) in ("face", "hf_trainer", "lightning_callback"):
+        if group(m) in ("face", "hf_trainer", "lightning_callback", "fsdp"):
             continue                                   # the package's face and the README's import paths
         for t in targets:
             if group(t) != group(m):
@@ -84,6 +84,8 @@ def test_public_api_is_where_the_readme_says():
     from dsq_plugins.lightning_callback import DoubleSqueezeCallback as Lightning
     assert Trainer.__module__ == "dsq_plugins.frontends.hf_trainer"
     assert Lightning.__module__ == "dsq_plugins.frontends.lightning_callback"
+    from dsq_plugins.fsdp import install
+    assert install.__module__ == "dsq_plugins.frontends.fsdp"
     for name in dsq.__all__:
         assert getattr(dsq, name) is not None, name
     assert {"DoubleSqueezeState", "doublesqueeze_hook", "DoubleSqueezeConfig", "DoubleSqueezeAdamW", "Simulator",
