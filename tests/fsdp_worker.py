@@ -20,6 +20,16 @@ import dsq_plugins.fsdp as dsq_fsdp
 A = 0.5
 LR = 0.1
 SHAPES = {"a.w": (13, 3), "a.b": (5,), "b.w": (9, 4), "own": (7,)}
+BIG = {"a.w": (512, 256), "a.b": (512,), "b.w": (256, 512), "own": (1000,)}      # --big: for the kernel's bytes
+
+
+def net_bytes() -> int:
+    """Bytes the loopback has carried in this network namespace (sent; each is also received)."""
+    for line in Path("/proc/self/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[8])
+    return 0
 
 
 def coefficients(rank: int, step: int, name: str) -> torch.Tensor:
@@ -58,6 +68,37 @@ class Root(nn.Module):
         return self.a(cs) + self.b(cs) + 0.5 * A * (self.own * self.own).sum() + (self.own * cs["own"]).sum()
 
 
+def refusals(out: Path) -> None:
+    """What install refuses, before training, with the message each gives: {case: message}."""
+    from torch.distributed.device_mesh import init_device_mesh
+    found = {}
+
+    def attempt(case, fn):
+        try:
+            fn()
+            found[case] = None
+        except (ValueError, TypeError) as exc:
+            found[case] = str(exc)
+
+    def sharded(**kw):
+        m = Root()
+        for unit in (m.a, m.b, m):
+            fully_shard(unit, **kw)
+        return m
+    quiet = dict(guard=0.0)
+    attempt("not sharded", lambda: dsq_fsdp.install(Root(), dsq.DoubleSqueezeConfig(**quiet)))
+    attempt("auto", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(compressor="auto", **quiet)))
+    attempt("unknown downlink", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(**quiet),
+                                                         downlink="sparse"))
+    attempt("delta without server_ef", lambda: dsq_fsdp.install(
+        sharded(), dsq.DoubleSqueezeConfig(server_ef=False, **quiet), downlink="delta"))
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+    attempt("native HSDP", lambda: dsq_fsdp.install(sharded(mesh=mesh), dsq.DoubleSqueezeConfig(**quiet)))
+    attempt("plain config", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(**quiet)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "refusals.json").write_text(__import__("json").dumps(found))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -67,14 +108,22 @@ def main():
     ap.add_argument("--reshard", action="store_true", help="reshard_after_forward=True")
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--nan-step", type=int, default=-1, help="rank 1 gets a NaN gradient in unit a at this step")
+    ap.add_argument("--big", action="store_true", help="larger tensors, for the kernel's byte counts")
     args = ap.parse_args()
+    if args.big:
+        SHAPES.update(BIG)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if args.downlink == "refusals":
+        refusals(Path(args.out))
+        dist.destroy_process_group()
+        return
     model = Root()
     for unit in (model.a, model.b, model):
         fully_shard(unit, reshard_after_forward=args.reshard)
     config = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=16, min_numel=0, guard=0.0)
-    state = dsq_fsdp.install(model, config, downlink=args.downlink)
+    state = dsq_fsdp.install(model, config, downlink=args.downlink) if args.downlink != "off" else None
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     start = 0
     if args.resume:
@@ -83,24 +132,36 @@ def main():
         opt.load_state_dict(ck["opt"])
         state.load_state_dict(ck["dsq"])
         start = ck["step"]
-    records = []
+    records, wire = [], []
     for t in range(start, args.steps):
         cs = {n: coefficients(rank, t, n) for n in SHAPES}
+        if t == args.nan_step and rank == 1:
+            cs["a.w"][0, 0] = float("nan")
         loss = model(cs)
         loss.backward()
-        opt.step()
+        finite = {n: bool(torch.isfinite(p.grad.to_local()).all()) for n, p in model.named_parameters()}
+        flag = torch.tensor([float(all(finite.values()))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 1.0:            # a gradient scaler's decision: skip the step where a gradient is not finite
+            opt.step()
         opt.zero_grad()
+        wire.append(net_bytes())
+        if args.big:
+            continue
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        records.append({"step": t, "params": full,
+        records.append({"step": t, "params": full, "finite": finite,
                         "worker": {k: v.clone() for k, v in state.worker_residuals().items()},
                         "replicas": {k: v.clone() for k, v in state.replicas().items()},
-                        "totals": state.totals.as_dict(), "dsq_step": state.step})
+                        "totals": state.totals.as_dict(), "dsq_step": state.step,
+                        "skipped_steps": state.skipped_steps})
         if t + 1 == args.save_at:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dsq": state.state_dict(),
                         "step": t + 1}, Path(args.out) / f"ck{rank}.pt")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.save({"records": records, "memory": state.memory_report(), "world": dist.get_world_size()},
+    torch.save({"records": records, "wire": wire, "world": dist.get_world_size(),
+                "memory": state.memory_report() if state else None,
+                "totals": state.totals.as_dict() if state else None},
                Path(args.out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

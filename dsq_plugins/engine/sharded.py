@@ -180,7 +180,7 @@ class DeltaAllGather(_AllGatherBuffer):
 
     def allocate(self, numel: int, dtype: torch.dtype, device) -> bool:
         if super().allocate(numel, dtype, device):
-            self.fresh = True
+            self.fresh = self.fresh or not self._rebuild      # a new buffer is filled by a dense gather, or rebuilt
             return True
         return False
 
