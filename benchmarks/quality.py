@@ -17,6 +17,10 @@ Methods (each one word):
                         `dsq.DoubleSqueezeAdamW` (AdamW only): AdamW on DoubleSqueeze-averaged gradients (S, default
                         int4:128) for N steps (default a fifth of the run), then Adam's variance frozen and the
                         momentum compressed with SPEC
+    fsdp                plain FSDP2 (`fully_shard` on every block, then the model; parameters kept after forward)
+    fsdp:SPEC[@downlink=D][@reshard=True][@K=V...]
+                        FSDP2 with `dsq_plugins.fsdp.install` (D: delta, quantized or dense; reshard: the blocks
+                        reshard after forward, as ZeRO-3)
     powersgd[:R]        torch's PowerSGD hook, rank R (default 2), 10 dense warm-up steps, the whole model in one DDP
                         bucket (with more than one it deadlocks or aborts on gloo)
     SPEC[@K=V...]       DoubleSqueezeConfig(compressor=SPEC, K=V...): ``sign``, ``sign@noef`` (no residual on either
@@ -68,12 +72,16 @@ def parse_method(method: str):
         return "dsq", {}
     if method == "auto":
         return "dsq", {"compressor": "auto"}
+    if method == "fsdp":
+        return "fsdp", {}
+    if method.startswith("fsdp:"):
+        return "fsdp", _options(*method[len("fsdp:"):].split("@"))
     if method.startswith("adamw:"):          # DoubleSqueezeAdamW: adamw:SPEC[@warmup=N][@K=V...]
         return "adamw", _options(*method[len("adamw:"):].split("@"))
     return "dsq", _options(*method.split("@"))
 
 
-_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor")
+_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor", "downlink")
 
 
 def _options(spec: str, *opts: str) -> dict:
@@ -109,9 +117,22 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     # torch's PowerSGD hook deadlocks or aborts on gloo when a model has more than one DDP bucket (its
     # collectives are issued from future callbacks in an order that differs between ranks): it runs here with
     # the whole model in one bucket, the only layout where it works on gloo.
-    ddp = DDP(model, bucket_cap_mb=1024) if kind == "powersgd" else DDP(model)
-    state = None
+    state = fsdp_state = None
     counted = {"bytes": 0}
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        import dsq_plugins.fsdp as dsq_fsdp
+        opts = dict(opts)
+        downlink, reshard = opts.pop("downlink", None), bool(opts.pop("reshard", False))
+        for blk in getattr(model, "blocks", []):
+            fully_shard(blk, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=False)
+        ddp = model
+        if opts:
+            opts.setdefault("guard", 0.0)
+            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(**opts), downlink=downlink)
+    else:
+        ddp = DDP(model, bucket_cap_mb=1024) if kind == "powersgd" else DDP(model)
     if kind == "dsq":
         state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(**opts))
         ddp.register_comm_hook(state, dsq.doublesqueeze_hook)
@@ -159,8 +180,10 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     final = task.evaluate(model) if not diverged else {"val_loss": float("nan")}
     steps_done = step + 1
     dense_bytes = 2 * (world - 1) / world * numel * 4          # a ring all-reduce, per rank per step
-    if kind == "dense":
-        sent = dense_bytes * steps_done
+    if kind == "dense" or (kind == "fsdp" and fsdp_state is None):
+        sent = dense_bytes * steps_done             # FSDP2: a reduce-scatter and an all-gather, the same bytes
+    elif kind == "fsdp":
+        sent = fsdp_state.totals.bytes_sent
     elif kind == "dsq":
         state.drain()
         sent = state.totals.bytes_sent
@@ -176,6 +199,10 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     out = dict(method=method, kind=kind, options=opts, val_loss=final["val_loss"], accuracy=final.get("accuracy"),
                diverged=diverged or not math.isfinite(final["val_loss"]), steps=steps_done, seconds=seconds,
                bytes_per_step=max(sent_all) / steps_done, dense_bytes_per_step=dense_bytes, curve=curve)
+    if fsdp_state is not None:
+        out["config"] = fsdp_state.config.to_dict()
+        out["downlink"] = fsdp_state.downlink.value
+        out["memory"] = fsdp_state.memory_report()
     if state is not None:
         out["config"] = state.config.to_dict()
         out.update(_dsq_report(state))
