@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--resume", default=None)
     ap.add_argument("--nan-step", type=int, default=-1, help="rank 1 gets a NaN gradient in unit a at this step")
     ap.add_argument("--big", action="store_true", help="larger tensors, for the kernel's byte counts")
+    ap.add_argument("--hsdp", action="store_true", help="2 replicas of W/2 shards; the replicas' all-reduce compressed")
     args = ap.parse_args()
     if args.big:
         SHAPES.update(BIG)
@@ -120,10 +121,19 @@ def main():
         dist.destroy_process_group()
         return
     model = Root()
+    mesh = replicate = None
+    if args.hsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        both = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+        mesh, replicate = both["shard"], both["replicate"].get_group()
     for unit in (model.a, model.b, model):
-        fully_shard(unit, reshard_after_forward=args.reshard)
+        fully_shard(unit, reshard_after_forward=args.reshard, mesh=mesh)
     config = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=16, min_numel=0, guard=0.0)
-    state = dsq_fsdp.install(model, config, downlink=args.downlink) if args.downlink != "off" else None
+    state = None
+    if args.hsdp:
+        state = dsq_fsdp.install(model, config, replicate_group=replicate)
+    elif args.downlink != "off":
+        state = dsq_fsdp.install(model, config, downlink=args.downlink)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     start = 0
     if args.resume:
@@ -151,6 +161,7 @@ def main():
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         records.append({"step": t, "params": full, "finite": finite,
                         "worker": {k: v.clone() for k, v in state.worker_residuals().items()},
+                        "server": {k: v.clone() for k, v in state.server_residuals().items()},
                         "replicas": {k: v.clone() for k, v in state.replicas().items()},
                         "totals": state.totals.as_dict(), "dsq_step": state.step,
                         "skipped_steps": state.skipped_steps})

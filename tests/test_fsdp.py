@@ -208,3 +208,47 @@ def test_fsdp2_bytes_counted_by_the_kernel(tmp_path):
     assert plain > 8 * delta, (plain, delta)
     assert plain_reshard > 1.8 * quantized, (plain_reshard, quantized)
     assert plain_reshard > 1.3 * plain          # the baseline did gather twice
+
+
+def test_hsdp_replica_all_reduce_is_the_double_pass(tmp_path):
+    """HSDP on 4 ranks, 2 replicas of 2 shards: FSDP's reduce-scatter averages inside each replica, then the
+    replicas' all-reduce of every shard is DoubleSqueeze's double pass. Each step's parameters equal plain torch
+    (dense mean inside the node) fed to the Simulator with plain-torch sign across the replicas (one per unit and
+    shard), and so do both residuals; the residuals are the size of the shard."""
+    from dsq_plugins import DoubleSqueezeConfig, Simulator
+    from dsq_plugins.engine.plan import expand_owned
+    from .reference import reference
+    world, shards, steps = 4, 2, 4
+    launch(world, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--hsdp", "--steps", steps], timeout=300)
+    ranks = load_ranks(tmp_path, world)
+    config = DoubleSqueezeConfig(compressor="sign", block_size=BLOCK, min_numel=0, guard=0.0)
+    keys = {u: k for k, u in enumerate(UNITS)}             # units are numbered in named_modules order
+    x = {u: to_rows([initial(n) for n in names], shards) for u, names in UNITS.items()}
+    real = {u: to_rows([torch.ones(SHAPES[n]) for n in names], shards) for u, names in UNITS.items()}
+    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign")) for u in UNITS
+            for s in range(shards)}
+    for t in range(steps):
+        for u, names in UNITS.items():
+            used = from_rows(x[u], [SHAPES[n] for n in names], shards)
+            grads = [to_rows([A * p + coefficients(i, t, n) for p, n in zip(used, names)], shards)
+                     for i in range(world)]
+            for s in range(shards):
+                node_means = [sum(grads[r * shards + j][s] for j in range(shards)) / shards for r in range(2)]
+                update = sims[(u, s)].step(node_means)
+                x[u][s] -= LR * update * real[u][s]
+                server = torch.zeros_like(x[u][s])
+                for r in range(2):
+                    rec = ranks[r * shards + s]["records"][t]
+                    torch.testing.assert_close(rec["worker"][u], sims[(u, s)].worker_errors[r], rtol=1e-5,
+                                               atol=1e-6, msg=lambda m: f"step {t} {u} shard {s} replica {r}: {m}")
+                    assert rec["worker"][u].numel() == x[u][s].numel()
+                    server += expand_owned(keys[u], rec["server"][u], server.numel(), BLOCK, 2, r)
+                torch.testing.assert_close(server, sims[(u, s)].server_error, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} {u} shard {s} server residual: {m}")
+        expected = {}
+        for u, names in UNITS.items():
+            expected.update(zip(names, from_rows(x[u], [SHAPES[n] for n in names], shards)))
+        for i, rank in enumerate(ranks):
+            for name, p in expected.items():
+                torch.testing.assert_close(rank["records"][t]["params"][name], p, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} rank {i} {name}: {m}")

@@ -20,12 +20,19 @@ all-gather (`set_custom_all_gather`) that run `engine.sharded`'s passes on the u
   ``DENSE`` leaves the all-gather alone. The default follows the units: ``DELTA`` where they keep their
   parameters after forward (``reshard_after_forward=False``), else ``QUANTIZED``.
 
+HSDP (shard inside a node, replicate across nodes): shard on the node's 1-D mesh and pass the replicas' group,
+``install(model, config, replicate_group=mesh["replicate"].get_group())`` with ``fully_shard(..., mesh=
+mesh["shard"])``. FSDP's reduce-scatter and all-gather inside the node stay FSDP's own; the all-reduce of each
+shard across replicas (`FSDPModule.set_all_reduce_hook`) becomes the full double pass of
+`DoubleSqueezeCollective`, with residuals the size of the shard (worker) and of the blocks this rank owns (server).
+
 A step is one reduce-scatter of every unit; warm-up steps, and units smaller than ``min_numel``, go dense (FSDP's
 own collectives). What this does not honour fails in `install`, before training: ``compressor="auto"``, native
 HSDP (a 2-D mesh: its replica all-reduce would stay dense), ``server_ef=False`` with ``DELTA`` (the copies would
 drift), parameters not sharded on dim 0.
 """
 import enum
+import functools
 import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -37,6 +44,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..compression.registry import get_compressor
 from ..config import DoubleSqueezeConfig
+from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
 from ..engine.sharded import CompressedReduceScatter, DeltaAllGather, QuantizedAllGather
 from ..monitoring.monitor import Monitor, RoundStats
@@ -124,8 +132,15 @@ class FSDPDoubleSqueezeState:
     """
 
     def __init__(self, module: torch.nn.Module, config: DoubleSqueezeConfig, downlink: Downlink,
-                 monitor: Optional[Monitor], residual_dtype: Optional[torch.dtype], param_compressor: str):
+                 monitor: Optional[Monitor], residual_dtype: Optional[torch.dtype], param_compressor: str,
+                 replicate_group=None):
         self.config, self.downlink, self.monitor = config, downlink, monitor
+        self.replicate_group = replicate_group
+        # HSDP: the replicas' all-reduce of each shard is the engine's double pass
+        self.collective: Optional[DoubleSqueezeCollective] = None
+        if replicate_group is not None:
+            self.collective = DoubleSqueezeCollective(config, TorchDistributedCommunicator(replicate_group), monitor,
+                                                      key_names=self._unit_name)
         self.residual_dtype = residual_dtype
         self.step = 0
         self.skipped_steps = 0
@@ -152,12 +167,18 @@ class FSDPDoubleSqueezeState:
             else:
                 down = None
             unit = _Unit(key, name or "<root>", m, params, up, down)
-            m.set_custom_reduce_scatter(_UnitReduceScatter(self, unit))
-            if down is not None:
-                m.set_custom_all_gather(_UnitAllGather(self, unit))
+            if self.collective is not None:
+                m.set_all_reduce_hook(functools.partial(self._all_reduce, unit))
+            else:
+                m.set_custom_reduce_scatter(_UnitReduceScatter(self, unit))
+                if down is not None:
+                    m.set_custom_all_gather(_UnitAllGather(self, unit))
             self.units.append(unit)
         if not self.units:
             raise ValueError("install found no FSDP unit with parameters: call fully_shard on the model first")
+
+    def _unit_name(self, key) -> str:
+        return self.units[key].name if isinstance(key, int) and key < len(self.units) else str(key)
 
     # -- the collectives -------------------------------------------------------------------------------------
     def _comm(self, group) -> TorchDistributedCommunicator:
@@ -197,12 +218,27 @@ class FSDPDoubleSqueezeState:
         if len(self._reduced) == len(self.units):
             self._close_round()
 
+    def _all_reduce(self, unit: _Unit, reduce_output: torch.Tensor) -> None:
+        """HSDP: the shard (averaged inside the node by FSDP) averaged across replicas by the double pass."""
+        flat = reduce_output.view(-1)
+        self.collective.reduce([(unit.number, flat)], outs=[flat])
+        if unit.number in self._reduced:
+            self._close_round()
+        self._reduced.add(unit.number)
+        if len(self._reduced) == len(self.units):
+            self._close_round()
+
     def _all_gather(self, unit: _Unit, out: torch.Tensor, inp: torch.Tensor, group) -> None:
         unit.downlink(self._comm(group), out, inp, self.step, not self._compresses(unit), self._round)
 
     def _close_round(self) -> None:
-        stats, self._round = self._round, RoundStats()
         self._reduced = set()
+        if self.collective is not None:
+            self.collective.finish_step()
+            self.step = self.collective.step
+            self.skipped_steps = self.collective.skipped_steps
+            return
+        stats, self._round = self._round, RoundStats()
         skipped = stats.skipped > 0
         stats.skipped = int(skipped)
         self.skipped_steps += int(skipped)
@@ -215,11 +251,21 @@ class FSDPDoubleSqueezeState:
     @property
     def totals(self) -> RoundStats:
         """The counters summed over completed steps."""
-        return self._totals
+        return self.collective.totals if self.collective is not None else self._totals
 
     def worker_residuals(self) -> Dict[str, torch.Tensor]:
-        """Each unit's worker residual ``e_i``, (W, n) in FSDP's rank-major layout (this rank's row is zero)."""
+        """Each unit's worker residual ``e_i``: (W, n) in FSDP's rank-major layout (this rank's row is zero); under
+        HSDP, (n,) for this rank's shard."""
+        if self.collective is not None:
+            return {self.units[k].name: e for k, e in self.collective.worker_residuals().items()}
         return {u.name: u.uplink.residual for u in self.units if u.uplink.residual is not None}
+
+    def server_residuals(self) -> Dict[str, torch.Tensor]:
+        """HSDP: each unit's server residual of the blocks this rank owns among its replicas (else empty: the
+        owner's residual of the parameters is ``x - x_hat``, see `replicas`)."""
+        if self.collective is None:
+            return {}
+        return {self.units[k].name: e for k, e in self.collective.server_residuals().items()}
 
     def worker_residual_norm(self) -> float:
         sq = sum(float(e.float().pow(2).sum()) for e in self.worker_residuals().values())
@@ -232,6 +278,8 @@ class FSDPDoubleSqueezeState:
 
     def memory_report(self) -> Dict[str, int]:
         """Bytes this state keeps from step to step, by role: worker residuals, replicas (``DELTA``'s copies)."""
+        if self.collective is not None:
+            return self.collective.memory_report()
         worker = sum(u.uplink.memory() for u in self.units)
         replicas = sum(u.downlink.memory() for u in self.units if u.downlink is not None)
         return {"worker_residuals": worker, "replicas": replicas, "total": worker + replicas}
@@ -248,6 +296,9 @@ class FSDPDoubleSqueezeState:
         """This rank's state for an exact resume on the same number of ranks: residuals per unit, each rank's own
         row of its copies under ``DELTA``, the step and counters."""
         W = dist.get_world_size()
+        if self.collective is not None:
+            return {"format": _FORMAT, "hsdp": self.collective.state_dict(), "world_size": W,
+                    "rank": dist.get_rank(), "config": self.config.to_dict(), "downlink": self.downlink.value}
         return {"format": _FORMAT, "config": self.config.to_dict(), "downlink": self.downlink.value,
                 "world_size": W, "rank": dist.get_rank(), "step": self.step, "skipped_steps": self.skipped_steps,
                 "totals": self._totals.as_dict(),
@@ -265,6 +316,13 @@ class FSDPDoubleSqueezeState:
                              f"{dist.get_rank()} of {W}")
         if sd["config"] != self.config.to_dict() or sd["downlink"] != self.downlink.value:
             raise ValueError("this state was saved under another DoubleSqueeze config or downlink mode")
+        if ("hsdp" in sd) != (self.collective is not None):
+            raise ValueError("this state was saved with" + ("" if "hsdp" in sd else "out") + " a replicate group "
+                             "(HSDP); this one is set up with" + ("" if self.collective is not None else "out"))
+        if self.collective is not None:
+            self.collective.load_state_dict(sd["hsdp"])
+            self.step, self.skipped_steps, self._reduced = self.collective.step, self.collective.skipped_steps, set()
+            return
         names = {u.name for u in self.units}
         unknown = (set(sd["worker_residuals"]) | set(sd["replica_rows"])) - names
         if unknown:
@@ -283,7 +341,8 @@ class FSDPDoubleSqueezeState:
 
 def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = None, *,
             monitor: Optional[Monitor] = None, downlink: Union[Downlink, str, None] = None,
-            residual_dtype: Optional[torch.dtype] = None, param_compressor: str = "int8") -> FSDPDoubleSqueezeState:
+            residual_dtype: Optional[torch.dtype] = None, param_compressor: str = "int8",
+            replicate_group=None) -> FSDPDoubleSqueezeState:
     """DoubleSqueeze on `module`'s FSDP2 units (call it after the `fully_shard` calls, before training).
 
     Args:
@@ -294,6 +353,9 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
             ``QUANTIZED``.
         residual_dtype: dtype of the worker residuals (default: the gradients' reduce dtype).
         param_compressor: the compressor of ``QUANTIZED`` all-gathers (default ``"int8"``).
+        replicate_group: HSDP: the process group of this rank's replicas (the ranks holding the same shard): the
+            all-reduce across it becomes the double pass; FSDP's own collectives inside the node stay as they are
+            (`downlink` must then be None or ``"dense"``).
 
     Returns:
         the `FSDPDoubleSqueezeState`.
@@ -316,6 +378,14 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
                                  "dense; shard on a 1-D mesh")
             if tuple(p.placements) != (Shard(0),):
                 raise ValueError(f"parameters must be sharded on dim 0, got {p.placements}")
+    if replicate_group is not None:
+        if downlink not in (None, Downlink.DENSE, Downlink.DENSE.value):
+            raise ValueError("with a replicate_group (HSDP) the double pass runs across replicas: FSDP's own "
+                             "collectives inside the node stay dense (downlink None or 'dense')")
+        if residual_dtype is not None:
+            raise ValueError("residual_dtype is for the sharded uplink; under HSDP the engine keeps residuals in the "
+                             "gradients' dtype")
+        downlink = Downlink.DENSE
     if downlink is None:
         downlink = Downlink.QUANTIZED if any(_reshards_after_forward(m) for m in units) else Downlink.DELTA
     try:
@@ -327,4 +397,5 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
     if config.guard:
         warnings.warn("the quality guard does not run under FSDP2: units keep their compressor "
                       "(DoubleSqueezeConfig(guard=0) silences this)", UserWarning, stacklevel=2)
-    return FSDPDoubleSqueezeState(module, config, downlink, monitor, residual_dtype, param_compressor)
+    return FSDPDoubleSqueezeState(module, config, downlink, monitor, residual_dtype, param_compressor,
+                                  replicate_group)
