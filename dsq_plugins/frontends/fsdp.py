@@ -175,7 +175,8 @@ class FSDPDoubleSqueezeState:
                     m.set_custom_all_gather(_UnitAllGather(self, unit))
             self.units.append(unit)
         if not self.units:
-            raise ValueError("install found no FSDP unit with parameters: call fully_shard on the model first")
+            raise ValueError("install found no FSDP unit with parameters in this module: call fully_shard on the model "
+                             "(or its blocks) first")
 
     def _unit_name(self, key) -> str:
         return self.units[key].name if isinstance(key, int) and key < len(self.units) else str(key)
@@ -346,7 +347,7 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
     """DoubleSqueeze on `module`'s FSDP2 units (call it after the `fully_shard` calls, before training).
 
     Args:
-        module: the root module, `fully_shard`-ed (its units are it and every `FSDPModule` inside).
+        module: the model after its `fully_shard` calls: its units are every `FSDPModule` in it (itself included).
         config: a `DoubleSqueezeConfig` (default: ``DoubleSqueezeConfig()``).
         monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
         downlink: a `Downlink` (or its value); default: ``DELTA`` if no unit reshards after forward, else
@@ -363,9 +364,8 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
     config = config or DoubleSqueezeConfig()
     if not isinstance(config, DoubleSqueezeConfig):
         raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
-    if not isinstance(module, FSDPModule):
-        raise TypeError("install expects the root module after fully_shard (an FSDPModule), got "
-                        f"{type(module).__name__}")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"install expects a torch.nn.Module, got {type(module).__name__}")
     if config.auto:
         raise ValueError("compressor='auto' is not supported under FSDP2: name a compressor (default 'int4:128')")
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
