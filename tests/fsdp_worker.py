@@ -3,7 +3,7 @@ test_fsdp.py's plain-torch reference: every parameter p adds ``0.5 * A * |p|^2 +
 gradient is ``A * p_used + c`` where p_used is what the forward computed with and c is drawn per (rank, step,
 parameter). Writes OUT/rank{r}.pt: per step the full parameters, the worker residuals, the replicas, the totals.
 
-    torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT --downlink delta --steps 4 [--save-at 2] [--resume F]
+    torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT --runs delta quantized+reshard --steps 4 [--save-at 2]
 """
 import argparse
 import sys
@@ -99,53 +99,42 @@ def refusals(out: Path) -> None:
     (out / "refusals.json").write_text(__import__("json").dumps(found))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--downlink", default="delta")
-    ap.add_argument("--compressor", default="sign")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--reshard", action="store_true", help="reshard_after_forward=True")
-    ap.add_argument("--save-at", type=int, default=-1)
-    ap.add_argument("--resume", default=None)
-    ap.add_argument("--nan-step", type=int, default=-1, help="rank 1 gets a NaN gradient in unit a at this step")
-    ap.add_argument("--big", action="store_true", help="larger tensors, for the kernel's byte counts")
-    ap.add_argument("--hsdp", action="store_true", help="2 replicas of W/2 shards; the replicas' all-reduce compressed")
-    args = ap.parse_args()
-    if args.big:
-        SHAPES.update(BIG)
-    dist.init_process_group("gloo")
+def run(args, token: str, out: Path) -> None:
+    """One run: `token` is the downlink ('delta', 'quantized', 'dense'; 'off': plain FSDP2; 'hsdp') with options
+    '+reshard' (reshard_after_forward=True) and '+nanT' (rank 1 gets a NaN gradient in unit a at step T)."""
+    downlink, *opts = token.split("+")
+    reshard = "reshard" in opts
+    nan_step = next((int(o[3:]) for o in opts if o.startswith("nan")), -1)
     rank = dist.get_rank()
-    if args.downlink == "refusals":
-        refusals(Path(args.out))
-        dist.destroy_process_group()
-        return
     model = Root()
     mesh = replicate = None
-    if args.hsdp:
+    if downlink == "hsdp":
         from torch.distributed.device_mesh import init_device_mesh
         both = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
         mesh, replicate = both["shard"], both["replicate"].get_group()
     for unit in (model.a, model.b, model):
-        fully_shard(unit, reshard_after_forward=args.reshard, mesh=mesh)
+        fully_shard(unit, reshard_after_forward=reshard, mesh=mesh)
     config = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=16, min_numel=0, guard=0.0)
     state = None
-    if args.hsdp:
+    if downlink == "hsdp":
         state = dsq_fsdp.install(model, config, replicate_group=replicate)
-    elif args.downlink != "off":
-        state = dsq_fsdp.install(model, config, downlink=args.downlink)
+    elif downlink != "off":
+        state = dsq_fsdp.install(model, config, downlink=downlink)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     start = 0
     if args.resume:
-        ck = torch.load(Path(args.resume) / f"ck{rank}.pt", weights_only=False)
+        ck = torch.load(Path(args.resume) / token / f"ck{rank}.pt", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         state.load_state_dict(ck["dsq"])
         start = ck["step"]
+    out.mkdir(parents=True, exist_ok=True)
     records, wire = [], []
+    dist.barrier()
+    wire.append(net_bytes())
     for t in range(start, args.steps):
         cs = {n: coefficients(rank, t, n) for n in SHAPES}
-        if t == args.nan_step and rank == 1:
+        if t == nan_step and rank == 1:
             cs["a.w"][0, 0] = float("nan")
         loss = model(cs)
         loss.backward()
@@ -166,15 +155,34 @@ def main():
                         "totals": state.totals.as_dict(), "dsq_step": state.step,
                         "skipped_steps": state.skipped_steps})
         if t + 1 == args.save_at:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dsq": state.state_dict(),
-                        "step": t + 1}, Path(args.out) / f"ck{rank}.pt")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+                        "step": t + 1}, out / f"ck{rank}.pt")
     torch.save({"records": records, "wire": wire, "world": dist.get_world_size(),
                 "memory": state.memory_report() if state else None,
                 "totals": state.totals.as_dict() if state else None},
-               Path(args.out) / f"rank{rank}.pt")
+               out / f"rank{rank}.pt")
     dist.barrier()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--runs", nargs="+", default=["delta"],
+                    help="runs one after the other, each into OUT/RUN/ (see `run`), or 'refusals'")
+    ap.add_argument("--compressor", default="sign")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--resume", default=None, help="the OUT of a run saved with --save-at")
+    ap.add_argument("--big", action="store_true", help="larger tensors, for the kernel's byte counts")
+    args = ap.parse_args()
+    if args.big:
+        SHAPES.update(BIG)
+    dist.init_process_group("gloo")
+    for token in args.runs:
+        if token == "refusals":
+            refusals(Path(args.out))
+        else:
+            run(args, token, Path(args.out) / token)
     dist.destroy_process_group()
 
 

@@ -97,15 +97,27 @@ class Reference:
         return out
 
 
-@pytest.mark.parametrize("downlink,reshard", [("delta", False), ("delta", True), ("quantized", True),
-                                              ("dense", False)])
-def test_fsdp2_equals_plain_torch_reference(tmp_path, downlink, reshard):
+STEPS = 5
+RUNS = ["refusals", "delta", "delta+reshard", "quantized+reshard", "dense", "delta+nan2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One launch of 2 ranks doing every run of `RUNS` in turn (each saving a checkpoint after step 2)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    launch(W, ROOT / "tests" / "fsdp_worker.py", [out, "--runs", *RUNS, "--steps", STEPS, "--save-at", 2],
+           timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("run", ["delta", "delta+reshard", "quantized+reshard", "dense"])
+def test_fsdp2_equals_plain_torch_reference(runs, run):
     """Each step's parameters, each rank's worker residuals and (delta) the replicas every rank computes with
-    equal the plain-torch reference; the forward used the replicas (delta) or the int8 parameters (quantized)."""
-    steps = 5
-    launch(W, ROOT / "tests" / "fsdp_worker.py",
-           [tmp_path, "--downlink", downlink, "--steps", steps] + (["--reshard"] if reshard else []))
-    ranks = load_ranks(tmp_path, W)
+    equal the plain-torch reference; the forward used the replicas (delta) or the int8 parameters (quantized).
+    With reshard_after_forward the backward's second gather of a unit sends nothing and changes nothing."""
+    downlink = run.split("+")[0]
+    steps = STEPS
+    ranks = load_ranks(runs / run, W)
     ref = Reference(downlink)
     for t in range(steps):
         ref.step(t)
@@ -130,13 +142,15 @@ def test_fsdp2_equals_plain_torch_reference(tmp_path, downlink, reshard):
             assert not torch.equal(ref.x_hat[u], to_rows([initial(n) for n in UNITS[u]]))
 
 
-def test_fsdp2_resumes_exactly(tmp_path):
-    """A run saved after step 2 (model, optimizer, `state.state_dict()`) and resumed in new processes ends with
-    the same parameters, worker residuals and replicas, bit for bit, as the run that went on."""
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(W, ROOT / "tests" / "fsdp_worker.py", [full, "--steps", 4, "--save-at", 2])
-    launch(W, ROOT / "tests" / "fsdp_worker.py", [resumed, "--steps", 4, "--resume", full])
-    for a, b in zip(load_ranks(full, W), load_ranks(resumed, W)):
+def test_fsdp2_resumes_exactly(runs, tmp_path):
+    """Runs saved after step 2 (model, optimizer, `state.state_dict()`) and resumed in new processes end with
+    the same parameters, worker residuals and replicas, bit for bit, as the runs that went on."""
+    resumed = tmp_path / "resumed"
+    launch(W, ROOT / "tests" / "fsdp_worker.py", [resumed, "--runs", "delta", "quantized+reshard", "--steps", STEPS,
+                                                  "--resume", runs])
+    pairs = [(a, b) for run in ("delta", "quantized+reshard")
+             for a, b in zip(load_ranks(runs / run, W), load_ranks(resumed / run, W))]
+    for a, b in pairs:
         for ra, rb in zip(a["records"][2:], b["records"]):
             assert ra["step"] == rb["step"] and ra["dsq_step"] == rb["dsq_step"]
             for kind in ("params", "worker", "replicas"):
@@ -145,12 +159,11 @@ def test_fsdp2_resumes_exactly(tmp_path):
                     assert torch.equal(ra[kind][k], rb[kind][k]), (ra["step"], kind, k)
 
 
-def test_fsdp2_skips_a_unit_with_a_nonfinite_gradient_on_every_rank(tmp_path):
+def test_fsdp2_skips_a_unit_with_a_nonfinite_gradient_on_every_rank(runs):
     """Rank 1's NaN in unit a at step 2: both ranks' reduced gradients of unit a are NaN (rank 0's own row was
     finite), unit a's residuals do not change, the other units' do; the step counts as skipped, training goes on
     finite."""
-    launch(W, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--steps", 4, "--nan-step", 2])
-    for rank in load_ranks(tmp_path, W):
+    for rank in load_ranks(runs / "delta+nan2", W):
         before, at, after = rank["records"][1:4]
         assert not at["finite"]["a.w"] and not at["finite"]["a.b"]
         assert at["finite"]["b.w"] and at["finite"]["own"]
@@ -163,12 +176,11 @@ def test_fsdp2_skips_a_unit_with_a_nonfinite_gradient_on_every_rank(tmp_path):
         assert not torch.equal(after["params"]["a.w"], at["params"]["a.w"])
 
 
-def test_fsdp2_refusals_name_what_is_valid(tmp_path):
+def test_fsdp2_refusals_name_what_is_valid(runs):
     """install refuses, before training, what it cannot honour: a module not sharded, compressor='auto', an
     unknown downlink, 'delta' without the owner's residual, native HSDP (its replica all-reduce would be dense)."""
     import json
-    launch(1, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--downlink", "refusals"])
-    found = json.loads((tmp_path / "refusals.json").read_text())
+    found = json.loads((runs / "refusals.json").read_text())
     assert found["plain config"] is None
     expected = {"not sharded": "fully_shard", "auto": "'auto' is not supported under FSDP2",
                 "unknown downlink": "one of ['delta', 'quantized', 'dense']",
@@ -177,37 +189,32 @@ def test_fsdp2_refusals_name_what_is_valid(tmp_path):
         assert found[case] and words in found[case], (case, found[case])
 
 
-def _isolated_job(out, *args):
-    """The worker with 2 ranks in a network namespace of its own: the loopback carries this job alone."""
-    import os
-    import subprocess
-    import sys
-    launch_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                  str(ROOT / "tests" / "fsdp_worker.py"), str(out), *map(str, args)]
-    cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *launch_cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    wire = torch.load(out / "rank0.pt", weights_only=False)["wire"]
-    return (wire[-1] - wire[0]) / (len(wire) - 1)          # per step, after the first (its gathers are dense)
-
-
 ISOLATED = __import__("os").geteuid() == 0 and __import__("shutil").which("unshare") is not None
 
 
 @pytest.mark.skipif(not ISOLATED, reason="counting a job's bytes needs root (unshare --net)")
 def test_fsdp2_bytes_counted_by_the_kernel(tmp_path):
-    """The loopback's bytes per step, plain FSDP2 against DoubleSqueeze (sign), 2 ranks, 0.26M parameters: at
-    least 8x fewer with kept copies (delta), at least 1.8x fewer where units reshard after forward (int8 gathers,
-    two per step as plain FSDP2's)."""
-    steps = ["--big", "--steps", 4]
-    plain = _isolated_job(tmp_path / "plain", *steps, "--downlink", "off")
-    delta = _isolated_job(tmp_path / "delta", *steps, "--downlink", "delta")
-    plain_reshard = _isolated_job(tmp_path / "plain_reshard", *steps, "--downlink", "off", "--reshard")
-    quantized = _isolated_job(tmp_path / "quantized", *steps, "--downlink", "quantized", "--reshard")
-    assert plain > 8 * delta, (plain, delta)
-    assert plain_reshard > 1.8 * quantized, (plain_reshard, quantized)
-    assert plain_reshard > 1.3 * plain          # the baseline did gather twice
+    """The loopback's bytes per step (in a network namespace of the job's own), plain FSDP2 against DoubleSqueeze
+    (sign), 2 ranks, 0.26M parameters, steps after the first (whose gathers are dense): at least 8x fewer with
+    kept copies (delta), at least 1.8x fewer where units reshard after forward (int8 gathers, two per step as
+    plain FSDP2's)."""
+    import os
+    import subprocess
+    import sys
+    runs = ["off", "delta", "off+reshard", "quantized+reshard"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), "--big", "--steps", "4", "--runs", *runs]
+    cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    per_step = {}
+    for run in runs:
+        wire = torch.load(tmp_path / run / "rank0.pt", weights_only=False)["wire"]
+        per_step[run] = (wire[-1] - wire[1]) / (len(wire) - 2)
+    assert per_step["off"] > 8 * per_step["delta"], per_step
+    assert per_step["off+reshard"] > 1.8 * per_step["quantized+reshard"], per_step
+    assert per_step["off+reshard"] > 1.3 * per_step["off"], per_step        # the baseline did gather twice
 
 
 def test_hsdp_replica_all_reduce_is_the_double_pass(tmp_path):
@@ -219,8 +226,8 @@ def test_hsdp_replica_all_reduce_is_the_double_pass(tmp_path):
     from dsq_plugins.engine.plan import expand_owned
     from .reference import reference
     world, shards, steps = 4, 2, 4
-    launch(world, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--hsdp", "--steps", steps], timeout=300)
-    ranks = load_ranks(tmp_path, world)
+    launch(world, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--runs", "hsdp", "--steps", steps], timeout=300)
+    ranks = load_ranks(tmp_path / "hsdp", world)
     config = DoubleSqueezeConfig(compressor="sign", block_size=BLOCK, min_numel=0, guard=0.0)
     keys = {u: k for k, u in enumerate(UNITS)}             # units are numbered in named_modules order
     x = {u: to_rows([initial(n) for n in names], shards) for u, names in UNITS.items()}
