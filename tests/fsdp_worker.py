@@ -101,10 +101,12 @@ def refusals(out: Path) -> None:
 
 def run(args, token: str, out: Path) -> None:
     """One run: `token` is the downlink ('delta', 'quantized', 'dense'; 'off': plain FSDP2; 'hsdp') with options
-    '+reshard' (reshard_after_forward=True) and '+nanT' (rank 1 gets a NaN gradient in unit a at step T)."""
+    '+reshard' (reshard_after_forward=True), '+nanT' (rank 1 gets a NaN gradient in unit a at step T) and '+dcp'
+    (save and resume with torch.distributed.checkpoint, as --dcp)."""
     downlink, *opts = token.split("+")
     reshard = "reshard" in opts
     nan_step = next((int(o[3:]) for o in opts if o.startswith("nan")), -1)
+    use_dcp = args.dcp or "dcp" in opts
     rank = dist.get_rank()
     model = Root()
     mesh = replicate = None
@@ -121,8 +123,21 @@ def run(args, token: str, out: Path) -> None:
     elif downlink != "off":
         state = dsq_fsdp.install(model, config, downlink=downlink)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    start = 0
-    if args.resume:
+    start, loaded = 0, None
+    if args.resume and use_dcp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        path = Path(args.resume) / token / "dcp"
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dsq_sd = state.checkpoint_state(checkpoint_id=path)
+        extra = {"step": 0}
+        dcp.load({"model": model_sd, "optim": optim_sd, "dsq": dsq_sd, "extra": extra}, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        state.load_checkpoint_state(dsq_sd)
+        start = extra["step"]
+        loaded = {"worker": {k: v.clone() for k, v in state.worker_residuals().items()},
+                  "mine": {u.name: u.downlink.mine.clone() for u in state.units if u.downlink is not None}}
+    elif args.resume:
         ck = torch.load(Path(args.resume) / token / f"ck{rank}.pt", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
@@ -157,7 +172,13 @@ def run(args, token: str, out: Path) -> None:
         if t + 1 == args.save_at:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dsq": state.state_dict(),
                         "step": t + 1}, out / f"ck{rank}.pt")
-    torch.save({"records": records, "wire": wire, "world": dist.get_world_size(),
+            if use_dcp:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_state_dict
+                model_sd, optim_sd = get_state_dict(model, opt)
+                dcp.save({"model": model_sd, "optim": optim_sd, "dsq": state.checkpoint_state(),
+                          "extra": {"step": t + 1}}, checkpoint_id=out / "dcp")
+    torch.save({"records": records, "wire": wire, "world": dist.get_world_size(), "loaded": loaded,
                 "memory": state.memory_report() if state else None,
                 "totals": state.totals.as_dict() if state else None},
                out / f"rank{rank}.pt")
@@ -174,6 +195,7 @@ def main():
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--resume", default=None, help="the OUT of a run saved with --save-at")
     ap.add_argument("--big", action="store_true", help="larger tensors, for the kernel's byte counts")
+    ap.add_argument("--dcp", action="store_true", help="also save (or resume) with torch.distributed.checkpoint")
     args = ap.parse_args()
     if args.big:
         SHAPES.update(BIG)

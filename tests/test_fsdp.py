@@ -98,7 +98,7 @@ class Reference:
 
 
 STEPS = 5
-RUNS = ["refusals", "delta", "delta+reshard", "quantized+reshard", "dense", "delta+nan2"]
+RUNS = ["refusals", "delta", "delta+reshard", "quantized+reshard", "dense", "delta+nan2", "delta+dcp"]
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +143,13 @@ def test_fsdp2_equals_plain_torch_reference(runs, run):
 
 
 def test_fsdp2_resumes_exactly(runs, tmp_path):
-    """Runs saved after step 2 (model, optimizer, `state.state_dict()`) and resumed in new processes end with
-    the same parameters, worker residuals and replicas, bit for bit, as the runs that went on."""
+    """Runs saved after step 2 (model, optimizer and `state.state_dict()` with torch.save, or
+    `state.checkpoint_state()` beside `get_state_dict` with torch.distributed.checkpoint) and resumed in new
+    processes end with the same parameters, worker residuals and replicas, bit for bit, as the runs that went on."""
     resumed = tmp_path / "resumed"
-    launch(W, ROOT / "tests" / "fsdp_worker.py", [resumed, "--runs", "delta", "quantized+reshard", "--steps", STEPS,
-                                                  "--resume", runs])
-    pairs = [(a, b) for run in ("delta", "quantized+reshard")
+    both = ("delta", "quantized+reshard", "delta+dcp")
+    launch(W, ROOT / "tests" / "fsdp_worker.py", [resumed, "--runs", *both, "--steps", STEPS, "--resume", runs])
+    pairs = [(a, b) for run in both
              for a, b in zip(load_ranks(runs / run, W), load_ranks(resumed / run, W))]
     for a, b in pairs:
         for ra, rb in zip(a["records"][2:], b["records"]):
@@ -290,3 +291,29 @@ def test_lightning_model_parallel_strategy_equals_reference_and_resumes(tmp_path
         for kind in ("params", "worker", "replicas"):
             for k in last_a[kind]:
                 assert torch.equal(last_a[kind][k], last_b[kind][k]), (i, kind, k)
+
+
+def test_fsdp2_resume_on_more_ranks_keeps_the_residuals_mass(runs, tmp_path):
+    """The 2-rank run's distributed checkpoint (after step 2) resumed on 4 ranks: FSDP2 reshards the parameters,
+    the checkpoint reshards the residuals; every new rank's worker residual is the saved mean over the 2 ranks
+    (so the mean, which the conservation law holds, is kept), and the replica every rank computes with is the
+    saved one (x - e of each new owner's shard); training goes on finite."""
+    launch(4, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--runs", "delta+dcp", "--steps", STEPS, "--resume", runs],
+           timeout=300)
+    before = load_ranks(runs / "delta+dcp", W)
+    after = load_ranks(tmp_path / "delta+dcp", 4)
+    for u, names in UNITS.items():
+        shapes = [SHAPES[n] for n in names]
+        saved_mean = [sum(p) / W for p in zip(*(from_rows(r["records"][1]["worker"][u], shapes) for r in before))]
+        saved_replica = from_rows(before[0]["records"][1]["replicas"][u].view(W, -1), shapes)
+        mine = torch.stack([r["loaded"]["mine"][u] for r in after])
+        for i, rank in enumerate(after):
+            got = from_rows(rank["loaded"]["worker"][u], shapes, world=4)
+            for name, g, m in zip(names, got, saved_mean):
+                torch.testing.assert_close(g, m, rtol=1e-6, atol=1e-7, msg=lambda s: f"rank {i} {name}: {s}")
+        for name, g, m in zip(names, from_rows(mine, shapes, world=4), saved_replica):
+            torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-6, msg=lambda s: f"replica {name}: {s}")
+        assert any(float(m.abs().max()) > 0 for m in saved_mean)
+    for rank in after:
+        assert rank["records"][0]["step"] == 2
+        assert all(torch.isfinite(p).all() for p in rank["records"][-1]["params"].values())

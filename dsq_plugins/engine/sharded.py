@@ -7,7 +7,7 @@ block inside a row (`BlockCodec`, docs/ARCHITECTURE.md section 3):
 Uplink, the gradients' reduce-scatter (`CompressedReduceScatter`), worker ``i``, for each row ``r != i``::
 
     v = g_i[r] + e_i[r];   c = C_w(v);   e_i[r] <- v - c          c goes to rank r        (one all_to_all)
-    owner r:   out = (g_r[r] + sum_{i != r} c_i) / W              (its own row never leaves it: exact)
+    owner r:   out = (g_r[r] + e_r[r] + sum_{i != r} c_i) / W     (its own row never leaves it: exact, e_r[r] <- 0)
 
 Downlink, the parameters' all-gather, where every rank keeps its copy ``x_hat`` of the unit between steps
 (`DeltaAllGather`)::
@@ -66,7 +66,7 @@ class CompressedReduceScatter:
                  residual_dtype: Optional[torch.dtype] = None, seed: int = 0):
         self.codec = BlockCodec(compressor, block_size)
         self.key, self.worker_ef, self.residual_dtype, self.seed = key, worker_ef, residual_dtype, seed
-        self.residual: Optional[torch.Tensor] = None       # (W, n); row `rank` stays zero
+        self.residual: Optional[torch.Tensor] = None       # (W, n); row `rank` is zero after every reduction
         self._left: Optional[torch.Tensor] = None          # (W, n) scratch: the residual being made
 
     def message_bytes(self, n: int, dtype: torch.dtype) -> int:
@@ -110,6 +110,8 @@ class CompressedReduceScatter:
         recv = comm.all_to_all(send.view(-1), sizes, sizes).view(len(others), M)
         skip = flag | recv[:, 0].bool().any()
         out.copy_(rows[me])
+        if self.worker_ef:       # a residual in this rank's own row (redistributed from a checkpoint) goes out exact
+            out.add_(e[me].to(dtype))
         for k, j in enumerate(others):
             self.codec.decode_add(recv[k, HEADER:], out, seed=frame_seed(self.seed, self.key, step, j, me))
         if average:

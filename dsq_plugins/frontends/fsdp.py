@@ -34,7 +34,8 @@ drift), parameters not sharded on dim 0.
 import enum
 import functools
 import warnings
-from typing import Dict, List, Optional, Tuple, Union
+import re
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -61,14 +62,46 @@ class Downlink(enum.Enum):
     DENSE = "dense"
 
 
+class _Piece(NamedTuple):
+    """Where one parameter lies in its unit's rows: `rows` of dim 0 per rank (padded), `width` elements per row
+    of dim 0, from element `offset` of every rank's row."""
+    name: str
+    param: torch.nn.Parameter
+    rows: int
+    width: int
+    offset: int
+
+    def local_rows(self, rank: int) -> int:
+        """Rows of dim 0 that `rank` holds (the last ranks may hold fewer, or none)."""
+        return max(0, min(self.param.shape[0], (rank + 1) * self.rows) - rank * self.rows)
+
+
 class _Unit:
-    """One FSDP unit: its module, name, number and its two collectives."""
+    """One FSDP unit: its module, name, number, parameters (with their names in the installed module) and its
+    two collectives."""
 
     def __init__(self, number: int, name: str, module: FSDPModule, params: List[torch.nn.Parameter],
-                 uplink: CompressedReduceScatter, downlink):
+                 param_names: List[str], uplink: CompressedReduceScatter, downlink):
         self.number, self.name, self.module, self.params = number, name, module, params
+        self.param_names = param_names
         self.uplink, self.downlink = uplink, downlink
         self.numel = sum(p.numel() for p in params)
+
+    def pieces(self, world: int) -> Tuple[List[_Piece], int]:
+        """FSDP2's rank-major layout of the unit on `world` ranks (parameters sharded on dim 0, padded to a
+        multiple of `world`): each parameter's place in a row, and the row's length."""
+        out, offset = [], 0
+        for name, p in zip(self.param_names, self.params):
+            if p.dim() == 0:
+                raise ValueError(f"{name}: a 0-dim parameter has no dim 0 to shard")
+            rows, width = -(-p.shape[0] // world), p[0].numel()
+            out.append(_Piece(name, p, rows, width, offset))
+            offset += rows * width
+        return out, offset
+
+    def mesh(self):
+        p = self.params[0]
+        return p.device_mesh if isinstance(p, DTensor) else None
 
 
 class _UnitReduceScatter(ReduceScatter):
@@ -152,6 +185,7 @@ class FSDPDoubleSqueezeState:
         worker = config.worker
         server = config.server_for(config.compressor)
         quant = get_compressor(param_compressor)
+        names = {id(p): n for n, p in module.named_parameters()}
         for name, m in module.named_modules():
             if not isinstance(m, FSDPModule):
                 continue
@@ -166,7 +200,8 @@ class FSDPDoubleSqueezeState:
                 down = QuantizedAllGather(quant, config.block_size, key, config.seed)
             else:
                 down = None
-            unit = _Unit(key, name or "<root>", m, params, up, down)
+            unit = _Unit(key, name or "<root>", m, params, [names.get(id(p), f"{key}.{i}") for i, p in
+                                                            enumerate(params)], up, down)
             if self.collective is not None:
                 m.set_all_reduce_hook(functools.partial(self._all_reduce, unit))
             else:
@@ -338,6 +373,163 @@ class FSDPDoubleSqueezeState:
             if isinstance(u.downlink, DeltaAllGather):
                 mine = sd["replica_rows"].get(u.name)
                 u.downlink.load_row(None if mine is None else mine.to(device))
+
+
+    # -- torch.distributed.checkpoint -------------------------------------------------------------------------
+    def checkpoint_state(self, checkpoint_id=None) -> dict:
+        """This state for `torch.distributed.checkpoint`, beside the model's and optimizer's (`get_state_dict`)::
+
+            dcp.save({"model": model_sd, "optim": optim_sd, "dsq": state.checkpoint_state()}, checkpoint_id=path)
+            # resume, on any number of ranks:
+            dsq_sd = state.checkpoint_state(checkpoint_id=path)        # shaped after what `path` holds
+            dcp.load({"model": model_sd, "optim": optim_sd, "dsq": dsq_sd}, checkpoint_id=path)
+            set_state_dict(model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            state.load_checkpoint_state(dsq_sd)
+
+        It holds, sharded like each parameter (DTensors on its mesh, so that the checkpoint reshards them): the
+        mean over ranks of the worker residuals and, under ``DELTA``, the owners' residuals ``x - x_hat``; and,
+        for an exact resume on as many ranks, each rank's own residual rows and replica row (keys of their world
+        size and rank). Given `checkpoint_id` (a folder `dcp.save` wrote), it is the template to load into: the
+        exact part only if the checkpoint was saved by as many ranks. Saving reduces the worker residuals across
+        ranks (one reduce-scatter per unit): every rank must call it."""
+        if self.collective is not None:
+            raise ValueError("under HSDP save `state.state_dict()` per rank (torch.save); the distributed "
+                             "checkpoint form is for the sharded uplink")
+        W, rank = self._shard_world()
+        sd = {"format": _FORMAT, "config": self.config.to_dict(), "downlink": self.downlink.value,
+              "world_size": W, "step": self.step, "skipped_steps": self.skipped_steps}
+        saved_world = W
+        if checkpoint_id is not None:
+            saved_world = _saved_world(checkpoint_id)
+        mean, owner = {}, {}
+        for u in self.units:
+            pieces, n = u.pieces(W)
+            rows = self._worker_mean_row(u, W, n) if checkpoint_id is None else None
+            mean[u.name] = {pc.name: self._sharded(pc, u, rank, None if rows is None else rows) for pc in pieces}
+            if isinstance(u.downlink, DeltaAllGather):
+                if checkpoint_id is None:
+                    row = self._owner_residual_row(u, pieces, rank, n)
+                    owner[u.name] = {pc.name: self._sharded(pc, u, rank, row) for pc in pieces}
+                else:
+                    owner[u.name] = {pc.name: self._sharded(pc, u, rank, None) for pc in pieces}
+        sd["worker_mean"] = mean
+        if owner:
+            sd["owner_residual"] = owner
+        if saved_world == W:
+            mine = {}
+            for u in self.units:
+                pieces, n = u.pieces(W)
+                e = u.uplink.residual
+                entry = {"worker": e.detach().clone() if e is not None and checkpoint_id is None
+                         else torch.zeros(W, n, dtype=self._dtype(u), device=self._device(u))}
+                if isinstance(u.downlink, DeltaAllGather):
+                    m = u.downlink.mine
+                    entry["replica"] = (m.detach().clone() if m is not None and checkpoint_id is None
+                                        else torch.zeros(n, dtype=self._dtype(u), device=self._device(u)))
+                mine[u.name] = entry
+            sd[f"exact_w{W}"] = {f"rank{rank}": mine}
+        return sd
+
+    def load_checkpoint_state(self, sd: dict) -> None:
+        """Resume from what `dcp.load` filled into `checkpoint_state(checkpoint_id=...)`'s template: exactly if it
+        was saved by as many ranks, else with the residuals redistributed so that their mass is kept: every rank's
+        worker residual becomes the saved mean (the mean over ranks, which the conservation law holds, is kept),
+        and each owner's replica row becomes ``x - e`` of its new shard (the parameters every rank computes with
+        are the ones saved). Call it after the model's parameters are loaded."""
+        if sd.get("format") != _FORMAT:
+            raise ValueError(f"not a DoubleSqueeze FSDP2 checkpoint state (format {sd.get('format')!r})")
+        if sd["config"] != self.config.to_dict() or sd["downlink"] != self.downlink.value:
+            raise ValueError("this checkpoint was saved under another DoubleSqueeze config or downlink mode")
+        W, rank = self._shard_world()
+        self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
+        self._round, self._reduced = RoundStats(), set()
+        exact = sd.get(f"exact_w{W}", {}).get(f"rank{rank}")
+        for u in self.units:
+            pieces, n = u.pieces(W)
+            if exact is not None:
+                u.uplink.residual = exact[u.name]["worker"].to(self._device(u)).clone()
+                if isinstance(u.downlink, DeltaAllGather):
+                    u.downlink.load_row(exact[u.name]["replica"].to(self._device(u)).clone())
+                continue
+            full = torch.zeros(W, n, dtype=self._dtype(u), device=self._device(u))
+            for pc in pieces:
+                value = sd["worker_mean"][u.name][pc.name]
+                value = value.full_tensor() if isinstance(value, DTensor) else value
+                padded = torch.zeros(pc.rows * W, *pc.param.shape[1:], dtype=full.dtype, device=full.device)
+                padded[:pc.param.shape[0]] = value
+                full[:, pc.offset:pc.offset + pc.rows * pc.width] = padded.view(W, -1)
+            u.uplink.residual = full
+            if isinstance(u.downlink, DeltaAllGather):
+                row = torch.zeros(n, dtype=self._dtype(u), device=self._device(u))
+                for pc in pieces:
+                    k = pc.local_rows(rank) * pc.width
+                    if k:
+                        x = pc.param.to_local().reshape(-1)
+                        e = sd["owner_residual"][u.name][pc.name]
+                        e = e.to_local() if isinstance(e, DTensor) else e
+                        row[pc.offset:pc.offset + k] = x.to(row.dtype) - e.reshape(-1).to(row.dtype)
+                u.downlink.load_row(row)
+
+    def _shard_world(self) -> Tuple[int, int]:
+        mesh = self.units[0].mesh()
+        if mesh is None:
+            return dist.get_world_size(), dist.get_rank()
+        return mesh.size(), mesh.get_local_rank()
+
+    def _dtype(self, u: _Unit) -> torch.dtype:
+        if u.uplink.residual is not None:
+            return u.uplink.residual.dtype
+        return self.residual_dtype or u.params[0].dtype
+
+    @staticmethod
+    def _device(u: _Unit) -> torch.device:
+        return u.params[0].device
+
+    def _worker_mean_row(self, u: _Unit, W: int, n: int) -> torch.Tensor:
+        """This rank's row of the mean over ranks of the worker residuals (one reduce-scatter)."""
+        e = u.uplink.residual
+        if e is None:
+            e = torch.zeros(W, n, dtype=self._dtype(u), device=self._device(u))
+        row = torch.empty(n, dtype=e.dtype, device=e.device)
+        dist.reduce_scatter_tensor(row, e.contiguous().view(-1), op=dist.ReduceOp.SUM, group=u.mesh().get_group())
+        return row.div_(W)
+
+    def _owner_residual_row(self, u: _Unit, pieces: List[_Piece], rank: int, n: int) -> torch.Tensor:
+        """``x - x_hat`` of this rank's row (zero where it has no copy yet)."""
+        row = torch.zeros(n, dtype=self._dtype(u), device=self._device(u))
+        mine = u.downlink.mine
+        if mine is None:
+            return row
+        for pc in pieces:
+            k = pc.local_rows(rank) * pc.width
+            if k:
+                x = pc.param.to_local().reshape(-1).to(mine.dtype)
+                row[pc.offset:pc.offset + k] = x - mine[pc.offset:pc.offset + k]
+        return row
+
+    @staticmethod
+    def _sharded(pc: _Piece, u: _Unit, rank: int, row: Optional[torch.Tensor]) -> DTensor:
+        """A DTensor shaped and sharded as parameter `pc` holding its piece of `row` (None: zeros, a template)."""
+        p, k = pc.param, pc.local_rows(rank)
+        if row is None:
+            local = torch.zeros(k, *p.shape[1:], dtype=p.dtype, device=p.device)
+        else:
+            local = row[pc.offset:pc.offset + k * pc.width].reshape(k, *p.shape[1:]).clone()
+        return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False, shape=p.shape,
+                                  stride=p.stride())
+
+
+def _saved_world(checkpoint_id) -> int:
+    """The world size a DoubleSqueeze FSDP2 state in a `dcp.save` folder was saved by (from its keys)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(checkpoint_id)).read_metadata().state_dict_metadata.keys()
+    found = {int(m.group(1)) for k in keys for m in [re.search(r"exact_w(\d+)\.rank", k)] if m}
+    if len(found) != 1:
+        raise ValueError(f"{checkpoint_id} holds no DoubleSqueeze FSDP2 state (or several): "
+                         f"world sizes {sorted(found)}")
+    return found.pop()
+
+
 
 
 def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = None, *,
