@@ -18,9 +18,9 @@ Methods (each one word):
                         int4:128) for N steps (default a fifth of the run), then Adam's variance frozen and the
                         momentum compressed with SPEC
     fsdp                plain FSDP2 (`fully_shard` on every block, then the model; parameters kept after forward)
-    fsdp:SPEC[@downlink=D][@reshard=True][@K=V...]
+    fsdp:SPEC[@downlink=D][@reshard=True][@residual_dtype=T][@K=V...]
                         FSDP2 with `dsq_plugins.fsdp.install` (D: delta, quantized or dense; reshard: the blocks
-                        reshard after forward, as ZeRO-3)
+                        reshard after forward, as ZeRO-3; T: the worker residuals' dtype, e.g. bfloat16)
     powersgd[:R]        torch's PowerSGD hook, rank R (default 2), 10 dense warm-up steps, the whole model in one DDP
                         bucket (with more than one it deadlocks or aborts on gloo)
     SPEC[@K=V...]       DoubleSqueezeConfig(compressor=SPEC, K=V...): ``sign``, ``sign@noef`` (no residual on either
@@ -81,7 +81,7 @@ def parse_method(method: str):
     return "dsq", _options(*method.split("@"))
 
 
-_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor", "downlink")
+_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor", "downlink", "residual_dtype")
 
 
 def _options(spec: str, *opts: str) -> dict:
@@ -124,13 +124,16 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
         import dsq_plugins.fsdp as dsq_fsdp
         opts = dict(opts)
         downlink, reshard = opts.pop("downlink", None), bool(opts.pop("reshard", False))
+        residual_dtype = opts.pop("residual_dtype", None)
+        residual_dtype = getattr(torch, residual_dtype) if residual_dtype else None
         for blk in getattr(model, "blocks", []):
             fully_shard(blk, reshard_after_forward=reshard)
         fully_shard(model, reshard_after_forward=False)
         ddp = model
         if opts:
             opts.setdefault("guard", 0.0)
-            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(**opts), downlink=downlink)
+            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(**opts), downlink=downlink,
+                                          residual_dtype=residual_dtype)
     else:
         ddp = DDP(model, bucket_cap_mb=1024) if kind == "powersgd" else DDP(model)
     if kind == "dsq":
