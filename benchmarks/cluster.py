@@ -33,6 +33,12 @@ steps; SGD, lr 0.01):
     hvd-dsq-sign     dsq-horovodrun --dsq-compressor sign, horovod_ext.DistributedOptimizer
     ds-stock         DeepSpeed ZeRO stage 0, fp32, gradient_clipping 0
     ds-dsq-sign      deepspeed_ext.initialize with {"doublesqueeze": {"enabled": true, "compressor": "sign"}}
+    fsdp-stock       FSDP2: fully_shard on each Linear (reshard_after_forward=False) and on the model
+    fsdp-stock-reshard   the same with the Linears resharded after forward (ZeRO-3-like: two gathers per step)
+    fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign
+    fsdp-dsq-SPEC-quantized   fsdp-stock-reshard + install(compressor SPEC, downlink "quantized": int8 gathers)
+    The FSDP2 methods also report their persistent memory per rank (FSDP's shards and what install keeps) and
+    compare with their own stock method.
 
 Horovod is launched by the real horovodrun (Gloo), run inside host 0's namespace with `-H <ip0>:1,<ip1>:1,...
 --network-interface eth0`: host 0 is local to it, and it reaches the other hosts through a stand-in `ssh`
@@ -92,8 +98,16 @@ sys.path.insert(0, str(HERE))
 
 ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", "dsq-topk:0.01",
                "dsq-topk:0.01+int4", "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock",
-               "hvd-dsq-sign", "ds-stock", "ds-dsq-sign")
+               "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
+               "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
+
+
+def baseline_of(method: str):
+    """The stock method a DoubleSqueeze method is compared with (None: dense DDP)."""
+    if method.startswith("fsdp-dsq-"):
+        return "fsdp-stock-reshard" if method.endswith("-quantized") else "fsdp-stock"
+    return BASELINE.get(method)
 NEEDS_ROOT = ("cluster.py: needs root (it creates network namespaces, veth pairs, a bridge and tc qdiscs); "
               "run it as root")
 
@@ -104,7 +118,10 @@ def mlp_parameters(hidden: int) -> int:
 
 
 def framework(method: str) -> str:
-    return "hvd" if method.startswith("hvd-") else "ds" if method.startswith("ds-") else "ddp"
+    for prefix in ("hvd", "ds", "fsdp"):
+        if method.startswith(prefix + "-"):
+            return prefix
+    return "ddp"
 
 
 # ----------------------------------------------------------------------------------------------------- workers
@@ -184,6 +201,31 @@ def worker(args) -> None:
             t = time.perf_counter()
             loss.backward()
             return t
+    elif fw == "fsdp":
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        reshard = m == "fsdp-stock-reshard" or m.endswith("-quantized")
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=False)
+        fsdp_state = None
+        if m.startswith("fsdp-dsq-"):
+            import dsq_plugins as dsq
+            import dsq_plugins.fsdp as dsq_fsdp
+            spec = m[len("fsdp-dsq-"):].replace("-quantized", "")
+            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(compressor=spec, guard=0.0),
+                                          downlink="quantized" if reshard else "delta")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        barrier = dist.barrier
+
+        def forward_backward(x, y):
+            loss = nn.functional.cross_entropy(model(x), y)
+            t = time.perf_counter()
+            loss.backward()
+            return t
     elif fw == "hvd":
         import horovod.torch as hvd
 
@@ -249,6 +291,10 @@ def worker(args) -> None:
     for _ in range(args.warmup):
         step()
     out = {"rank": rank, "phases": {}}
+    if fw == "fsdp":     # persistent bytes per rank: FSDP's shards (parameters, gradients) and what install added
+        local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        out["memory"] = {"param_shards": local, "grad_shards": local,
+                         **({f"dsq_{k}": v for k, v in fsdp_state.memory_report().items()} if fsdp_state else {})}
     for k, phase in enumerate(args.phases.split(",")):
         barrier()
         if rank == 0:
@@ -424,8 +470,13 @@ exec ip netns exec "$ns" sh -c "$*"
                 "counted_Bps": counted / seconds, "seconds": seconds}
 
 
-def summarise(ranks, steps: int) -> dict:
+MEMORY = {}      # method -> rank 0's persistent bytes (FSDP2 methods)
+
+
+def summarise(ranks, steps: int, method: str = "") -> dict:
     """Per phase: median step (slowest rank per step), parts (rank 0's medians), bytes per step."""
+    if "memory" in ranks[0]:
+        MEMORY[method] = ranks[0]["memory"]
     out = {}
     for phase in ranks[0]["phases"]:
         per = [r["phases"][phase] for r in ranks]
@@ -480,7 +531,7 @@ def report(results, bandwidths, probes, args) -> dict:
                    "floor_s": compute[m] + p["bytes_per_step_per_rank"] / eff,
                    "forward_s": p["forward_s"], "backward_s": p["backward_s"], "optimizer_s": p["optimizer_s"]}
             row["ratio_to_floor"] = row["step_time_s"] / row["floor_s"]
-            for base_key, base in (("dense", "dense"), ("own", BASELINE.get(m))):
+            for base_key, base in (("dense", "dense"), ("own", baseline_of(m))):
                 b = ok.get(base, {}).get(bw) if base else None
                 row[f"speedup_vs_{base_key}"] = b["step_time_s"] / p["step_time_s"] if b else None
                 row[f"bytes_fewer_vs_{base_key}"] = (b["bytes_per_step_per_rank"] / p["bytes_per_step_per_rank"]
@@ -504,7 +555,7 @@ def report(results, bandwidths, probes, args) -> dict:
           "(compute_dsq - compute_dense), per rank, bytes at the first bandwidth")
     doc["break_even"] = {}
     for m in ok:
-        base = BASELINE.get(m, "dense") if "dsq" in m else None
+        base = (baseline_of(m) or "dense") if "dsq" in m else None
         if not base or base not in ok:
             continue
         db = ok[base][first]["bytes_per_step_per_rank"] - ok[m][first]["bytes_per_step_per_rank"]
@@ -539,6 +590,11 @@ def report(results, bandwidths, probes, args) -> dict:
                 times = ", ".join(f"{k} {v:.3f}" for k, v in p["auto_times"].items())
                 print(f"  {ph:>9}: {p['auto_mode']:<16} adapt {p['adapt_steps']} steps, mean "
                       f"{p['adapt_mean_step_s']:.3f} s; measured {times}")
+    if MEMORY:
+        doc["memory_per_rank"] = dict(MEMORY)
+        print("\npersistent memory per rank (MB): FSDP2's parameter and gradient shards, and what DoubleSqueeze adds")
+        for m, mem in MEMORY.items():
+            print(f"  {m:>28}: " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in mem.items()))
     doc["targets"] = targets(doc, bandwidths)
     for line in doc["targets"].get("lines", []):
         print(line)
@@ -568,6 +624,13 @@ def targets(doc, bandwidths) -> dict:
             text += f"; auto {st['dsq-auto']:.3f} s = {row['auto_over_dense']:.2f}x dense ({st['dense']:.3f} s)"
         out[bw] = row
         lines.append(text)
+    for bw in bandwidths:
+        st = doc["by_bandwidth"].get(bw, {}).get("step_time_s", {})
+        for m, t in st.items():
+            base = baseline_of(m) if m.startswith("fsdp-dsq-") else None
+            if base in st:
+                out.setdefault(bw, {})[f"{m}_speedup_vs_{base}"] = st[base] / t
+                lines.append(f"  {bw}: {m} {t:.3f} s = {st[base] / t:.2f}x faster than {base} ({st[base]:.3f} s)")
     out["lines"] = lines
     return out
 
@@ -679,7 +742,7 @@ def main(argv=None) -> int:
         for m in methods:
             t0 = time.monotonic()
             try:
-                results[m] = summarise(runner.run(m, bandwidths), args.steps)
+                results[m] = summarise(runner.run(m, bandwidths), args.steps, m)
                 print(f"{m}: " + ", ".join(f"{ph} {r['step_time_s']:.3f} s/step" for ph, r in results[m].items())
                       + f"  ({time.monotonic() - t0:.0f} s)", flush=True)
             except RuntimeError as e:
