@@ -87,7 +87,10 @@ def refusals(out: Path) -> None:
         return m
     quiet = dict(guard=0.0)
     attempt("not sharded", lambda: dsq_fsdp.install(Root(), dsq.DoubleSqueezeConfig(**quiet)))
-    attempt("auto", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(compressor="auto", **quiet)))
+    attempt("auto under HSDP", lambda: dsq_fsdp.install(
+        sharded(mesh=init_device_mesh("cpu", (dist.get_world_size(),))), dsq.DoubleSqueezeConfig(compressor="auto",
+                                                                                                **quiet),
+        replicate_group=dist.group.WORLD))
     attempt("unknown downlink", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(**quiet),
                                                          downlink="sparse"))
     attempt("delta without server_ef", lambda: dsq_fsdp.install(
@@ -102,11 +105,13 @@ def refusals(out: Path) -> None:
 def run(args, token: str, out: Path) -> None:
     """One run: `token` is the downlink ('delta', 'quantized', 'dense'; 'off': plain FSDP2; 'hsdp') with options
     '+reshard' (reshard_after_forward=True), '+nanT' (rank 1 gets a NaN gradient in unit a at step T) and '+dcp'
-    (save and resume with torch.distributed.checkpoint, as --dcp)."""
+    (save and resume with torch.distributed.checkpoint, as --dcp), '+stepsN' (N steps instead of --steps); 'auto'
+    and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
     downlink, *opts = token.split("+")
     reshard = "reshard" in opts
     nan_step = next((int(o[3:]) for o in opts if o.startswith("nan")), -1)
     use_dcp = args.dcp or "dcp" in opts
+    steps = next((int(o[5:]) for o in opts if o.startswith("steps")), args.steps)
     rank = dist.get_rank()
     model = Root()
     mesh = replicate = None
@@ -116,7 +121,10 @@ def run(args, token: str, out: Path) -> None:
         mesh, replicate = both["shard"], both["replicate"].get_group()
     for unit in (model.a, model.b, model):
         fully_shard(unit, reshard_after_forward=reshard, mesh=mesh)
-    config = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=16, min_numel=0, guard=0.0)
+    compressor = "auto" if downlink.startswith("auto") else args.compressor
+    config = dsq.DoubleSqueezeConfig(compressor=compressor, block_size=16, min_numel=0, guard=0.0,
+                                     candidates=args.compressor if compressor == "auto" else None)
+    downlink = {"auto": "delta", "autoq": "quantized"}.get(downlink, downlink)
     state = None
     if downlink == "hsdp":
         state = dsq_fsdp.install(model, config, replicate_group=replicate)
@@ -147,7 +155,7 @@ def run(args, token: str, out: Path) -> None:
     records, wire = [], []
     dist.barrier()
     wire.append(net_bytes())
-    for t in range(start, args.steps):
+    for t in range(start, steps):
         cs = {n: coefficients(rank, t, n) for n in SHAPES}
         if t == nan_step and rank == 1:
             cs["a.w"][0, 0] = float("nan")
@@ -168,6 +176,7 @@ def run(args, token: str, out: Path) -> None:
                         "server": {k: v.clone() for k, v in state.server_residuals().items()},
                         "replicas": {k: v.clone() for k, v in state.replicas().items()},
                         "totals": state.totals.as_dict(), "dsq_step": state.step,
+                        "specs": {u.name: u.last_spec for u in state.units},
                         "skipped_steps": state.skipped_steps})
         if t + 1 == args.save_at:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dsq": state.state_dict(),

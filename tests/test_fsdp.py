@@ -70,16 +70,25 @@ class Reference:
             return torch.stack([blockwise(int8, row) for row in self.x[u]])
         return self.x[u]
 
-    def step(self, t):
+    def step(self, t, dense=()):
         """Step t: the gather (from step 1 on, the owners' deltas), the forward and backward on what was
-        gathered, the reduce-scatter, SGD on the exact shards."""
+        gathered, the reduce-scatter, SGD on the exact shards. Units in `dense` go dense at this step (auto's
+        choice): the gather is exact, the reduction sends every residual along, and the residuals are zero."""
         for u, names in UNITS.items():
-            if self.downlink == "delta" and t > 0:
+            if self.downlink == "delta" and u in dense:
+                self.x_hat[u] = self.x[u].clone()
+            elif self.downlink == "delta" and t > 0:
                 for r in range(W):
                     self.x_hat[u][r] += blockwise(sign, self.x[u][r] - self.x_hat[u][r])
             shapes = [SHAPES[n] for n in names]
             used = from_rows(self.used(u), shapes)
             grads = [to_rows([A * p + coefficients(i, t, n) for p, n in zip(used, names)]) for i in range(W)]
+            if u in dense:
+                for r in range(W):
+                    total = sum(grads[i][r] + self.e[u][i, r] for i in range(W))
+                    self.x[u][r] -= LR * total / W * self.real[u][r]
+                self.e[u].zero_()
+                continue
             for r in range(W):
                 total = grads[r][r].clone()
                 for i in range(W):
@@ -98,7 +107,8 @@ class Reference:
 
 
 STEPS = 5
-RUNS = ["refusals", "delta", "delta+reshard", "quantized+reshard", "dense", "delta+nan2", "delta+dcp"]
+RUNS = ["refusals", "delta", "delta+reshard", "quantized+reshard", "dense", "delta+nan2", "delta+dcp",
+        "auto+steps12"]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +193,7 @@ def test_fsdp2_refusals_name_what_is_valid(runs):
     import json
     found = json.loads((runs / "refusals.json").read_text())
     assert found["plain config"] is None
-    expected = {"not sharded": "fully_shard", "auto": "'auto' is not supported under FSDP2",
+    expected = {"not sharded": "fully_shard", "auto under HSDP": "'auto' under HSDP is not supported",
                 "unknown downlink": "one of ['delta', 'quantized', 'dense']",
                 "delta without server_ef": "server_ef=True", "native HSDP": "HSDP"}
     for case, words in expected.items():
@@ -317,3 +327,30 @@ def test_fsdp2_resume_on_more_ranks_keeps_the_residuals_mass(runs, tmp_path):
     for rank in after:
         assert rank["records"][0]["step"] == 2
         assert all(torch.isfinite(p).all() for p in rank["records"][-1]["params"].values())
+
+
+def test_fsdp2_auto_switches_lose_nothing(runs):
+    """compressor="auto" (candidate sign) under FSDP2 explores sign, then dense, on the job's own step times,
+    every rank choosing the same at the same step; replayed with the choices it made, the plain-torch reference
+    gives every step's parameters, residuals and replicas: a unit going dense sends its residuals along (they
+    are zero after it) and its gather is exact, nothing lost in either switch."""
+    ranks = load_ranks(runs / "auto+steps12", W)
+    choices = [rec["specs"] for rec in ranks[0]["records"]]
+    assert all(r["records"][t]["specs"] == choices[t] for r in ranks for t in range(len(choices)))
+    seen = {spec for c in choices for spec in c.values()}
+    assert {"sign", None} <= seen, choices
+    ref = Reference("delta")
+    for t, chosen in enumerate(choices):
+        ref.step(t, dense={u for u, spec in chosen.items() if spec is None})
+        for i, rank in enumerate(ranks):
+            rec = rank["records"][t]
+            for name, p in ref.params().items():
+                torch.testing.assert_close(rec["params"][name], p, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} rank {i} {name}: {m}")
+            for u in UNITS:
+                expected = ref.e[u][i].clone()
+                expected[i] = 0
+                torch.testing.assert_close(rec["worker"][u], expected, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} rank {i} worker residual of {u}: {m}")
+                torch.testing.assert_close(rec["replicas"][u], ref.x_hat[u].view(-1), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} rank {i} replica of {u}: {m}")

@@ -26,6 +26,7 @@ sender's flag; no residual changes and the reduced shard is all NaN, so that a g
 Bytes: a message is `HEADER` bytes plus the frame (`BlockCodec.nbytes`); counters (`RoundStats`) compare with
 what the uncompressed collective moves, ``(W - 1) * n`` elements per rank for either.
 """
+import time
 from typing import Optional
 
 import torch
@@ -69,8 +70,16 @@ class CompressedReduceScatter:
         self.residual: Optional[torch.Tensor] = None       # (W, n); row `rank` is zero after every reduction
         self._left: Optional[torch.Tensor] = None          # (W, n) scratch: the residual being made
 
-    def message_bytes(self, n: int, dtype: torch.dtype) -> int:
-        return HEADER + self.codec.nbytes(n, dtype)
+    def set_compressor(self, compressor: Compressor) -> None:
+        """Compress with `compressor` from now on; the residual carries over."""
+        if compressor.spec != self.codec.spec:
+            self.codec = BlockCodec(compressor, self.codec.block_size)
+
+    def flush_into(self, inp: torch.Tensor) -> None:
+        """Before a dense reduction: add the residual to the rows about to be reduced, and zero it (nothing lost)."""
+        if self.residual is not None:
+            inp.view(self.residual.shape).add_(self.residual.to(inp.dtype))
+            self.residual.zero_()
 
     def _buffers(self, W: int, n: int, dtype: torch.dtype, device) -> None:
         rdtype = self.residual_dtype or dtype
@@ -95,6 +104,7 @@ class CompressedReduceScatter:
         send = torch.zeros(len(others), M, dtype=torch.uint8, device=device)
         send[:, 0] = flag.to(torch.uint8)
         left, e = self._left, self.residual
+        t0 = time.perf_counter()
         for k, r in enumerate(others):
             seed = frame_seed(self.seed, self.key, step, me, r)
             if not self.worker_ef:
@@ -106,8 +116,10 @@ class CompressedReduceScatter:
                 frame, decoded = self.codec.encode(compensated, seed)
                 left[r].sub_(decoded)
             send[k, HEADER:] = frame
+        stats.compress_seconds += time.perf_counter() - t0
         sizes = [0 if r == me else M for r in range(W)]
         recv = comm.all_to_all(send.view(-1), sizes, sizes).view(len(others), M)
+        t0 = time.perf_counter()
         skip = flag | recv[:, 0].bool().any()
         out.copy_(rows[me])
         if self.worker_ef:       # a residual in this rank's own row (redistributed from a checkpoint) goes out exact
@@ -120,6 +132,7 @@ class CompressedReduceScatter:
             left[me].zero_()
             e.copy_(torch.where(skip, e, left.to(e.dtype)))
         out.copy_(torch.where(skip, torch.full_like(out, float("nan")), out))
+        stats.compress_seconds += time.perf_counter() - t0
         stats.bytes_up_sent += len(others) * M
         stats.bytes_up_recv += len(others) * M
         stats.payload_bytes += len(others) * M
@@ -185,6 +198,11 @@ class DeltaAllGather(_AllGatherBuffer):
             self.fresh = self.fresh or not self._rebuild      # a new buffer is filled by a dense gather, or rebuilt
             return True
         return False
+
+    def set_compressor(self, compressor: Compressor) -> None:
+        """Compress the deltas with `compressor` from now on; the copies carry over."""
+        if compressor.spec != self.codec.spec:
+            self.codec = BlockCodec(compressor, self.codec.block_size)
 
     def resync(self) -> None:
         """Send the next gather dense (exact): after the parameters changed outside an optimizer step."""

@@ -33,6 +33,7 @@ drift), parameters not sharded on dim 0.
 """
 import enum
 import functools
+import time
 import warnings
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -45,6 +46,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..compression.registry import get_compressor
 from ..config import DoubleSqueezeConfig
+from ..engine.auto import AutoTuner
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
 from ..engine.sharded import CompressedReduceScatter, DeltaAllGather, QuantizedAllGather
@@ -86,6 +88,8 @@ class _Unit:
         self.param_names = param_names
         self.uplink, self.downlink = uplink, downlink
         self.numel = sum(p.numel() for p in params)
+        self.last_spec: Optional[str] = None      # the compressor of its last reduction (None: dense)
+        self.down_bytes = 0                        # bytes its gathers sent since its last reduction
 
     def pieces(self, world: int) -> Tuple[List[_Piece], int]:
         """FSDP2's rank-major layout of the unit on `world` ranks (parameters sharded on dim 0, padded to a
@@ -175,6 +179,10 @@ class FSDPDoubleSqueezeState:
             self.collective = DoubleSqueezeCollective(config, TorchDistributedCommunicator(replicate_group), monitor,
                                                       key_names=self._unit_name)
         self.residual_dtype = residual_dtype
+        # compressor="auto": per unit, dense or a candidate, from the job's own step times (engine/auto.py)
+        self.auto: Optional[AutoTuner] = (AutoTuner(config.candidate_specs)
+                                          if config.auto and replicate_group is None else None)
+        self._started = -1
         self.step = 0
         self.skipped_steps = 0
         self._totals = RoundStats()
@@ -182,8 +190,8 @@ class FSDPDoubleSqueezeState:
         self._reduced: set = set()
         self._comms: Dict[int, TorchDistributedCommunicator] = {}
         self.units: List[_Unit] = []
-        worker = config.worker
-        server = config.server_for(config.compressor)
+        worker = get_compressor(config.candidate_specs[0]) if config.auto else config.worker
+        server = config.server_for(config.candidate_specs[0] if config.auto else config.compressor)
         quant = get_compressor(param_compressor)
         names = {id(p): n for n, p in module.named_parameters()}
         for name, m in module.named_modules():
@@ -223,8 +231,38 @@ class FSDPDoubleSqueezeState:
             comm = self._comms[id(group)] = TorchDistributedCommunicator(group)
         return comm
 
-    def _compresses(self, unit: _Unit) -> bool:
-        return self.step >= self.config.warmup_steps and unit.numel >= max(1, self.config.min_numel)
+    def _spec_for(self, unit: _Unit) -> Optional[str]:
+        """The compressor of `unit` at this step, or None: dense (warm-up, a small unit, auto's choice)."""
+        if self.step < self.config.warmup_steps or unit.numel < max(1, self.config.min_numel):
+            return None
+        return self.auto.choice(unit.number) if self.auto is not None else self.config.compressor
+
+    def _begin(self, unit: _Unit, comm: TorchDistributedCommunicator) -> Optional[str]:
+        """Every collective of a unit starts here: at the first one of a step, auto's schedule (the same
+        collective on every rank); then the unit's compressor for this step, set on its passes."""
+        if self._started != self.step:
+            self._started = self.step
+            if self.auto is not None and self.step >= self.config.warmup_steps:
+                device = unit.params[0].device
+                W = comm.size
+                self.auto.ring = 2 * (W - 1) / W
+
+                def sync(values):
+                    t = torch.tensor(values, dtype=torch.float64, device=device)
+                    return (comm.all_reduce_sum(t) / W).tolist()
+
+                def probe(nbytes):
+                    buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+                    t0 = time.perf_counter()
+                    comm.all_reduce_sum(buf)
+                    return time.perf_counter() - t0
+                self.auto.on_step_start(self.step, self.auto.clock(), sync, probe if W > 1 else None)
+        spec = self._spec_for(unit)
+        if spec is not None and self.auto is not None:
+            unit.uplink.set_compressor(get_compressor(spec))
+            if isinstance(unit.downlink, DeltaAllGather):
+                unit.downlink.set_compressor(self.config.server_for(spec))
+        return spec
 
     def _reduce_scatter(self, unit: _Unit, out: torch.Tensor, inp: torch.Tensor, group, op) -> None:
         if op == dist.ReduceOp.AVG:
@@ -235,10 +273,14 @@ class FSDPDoubleSqueezeState:
             raise ValueError(f"DoubleSqueeze under FSDP2 averages or sums gradients; got the reduce op {op} "
                              "(a custom gradient divide factor): leave set_gradient_divide_factor unset")
         comm = self._comm(group)
-        if self._compresses(unit):
+        spec = self._begin(unit, comm)
+        before = RoundStats()
+        before.add(self._round)
+        if spec is not None:
             skip = unit.uplink(comm, inp, out, average, self.step, self._round)
             self._round.skipped += int(skip)
         else:
+            unit.uplink.flush_into(inp)            # a unit going dense (auto) sends its residual along
             dist.reduce_scatter_tensor(out, inp, op=op, group=group)
             nbytes = (comm.size - 1) * out.numel() * out.element_size()
             self._round.bytes_up_sent += nbytes
@@ -246,6 +288,12 @@ class FSDPDoubleSqueezeState:
             self._round.dense_bytes += nbytes
             self._round.payload_bytes += nbytes
             self._round.dense_tensors += 1
+        unit.last_spec = spec
+        if self.auto is not None:
+            ring = 2 * (comm.size - 1) * out.numel() * out.element_size()
+            self.auto.record(self.auto.measuring, unit.number, self._round.compress_seconds - before.compress_seconds,
+                             self._round.bytes_sent - before.bytes_sent + unit.down_bytes, ring)
+        unit.down_bytes = 0
         if isinstance(unit.downlink, DeltaAllGather):
             unit.downlink.reduced()
         if unit.number in self._reduced:            # a unit reduced twice: the round is over whatever is missing
@@ -265,7 +313,11 @@ class FSDPDoubleSqueezeState:
             self._close_round()
 
     def _all_gather(self, unit: _Unit, out: torch.Tensor, inp: torch.Tensor, group) -> None:
-        unit.downlink(self._comm(group), out, inp, self.step, not self._compresses(unit), self._round)
+        comm = self._comm(group)
+        spec = self._begin(unit, comm)
+        sent = self._round.bytes_down_sent
+        unit.downlink(comm, out, inp, self.step, spec is None, self._round)
+        unit.down_bytes += self._round.bytes_down_sent - sent
 
     def _close_round(self) -> None:
         self._reduced = set()
@@ -337,6 +389,7 @@ class FSDPDoubleSqueezeState:
                     "rank": dist.get_rank(), "config": self.config.to_dict(), "downlink": self.downlink.value}
         return {"format": _FORMAT, "config": self.config.to_dict(), "downlink": self.downlink.value,
                 "world_size": W, "rank": dist.get_rank(), "step": self.step, "skipped_steps": self.skipped_steps,
+                "auto": None if self.auto is None else self.auto.state_dict(),
                 "totals": self._totals.as_dict(),
                 "worker_residuals": {u.name: u.uplink.residual.detach().cpu().clone()
                                      for u in self.units if u.uplink.residual is not None},
@@ -364,6 +417,8 @@ class FSDPDoubleSqueezeState:
         if unknown:
             raise ValueError(f"this state has units this model does not: {sorted(unknown)}")
         self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
+        if self.auto is not None and sd.get("auto"):
+            self.auto.load_state_dict(sd["auto"])
         self._totals = RoundStats.from_dict(sd["totals"])
         self._round, self._reduced = RoundStats(), set()
         for u in self.units:
@@ -558,8 +613,8 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"install expects a torch.nn.Module, got {type(module).__name__}")
-    if config.auto:
-        raise ValueError("compressor='auto' is not supported under FSDP2: name a compressor (default 'int4:128')")
+    if config.auto and replicate_group is not None:
+        raise ValueError("compressor='auto' under HSDP is not supported yet: name a compressor (default 'int4:128')")
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     for m in units:
         for p in _managed_params(m):
