@@ -35,7 +35,8 @@ steps; SGD, lr 0.01):
     ds-dsq-sign      deepspeed_ext.initialize with {"doublesqueeze": {"enabled": true, "compressor": "sign"}}
     fsdp-stock       FSDP2: fully_shard on each Linear (reshard_after_forward=False) and on the model
     fsdp-stock-reshard   the same with the Linears resharded after forward (ZeRO-3-like: two gathers per step)
-    fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign
+    fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign,
+                     or auto (adapting each phase, as dsq-auto)
     fsdp-dsq-SPEC-quantized   fsdp-stock-reshard + install(compressor SPEC, downlink "quantized": int8 gathers)
     The FSDP2 methods also report their persistent memory per rank (FSDP's shards and what install keeps) and
     compare with their own stock method.
@@ -99,7 +100,7 @@ sys.path.insert(0, str(HERE))
 ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", "dsq-topk:0.01",
                "dsq-topk:0.01+int4", "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock",
                "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
-               "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized")
+               "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
 
@@ -218,6 +219,7 @@ def worker(args) -> None:
             spec = m[len("fsdp-dsq-"):].replace("-quantized", "")
             fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(compressor=spec, guard=0.0),
                                           downlink="quantized" if reshard else "delta")
+            tuner = fsdp_state.auto
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         barrier = dist.barrier
 
