@@ -19,7 +19,9 @@ work and the bytes on the wire. It explores, then exploits:
               compressed mode bound by its compression work does not get faster when the link does, so every
               `probe_every` steps two timed all-reduces (a few KB, then about 20 ms worth) measure the link, and
               dense's step is predicted from it (the chosen step, less its compression work, plus dense's ring
-              bytes over the link); it explores when that prediction beats the chosen mode. And after
+              bytes over the link); it explores when that prediction beats the chosen mode, or when the link
+              itself changed by `link_change` since the choice's first probe (probes go on during the holdoff
+              that follows a confirmed exploration; only the prediction waits). And after
               `reexplore_every` steps anyway, a period that doubles each time an exploration confirms the choice
               (and starts again when one changes it), so that a slow mode is not tried too often.
 
@@ -47,12 +49,14 @@ class AutoTuner:
         settle, measure, abort, prefer_dense, check_every, drift, reexplore_every: the schedule (steps) and
             thresholds (fractions) of the module docstring.
         probe_every: under a compressed mode, steps between probes of the link (`on_step_start`).
+        link_change: a probe that finds the link this many times faster or slower than the first probe after the
+            last choice starts an exploration.
         clock: where step times come from (seconds; default `time.perf_counter`).
     """
 
     def __init__(self, candidates: Sequence[str], settle: int = 1, measure: int = 3, abort: float = 1.5,
                  prefer_dense: float = 0.03, check_every: int = 10, drift: float = 0.1, reexplore_every: int = 200,
-                 probe_every: int = 25, clock: Callable[[], float] = time.perf_counter):
+                 probe_every: int = 25, link_change: float = 2.0, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         if not candidates:
             raise ValueError("auto needs at least one candidate compressor")
@@ -81,6 +85,8 @@ class AutoTuner:
         self.ring = 1.0                       # bytes a ring all-reduce moves per rank, per byte of its buffer
         self._probe: Optional[Callable[[int], float]] = None
         self.bandwidth = 125e6                # the last probe's estimate (bytes/s per rank); a first guess
+        self._choice_bandwidth: Optional[float] = None     # the first probe's estimate after the last choice
+        self.link_change = link_change
         self.predicted_dense: Optional[float] = None
         self._explored_from: Optional[str] = None    # the mode chosen before this exploration
         self._last_start: Optional[float] = None
@@ -158,6 +164,7 @@ class AutoTuner:
             best = DENSE
         self.phase = "exploit"
         self._since_choice = self._last_probe = 0
+        self._choice_bandwidth = None
         if self._explored_from is not None:
             confirmed = best == self._explored_from
             self._period = self._period * 2 if confirmed else self.reexplore_every
@@ -193,8 +200,7 @@ class AutoTuner:
         (a small one for the latency, one sized for about 20 ms), and from it dense's step predicted as the chosen
         mode's step less its compression work plus dense's ring bytes over the link (no overlap assumed). True
         when that beats the chosen mode by `prefer_dense`: the link got faster, explore."""
-        if self._probe is None or self.mode == DENSE or self._since_choice < self._probe_holdoff or \
-                self._since_choice - self._last_probe < self.probe_every:
+        if self._probe is None or self.mode == DENSE or self._since_choice - self._last_probe < self.probe_every:
             return False
         self._last_probe = self._since_choice
         work = self._work.get(self.mode) or self._work.get(self._mix_base or "", {})
@@ -207,6 +213,14 @@ class AutoTuner:
         if t_big <= t_small:
             return False
         self.bandwidth = (big - small) * self.ring / (t_big - t_small)       # bytes per second, per rank
+        # the link itself changed since this choice (its first probe): explore, whatever the prediction says (a
+        # prediction that assumes no overlap can miss a faster link under a framework that overlaps, FSDP)
+        if self._choice_bandwidth is None:
+            self._choice_bandwidth = self.bandwidth
+        elif max(self.bandwidth / self._choice_bandwidth, self._choice_bandwidth / self.bandwidth) > self.link_change:
+            return True
+        if self._since_choice < self._probe_holdoff:
+            return False
         w_c = sum(v[0] for v in work.values()) / steps
         ring_bytes = sum(v[2] for v in work.values()) / steps
         self.predicted_dense = self._chosen_time - w_c + ring_bytes / self.bandwidth

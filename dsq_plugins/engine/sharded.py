@@ -240,13 +240,17 @@ class DeltaAllGather(_AllGatherBuffer):
             if self._rebuild:
                 _dense_gather(comm, out, self.mine, stats)
                 self._rebuild = False
+            t0 = time.perf_counter()
             frame, _ = self.codec.encode(diff, frame_seed(self.seed, self.key, step, me, -1))
+            stats.compress_seconds += time.perf_counter() - t0
             F = frame.numel()
             gathered = comm.all_gather(frame, [F] * W).view(W, F)
+            t0 = time.perf_counter()
             rows[me].copy_(self.mine)
             for j in range(W):
                 self.codec.decode_add(gathered[j], rows[j], seed=frame_seed(self.seed, self.key, step, j, -1))
             self.mine.copy_(rows[me])
+            stats.compress_seconds += time.perf_counter() - t0
             stats.bytes_down_sent += (W - 1) * F
             stats.bytes_down_recv += (W - 1) * F
         self.sent = True
@@ -278,12 +282,16 @@ class QuantizedAllGather(_AllGatherBuffer):
             _dense_gather(comm, out, inp, stats)
             return
         rows = out.view(W, n)
+        t0 = time.perf_counter()
         frame, _ = self.codec.encode(inp, frame_seed(self.seed, self.key, step, me, -1))
+        stats.compress_seconds += time.perf_counter() - t0
         F = frame.numel()
         gathered = comm.all_gather(frame, [F] * W).view(W, F)
+        t0 = time.perf_counter()
         for j in range(W):           # the owner decodes its own frame too: every rank holds the same Q(x)
             rows[j].copy_(self.codec.decode(gathered[j], (n,), inp.dtype,
                                             seed=frame_seed(self.seed, self.key, step, j, -1)))
+        stats.compress_seconds += time.perf_counter() - t0
         stats.bytes_down_sent += (W - 1) * F
         stats.bytes_down_recv += (W - 1) * F
 

@@ -90,6 +90,7 @@ class _Unit:
         self.numel = sum(p.numel() for p in params)
         self.last_spec: Optional[str] = None      # the compressor of its last reduction (None: dense)
         self.down_bytes = 0                        # bytes its gathers sent since its last reduction
+        self.down_work = 0.0                       # ... and their compression seconds
 
     def pieces(self, world: int) -> Tuple[List[_Piece], int]:
         """FSDP2's rank-major layout of the unit on `world` ranks (parameters sharded on dim 0, padded to a
@@ -291,9 +292,10 @@ class FSDPDoubleSqueezeState:
         unit.last_spec = spec
         if self.auto is not None:
             ring = 2 * (comm.size - 1) * out.numel() * out.element_size()
-            self.auto.record(self.auto.measuring, unit.number, self._round.compress_seconds - before.compress_seconds,
+            self.auto.record(self.auto.measuring, unit.number,
+                             self._round.compress_seconds - before.compress_seconds + unit.down_work,
                              self._round.bytes_sent - before.bytes_sent + unit.down_bytes, ring)
-        unit.down_bytes = 0
+        unit.down_bytes, unit.down_work = 0, 0.0
         if isinstance(unit.downlink, DeltaAllGather):
             unit.downlink.reduced()
         if unit.number in self._reduced:            # a unit reduced twice: the round is over whatever is missing
@@ -315,9 +317,10 @@ class FSDPDoubleSqueezeState:
     def _all_gather(self, unit: _Unit, out: torch.Tensor, inp: torch.Tensor, group) -> None:
         comm = self._comm(group)
         spec = self._begin(unit, comm)
-        sent = self._round.bytes_down_sent
+        sent, work = self._round.bytes_down_sent, self._round.compress_seconds
         unit.downlink(comm, out, inp, self.step, spec is None, self._round)
         unit.down_bytes += self._round.bytes_down_sent - sent
+        unit.down_work += self._round.compress_seconds - work
 
     def _close_round(self) -> None:
         self._reduced = set()
