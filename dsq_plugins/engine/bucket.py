@@ -193,7 +193,8 @@ class BucketState:
     # -- stage 1: the worker pass ----------------------------------------------------------------------------
     def worker_pass(self, ex: Exchange, scratch: Scratch, flat: Optional[torch.Tensor]) -> torch.Tensor:
         """Compress ``g + e_i`` of every block into the send buffer. Returns a 0-d bool tensor: whether any
-        compensated value or dense gradient here is NaN or infinite."""
+        compensated value or dense gradient in the messages is NaN or infinite (a part dense throughout has no
+        message header: it is all-reduced, and `skip_flag` checks the reduced sum)."""
         p, wc, up = self.plan, self.wc, self.up if self.has_rows else None
         bad = torch.zeros((), dtype=torch.bool, device=p.device)
         if self.has_rows:
@@ -220,9 +221,8 @@ class BucketState:
                 segs, views = up.dense_views(self.send)
                 _copy(views, [ex.items[i].narrow(0, start, n) for i, start, n in segs])
                 bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(views, float("inf"))).sum())
-        elif p.dense_items:
+        elif p.dense_items:            # dense throughout: no header to flag; `skip_flag` reads the reduced sum
             ex.dense_buf = self._dense_gather(ex.items, flat)
-            bad |= ~torch.isfinite(ex.dense_buf.sum(dtype=torch.float64))
         return bad
 
     def _compensated(self, items, a: int, b: int, v: torch.Tensor) -> None:
