@@ -24,7 +24,8 @@ Methods (each one word):
     powersgd[:R]        torch's PowerSGD hook, rank R (default 2), 10 dense warm-up steps, the whole model in one DDP
                         bucket (with more than one it deadlocks or aborts on gloo)
     SPEC[@K=V...]       DoubleSqueezeConfig(compressor=SPEC, K=V...): ``sign``, ``sign@noef`` (no residual on either
-                        pass), ``int4@block_size=256``, ``sign@policy=none``...
+                        pass), ``int4@block_size=256``, ``sign@policy=role:embedding=int8,role:head=int8`` (the
+                        policy as text: rules ``selector=spec`` separated by commas)...
 
 Examples::
 
@@ -81,7 +82,8 @@ def parse_method(method: str):
     return "dsq", _options(*method.split("@"))
 
 
-_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor", "downlink", "residual_dtype")
+_TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor", "downlink", "residual_dtype",
+                 "policy")
 
 
 def _options(spec: str, *opts: str) -> dict:
@@ -137,7 +139,7 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     else:
         ddp = DDP(model, bucket_cap_mb=1024) if kind == "powersgd" else DDP(model)
     if kind == "dsq":
-        state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(**opts))
+        state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(**opts), module=model)    # names: the policy's
         ddp.register_comm_hook(state, dsq.doublesqueeze_hook)
     elif kind == "powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps

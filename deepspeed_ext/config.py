@@ -3,7 +3,8 @@
     {"train_micro_batch_size_per_gpu": 32, ...,
      "doublesqueeze": {"enabled": true, "compressor": "int4:128", "server_compressor": null, "worker_ef": true,
                        "server_ef": true, "warmup_steps": 0, "min_numel": 1024, "bucket_mb": 25, "seed": 0,
-                       "block_size": 4096, "guard": 0.1, "fallback": "int4:128"}}
+                       "block_size": 4096, "guard": 0.1, "fallback": "int4:128",
+                       "policy": {"role:embedding": "int8", "role:norm": "dense"}}}
 
 Every key is optional; the defaults are `dsq_plugins.DoubleSqueezeConfig`'s.
 
@@ -18,7 +19,7 @@ from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from dsq_plugins.config import DoubleSqueezeConfig
-from dsq_plugins.config import AUTO
+from dsq_plugins.config import AUTO, parse_policy
 from dsq_plugins.compression.registry import get_compressor
 
 __all__ = ["SECTION", "DoubleSqueezeSection", "read_section"]
@@ -46,9 +47,16 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
     candidates: Optional[Union[str, List[str]]] = _D.candidates
     guard: float = Field(_D.guard, ge=0, lt=1)
     fallback: Optional[str] = _D.fallback
+    # per-tensor compressors: {"role:embedding": "int8", "blocks.*.attn.*": "sign"} (DoubleSqueezeConfig.policy)
+    policy: Optional[Union[Dict[str, str], List[List[str]], str]] = None
     # DeepSpeedConfigModel drops every "auto" value (the Hugging Face Trainer's placeholder) before validation;
     # ours is a real choice, so `read_section` takes it out first and keeps it here.
     _auto: bool = PrivateAttr(False)
+
+    @field_validator("policy")
+    @classmethod
+    def _valid_policy(cls, policy):
+        return [list(p) for p in parse_policy(policy)] or None    # ValueError names the valid roles / compressors
 
     @field_validator("compressor", "server_compressor", "fallback")
     @classmethod
@@ -59,6 +67,7 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
 
     def to_config(self) -> DoubleSqueezeConfig:
         d = self.model_dump(exclude={"enabled"})
+        d["policy"] = [tuple(p) for p in d["policy"] or ()]
         if self._auto:
             d["compressor"] = AUTO
         return DoubleSqueezeConfig(**d)

@@ -42,6 +42,7 @@ from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.collective import DoubleSqueezeCollective
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_for, plan_buckets, write_back
+from dsq_plugins.engine.policy import TensorInfo, infer_roles
 from dsq_plugins.monitoring.monitor import Monitor
 
 from .config import DoubleSqueezeSection
@@ -222,7 +223,10 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     if monitor is None and getattr(getattr(engine, "monitor", None), "enabled", False):
         monitor = DeepSpeedMonitor(engine)
     group = groups._get_data_parallel_group()
-    engine.doublesqueeze = DoubleSqueezeCollective(config, TorchDistributedCommunicator(group), monitor)
+    infos = {name: TensorInfo(name, tuple(p.shape), roles) for name, (p, roles) in infer_roles(engine.module).items()}
+    engine.doublesqueeze = DoubleSqueezeCollective(config, TorchDistributedCommunicator(group), monitor,
+                                                   tensor_info=infos.get)
+    engine.doublesqueeze.policy.check([i for n, i in infos.items() if engine.module.get_parameter(n).requires_grad])
     engine.doublesqueeze_pipeline = BucketPipeline(engine.doublesqueeze, "dsq-deepspeed")
 
     optimizer = engine.optimizer

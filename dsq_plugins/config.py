@@ -2,15 +2,87 @@
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional
+from enum import Enum
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from .compression.compressors import Compressor
 from .compression.registry import get_compressor
 
-__all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES"]
+__all__ = ["DoubleSqueezeConfig", "DivergenceWarning", "AUTO", "DEFAULT_CANDIDATES", "DENSE", "ROLE_PREFIX", "Role",
+           "parse_policy"]
 
 AUTO = "auto"
 DEFAULT_CANDIDATES = "int4:128"
+DENSE = "dense"          # a policy's spec for "averaged uncompressed"
+ROLE_PREFIX = "role:"
+
+
+class Role(Enum):
+    """What a parameter is in the model."""
+
+    EMBEDDING = "embedding"   # the weight of an nn.Embedding / nn.EmbeddingBag (its gradient: a few rows)
+    HEAD = "head"             # the weight of the output projection (the model's last nn.Linear)
+    NORM = "norm"             # the parameters of a normalisation layer (LayerNorm, RMSNorm, BatchNorm, GroupNorm...)
+    BIAS = "bias"             # any other parameter named ``bias``
+    MATRIX = "matrix"         # any other parameter (linear and convolution weights, ...)
+
+
+PolicyLike = Union[None, str, Mapping[str, str], Sequence[Tuple[str, str]]]
+
+
+def parse_policy(policy: PolicyLike) -> Tuple[Tuple[str, str], ...]:
+    """A policy in any accepted form -> its canonical form, a tuple of ``(selector, spec)`` pairs (spec canonical,
+    or ``"dense"``). Accepted: a mapping, a sequence of pairs, or text ``"selector=spec,selector=spec"``. Raises
+    ValueError naming what is valid: an unknown role, an empty selector, a spec that does not parse."""
+    if policy is None:
+        return ()
+    if isinstance(policy, str):
+        pairs = []
+        for part in (p.strip() for p in policy.split(",")):
+            if not part:
+                continue
+            selector, eq, spec = part.rpartition("=")
+            if not eq:
+                raise ValueError(f"a policy in text is 'selector=spec,selector=spec' (e.g. 'role:embedding=int8,"
+                                 f"role:norm=dense'), got {part!r} in {policy!r}")
+            pairs.append((selector.strip(), spec.strip()))
+    elif isinstance(policy, Mapping):
+        pairs = list(policy.items())
+    else:
+        try:
+            pairs = [tuple(p) for p in policy]
+        except TypeError:
+            raise ValueError(f"DoubleSqueezeConfig.policy is a mapping selector -> spec, got {policy!r}") from None
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"DoubleSqueezeConfig.policy: pairs (selector, spec), got {policy!r}")
+    out = []
+    roles = ", ".join(ROLE_PREFIX + r.value for r in Role)
+    for selector, spec in pairs:
+        if not isinstance(selector, str) or not selector.strip():
+            raise ValueError(f"a policy selector is 'role:R' ({roles}) or a parameter-name pattern such as "
+                             f"'blocks.*.attn.*', got {selector!r}")
+        selector = selector.strip()
+        if selector.startswith(ROLE_PREFIX):
+            name = selector[len(ROLE_PREFIX):]
+            if name not in {r.value for r in Role}:
+                raise ValueError(f"unknown role {name!r} in policy selector {selector!r}; valid roles: {roles}")
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"policy {selector!r}: the spec is a compressor spec or {DENSE!r}, got {spec!r}")
+        spec = spec.strip()
+        if spec == "auto":
+            raise ValueError(f"policy {selector!r}: 'auto' chooses per bucket, not per tensor; name a compressor "
+                             f"or {DENSE!r}")
+        if spec != DENSE:
+            try:
+                spec = get_compressor(spec).spec
+            except ValueError as e:
+                raise ValueError(f"policy {selector!r}: {e} (or {DENSE!r}: averaged uncompressed)") from None
+        out.append((selector, spec))
+    selectors = [s for s, _ in out]
+    dup = sorted({s for s in selectors if selectors.count(s) > 1})
+    if dup:
+        raise ValueError(f"policy selector(s) {dup} given more than once")
+    return tuple(out)
 
 
 class DivergenceWarning(UserWarning):
@@ -48,6 +120,12 @@ class DoubleSqueezeConfig:
             of the compressor's nominal contraction (measured per pass, per tensor, summed over the ranks) moves to
             `fallback`, and, failing that too, goes dense, with a warning; 0 turns the guard off.
         fallback: the compressor the guard moves a failing tensor to (lossy), or None: straight to dense.
+        policy: per-tensor compressors, by role or name (`dsq_plugins.engine.policy`): rules ``selector -> spec``,
+            the first that matches a tensor deciding, as a mapping (``{"role:embedding": "int8", "role:norm":
+            "dense", "blocks.*.attn.*": "sign"}``), pairs, or text (``"role:embedding=int8,role:norm=dense"``).
+            Selectors: ``role:embedding``, ``role:head``, ``role:norm``, ``role:bias``, ``role:matrix``, or a
+            shell-style pattern over the parameters' qualified names; specs: a compressor or ``"dense"``. Kept
+            as a tuple of ``(selector, spec)`` pairs. Default: none (every tensor uses `compressor`).
     """
 
     compressor: str = "int4:128"
@@ -62,6 +140,7 @@ class DoubleSqueezeConfig:
     candidates: Optional[str] = None
     guard: float = 0.1
     fallback: Optional[str] = "int4:128"
+    policy: Tuple[Tuple[str, str], ...] = ()
 
     def __post_init__(self):
         for name in ("worker_ef", "server_ef"):
@@ -106,12 +185,13 @@ class DoubleSqueezeConfig:
             if get_compressor(self.fallback).lossless:
                 raise ValueError(f"DoubleSqueezeConfig.fallback={self.fallback!r} does not compress; use "
                                  f"fallback=None to send a failing tensor dense")
+        object.__setattr__(self, "policy", parse_policy(self.policy))
         self._warn_if_divergent()
 
     def _warn_if_divergent(self) -> None:
         n = self.block_size
         passes = []
-        for spec in self.candidate_specs:
+        for spec in self.candidate_specs + self.policy_specs:
             passes += [("worker", get_compressor(spec), self.worker_ef),
                        ("server", self.server_for(spec), self.server_ef)]
         bad = list(dict.fromkeys((role, c.spec, omega) for role, c, ef in passes
@@ -136,6 +216,11 @@ class DoubleSqueezeConfig:
     def candidate_specs(self) -> List[str]:
         """The compressors auto chooses from (a fixed compressor: itself)."""
         return self.candidates.split(",") if self.auto else [self.compressor]
+
+    @property
+    def policy_specs(self) -> List[str]:
+        """The compressors the policy's rules name (``"dense"`` left out)."""
+        return list(dict.fromkeys(spec for _, spec in self.policy if spec != DENSE))
 
     @property
     def worker(self) -> Compressor:
@@ -164,6 +249,9 @@ class DoubleSqueezeConfig:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ValueError(f"unknown DoubleSqueeze config key(s) {unknown}; valid keys: {', '.join(valid)}")
+        d = dict(d)
+        if isinstance(d.get("policy"), list):          # JSON turns the pairs into lists
+            d["policy"] = [tuple(p) if isinstance(p, list) else p for p in d["policy"]]
         return cls(**d)
 
 

@@ -38,6 +38,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"steps averaged densely before compression starts (default {_D.warmup_steps})")
     group.add_argument("--dsq-block-size", metavar="N", type=int,
                        help=f"elements per compressed block (a multiple of 8; default {_D.block_size})")
+    group.add_argument("--dsq-policy", metavar="RULES",
+                       help="per-tensor compressors, 'selector=spec,...' with selectors role:embedding, role:head, "
+                            "role:norm, role:bias, role:matrix or parameter-name patterns, specs a compressor or "
+                            "dense (e.g. 'role:embedding=int8,role:norm=dense'); the first rule matching decides")
     group.add_argument("--dsq-no-server-ef", action="store_true",
                        help="drop the server residual (the server re-compresses without memory)")
     group.add_argument("--dsq-logdir", metavar="DIR", help="rank 0 writes TensorBoard metrics here")
@@ -47,7 +51,7 @@ def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
     """The config the flags ask for (None without `--dsq-compressor`). Raises ValueError on a bad value,
     naming the valid compressors."""
     others = [f for f in ("dsq_server_compressor", "dsq_warmup_steps", "dsq_block_size", "dsq_logdir",
-                          "dsq_candidates", "dsq_guard", "dsq_fallback")
+                          "dsq_candidates", "dsq_guard", "dsq_fallback", "dsq_policy")
               if getattr(ns, f, None) is not None]
     if ns.dsq_compressor is None:
         if others or ns.dsq_no_server_ef:
@@ -66,6 +70,8 @@ def config_from_flags(ns: argparse.Namespace) -> Optional[DoubleSqueezeConfig]:
         kwargs["block_size"] = ns.dsq_block_size
     if ns.dsq_candidates is not None:
         kwargs["candidates"] = ns.dsq_candidates
+    if getattr(ns, "dsq_policy", None) is not None:
+        kwargs["policy"] = ns.dsq_policy
     return DoubleSqueezeConfig(**kwargs)
 
 

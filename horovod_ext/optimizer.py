@@ -25,6 +25,7 @@ from horovod.common.util import split_list
 
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.collective import DoubleSqueezeCollective
+from dsq_plugins.engine.policy import TensorInfo, roles_from_name, roles_from_shape
 from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_for, plan_buckets, write_back
 from dsq_plugins.monitoring.monitor import TensorBoardMonitor
 
@@ -46,6 +47,7 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
                  monitor: Optional[TensorBoardMonitor], process_set):
         super(self.__class__, self).__init__(params)
         all_params = [p for group in self.param_groups for p in group["params"]]
+        self._named = named_parameters is not None
         if named_parameters is None:
             named_parameters = [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(self.param_groups)
                                 for j, p in enumerate(group["params"])]
@@ -68,8 +70,15 @@ class _DoubleSqueezeOptimizer(torch.optim.Optimizer):
         self.gradient_predivide_factor = gradient_predivide_factor
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
-        self.doublesqueeze = (DoubleSqueezeCollective(config, HorovodCommunicator(process_set), monitor)
+        self._infos = {n: (TensorInfo(n, tuple(p.shape), roles_from_name(n, p.shape)) if self._named else
+                           TensorInfo(None, tuple(p.shape), roles_from_shape(p.shape), named=False))
+                       for p, n in self._parameter_names.items()}
+        self.doublesqueeze = (DoubleSqueezeCollective(config, HorovodCommunicator(process_set), monitor,
+                                                      tensor_info=self._infos.get)
                               if process_set.included() else None)
+        if self.doublesqueeze is not None:       # a policy that cannot apply fails here, before any step
+            self.doublesqueeze.policy.check([self._infos[self._parameter_names[p]] for p in all_params
+                                             if p.requires_grad], complete=self._named)
 
         # Buckets, fixed at construction and identical on every rank: in reverse parameter order (the order
         # in which backward tends to produce gradients), up to `bucket_mb`, unless `groups` says otherwise.

@@ -44,6 +44,9 @@ def main():
     ap.add_argument("--pickled", action="store_true", help="resume from the pickled state, not state_dict()")
     ap.add_argument("--load-rank", type=int, default=-1, help="load this rank's checkpoint on every rank")
 
+    ap.add_argument("--policy", default=None, help="DoubleSqueezeConfig.policy, as text")
+    ap.add_argument("--guard", type=float, default=0.1)
+    ap.add_argument("--attach", action="store_true", help="name the parameters: DoubleSqueezeState(module=ddp)")
     ap.add_argument("--state-before-init", action="store_true",
                     help="build the DoubleSqueezeState before init_process_group (as Lightning does)")
     args = ap.parse_args()
@@ -70,6 +73,8 @@ def train(args, spec, out: Path, early):
     ddp = DDP(model, bucket_cap_mb=args.bucket_mb)      # 0.01: ~2600 floats per bucket: several buckets, a rebuild
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
     state = early or dsq.DoubleSqueezeState(make_config(args, spec))
+    if args.attach:
+        state.attach(ddp)
 
     if args.load:
         src = rank if args.load_rank < 0 else args.load_rank
@@ -143,7 +148,8 @@ def train(args, spec, out: Path, early):
                 # the key each parameter's residuals and seeds go by in the hook: its number
                 "keys": dict(zip((n for n, _ in model.named_parameters()),
                                  state.parameter_numbers([p for _, p in model.named_parameters()]))),
-                "world": world}, out / f"rank{rank}.pt")
+                "world": world, "policy": state.policy_report(),
+                "guard": state.guard_report()}, out / f"rank{rank}.pt")
     state.drain()
 
 
@@ -151,7 +157,8 @@ def make_config(args, spec):
     candidates = None if args.candidates is None else args.candidates.replace(";", ",")
     return dsq.DoubleSqueezeConfig(compressor=spec, server_compressor=args.server_compressor, candidates=candidates,
                                    worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
-                                   warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size)
+                                   warmup_steps=args.warmup, min_numel=args.min_numel, block_size=args.block_size,
+                                   policy=args.policy, guard=args.guard)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def refusals(out: Path) -> None:
         sharded(), dsq.DoubleSqueezeConfig(server_ef=False, **quiet), downlink="delta"))
     mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
     attempt("native HSDP", lambda: dsq_fsdp.install(sharded(mesh=mesh), dsq.DoubleSqueezeConfig(**quiet)))
+    attempt("policy", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(policy={"role:norm": "dense"},
+                                                                                 **quiet)))
     attempt("plain config", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(**quiet)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "refusals.json").write_text(__import__("json").dumps(found))

@@ -179,3 +179,54 @@ def test_nan_gradient_is_skipped_on_all_ranks(torchrun, tmp_path):
         for s in r["snapshots"][3:]:
             assert all(torch.isfinite(e).all() for part in s for e in part.values())
     assert_conservation(ranks, steps=[0, 1, 2, 4, 5])
+
+
+POLICY = "role:embedding=int8,role:head=topk:0.25,role:norm=dense,fc.weight=sign"
+# what each parameter of workload.Roles gets under POLICY with compressor topk:0.1 (fc.bias: a bias no rule names;
+# head.bias: 5 elements, under min_numel)
+POLICY_SPECS = {"tok.weight": "int8", "ln.weight": None, "ln.bias": None, "fc.weight": "sign",
+                "fc.bias": "topk:0.1", "head.weight": "topk:0.25", "head.bias": None}
+
+
+def test_policy_by_role_and_name_equals_simulator(torchrun, tmp_path):
+    """DoubleSqueezeConfig(policy=...) under DDP with the model attached: every parameter is compressed with the
+    compressor its first matching rule names (by role: embedding, head, norm; by name: fc.weight), the others with
+    the config's, each exactly as a Simulator with that compressor (plain-torch references for sign and top-k),
+    residuals included; a "dense" rule sends the LayerNorm uncompressed (no residual)."""
+    ranks = run(torchrun, tmp_path, 2, "--model", "roles", "--compressor", "topk:0.1", "--policy", POLICY,
+                "--attach", "--guard", "0", "--steps", "5", "--min-numel", "16")
+    report = ranks[0]["policy"]
+    assert report["rules"] == [["role:embedding", "int8"], ["role:head", "topk:0.25"], ["role:norm", "dense"],
+                               ["fc.weight", "sign"]]
+    assert report["tensors"] == {"tok.weight": "int8", "head.weight": "topk:0.25", "ln.weight": "dense",
+                                 "ln.bias": "dense", "fc.weight": "sign"}, report
+    base = dict(block_size=256, min_numel=16, guard=0.0)
+    for name, spec in POLICY_SPECS.items():
+        sub = [{"records": [{"g": {name: rec["g"][name]}, "c": {name: rec["c"][name]}} for rec in r["records"]],
+                "worker_residual": {k: v for k, v in r["worker_residual"].items() if k == name},
+                "server_residual": {k: v for k, v in r["server_residual"].items() if k == name}} for r in ranks]
+        if spec is None:             # dense: the plain mean, and no residual kept
+            assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor="topk:0.1", **dict(base, min_numel=10**9)),
+                                    keys={name: ranks[0]["keys"][name]})
+            assert all(name not in r["worker_residual"] for r in ranks), name
+            continue
+        compressors = reference(spec) if spec.split(":")[0] in ("sign", "topk") else None
+        assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor=spec, **base),
+                                keys={name: ranks[0]["keys"][name]}, compressors=compressors)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
+
+
+def test_policy_that_cannot_apply_is_refused_before_the_first_step(torchrun, tmp_path):
+    """A name pattern that matches no parameter, and a role that needs names without the model attached, fail at
+    the first hook call, before anything is compressed, naming what to do."""
+    bad = torchrun(2, WORKER, [tmp_path / "a", "--model", "roles", "--compressor", "sign", "--attach",
+                               "--policy", "blocks.*.attn.*=sign", "--steps", "1"], check=False)
+    assert bad.returncode != 0
+    assert "policy pattern 'blocks.*.attn.*' matches no parameter of the model" in bad.stderr + bad.stdout
+    assert "tok.weight" in bad.stderr + bad.stdout
+    bad = torchrun(2, WORKER, [tmp_path / "b", "--model", "roles", "--compressor", "sign",
+                               "--policy", "role:embedding=int8", "--steps", "1"], check=False)
+    assert bad.returncode != 0
+    assert "role 'embedding' needs the parameters' names" in bad.stderr + bad.stdout
+    assert "DoubleSqueezeState(config, module=model)" in bad.stderr + bad.stdout

@@ -34,6 +34,7 @@ from ..config import DoubleSqueezeConfig
 from ..compression.registry import get_compressor
 from .bucket import BucketState, ErrorNorms, Exchange, Scratch, now
 from .guard import QualityGuard
+from .policy import PolicyError, TensorInfo, TensorPolicy
 from ..monitoring.monitor import Monitor, RoundStats
 from .plan import BucketPlan, expand_owned
 
@@ -97,11 +98,14 @@ class DoubleSqueezeCollective:
         monitor: optional `Monitor`.
         chunk_elements: elements of full rows per chunk (default: `default_chunk_elements` of the device).
         key_names: how a key is named in warnings and TensorBoard tags (default: ``str(key)``).
+        tensor_info: what the config's `policy` needs to know of a key (`TensorInfo`: name, shape, roles), or None
+            for a key the integration cannot describe; needed only with a policy.
     """
 
     def __init__(self, config: DoubleSqueezeConfig, communicator: Optional[Communicator] = None,
                  monitor: Optional[Monitor] = None, chunk_elements: Optional[int] = None,
-                 key_names: Optional[Callable[[Hashable], str]] = None):
+                 key_names: Optional[Callable[[Hashable], str]] = None,
+                 tensor_info: Optional[Callable[[Hashable], Optional[TensorInfo]]] = None):
         if not isinstance(config, DoubleSqueezeConfig):
             raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
         self.config = config
@@ -110,6 +114,8 @@ class DoubleSqueezeCollective:
         self._comm = communicator
         self._down_comm: Optional[Communicator] = None
         self._key_names = key_names
+        self._tensor_info = tensor_info
+        self.policy = TensorPolicy(config.policy)
         self._compressors = {spec: (get_compressor(spec), config.server_for(spec)) for spec in config.candidate_specs}
         self.auto: Optional[AutoTuner] = AutoTuner(config.candidate_specs) if config.auto else None
         self.guard: Optional[QualityGuard] = (QualityGuard(config.guard, config.fallback, config.block_size)
@@ -354,10 +360,11 @@ class DoubleSqueezeCollective:
         spec = self.auto.choice(tuple(keys)) if self.auto is not None else self.config.compressor
         per = []
         for key, t in zip(keys, tensors):
-            if spec is None or not self.compresses(t.numel()):
+            base = None if spec is None or not self.compresses(t.numel()) else self._policy_spec(key, spec)
+            if base is None:
                 per.append(None)
             else:
-                per.append(spec if self.guard is None else self.guard.spec_for(key, spec))
+                per.append(base if self.guard is None else self.guard.spec_for(key, base))
         specs = list(dict.fromkeys(s for s in per if s is not None))
         if not specs:
             return spec, [(None, list(range(len(keys))), tuple(True for _ in keys))]
@@ -366,6 +373,24 @@ class DoubleSqueezeCollective:
             idx = [i for i, x in enumerate(per) if x == s or (n == 0 and x is None)]
             groups.append((s, idx, tuple(per[i] is None for i in idx)))
         return spec, groups
+
+    def _policy_spec(self, key: Hashable, spec: str) -> Optional[str]:
+        """The compressor of tensor `key` in a bucket compressed with `spec`: its policy rule's (None: dense),
+        else `spec`."""
+        if not self.policy:
+            return spec
+        info = self._tensor_info(key) if self._tensor_info is not None else None
+        if info is None and key not in self.policy.assignments:
+            if self._tensor_info is None:
+                raise PolicyError(f"DoubleSqueezeConfig.policy needs to know each tensor's role or name, and this "
+                                  f"collective was built without tensor_info (tensor {self.describe_key(key)!r})")
+        rule = self.policy.rule_for(key, info)
+        return spec if rule is None else rule.spec
+
+    def policy_report(self) -> dict:
+        """The policy's rules and the compressor each tensor they decided got: {rules, tensors}."""
+        return {"rules": [[r.selector, r.label] for r in self.policy.rules],
+                "tensors": self.policy.report(self.describe_key)}
 
     def _state_for(self, keys, tensors, spec, dense) -> Tuple[BucketState, list]:
         numels = tuple(t.numel() for t in tensors)

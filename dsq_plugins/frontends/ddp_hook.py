@@ -23,7 +23,7 @@ iteration, and which a resumed process starts afresh) does not change the result
 order the hook first sees them (DDP's initial bucket order: the same in every process for the same model and DDP
 arguments); residuals, seeds and `state_dict` use that number.
 """
-from typing import Dict, Hashable, List, Optional
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from ..config import DoubleSqueezeConfig
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
 from ..engine.pipeline import BucketPipeline
+from ..engine.policy import TensorInfo, infer_roles, roles_from_shape, unwrap
 from ..monitoring.monitor import Monitor, RoundStats
 
 __all__ = ["DoubleSqueezeState", "doublesqueeze_hook"]
@@ -48,20 +49,64 @@ class DoubleSqueezeState:
         config: a `DoubleSqueezeConfig` (default: ``DoubleSqueezeConfig()``).
         process_group: the group to communicate in (default: the world), taken at the first hook call.
         monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
+        module: the model (plain or DDP-wrapped; or later, `attach`): gives the parameters their names, in
+            warnings, TensorBoard tags and the config's `policy` (name patterns, and the roles ``embedding`` and
+            ``head``, need it; without it the policy knows each parameter by its shape).
 
     Attributes:
         collective: the `DoubleSqueezeCollective` (residuals, counters, policies).
     """
 
     def __init__(self, config: Optional[DoubleSqueezeConfig] = None, process_group=None,
-                 monitor: Optional[Monitor] = None):
+                 monitor: Optional[Monitor] = None, *, module: Optional[torch.nn.Module] = None):
         self.collective = DoubleSqueezeCollective(config or DoubleSqueezeConfig(), None, monitor,
-                                                  key_names=self.describe_key)
+                                                  key_names=self.describe_key, tensor_info=self.tensor_info)
         self.process_group = process_group
         self.pipeline = BucketPipeline(self.collective, "dsq-ddp", begin_on_thread=False)
         self._numbers: Dict[int, int] = {}       # id(param) -> parameter number
         self._params: List[torch.Tensor] = []     # by number; keeps them alive so that ids stay unique
         self._pending_sd: Optional[dict] = None
+        self._named: Dict[int, Tuple[str, frozenset]] = {}     # id(param) -> (qualified name, roles)
+        self._module_infos: Optional[List[TensorInfo]] = None
+        self._policy_checked = False
+        if module is not None:
+            self.attach(module)
+
+    def attach(self, module: torch.nn.Module) -> None:
+        """Name the parameters after `module` (the model, or its DDP / torch.compile wrapper): their roles come
+        from their modules (`dsq_plugins.engine.policy.infer_roles`). Call before the first backward; the
+        config's policy is checked against the model's parameters at the first hook call."""
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"attach takes the model (a torch.nn.Module), got {type(module).__name__}")
+        if self._params:
+            raise RuntimeError("attach the model before the first backward: the hook has numbered its parameters")
+        roles = infer_roles(unwrap(module))
+        self._named = {id(p): (name, r) for name, (p, r) in roles.items()}
+        self._module_infos = [TensorInfo(name, tuple(p.shape), r) for name, (p, r) in roles.items()
+                              if p.requires_grad]
+
+    def tensor_info(self, key) -> Optional[TensorInfo]:
+        """What the policy knows of parameter number `key`: its name and roles from the attached model, else
+        its shape and the roles a shape shows."""
+        if not isinstance(key, int) or key >= len(self._params):
+            return None
+        p = self._params[key]
+        named = self._named.get(id(p))
+        if named is not None:
+            return TensorInfo(named[0], tuple(p.shape), named[1])
+        return TensorInfo(None, tuple(p.shape), roles_from_shape(p.shape), named=False)
+
+    def _check_policy(self, numbers: List[int]) -> None:
+        """At the first hook call, before anything is compressed: the policy against the model's parameters (all
+        of them, with a model attached; else those of the first bucket, by shape)."""
+        if self._policy_checked or not self.collective.policy:
+            return
+        self._policy_checked = True
+        unnamed = [i for i in map(self.tensor_info, numbers) if i is not None and not i.named]
+        if unnamed or self._module_infos is None:
+            self.collective.policy.check(unnamed, complete=False)
+        else:
+            self.collective.policy.check(self._module_infos, complete=True)
 
     # -- the process groups --------------------------------------------------------------------------------
     def bind_process_group(self) -> None:
@@ -190,10 +235,18 @@ class DoubleSqueezeState:
         return numbers
 
     def describe_key(self, key) -> str:
-        """A parameter's number and shape, for warnings and TensorBoard tags (DDP's hook sees no names)."""
+        """A parameter's name (with a model attached), else its number and shape, for warnings and TensorBoard
+        tags (DDP's hook sees no names)."""
         if isinstance(key, int) and key < len(self._params):
+            named = self._named.get(id(self._params[key]))
+            if named is not None:
+                return named[0]
             return f"param{key}{list(self._params[key].shape)}".replace(" ", "")
         return str(key)
+
+    def policy_report(self) -> dict:
+        """The policy's rules and each tensor's compressor they decided ({} of tensors without a policy)."""
+        return self.collective.policy_report()
 
     def parameter_residuals(self):
         """[(parameter, worker residual or None, server residual or None), ...], flat, of the parameter's
@@ -245,7 +298,9 @@ def doublesqueeze_hook(state: DoubleSqueezeState, bucket: dist.GradBucket) -> to
     state.bind_process_group()
     params = bucket.parameters()
     flat = bucket.buffer()
-    items = list(zip(state.parameter_numbers(params), flat.split([p.numel() for p in params])))
+    numbers = state.parameter_numbers(params)
+    state._check_policy(numbers)
+    items = list(zip(numbers, flat.split([p.numel() for p in params])))
     future = state.pipeline.issue(items, flat=flat, result=flat)
     if bucket.is_last():
         state.pipeline.end_step()

@@ -616,6 +616,10 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"install expects a torch.nn.Module, got {type(module).__name__}")
+    if config.policy:
+        raise ValueError("DoubleSqueezeConfig.policy chooses compressors per parameter, and FSDP2 compresses each "
+                         "unit's flat gradient as one: not supported under FSDP2 yet; leave the policy out (every unit "
+                         "then uses `compressor`)")
     if config.auto and replicate_group is not None:
         raise ValueError("compressor='auto' under HSDP is not supported yet: name a compressor (default 'int4:128')")
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]

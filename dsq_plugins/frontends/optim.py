@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import Communicator, TorchDistributedCommunicator
 from ..engine.pipeline import plan_buckets
+from ..engine.policy import TensorInfo, infer_roles, roles_from_shape, unwrap
 from ..config import DoubleSqueezeConfig
 from ..monitoring.monitor import Monitor
 
@@ -61,13 +62,15 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         communicator: any `Communicator` (Horovod's), instead of a process group.
         monitor: optional `Monitor` for both collectives' metrics (``dsq/`` during warm-up, ``dsq/momentum/``
             after).
+        module: the model, to name the parameters for the configs' `policy` (name patterns, roles embedding and
+            head) and in warnings; default: `ddp`'s module, else none (the policy then knows parameters by shape).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, *, warmup_steps: int = 1000,
                  config: Optional[DoubleSqueezeConfig] = None, warmup_config: Optional[DoubleSqueezeConfig] = None,
                  ddp=None, process_group=None, communicator: Optional[Communicator] = None,
-                 monitor: Optional[Monitor] = None):
+                 monitor: Optional[Monitor] = None, module: Optional[torch.nn.Module] = None):
         if not 0.0 <= lr:
             raise ValueError(f"invalid learning rate {lr!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -91,6 +94,10 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         self.momentum: Optional[DoubleSqueezeCollective] = None
         self._ddp_state = None
         self._pending_sd: Optional[dict] = None
+        module = module if module is not None else ddp
+        self._named = ({id(p): (n, r) for n, (p, r) in infer_roles(unwrap(module)).items()}
+                       if module is not None else {})
+        self._module = module
         if ddp is not None:
             self._attach(ddp)
 
@@ -112,9 +119,14 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             return
         mon = self.monitor
         self.momentum = DoubleSqueezeCollective(self.config, self._comm(), _Prefixed(mon, "momentum/") if mon
-                                                else None)
+                                                else None, key_names=self._describe, tensor_info=self._tensor_info)
         if self._ddp_state is None:
-            self.grads = DoubleSqueezeCollective(self.warmup_config, self._comm(), mon)
+            self.grads = DoubleSqueezeCollective(self.warmup_config, self._comm(), mon, key_names=self._describe,
+                                                 tensor_info=self._tensor_info)
+        infos = [self._tensor_info(n) for n in range(len(self._params()))]
+        for c in (self.momentum, self.grads if self._ddp_state is None else None):
+            if c is not None:
+                c.policy.check(infos, complete=bool(self._named))
         if self._pending_sd is not None:
             sd, self._pending_sd = self._pending_sd, None
             self._load_collectives(sd)
@@ -123,7 +135,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up, nothing after."""
         from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
         self._ddp_state = DoubleSqueezeState(self.warmup_config, process_group=self._process_group,
-                                             monitor=self.monitor)
+                                             monitor=self.monitor, module=self._module)
         self.grads = self._ddp_state
         opt = self
 
@@ -137,6 +149,21 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
+
+    def _tensor_info(self, key) -> Optional[TensorInfo]:
+        """What a policy knows of parameter number `key`: name and roles from the model, else its shape."""
+        params = self._params()
+        if not isinstance(key, int) or key >= len(params):
+            return None
+        p = params[key]
+        named = self._named.get(id(p))
+        if named is not None:
+            return TensorInfo(named[0], tuple(p.shape), named[1])
+        return TensorInfo(None, tuple(p.shape), roles_from_shape(p.shape), named=False)
+
+    def _describe(self, key) -> str:
+        info = self._tensor_info(key)
+        return info.name if info is not None and info.name else str(key)
 
     # -- the step -------------------------------------------------------------------------------------------
     @torch.no_grad()
