@@ -261,11 +261,12 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    task = Task(args.task, seed=args.seed)
     results = []
-    for method in args.methods:
+    for seed, method in _seed_method_pairs(args):
+        task = Task(args.task, seed=seed)
         try:
             r = run_method(args, method, task, world, rank)
+            r["seed"] = seed
         except Exception as e:           # a method that cannot run here is reported, not hidden
             r = dict(method=method, error=f"{type(e).__name__}: {e}"[:400])
             if rank == 0:
@@ -274,13 +275,21 @@ def worker(args) -> None:
                 results.append(r)
                 break              # a failed collective leaves the group unusable
         results.append(r)
+        r.setdefault("seed", seed)
         if rank == 0 and "error" not in r:
-            print(f"[{method}] val {r['val_loss']:.4f}  {r['bytes_per_step'] / 1e3:.1f} KB/step  "
+            print(f"[{method} seed {seed}] val {r['val_loss']:.4f}  {r['bytes_per_step'] / 1e3:.1f} KB/step  "
                   f"{r['seconds']:.0f} s", flush=True)
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _seed_method_pairs(args) -> list:
+    """Every method on every seed of --seeds, seed by seed; --first-seed-only methods on the first seed alone."""
+    seeds = args.seeds or [args.seed]
+    pairs = [(s, m) for s in seeds for m in args.methods]
+    return [(s, m) for s, m in pairs if s == seeds[0] or m not in (args.first_seed_only or [])]
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
@@ -290,6 +299,10 @@ def launch(args, task, opt, lr, steps, methods, out_json: Path) -> list:
            "--lr", str(lr), "--steps", str(steps), "--warmup", str(args.warmup or max(1, steps // 10)),
            "--wd", str(args.wd), "--clip", str(args.clip), "--eval-every", str(args.eval_every),
            "--seed", str(args.seed), "--methods", *methods]
+    if args.seeds:
+        cmd += ["--seeds", *map(str, args.seeds)]
+    if args.first_seed_only:
+        cmd += ["--first-seed-only", *args.first_seed_only]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0 and not out_json.exists():
@@ -298,9 +311,12 @@ def launch(args, task, opt, lr, steps, methods, out_json: Path) -> list:
 
 
 def table(rows: list, title: str) -> str:
-    dense = next((r for r in rows if r.get("method") == "dense" and "error" not in r), None)
-    lines = [title, f"{'method':>34} {'val loss':>9} {'gap':>8} {'KB/step':>9} {'fewer':>8} {'|e|/|g|':>8}"]
+    """One line per run; a run's gap is to dense on the same seed."""
+    dense_of = {r.get("seed"): r for r in rows if r.get("method") == "dense" and "error" not in r}
+    lines = [title, f"{'method':>34} {'seed':>4} {'val loss':>9} {'gap':>8} {'KB/step':>9} {'fewer':>8} "
+                    f"{'|e|/|g|':>8}"]
     for r in rows:
+        dense = dense_of.get(r.get("seed"))
         if "error" in r:
             lines.append(f"{r['method']:>34}  failed: {r['error'][:80]}")
             continue
@@ -308,7 +324,7 @@ def table(rows: list, title: str) -> str:
         fewer = r["dense_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("inf")
         v = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
         ratio = f"{r['residual_ratio']:.2f}" if r.get("residual_ratio") is not None else ""
-        lines.append(f"{r['method']:>34} {v:>9} {gap:>+7.2f}% {r['bytes_per_step'] / 1e3:>9.1f} {fewer:>7.1f}x "
+        lines.append(f"{r['method']:>34} {r.get('seed', ''):>4} {v:>9} {gap:>+7.2f}% {r['bytes_per_step'] / 1e3:>9.1f} {fewer:>7.1f}x "
                      f"{ratio:>8}")
     return "\n".join(lines)
 
@@ -319,12 +335,14 @@ def plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.6 * len(runs)), squeeze=False)
     for (name, rows), (a, b) in zip(runs.items(), axes):
+        seeded = len({r.get("seed") for r in rows}) > 1
         for r in rows:
             if "error" in r or not r["curve"]:
                 continue
             s, v = zip(*r["curve"])
-            a.plot(s, v, label=r["method"])
-            b.plot([x * r["bytes_per_step"] / 1e6 for x in s], v, label=r["method"])
+            label = f"{r['method']} (seed {r['seed']})" if seeded else r["method"]
+            a.plot(s, v, label=label)
+            b.plot([x * r["bytes_per_step"] / 1e6 for x in s], v, label=label)
         a.set(title=f"{name}: validation loss", xlabel="step", ylabel="val loss")
         b.set(title=f"{name}: against MB sent per rank", xlabel="MB", xscale="log")
         lo = min((min(v for _, v in r["curve"]) for r in rows if "error" not in r and r["curve"]), default=0)
@@ -348,6 +366,11 @@ def main():
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run every method on each of these seeds (of the model's initialisation and the batches), "
+                         "in one launch; each run's gap is to dense on its own seed")
+    ap.add_argument("--first-seed-only", nargs="+", default=None, metavar="METHOD",
+                    help="methods of --methods to run on the first of --seeds only")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--json", default=None)
