@@ -1,6 +1,13 @@
 """Assertions shared by the integration tests: the conservation law and agreement between ranks."""
 import torch
 
+# The per-tensor policy the integration tests give workload.Roles, and what each parameter gets under it with the
+# config's compressor topk:0.1 and min_numel 16 (None: dense; fc.bias: a bias no rule names; head.bias: 5 elements,
+# under min_numel)
+POLICY = "role:embedding=int8,role:head=topk:0.25,role:norm=dense,fc.weight=sign"
+POLICY_SPECS = {"tok.weight": "int8", "ln.weight": None, "ln.bias": None, "fc.weight": "sign",
+                "fc.bias": "topk:0.1", "head.weight": "topk:0.25", "head.bias": None}
+
 # what an unknown compressor's error lists: the built-ins, in order
 VALID_NAMES = "valid names: bf16, fp16, grouptopk, int2, int4, int8, none, qsgd, randomk, sign, topk"
 
@@ -93,3 +100,29 @@ def shut_down_and_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def assert_policy_equals_simulator(ranks, keys=None, block_size=256, **tol):
+    """Under `POLICY` on workload.Roles, every parameter equals a Simulator run with the compressor its rule names
+    (plain-torch references for sign and top-k, `tests/reference.py`), residuals included; a dense one the plain
+    mean, with no worker residual kept. `keys`: {name: the integration's key}, default the name."""
+    import dsq_plugins as dsq
+    try:
+        from .reference import reference
+    except ImportError:                 # imported as a top-level module by a worker
+        from reference import reference
+
+    base = dict(block_size=block_size, min_numel=16, guard=0.0)
+    for name, spec in POLICY_SPECS.items():
+        sub = [{"records": [{"g": {name: rec["g"][name]}, "c": {name: rec["c"][name]}} for rec in r["records"]],
+                "worker_residual": {k: v for k, v in r["worker_residual"].items() if k == name},
+                "server_residual": {k: v for k, v in r["server_residual"].items() if k == name}} for r in ranks]
+        key = None if keys is None else {name: keys[name]}
+        if spec is None:
+            assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor="topk:0.1", **dict(base, min_numel=10**9)),
+                                    keys=key, **tol)
+            assert all(not torch.count_nonzero(r["worker_residual"].get(name, torch.zeros(1))) for r in ranks), name
+            continue
+        compressors = reference(spec) if spec.split(":")[0] in ("sign", "topk") else None
+        assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor=spec, **base), keys=key,
+                                compressors=compressors, **tol)

@@ -36,7 +36,8 @@ def run(args, spec, out: Path, tag: str):
         cfg = DoubleSqueezeConfig(compressor=spec, server_compressor=args.server_compressor,
                                   worker_ef=not args.no_worker_ef, server_ef=not args.no_server_ef,
                                   warmup_steps=args.warmup, min_numel=args.min_numel, bucket_mb=args.bucket_mb,
-                                  block_size=args.block_size)
+                                  block_size=args.block_size, **({"policy": args.policy, "guard": 0.0}
+                                                                 if args.policy else {}))
         opt = horovod_ext.DistributedOptimizer(base, config=cfg, **kwargs)
     dsq = getattr(opt, "doublesqueeze", None)
 
@@ -110,6 +111,7 @@ def main():
     ap.add_argument("--no-worker-ef", action="store_true")
     ap.add_argument("--no-server-ef", action="store_true")
     ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--policy", default=None, help="DoubleSqueezeConfig.policy as text (the guard then off)")
     ap.add_argument("--min-numel", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--bucket-mb", type=float, default=0.01)

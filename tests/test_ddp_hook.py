@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import dsq_plugins as dsq
-from .checks import assert_conservation, assert_equals_simulator, assert_same_update_everywhere
+from .checks import (POLICY, assert_conservation, assert_equals_simulator, assert_policy_equals_simulator,
+                     assert_same_update_everywhere)
 from .conftest import ROOT, load_ranks
 from .reference import reference
 
@@ -181,13 +182,6 @@ def test_nan_gradient_is_skipped_on_all_ranks(torchrun, tmp_path):
     assert_conservation(ranks, steps=[0, 1, 2, 4, 5])
 
 
-POLICY = "role:embedding=int8,role:head=topk:0.25,role:norm=dense,fc.weight=sign"
-# what each parameter of workload.Roles gets under POLICY with compressor topk:0.1 (fc.bias: a bias no rule names;
-# head.bias: 5 elements, under min_numel)
-POLICY_SPECS = {"tok.weight": "int8", "ln.weight": None, "ln.bias": None, "fc.weight": "sign",
-                "fc.bias": "topk:0.1", "head.weight": "topk:0.25", "head.bias": None}
-
-
 def test_policy_by_role_and_name_equals_simulator(torchrun, tmp_path):
     """DoubleSqueezeConfig(policy=...) under DDP with the model attached: every parameter is compressed with the
     compressor its first matching rule names (by role: embedding, head, norm; by name: fc.weight), the others with
@@ -200,19 +194,7 @@ def test_policy_by_role_and_name_equals_simulator(torchrun, tmp_path):
                                ["fc.weight", "sign"]]
     assert report["tensors"] == {"tok.weight": "int8", "head.weight": "topk:0.25", "ln.weight": "dense",
                                  "ln.bias": "dense", "fc.weight": "sign"}, report
-    base = dict(block_size=256, min_numel=16, guard=0.0)
-    for name, spec in POLICY_SPECS.items():
-        sub = [{"records": [{"g": {name: rec["g"][name]}, "c": {name: rec["c"][name]}} for rec in r["records"]],
-                "worker_residual": {k: v for k, v in r["worker_residual"].items() if k == name},
-                "server_residual": {k: v for k, v in r["server_residual"].items() if k == name}} for r in ranks]
-        if spec is None:             # dense: the plain mean, and no residual kept
-            assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor="topk:0.1", **dict(base, min_numel=10**9)),
-                                    keys={name: ranks[0]["keys"][name]})
-            assert all(name not in r["worker_residual"] for r in ranks), name
-            continue
-        compressors = reference(spec) if spec.split(":")[0] in ("sign", "topk") else None
-        assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor=spec, **base),
-                                keys={name: ranks[0]["keys"][name]}, compressors=compressors)
+    assert_policy_equals_simulator(ranks, keys=ranks[0]["keys"])
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)
 

@@ -14,7 +14,8 @@ import dsq_plugins as dsq
 from dsq_plugins.config import DEFAULT_CANDIDATES
 from deepspeed_ext.config import read_section
 
-from .checks import VALID_NAMES, assert_conservation, assert_same_update_everywhere
+from .checks import (POLICY, VALID_NAMES, assert_conservation, assert_policy_equals_simulator,
+                     assert_same_update_everywhere)
 from .conftest import ROOT, deepspeed_launch, load_ranks
 
 WORKER = ROOT / "tests" / "ds_worker.py"
@@ -47,6 +48,8 @@ def simulate(ranks, cfg, name="weight", scale=1.0):
     ("sign", 'must be an object'),
     ({"enabled": True, "compressor": "sign", "candidates": "topk"}, "candidates is for compressor='auto'"),
     ({"enabled": True, "compressor": "auto", "candidates": "sign,bogus"}, "unknown compressor 'bogus'"),
+    ({"enabled": True, "policy": {"role:embeding": "int8"}}, "unknown role 'embeding' in policy selector"),
+    ({"enabled": True, "policy": "role:norm=bogus"}, VALID_NAMES),
 ])
 def test_bad_section_is_refused_before_the_engine_is_built(section, message, tmp_path):
     with pytest.raises(ValueError) as err:
@@ -94,6 +97,22 @@ def test_auto_from_the_config_section(torchrun, tmp_path):
     assert [m for _, m in ranks[0]["auto"]["history"]][:len(modes)] == modes
     assert ranks[0]["auto"]["flushes"] > 0
     assert_conservation(ranks)
+
+
+def test_policy_from_the_config_section(torchrun, tmp_path):
+    """"policy" in the section: roles from the engine's module (embedding, head, norm) and a name pattern, each
+    parameter exactly as a Simulator with its rule's compressor; a pattern that matches no parameter fails at
+    install, before the first step, naming the parameters."""
+    section = json.dumps({"policy": POLICY, "guard": 0})
+    ranks, _ = run(torchrun, tmp_path, 2, "--model", "roles", "--compressor", "topk:0.1", "--dsq", section,
+                   "--steps", "4")
+    assert_policy_equals_simulator(ranks)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
+    _, bad = run(torchrun, tmp_path, 2, "--model", "roles", "--compressor", "sign", "--steps", "1",
+                 "--dsq", json.dumps({"policy": {"blocks.*": "int8"}}), name="bad", check=False)
+    assert bad.returncode != 0
+    assert "policy pattern 'blocks.*' matches no parameter of the model" in bad.stderr + bad.stdout
 
 
 def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, tmp_path):

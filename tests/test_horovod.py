@@ -14,7 +14,8 @@ from dsq_plugins.config import DEFAULT_CANDIDATES
 import horovod_ext
 from horovod_ext.launcher import split_argv
 
-from .checks import VALID_NAMES, assert_conservation, assert_equals_simulator, assert_same_update_everywhere
+from .checks import (POLICY, VALID_NAMES, assert_conservation, assert_equals_simulator, assert_policy_equals_simulator,
+                     assert_same_update_everywhere)
 from .reference import reference
 from .conftest import ROOT, load_ranks
 
@@ -64,6 +65,7 @@ def test_launcher_takes_only_its_flags_before_the_command():
     (["--dsq-compressor", "sign", "--dsq-warmup-steps", "-3"], "warmup_steps"),
     (["--dsq-compresor", "sign"], "unrecognized arguments: --dsq-compresor"),
     (["--dsq-no-server-ef"], "--dsq-compressor is required"),
+    (["--dsq-compressor", "sign", "--dsq-policy", "role:head=int8,role:nrom=dense"], "unknown role 'nrom'"),
 ])
 def test_bad_flag_exits_before_any_worker_starts(tmp_path, flags, message):
     out = tmp_path / "never"
@@ -135,6 +137,16 @@ def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
         if cfg.server_ef:
             server = sum(r["server_residual"].get("weight", zero) for r in ranks)
             torch.testing.assert_close(server, sim.server_error, rtol=1e-6, atol=1e-7)
+
+
+def test_policy_by_role_from_the_parameters_names(horovodrun, tmp_path):
+    """DoubleSqueezeConfig(policy=...) in horovod_ext.DistributedOptimizer: the roles from named_parameters'
+    names (tok: embedding, ln: norm, head), each parameter exactly as a Simulator with its rule's compressor."""
+    ranks = run(horovodrun, tmp_path, 2, "--model", "roles", "--compressors", "topk:0.1", "--policy", POLICY,
+                "--steps", "4", tags=["topk_0.1"])["topk_0.1"]
+    assert_policy_equals_simulator(ranks)
+    assert_same_update_everywhere(ranks)
+    assert_conservation(ranks)
 
 
 @pytest.mark.parametrize("option", [("--op", "sum"), ("--predivide", "4")], ids=["op_sum", "predivide"])
