@@ -14,16 +14,20 @@ off with ``DSQ_AUTOHOOK=0``) that wraps `deepspeed.initialize` when DeepSpeed is
 Without the section (or with ``"enabled": false``) all of these are exactly `deepspeed.initialize`. A section
 with settings but without ``"enabled": true`` is ignored with a warning, as DeepSpeed's own sections are off by
 default.
+
+Momentum instead of gradients: pass a `dsq_plugins.DoubleSqueezeAdamW` as `deepspeed.initialize`'s `optimizer`
+(ZeRO stage 0, fp32; no section) and the optimizer moves every byte (`deepspeed_ext/adamw.py`).
 """
 import functools
 
 import deepspeed
 
+from .adamw import install_optimizer, uses_doublesqueeze_adamw
 from .config import SECTION, DoubleSqueezeSection, read_section
 from .engine import DeepSpeedMonitor, install
 
 __all__ = ["DeepSpeedMonitor", "DoubleSqueezeSection", "SECTION", "initialize", "initialize_with", "install",
-           "read_section"]
+           "install_optimizer", "read_section"]
 
 
 def _config_argument(args, kwargs):
@@ -36,13 +40,21 @@ def _config_argument(args, kwargs):
 
 def initialize_with(original, *args, **kwargs):
     """`original` (DeepSpeed's own `initialize`) with DoubleSqueeze installed when the config's section enables
-    it. The section is validated before the engine is built (a bad key or value raises ValueError naming the valid
-    ones); a section the engine cannot honour (ZeRO 2/3, fp16, ...) raises before any step."""
+    it, or with a `DoubleSqueezeAdamW` optimizer given the communication. The section is validated before the
+    engine is built (a bad key or value raises ValueError naming the valid ones); a section the engine cannot
+    honour (ZeRO 2/3, fp16, ...) raises before any step."""
     read_section(_config_argument(args, kwargs))
     result = original(*args, **kwargs)
     engine = result[0]
     section = read_section(engine.config)
-    if section is not None and getattr(engine, "doublesqueeze", None) is None:
+    if uses_doublesqueeze_adamw(engine):
+        if section is not None:
+            raise ValueError("the \"doublesqueeze\" section compresses the gradients and DoubleSqueezeAdamW the "
+                             "momentum: choose one (the optimizer's config= and warmup_config= say how it "
+                             "compresses)")
+        if getattr(engine, "doublesqueeze_optimizer", None) is None:
+            install_optimizer(engine)
+    elif section is not None and getattr(engine, "doublesqueeze", None) is None:
         install(engine, section)
     return result
 

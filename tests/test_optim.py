@@ -7,14 +7,17 @@
   momentum travels in a twentieth of dense's bytes.
 - A resumed run continues bit for bit; a NaN on one rank skips the step on both.
 """
+import json
+
 import pytest
 import torch
 
-from .conftest import ROOT, load_ranks
+from .conftest import ROOT, deepspeed_launch, load_ranks
 from .workload import batch, build_model
 
 WORKER = ROOT / "tests" / "adamw_worker.py"
 HVD_WORKER = ROOT / "tests" / "hvd_adamw_worker.py"
+DS_WORKER = ROOT / "tests" / "ds_adamw_worker.py"
 LR, WD, BETAS, EPS = 0.01, 0.1, (0.9, 0.999), 1e-8
 
 
@@ -50,6 +53,43 @@ def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(horovodrun, 
             assert torch.equal(p, ranks[1]["records"][t]["param"][name]) and torch.isfinite(p).all()
     numel = sum(p.numel() for p in build_model("multi").parameters())
     assert ranks[0]["bytes_sent"] < steps * numel * 4 / 4        # under a quarter of dense's ring all-reduce
+
+
+def test_on_deepspeed_lossless_is_the_same_sign_moves_only_compressed_bytes_and_resumes_exactly(tmp_path):
+    """Stock `deepspeed.initialize` (the deepspeed launcher, ZeRO 0, no section) with DoubleSqueezeAdamW as its
+    optimizer: the engine's gradient all-reduce is off and the optimizer moves the bytes. Lossless: plain torch's
+    AdamW then its frozen variance. Sign: every rank holds the same parameters, in under a tenth of dense's bytes
+    once frozen; a run resumed from engine.save_checkpoint continues bit for bit."""
+    steps, warm = 7, 3
+    deepspeed_launch(2, DS_WORKER, [tmp_path / "none", "--compressor", "none", "--warmup-compressor", "none",
+                                    "--steps", steps, "--warmup", warm, "--lr", LR])
+    ranks = load_ranks(tmp_path / "none", 2)
+    assert not ranks[0]["allreduce"]
+    check_against_plain_torch(ranks, steps, warm)
+    full, part = tmp_path / "sign", tmp_path / "resumed"
+    deepspeed_launch(2, DS_WORKER, [full, "--steps", 10, "--warmup", 3, "--lr", LR, "--save-at", 6])
+    deepspeed_launch(2, DS_WORKER, [part, "--steps", 10, "--warmup", 3, "--lr", LR, "--load", full])
+    a, b = load_ranks(full, 2), load_ranks(part, 2)
+    for t in range(10):
+        for name, p in a[0]["records"][t]["param"].items():
+            assert torch.equal(p, a[1]["records"][t]["param"][name]) and torch.isfinite(p).all()
+            if t >= 6:
+                assert torch.equal(b[0]["records"][t - 6]["param"][name], p), f"resumed step {t} {name}"
+    numel = sum(p.numel() for p in build_model("multi").parameters())
+    assert 0 < a[0]["momentum_bytes"] < (10 - 3) * numel * 4 / 10      # dense's ring all-reduce: numel * 4 a step
+
+
+def test_on_deepspeed_what_it_cannot_run_is_refused_before_training(tmp_path):
+    cases = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}, "ZeRO stage 1 (it partitions the optimizer state"),
+             ({"bf16": {"enabled": True}}, "bf16 training"),
+             ({"gradient_allreduce_op": "sum"}, '"gradient_allreduce_op": "sum"'),
+             ({"doublesqueeze": {"enabled": True}}, "ValueError: the \"doublesqueeze\" section compresses the "
+                                                    "gradients and DoubleSqueezeAdamW the momentum: choose one")]
+    deepspeed_launch(2, DS_WORKER, [tmp_path, "--refuse-with", json.dumps([c for c, _ in cases])])
+    for r in range(2):
+        errors = json.loads((tmp_path / f"refused{r}.json").read_text())
+        for (extra, message), error in zip(cases, errors):
+            assert error is not None and message in error, (extra, error)
 
 
 def check_against_plain_torch(ranks, steps, warm):

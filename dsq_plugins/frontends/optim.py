@@ -24,7 +24,9 @@ Where it runs: with `torch.distributed` (gloo, NCCL) on any launcher; pass the D
 optimizer takes over DDP's gradient communication (a hook that averages with DoubleSqueeze during warm-up and
 leaves gradients local afterwards, when the momentum is what travels); without DDP it averages the gradients
 itself. Horovod: pass ``communicator=horovod_ext.communicator.HorovodCommunicator()`` and a plain (not
-`hvd.DistributedOptimizer`) model. DeepSpeed: not yet (its engine owns the gradient reduction).
+`hvd.DistributedOptimizer`) model. DeepSpeed ZeRO stage 0: pass it as `deepspeed.initialize`'s `optimizer`;
+`deepspeed_ext` binds it to the engine's data-parallel group and turns the engine's own gradient all-reduce off
+(`engine.enable_backward_allreduce`), so this optimizer moves every byte (`deepspeed_ext/adamw.py`).
 
 Every rank checkpoints its own `state_dict()` (the residuals differ by rank).
 """
@@ -102,6 +104,17 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             self._attach(ddp)
 
     # -- communication --------------------------------------------------------------------------------------
+    def bind(self, communicator: Communicator, module: Optional[torch.nn.Module] = None) -> None:
+        """Communicate through `communicator` (and name parameters from `module`), for a framework that builds
+        the process group after the optimizer (DeepSpeed's engine). Before the first step only."""
+        if self.momentum is not None or self._ddp_state is not None:
+            raise RuntimeError("DoubleSqueezeAdamW.bind: the optimizer already communicates (a first step was "
+                               "taken, or it was given ddp=)")
+        self._communicator = communicator
+        if module is not None:
+            self._module = module
+            self._named = {id(p): (n, r) for n, (p, r) in infer_roles(unwrap(module)).items()}
+
     @property
     def frozen(self) -> bool:
         """Whether the variance is frozen and the momentum is what travels."""
