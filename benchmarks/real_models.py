@@ -125,10 +125,11 @@ class Task:
         name: ``lm``, ``digits`` or ``cnn``.
         batch: examples per rank per step (LM: sequences of `context` bytes).
         seed: of the model's initialisation and of the batches.
+        val_windows: LM only: validation windows of 128 bytes (64, fixed, unless a study needs a finer figure).
     """
 
-    def __init__(self, name: str, batch: int = 0, seed: int = 0):
-        self.name, self.seed = name, seed
+    def __init__(self, name: str, batch: int = 0, seed: int = 0, val_windows: int = 64):
+        self.name, self.seed, self.val_windows = name, seed, val_windows
         if name == "lm":
             self.batch = batch or 16
             self.train_data, self.val_data = python_source_corpus()
@@ -165,12 +166,12 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
-        """Validation loss (LM: nats per byte over 64 fixed windows; digits: the test set) and, for the
+        """Validation loss (LM: nats per byte over `val_windows` fixed windows; digits: the test set) and, for the
         classifiers, test accuracy."""
         model.eval()
         try:
             if self.name == "lm":
-                ctx, n = 128, 64
+                ctx, n = 128, self.val_windows
                 g = torch.Generator().manual_seed(12345)
                 starts = torch.randint(0, len(self.val_data) - ctx - 1, (n,), generator=g)
                 x, y = self._windows(self.val_data, starts, ctx)
