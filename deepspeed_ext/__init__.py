@@ -52,8 +52,7 @@ def initialize_with(original, *args, **kwargs):
             raise ValueError("the \"doublesqueeze\" section compresses the gradients and DoubleSqueezeAdamW the "
                              "momentum: choose one (the optimizer's config= and warmup_config= say how it "
                              "compresses)")
-        if getattr(engine, "doublesqueeze_optimizer", None) is None:
-            install_optimizer(engine)
+        install_optimizer(engine)
     elif section is not None and getattr(engine, "doublesqueeze", None) is None:
         install(engine, section)
     return result

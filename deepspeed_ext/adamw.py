@@ -38,7 +38,7 @@ from deepspeed.utils import groups
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.frontends.optim import DoubleSqueezeAdamW
 
-from .engine import DeepSpeedMonitor
+from .engine import DeepSpeedMonitor, save_rank_files
 
 __all__ = ["install_optimizer", "uses_doublesqueeze_adamw"]
 
@@ -93,16 +93,10 @@ def install_optimizer(engine) -> DoubleSqueezeAdamW:
 
 
 def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
-    save, load = engine.save_checkpoint, engine.load_checkpoint
     rank, world = ds_dist.get_rank(group=groups._get_data_parallel_group()), engine.dp_world_size
-
-    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
-        tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
-        folder = os.path.join(save_dir, tag)
-        os.makedirs(folder, exist_ok=True)
-        torch.save({"world_size": world, "optimizer": opt.state_dict()}, os.path.join(folder, _FILE.format(rank)))
-        ds_dist.barrier()        # every rank's file exists before DeepSpeed writes `latest`
-        return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+    save_rank_files(engine, lambda folder: torch.save({"world_size": world, "optimizer": opt.state_dict()},
+                                                      os.path.join(folder, _FILE.format(rank))))
+    load = engine.load_checkpoint
 
     def load_checkpoint(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True, *args, **kwargs):
         load_path, client_state = load(load_dir, tag, load_module_strict, False, *args, **kwargs)
@@ -119,5 +113,5 @@ def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
         opt.load_state_dict(sd["optimizer"])
         return load_path, client_state
 
-    save_checkpoint.__doc__, load_checkpoint.__doc__ = save.__doc__, load.__doc__
-    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+    load_checkpoint.__doc__ = load.__doc__
+    engine.load_checkpoint = load_checkpoint

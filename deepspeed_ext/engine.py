@@ -169,22 +169,32 @@ def _checkpoint_file(folder: str, rank: int) -> str:
     return os.path.join(folder, _FILE.format(rank))
 
 
-def _wrap_checkpoints(engine) -> None:
-    save, load = engine.save_checkpoint, engine.load_checkpoint
+def save_rank_files(engine, write) -> None:
+    """Wrap `engine.save_checkpoint` so that every rank first calls ``write(folder)`` (its own file in the tag's
+    folder), all of them before DeepSpeed writes `latest`."""
+    save = engine.save_checkpoint
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
         tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
         folder = os.path.join(save_dir, tag)
         os.makedirs(folder, exist_ok=True)
-        torch.save(engine.doublesqueeze.state_dict(), _checkpoint_file(folder, engine.doublesqueeze.rank))
+        write(folder)
         ds_dist.barrier()        # every rank's file exists before DeepSpeed writes `latest`
         return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+
+    save_checkpoint.__doc__ = save.__doc__
+    engine.save_checkpoint = save_checkpoint
+
+
+def _wrap_checkpoints(engine) -> None:
+    dsq = engine.doublesqueeze
+    save_rank_files(engine, lambda folder: torch.save(dsq.state_dict(), _checkpoint_file(folder, dsq.rank)))
+    load = engine.load_checkpoint
 
     def load_checkpoint(load_dir, tag=None, *args, **kwargs):
         load_path, client_state = load(load_dir, tag, *args, **kwargs)
         if load_path is None:
             return load_path, client_state
-        dsq = engine.doublesqueeze
         path = _checkpoint_file(os.path.dirname(load_path), dsq.rank)
         sd = torch.load(path, weights_only=False) if os.path.isfile(path) else None
         if sd is None or sd.get("world_size") != dsq.world_size:
@@ -196,8 +206,8 @@ def _wrap_checkpoints(engine) -> None:
             dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
         return load_path, client_state
 
-    save_checkpoint.__doc__, load_checkpoint.__doc__ = save.__doc__, load.__doc__
-    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+    load_checkpoint.__doc__ = load.__doc__
+    engine.load_checkpoint = load_checkpoint
 
 
 def install(engine, config, monitor: Optional[Monitor] = None):

@@ -1,6 +1,6 @@
 """Runs under the deepspeed launcher (or torchrun): stock `deepspeed.initialize` with a `dsq.DoubleSqueezeAdamW` as
 its optimizer and no "doublesqueeze" section, recording what tests/test_optim.py checks (as tests/adamw_worker.py
-does under DDP): per step the parameters after it; at the end the bytes each collective sent. --refuse-with
+does under DDP): per step the parameters after it; at the end the momentum's bytes. --refuse-with
 builds an engine the optimizer cannot run in and records the error."""
 import argparse
 import json
@@ -23,7 +23,6 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
     ap.add_argument("--refuse-with", default=None,
@@ -39,8 +38,7 @@ def main():
     wcfg = dsq.DoubleSqueezeConfig(compressor=args.warmup_compressor, block_size=256, min_numel=16)
     opt = dsq.DoubleSqueezeAdamW(model.parameters(), lr=args.lr, weight_decay=0.1, warmup_steps=args.warmup,
                                  config=cfg, warmup_config=wcfg)
-    ds_config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": args.accum,
-                 "steps_per_print": 10 ** 6, "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}}
+    ds_config = {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10 ** 6, "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}}
     if args.refuse_with:
         errors = []
         for extra in json.loads(args.refuse_with):
@@ -60,17 +58,14 @@ def main():
         first = opt.steps
     records = []
     for step in range(first, args.steps):
-        for micro in range(args.accum):
-            x, y = batch(step, micro, rank, "multi")
-            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
-            engine.step()
+        x, y = batch(step, 0, rank, "multi")
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
         records.append({"param": {n: p.detach().clone() for n, p in zip(names, model.parameters())}})
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out), tag="ckpt")
-    torch.save({"records": records, "first": first, "bytes_sent": opt.bytes_sent(),
-                "allreduce": engine.enable_backward_allreduce,
-                "warmup_bytes": opt.grads.totals.bytes_sent, "momentum_bytes": opt.momentum.totals.bytes_sent},
-               out / f"rank{rank}.pt")
+    torch.save({"records": records, "allreduce": engine.enable_backward_allreduce,
+                "momentum_bytes": opt.momentum.totals.bytes_sent}, out / f"rank{rank}.pt")
     shut_down_and_exit()
 
 

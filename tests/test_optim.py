@@ -80,7 +80,8 @@ def test_on_deepspeed_lossless_is_the_same_sign_moves_only_compressed_bytes_and_
 
 
 def test_on_deepspeed_what_it_cannot_run_is_refused_before_training(tmp_path):
-    cases = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}, "ZeRO stage 1 (it partitions the optimizer state"),
+    cases = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
+              "ZeRO stage 1 (it partitions the optimizer state"),
              ({"bf16": {"enabled": True}}, "bf16 training"),
              ({"gradient_allreduce_op": "sum"}, '"gradient_allreduce_op": "sum"'),
              ({"doublesqueeze": {"enabled": True}}, "ValueError: the \"doublesqueeze\" section compresses the "

@@ -96,10 +96,8 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         self.momentum: Optional[DoubleSqueezeCollective] = None
         self._ddp_state = None
         self._pending_sd: Optional[dict] = None
-        module = module if module is not None else ddp
-        self._named = ({id(p): (n, r) for n, (p, r) in infer_roles(unwrap(module)).items()}
-                       if module is not None else {})
-        self._module = module
+        self._module, self._named = None, {}
+        self._name_from(module if module is not None else ddp)
         if ddp is not None:
             self._attach(ddp)
 
@@ -111,6 +109,10 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             raise RuntimeError("DoubleSqueezeAdamW.bind: the optimizer already communicates (a first step was "
                                "taken, or it was given ddp=)")
         self._communicator = communicator
+        self._name_from(module)
+
+    def _name_from(self, module: Optional[torch.nn.Module]) -> None:
+        """Name the parameters (and their roles) from `module`, if one is given."""
         if module is not None:
             self._module = module
             self._named = {id(p): (n, r) for n, (p, r) in infer_roles(unwrap(module)).items()}
