@@ -45,6 +45,7 @@ from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_f
 from dsq_plugins.engine.policy import TensorInfo, infer_roles
 from dsq_plugins.monitoring.monitor import Monitor
 
+from . import zero2
 from .config import DoubleSqueezeSection
 
 __all__ = ["DeepSpeedMonitor", "install"]
@@ -66,15 +67,15 @@ class DeepSpeedMonitor(Monitor):
         self.engine.monitor.write_events([(tag, float(value), samples)])
 
 
-def _refuse_unsupported(engine) -> None:
+def _refuse_unsupported(engine, config: DoubleSqueezeConfig) -> None:
     stage = engine.zero_optimization_stage()
     if getattr(engine, "pipeline_parallelism", False):
         raise NotImplementedError("DoubleSqueeze does not support DeepSpeed pipeline parallelism yet")
-    if stage >= 2:
+    if stage >= 3:
         raise NotImplementedError(
-            f"DoubleSqueeze supports ZeRO stages 0 and 1, not {stage}: stage 2 reduces gradient partitions at every "
-            f"micro-step and has no gradient downlink (each owner steps and all-gathers parameters), and stage 3 "
-            f"partitions the parameters too. Use stage 1, or disable the \"doublesqueeze\" section.")
+            f"DoubleSqueeze supports ZeRO stages 0, 1 and 2, not {stage}: stage 3 partitions the parameters and "
+            f"gathers them inside forward and backward, which DoubleSqueeze does not compress yet. Use stage 2, or "
+            f"disable the \"doublesqueeze\" section.")
     reasons = {
         "fp16 training (overflow is detected after the gradients are compressed; use bf16 or fp32)":
             engine.fp16_enabled(),
@@ -86,6 +87,9 @@ def _refuse_unsupported(engine) -> None:
     }
     if stage == 1 and not isinstance(engine.optimizer, BF16_Optimizer):
         reasons["zero_optimization.overlap_comm (it reduces inside backward hooks)"] = bool(engine.zero_overlap_comm())
+    if stage == 2:
+        reasons.update({f"{what} under ZeRO-2": True for what in zero2.refusals(config)})
+        reasons["ZeRO-2 with the bf16 optimizer"] = isinstance(engine.optimizer, BF16_Optimizer)
     bad = [what for what, on in reasons.items() if on]
     if bad:
         raise NotImplementedError(f"DoubleSqueeze does not support {', '.join(bad)} yet; disable it or the "
@@ -229,9 +233,19 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     if not isinstance(config, DoubleSqueezeConfig):
         raise TypeError(f"config must be a DoubleSqueezeConfig, a DoubleSqueezeSection or a dict, got "
                         f"{type(config).__name__}")
-    _refuse_unsupported(engine)
+    _refuse_unsupported(engine, config)
     if monitor is None and getattr(getattr(engine, "monitor", None), "enabled", False):
         monitor = DeepSpeedMonitor(engine)
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 2:
+        if config.guard:
+            warnings.warn("the quality guard does not run under ZeRO-2: buckets keep their compressor "
+                          "(\"guard\": 0 in the section silences this)", UserWarning, stacklevel=2)
+        engine.doublesqueeze = zero2.ZeroTwoState(optimizer, config, monitor)
+        zero2.attach(optimizer, engine.doublesqueeze)
+        engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
+        _wrap_checkpoints(engine)
+        return engine
     group = groups._get_data_parallel_group()
     infos = {name: TensorInfo(name, tuple(p.shape), roles) for name, (p, roles) in infer_roles(engine.module).items()}
     engine.doublesqueeze = DoubleSqueezeCollective(config, TorchDistributedCommunicator(group), monitor,
@@ -239,7 +253,6 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     engine.doublesqueeze.policy.check([i for n, i in infos.items() if engine.module.get_parameter(n).requires_grad])
     engine.doublesqueeze_pipeline = BucketPipeline(engine.doublesqueeze, "dsq-deepspeed")
 
-    optimizer = engine.optimizer
     if engine.zero_optimization_stage() == 0 or isinstance(optimizer, BF16_Optimizer):
         engine.buffered_allreduce_fallback = types.MethodType(_stage0_reduce, engine)
     elif isinstance(optimizer, DeepSpeedZeroOptimizer):

@@ -27,6 +27,12 @@ def ds_config(args) -> dict:
         cfg["bf16"] = {"enabled": True}
     if args.overlap_comm:
         cfg["zero_optimization"]["overlap_comm"] = True
+    if args.no_contiguous:
+        cfg["zero_optimization"]["contiguous_gradients"] = False
+    if args.fp32_accum:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if args.bucket:
+        cfg["zero_optimization"]["reduce_bucket_size"] = args.bucket
     if args.predivide != 1.0:
         cfg["gradient_predivide_factor"] = args.predivide
     if args.prescale:
@@ -62,6 +68,9 @@ def main():
     ap.add_argument("--config-file", action="store_true", help="pass the config as a JSON file path")
     ap.add_argument("--explicit", action="store_true", help="deepspeed_ext.initialize instead of deepspeed's")
     ap.add_argument("--overlap-comm", action="store_true", help="zero_optimization.overlap_comm")
+    ap.add_argument("--no-contiguous", action="store_true", help="zero_optimization.contiguous_gradients false")
+    ap.add_argument("--fp32-accum", action="store_true", help="data_types.grad_accum_dtype fp32")
+    ap.add_argument("--bucket", type=int, default=0, help="zero_optimization.reduce_bucket_size (elements)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = ap.parse_args()
 
@@ -115,7 +124,12 @@ def main():
     result = {"records": records, "world": engine.world_size, "losses": losses, "dsq": dsq is not None,
               "optimizer": type(engine.optimizer).__name__,
               "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}}
-    if dsq is not None:
+    if dsq is not None and args.stage == 2:
+        result.update(residual=dsq.residual.clone(), server_residuals=dsq.server_residuals(), step=dsq.step,
+                      skipped_steps=dsq.skipped_steps, totals=dsq.totals.as_dict(), config=dsq.config.to_dict(),
+                      memory=dsq.memory_report(), replica_rows=[r.clone() for r in dsq.replica_rows],
+                      partition_size=[int(n) for n in engine.optimizer.partition_size])
+    elif dsq is not None:
         w, s = residuals_by_name(dsq, names)
         result.update(worker_residual=w, server_residual=s, step=dsq.step, skipped_steps=dsq.skipped_steps,
                       totals=dsq.totals.as_dict(), config=dsq.config.to_dict(),

@@ -1,0 +1,142 @@
+"""DoubleSqueeze under DeepSpeed ZeRO-2, from the config section alone (stock `deepspeed.initialize` in
+tests/ds_worker.py, 2 and 3 ranks, gloo). The reference is written here in plain torch: ZeRO-2's partitions of the
+flat gradient, the worker pass per owner with the reference compressor block by block, SGD on the owner's exact
+partition, and the delta downlink; the engine's applied updates are recovered from the weights."""
+import pytest
+import torch
+
+from .reference import sign
+from .test_deepspeed import run
+from .conftest import deepspeed_launch
+
+LR = 0.5
+BLOCK = 256
+
+
+def blockwise(fn, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(b) for b in v.split(BLOCK)]) if v.numel() else v.clone()
+
+
+def reference_zero2(ranks, w0: torch.Tensor, fn=sign):
+    """Per step, the update ``(x_hat_before - x_hat_after) / LR`` of one flat parameter, and at the end the worker
+    residuals (per rank, padded flat), the exact parameters and the copy. The uplink carries the gradients'
+    elements (DeepSpeed's buckets hold no padding); the downlink, each owner's whole partition."""
+    W, n = len(ranks), ranks[0]["partition_size"][0]
+    d = w0.numel()
+    pad = lambda t: torch.cat([t, torch.zeros(W * n - d)])
+    x, x_hat = pad(w0.clone()), pad(w0.clone())
+    e = [torch.zeros(W * n) for _ in range(W)]
+    updates = []
+    for t in range(len(ranks[0]["records"])):
+        g = [pad(r["records"][t]["g"]["weight"]) for r in ranks]
+        avg = torch.zeros(W * n)
+        for r in range(W):
+            rows = slice(r * n, min((r + 1) * n, d))
+            acc = g[r][rows] + e[r][rows]
+            for i in range(W):
+                if i != r:
+                    v = g[i][rows] + e[i][rows]
+                    c = blockwise(fn, v)
+                    e[i][rows] = v - c
+                    acc += c
+            avg[rows] = acc / W
+        x = x - LR * avg
+        before = x_hat.clone()
+        for r in range(W):
+            rows = slice(r * n, (r + 1) * n)
+            x_hat[rows] += blockwise(fn, x[rows] - x_hat[rows])
+        updates.append(((before - x_hat) / LR)[:d])
+    return updates, e, x, x_hat
+
+
+def initial_weight():
+    from .workload import build_model
+    return build_model("single").weight.detach().reshape(-1).clone()
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_zero2_equals_the_plain_torch_reference_on_both_passes(torchrun, tmp_path, nproc):
+    """One 40x50 weight in DeepSpeed's ZeRO-2 partitions, sign in blocks of 256: every step's applied update, the
+    worker residuals and the owners' residuals equal the reference; every rank holds the same parameters; the
+    conservation law holds; the bytes the collectives moved are under an eighth of stock's."""
+    ranks, _ = run(torchrun, tmp_path, nproc, "--stage", "2", "--model", "single", "--steps", "5",
+                   "--dsq", '{"guard": 0}')
+    w0 = initial_weight()
+    updates, e, x, x_hat = reference_zero2(ranks, w0)
+    W, n = nproc, ranks[0]["partition_size"][0]
+    for t, want in enumerate(updates):
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], want, rtol=1e-4, atol=1e-5)
+    for i, r in enumerate(ranks):
+        torch.testing.assert_close(r["residual"], e[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r["server_residuals"][0], (x - x_hat)[i * n:(i + 1) * n], rtol=1e-4, atol=1e-5)
+        assert torch.equal(r["params"]["weight"], ranks[0]["params"]["weight"])
+        assert r["step"] == 5 and r["skipped_steps"] == 0
+    # conservation: what the model holds plus every residual is dense SGD on the mean gradient
+    d = w0.numel()
+    mean_g = sum(sum(r["records"][t]["g"]["weight"] for r in ranks) / W for t in range(5))
+    held = ranks[0]["params"]["weight"].reshape(-1) + torch.cat([r["server_residuals"][0] for r in ranks])[:d]
+    worker = sum(r["residual"] for r in ranks)[:d] / W
+    torch.testing.assert_close(held - LR * worker, w0 - LR * mean_g, rtol=1e-4, atol=1e-5)
+    assert float(sum(r["residual"] for r in ranks).abs().sum()) > 0       # error feedback did keep something
+    for r in ranks:
+        t = r["totals"]
+        stock = 2 * (W - 1) * n * 4 * 5            # reduce-scatter + all-gather of fp32, five steps
+        assert t["bytes_up_sent"] + t["bytes_down_sent"] < stock / 8, t
+        assert t["bytes_down_sent"] > 0 and t["bytes_up_sent"] > 0
+
+
+@pytest.mark.parametrize("args", [(), ("--overlap-comm",), ("--no-contiguous",), ("--overlap-comm", "--no-contiguous"),
+                                  ("--bf16",), ("--bf16", "--fp32-accum"), ("--bf16", "--fp32-accum", "--no-contiguous")],
+                         ids=["plain", "overlap_comm", "no-contiguous", "overlap_comm+no-contiguous", "bf16",
+                              "bf16+fp32-accumulation", "bf16+fp32-accumulation+no-contiguous"])
+def test_zero2_lossless_is_stock_with_many_buckets(torchrun, tmp_path, args):
+    """The lossless compressor `none` through buckets of 64 elements (each parameter's gradient split across owners
+    and buckets, a parameter larger than a bucket): the update is plain SGD on the mean of the ranks' reference
+    gradients, with DeepSpeed's overlap_comm and contiguous_gradients on and off, and in bf16 (with DeepSpeed's
+    fp32 gradient accumulation too, where it keeps an fp32 partition buffer; the tolerance is bf16's weights')."""
+    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "multi", "--compressor", "none", "--steps", "3",
+                   "--bucket", "64", "--dsq", '{"guard": 0}', *args)
+    tol = dict(rtol=2e-2, atol=1e-2) if "--bf16" in args else dict(rtol=1e-5, atol=1e-6)
+    for t in range(3):
+        for name in ranks[0]["records"][t]["g"]:
+            mean = (ranks[0]["records"][t]["g"][name] + ranks[1]["records"][t]["g"][name]) / 2
+            for r in ranks:
+                torch.testing.assert_close(r["records"][t]["c"][name], mean, **tol)
+    assert ranks[0]["totals"]["compressed_buckets"] > 3 * 3      # several buckets per step went through ours
+
+
+def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_path):
+    """Under the deepspeed launcher, 2 micro-steps per step and 2 warm-up steps: warm-up moves stock's bytes, then
+    compressed ones; a run resumed from engine.save_checkpoint at step 4 continues bit for bit (parameters, both
+    residuals, the copy)."""
+    common = ("--stage", "2", "--model", "multi", "--accum", "2", "--dsq", '{"guard": 0, "warmup_steps": 2}')
+    full, _ = run(None, tmp_path, 2, *common, "--steps", "6", "--save-at", "4", name="full",
+                  launcher=deepspeed_launch)
+    resumed, _ = run(None, tmp_path, 2, *common, "--steps", "2", "--first-step", "4", "--load",
+                     tmp_path / "full" / "ckpt", name="resumed", launcher=deepspeed_launch)
+    for a, b in zip(full, resumed):
+        assert b["step"] == 6
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+        assert torch.equal(a["residual"], b["residual"])
+        for x, y in zip(a["replica_rows"] + a["server_residuals"], b["replica_rows"] + b["server_residuals"]):
+            assert torch.equal(x, y)
+    # warm-up steps are stock SGD on the mean gradient; later ones are not (sign)
+    for t in range(2):
+        for name, g0 in full[0]["records"][t]["g"].items():
+            mean = (g0 + full[1]["records"][t]["g"][name]) / 2
+            torch.testing.assert_close(full[0]["records"][t]["c"][name], mean, rtol=1e-5, atol=1e-6)
+    assert float(full[0]["residual"].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("dsq,message", [
+    ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-2"),
+    ('{"server_ef": false}', "server_ef false"),
+    ('{"policy": {"role:norm": "dense"}}', "a per-parameter policy"),
+], ids=["auto", "server_ef", "policy"])
+def test_zero2_what_it_cannot_honour_is_refused_before_training(torchrun, tmp_path, dsq, message):
+    _, proc = run(torchrun, tmp_path, 2, "--stage", "2", "--dsq", dsq, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "rank0.pt").exists()
