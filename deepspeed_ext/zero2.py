@@ -271,8 +271,7 @@ class ZeroTwoState:
             stats.dense_buckets += 1
         self._totals.add(stats)
         if self.monitor is not None and self.monitor.wants(self.step):
-            self.monitor.log_round(self.step, stats, self.worker_residual_norm(), self.server_residual_norm(),
-                                   self.skipped_steps)
+            self.monitor.log_round(self.step, stats, *self.residual_norms(), self.skipped_steps)
         self.step += 1
         self._rounds = 0
         return result
@@ -286,16 +285,20 @@ class ZeroTwoState:
         """The counters summed over completed steps."""
         return self._totals
 
-    def server_residuals(self) -> List[torch.Tensor]:
-        """Per group, the owner's residual ``x[r] - x_hat[r]`` of this rank's partition (float32)."""
-        return [x.detach().float() - mine.float() for x, mine in
-                zip(self.optimizer.single_partition_of_fp32_groups, self.replica_rows)]
+    def worker_residuals(self) -> Dict[str, torch.Tensor]:
+        """{"group<g>": this rank's worker residual of parameter group g, float32, its padded flat layout}."""
+        sizes = [int(n) * self.world_size for n in self.optimizer.partition_size]
+        return {f"group{g}": self.residual[self._base[g]:self._base[g] + size] for g, size in enumerate(sizes)}
 
-    def worker_residual_norm(self) -> float:
-        return float(self.residual.norm())
+    def server_residuals(self) -> Dict[str, torch.Tensor]:
+        """{"group<g>": the owner's residual ``x[r] - x_hat[r]`` of this rank's partition of group g, float32}."""
+        return {f"group{g}": x.detach().float() - mine.float() for g, (x, mine) in
+                enumerate(zip(self.optimizer.single_partition_of_fp32_groups, self.replica_rows))}
 
-    def server_residual_norm(self) -> float:
-        return float(sum(float(r.norm()) ** 2 for r in self.server_residuals()) ** 0.5)
+    def residual_norms(self) -> Tuple[float, float]:
+        """(||e_i||, ||x[r] - x_hat[r]||) of this rank, L2."""
+        server = sum(float(r.norm()) ** 2 for r in self.server_residuals().values()) ** 0.5
+        return float(self.residual.norm()), server
 
     def memory_report(self) -> Dict[str, int]:
         """Bytes DoubleSqueeze keeps per rank beside ZeRO-2's own: the worker residual and the copy's rows."""

@@ -4,7 +4,7 @@ DoubleSqueeze. The script imports nothing of ours in DeepSpeed mode: the config'
 switches it on. Rank 0 writes OUT/result.json (losses, loopback bytes counted by the kernel over the training
 steps after the first, residual norms); every rank writes OUT/rank{r}.pt (final weights and residuals).
 
-    --mode deepspeed|ddp   --dsq (the section / the callback)   --steps N   --save-steps K   --resume
+    --mode deepspeed|deepspeed-zero2|ddp   --dsq (the section / the callback)   --steps N   --save-steps K   --resume
 """
 import argparse
 import json
@@ -60,7 +60,7 @@ class Bytes(TrainerCallback):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--mode", choices=["deepspeed", "ddp"], default="deepspeed")
+    ap.add_argument("--mode", choices=["deepspeed", "deepspeed-zero2", "ddp"], default="deepspeed")
     ap.add_argument("--dsq", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--save-steps", type=int, default=0)
@@ -73,11 +73,16 @@ def main():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2))
     ds_config = None
-    if args.mode == "deepspeed":
+    if args.mode.startswith("deepspeed"):
         ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                      "gradient_clipping": "auto", "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 6}
+        if args.mode == "deepspeed-zero2":      # the zero_optimization of the Trainer's documented ZeRO-2 config
+            ds_config["zero_optimization"] = {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
+                                              "overlap_comm": True, "reduce_scatter": True,
+                                              "reduce_bucket_size": "auto", "contiguous_gradients": True}
+            ds_config["zero_allow_untested_optimizer"] = True
         if args.dsq:
-            ds_config["doublesqueeze"] = {"enabled": True, "compressor": "sign", "block_size": 1024}
+            ds_config["doublesqueeze"] = {"enabled": True, "compressor": "sign", "block_size": 1024, "guard": 0}
     training = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=8, max_steps=args.steps, learning_rate=3e-3,
         warmup_steps=0, logging_steps=1, save_strategy="steps" if args.save_steps else "no",
