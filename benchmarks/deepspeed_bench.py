@@ -1,7 +1,8 @@
 """DeepSpeed: bytes on the wire (counted by the operating system) and step time, stock DeepSpeed against the
-"doublesqueeze" config section, for ZeRO stages 0 and 1, side by side in one invocation.
+"doublesqueeze" config section, for ZeRO stages 0, 1 and 2, side by side in one invocation.
 
-Methods are METHOD-zSTAGE: `stock-z0`, `sign-z0`, `stock-z1`, `sign-z1` (any compressor spec in place of sign);
+Methods are METHOD-zSTAGE: `stock-z0`, `sign-z0`, `stock-z1`, `sign-z1`, `stock-z2`, `sign-z2` (any compressor spec
+in place of sign; ZeRO-2 runs with overlap_comm and contiguous_gradients on, as the Trainer's documented config);
 each is a fresh torchrun job (gloo), the same fp32 MLP, data and steps, compared with `stock-z<same stage>`.
 As root each job runs in its own network namespace (see harness.py); without root, step times only.
 
@@ -16,8 +17,8 @@ from harness import add_arguments, lo_bytes, main_loop, report_counted
 
 def parse(method: str):
     spec, _, stage = method.rpartition("-z")
-    if not spec or stage not in ("0", "1"):
-        sys.exit(f"bad method {method!r}: expected METHOD-z0 or METHOD-z1 (METHOD: stock or a compressor spec)")
+    if not spec or stage not in ("0", "1", "2"):
+        sys.exit(f"bad method {method!r}: expected METHOD-z0, -z1 or -z2 (METHOD: stock or a compressor spec)")
     return spec, int(stage)
 
 
@@ -35,8 +36,10 @@ def worker(args):
     model = nn.Sequential(nn.Linear(256, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
     config = {"train_micro_batch_size_per_gpu": 64, "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    if stage == 2:
+        config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
     if spec != "stock":
-        config["doublesqueeze"] = {"enabled": True, "compressor": spec}
+        config["doublesqueeze"] = {"enabled": True, "compressor": spec, "guard": 0}
     engine, _, _, _ = deepspeed_ext.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
                                                config=config)
     gen = torch.Generator().manual_seed(engine.global_rank)
@@ -67,7 +70,7 @@ def command(args, method):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap, "stock-z0,sign-z0,stock-z1,sign-z1")
+    add_arguments(ap, "stock-z0,sign-z0,stock-z1,sign-z1,stock-z2,sign-z2,int4:128-z2")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
