@@ -45,7 +45,7 @@ from dsq_plugins.compression.registry import get_compressor
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.codec import BlockCodec
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
-from dsq_plugins.engine.sharded import HEADER, frame_seed
+from dsq_plugins.engine.sharded import IndexedReduceScatter, frame_seed
 from dsq_plugins.monitoring.monitor import Monitor, RoundStats
 
 __all__ = ["ZeroTwoState", "refusals"]
@@ -100,17 +100,17 @@ class ZeroTwoState:
         self.optimizer, self.config, self.monitor = optimizer, config, monitor
         self.comm = TorchDistributedCommunicator(optimizer.dp_process_group)
         self.world_size, self.rank = self.comm.size, self.comm.rank
-        self.up = BlockCodec(config.worker, config.block_size)
         self.down = BlockCodec(config.server, config.block_size)
         self.step = 0
         self.skipped_steps = 0
-        self._skipped_now = False
         self._rounds = 0                       # bucket reductions since the step began (seeds)
         self._totals, self._round = RoundStats(), RoundStats()
         sizes = [int(p) for p in optimizer.partition_size]
         self._base = [sum(s * self.world_size for s in sizes[:g]) for g in range(len(sizes))]
         device = optimizer.parallel_partitioned_bit16_groups[0][0].device
         self.residual = torch.zeros(sum(sizes) * self.world_size, dtype=torch.float32, device=device)
+        self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
+                                           config.seed)
         self.replica_rows = [parts[self.rank].detach().clone()
                              for parts in optimizer.parallel_partitioned_bit16_groups]
         self._layouts: Dict[tuple, _Layout] = {}
@@ -153,54 +153,10 @@ class ZeroTwoState:
         """Reduce one bucket: `flat` is the concatenation of the gradients of `params` ((group, index in group,
         param_id), DeepSpeed's bucket order); this rank's elements of it become their mean over ranks (`average`)
         or sum, written in `flat` or added to DeepSpeed's fp32 partition buffer where it keeps one."""
-        lay, W, me = self._layout(params), self.world_size, self.rank
-        others = [r for r in range(W) if r != me]
-        flag = ~torch.isfinite(flat).all()
-        seed = (self.config.seed, self.step, self._rounds)
+        lay = self._layout(params)
+        out, _ = self.uplink(self.comm, flat, lay.index, lay.position, average, self._rounds, self.step, self._round)
         self._rounds += 1
-        t0 = time.perf_counter()
-        frames, left = [], {}
-        for r in others:
-            v = flat[lay.index[r]].float()
-            if self.config.worker_ef:
-                v += self.residual[lay.position[r]]
-            frame, decoded = self.up.encode(v, frame_seed(*seed, me, r))
-            if self.config.worker_ef:
-                left[r] = v - decoded
-            head = torch.zeros(HEADER, dtype=torch.uint8, device=flat.device)
-            head[0] = flag.to(torch.uint8)
-            frames.append(torch.cat([head, frame]))
-        send_sizes = [0 if r == me else frames[others.index(r)].numel() for r in range(W)]
-        recv_one = HEADER + self.up.nbytes(lay.index[me].numel(), torch.float32)
-        recv_sizes = [0 if r == me else recv_one for r in range(W)]
-        send = torch.cat(frames) if frames else torch.zeros(0, dtype=torch.uint8, device=flat.device)
-        self._round.compress_seconds += time.perf_counter() - t0
-        recv = self.comm.all_to_all(send, send_sizes, recv_sizes)
-        t0 = time.perf_counter()
-        got = recv.view(len(others), recv_one) if others else recv.view(0, recv_one)
-        skip = bool(flag | got[:, 0].bool().any()) if others else bool(flag)
-        out = flat[lay.index[me]].float()
-        if self.config.worker_ef:
-            out += self.residual[lay.position[me]]
-        for k, j in enumerate(others):
-            self.up.decode_add(got[k, HEADER:], out, seed=frame_seed(*seed, j, me))
-        if average:
-            out.div_(W)
-        if skip:
-            out.fill_(float("nan"))
-            self._skipped_now = True
-        elif self.config.worker_ef:
-            for r, e in left.items():
-                self.residual[lay.position[r]] = e
-            self.residual[lay.position[me]] = 0.0
         self._write_own(flat, lay, out)
-        self._round.compress_seconds += time.perf_counter() - t0
-        itemsize = flat.element_size()
-        self._round.bytes_up_sent += sum(send_sizes)
-        self._round.bytes_up_recv += sum(recv_sizes)
-        self._round.payload_bytes += sum(send_sizes)
-        self._round.dense_bytes += sum(lay.index[r].numel() for r in others) * itemsize
-        self._round.compressed_buckets += 1
 
     def _write_own(self, flat: torch.Tensor, lay: _Layout, out: torch.Tensor) -> None:
         opt = self.optimizer
@@ -264,9 +220,8 @@ class ZeroTwoState:
         finally:
             self._in_step = False
         stats, self._round = self._round, RoundStats()
-        stats.skipped = int(self._skipped_now)
+        stats.skipped = int(stats.skipped > 0)
         self.skipped_steps += stats.skipped
-        self._skipped_now = False
         if warm:
             stats.dense_buckets += 1
         self._totals.add(stats)

@@ -36,7 +36,7 @@ from ..monitoring.monitor import RoundStats
 from .codec import BlockCodec
 from .communicator import Communicator
 
-__all__ = ["CompressedReduceScatter", "DeltaAllGather", "QuantizedAllGather", "HEADER", "frame_seed"]
+__all__ = ["CompressedReduceScatter", "DeltaAllGather", "IndexedReduceScatter", "QuantizedAllGather", "HEADER", "frame_seed"]
 
 HEADER = 8          # bytes before each uplink frame: byte 0 is the sender's non-finite flag (8: aligned frames)
 
@@ -297,3 +297,81 @@ class QuantizedAllGather(_AllGatherBuffer):
 
     def memory(self) -> int:
         return 0
+
+
+class IndexedReduceScatter:
+    """The uplink where the framework's buckets do not come in equal rows (DeepSpeed ZeRO-2 and ZeRO-3): a bucket
+    is one flat tensor, and a layout says which of its elements each rank owns (``index[r]``, positions in the
+    bucket) and where their worker residual lives (``position[r]``, positions in `residual`, which the caller
+    sizes and keeps: float32, indexed however the framework lays out its partitions). Worker ``i``::
+
+        for each r != i:   v = g_i[index[r]] + e_i[position[r]];   c = C_w(v);   e_i[position[r]] <- v - c
+        owner r:           out = (g_r[index[r]] + e_r[position[r]] + sum_{i != r} c_i) / W     (or the sum)
+
+    One all_to_all moves a `HEADER` (byte 0: the sender's non-finite flag) and the frame to each owner; frame sizes
+    follow from the owners' element counts, which every rank derives from the same layout. A flag on any rank leaves
+    the residual as it was and makes `out` all NaN.
+
+    Args:
+        compressor: `C_w`.
+        block_size: elements per block (of each message).
+        residual: the float32 worker residual.
+        worker_ef: keep the residual (False: compress ``g_i`` alone).
+        seed: base seed of the frames.
+    """
+
+    def __init__(self, compressor: Compressor, block_size: int, residual: torch.Tensor, worker_ef: bool = True,
+                 seed: int = 0):
+        self.codec = BlockCodec(compressor, block_size)
+        self.residual, self.worker_ef, self.seed = residual, worker_ef, seed
+
+    def __call__(self, comm: Communicator, flat: torch.Tensor, index, position, average: bool, key: int, step: int,
+                 stats: RoundStats):
+        """Reduce the bucket `flat`; returns ``(out, skip)``: this rank's elements (``index[rank]`` order,
+        float32) and whether some rank had a non-finite gradient."""
+        W, me, device = comm.size, comm.rank, flat.device
+        others = [r for r in range(W) if r != me]
+        flag = ~torch.isfinite(flat).all()
+        t0 = time.perf_counter()
+        frames, left = [], {}
+        for r in others:
+            v = flat[index[r]].float()
+            if self.worker_ef:
+                v += self.residual[position[r]]
+            frame, decoded = self.codec.encode(v, frame_seed(self.seed, key, step, me, r))
+            if self.worker_ef:
+                left[r] = v.sub_(decoded)
+            head = torch.zeros(HEADER, dtype=torch.uint8, device=device)
+            head[0] = flag.to(torch.uint8)
+            frames.append(torch.cat([head, frame.to(device)]))
+        send_sizes = [0] * W
+        for r, f in zip(others, frames):
+            send_sizes[r] = f.numel()
+        one = HEADER + self.codec.nbytes(index[me].numel(), torch.float32)
+        recv_sizes = [0 if r == me else one for r in range(W)]
+        send = torch.cat(frames) if frames else torch.zeros(0, dtype=torch.uint8, device=device)
+        stats.compress_seconds += time.perf_counter() - t0
+        recv = comm.all_to_all(send, send_sizes, recv_sizes).view(len(others), one)
+        t0 = time.perf_counter()
+        skip = bool(flag | recv[:, 0].bool().any()) if others else bool(flag)
+        out = flat[index[me]].float()
+        if self.worker_ef:
+            out += self.residual[position[me]]
+        for k, j in enumerate(others):
+            self.codec.decode_add(recv[k, HEADER:], out, seed=frame_seed(self.seed, key, step, j, me))
+        if average:
+            out.div_(W)
+        if skip:
+            out.fill_(float("nan"))
+        elif self.worker_ef:
+            for r, e in left.items():
+                self.residual[position[r]] = e
+            self.residual[position[me]] = 0.0
+        stats.compress_seconds += time.perf_counter() - t0
+        stats.bytes_up_sent += sum(send_sizes)
+        stats.bytes_up_recv += sum(recv_sizes)
+        stats.payload_bytes += sum(send_sizes)
+        stats.dense_bytes += sum(index[r].numel() for r in others) * flat.element_size()
+        stats.compressed_buckets += 1
+        stats.skipped += int(skip)
+        return out, skip
