@@ -49,6 +49,8 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
     fallback: Optional[str] = _D.fallback
     # per-tensor compressors: {"role:embedding": "int8", "blocks.*.attn.*": "sign"} (DoubleSqueezeConfig.policy)
     policy: Optional[Union[Dict[str, str], List[List[str]], str]] = None
+    # ZeRO-3 only: the compressor of the parameter all-gathers (no residual: every rank computes with Q(x))
+    param_compressor: str = "int8"
     # DeepSpeedConfigModel drops every "auto" value (the Hugging Face Trainer's placeholder) before validation;
     # ours is a real choice, so `read_section` takes it out first and keeps it here.
     _auto: bool = PrivateAttr(False)
@@ -58,6 +60,11 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
     def _valid_policy(cls, policy):
         return [list(p) for p in parse_policy(policy)] or None    # ValueError names the valid roles / compressors
 
+    @field_validator("param_compressor")
+    @classmethod
+    def _known_param_compressor(cls, spec):
+        return get_compressor(spec).spec     # ValueError names the valid ones
+
     @field_validator("compressor", "server_compressor", "fallback")
     @classmethod
     def _known_compressor(cls, spec):
@@ -66,7 +73,7 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
         return get_compressor(spec).spec     # ValueError names the valid ones
 
     def to_config(self) -> DoubleSqueezeConfig:
-        d = self.model_dump(exclude={"enabled"})
+        d = self.model_dump(exclude={"enabled", "param_compressor"})
         d["policy"] = [tuple(p) for p in d["policy"] or ()]
         if self._auto:
             d["compressor"] = AUTO

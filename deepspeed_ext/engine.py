@@ -45,7 +45,7 @@ from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_f
 from dsq_plugins.engine.policy import TensorInfo, infer_roles
 from dsq_plugins.monitoring.monitor import Monitor
 
-from . import zero2
+from . import zero2, zero3
 from .config import DoubleSqueezeSection
 
 __all__ = ["DeepSpeedMonitor", "install"]
@@ -71,11 +71,8 @@ def _refuse_unsupported(engine, config: DoubleSqueezeConfig) -> None:
     stage = engine.zero_optimization_stage()
     if getattr(engine, "pipeline_parallelism", False):
         raise NotImplementedError("DoubleSqueeze does not support DeepSpeed pipeline parallelism yet")
-    if stage >= 3:
-        raise NotImplementedError(
-            f"DoubleSqueeze supports ZeRO stages 0, 1 and 2, not {stage}: stage 3 partitions the parameters and "
-            f"gathers them inside forward and backward, which DoubleSqueeze does not compress yet. Use stage 2, or "
-            f"disable the \"doublesqueeze\" section.")
+    if stage > 3:
+        raise NotImplementedError(f"DoubleSqueeze supports ZeRO stages 0 to 3, not {stage}")
     reasons = {
         "fp16 training (overflow is detected after the gradients are compressed; use bf16 or fp32)":
             engine.fp16_enabled(),
@@ -89,6 +86,14 @@ def _refuse_unsupported(engine, config: DoubleSqueezeConfig) -> None:
         reasons["zero_optimization.overlap_comm (it reduces inside backward hooks)"] = bool(engine.zero_overlap_comm())
     if stage == 2:
         reasons.update({f"{what} under ZeRO-2": True for what in zero2.refusals(config)})
+    if stage == 3:
+        reasons.update({f"{what} under ZeRO-3": True for what in zero3.refusals(config)})
+        reasons["ZeRO++'s quantized weights or gradients (zero_quantized_weights, zero_quantized_gradients: the "
+                "section compresses both)"] = bool(
+            getattr(engine._config.zero_config, "zero_quantized_weights", False)
+            or getattr(engine._config.zero_config, "zero_quantized_gradients", False))
+        reasons["ZeRO++'s hierarchical partitioning (zero_hpz_partition_size > 1)"] = \
+            getattr(engine._config.zero_config, "zero_hpz_partition_size", 1) > 1
         reasons["ZeRO-2 with the bf16 optimizer"] = isinstance(engine.optimizer, BF16_Optimizer)
     bad = [what for what, on in reasons.items() if on]
     if bad:
@@ -218,7 +223,7 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     """Install DoubleSqueeze in `engine`'s gradient communication; returns the engine.
 
     Args:
-        engine: a `DeepSpeedEngine` (ZeRO stage 0 or 1).
+        engine: a `DeepSpeedEngine` (ZeRO stage 0 to 3; stages 2 and 3: `zero2.py`, `zero3.py`).
         config: a `DoubleSqueezeConfig`, a `DoubleSqueezeSection`, or the section as a dict.
         monitor: where the metrics go; default: the engine's own monitor, when its config enables one.
     The collective is `engine.doublesqueeze` (residuals, counters, `state_dict`); the pipeline that runs its
@@ -228,7 +233,9 @@ def install(engine, config, monitor: Optional[Monitor] = None):
         raise RuntimeError("DoubleSqueeze is already installed in this engine")
     if isinstance(config, dict):
         config = DoubleSqueezeSection(**dict(config, enabled=True))
+    param_compressor = DoubleSqueezeSection.model_fields["param_compressor"].default
     if isinstance(config, DoubleSqueezeSection):
+        param_compressor = config.param_compressor
         config = config.to_config()
     if not isinstance(config, DoubleSqueezeConfig):
         raise TypeError(f"config must be a DoubleSqueezeConfig, a DoubleSqueezeSection or a dict, got "
@@ -237,10 +244,20 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     if monitor is None and getattr(getattr(engine, "monitor", None), "enabled", False):
         monitor = DeepSpeedMonitor(engine)
     optimizer = engine.optimizer
-    if engine.zero_optimization_stage() == 2:
-        if config.guard:
-            warnings.warn("the quality guard does not run under ZeRO-2: buckets keep their compressor "
-                          "(\"guard\": 0 in the section silences this)", UserWarning, stacklevel=2)
+    stage = engine.zero_optimization_stage()
+    if stage != 3 and param_compressor != DoubleSqueezeSection.model_fields["param_compressor"].default:
+        raise ValueError(f"\"param_compressor\" compresses ZeRO-3's parameter gathers; this engine runs ZeRO "
+                         f"stage {stage}: leave it out")
+    if stage in (2, 3) and config.guard:
+        warnings.warn(f"the quality guard does not run under ZeRO-{stage}: buckets keep their compressor "
+                      "(\"guard\": 0 in the section silences this)", UserWarning, stacklevel=2)
+    if stage == 3:
+        engine.doublesqueeze = zero3.ZeroThreeState(optimizer, config, param_compressor, monitor)
+        zero3.attach(engine, engine.doublesqueeze)
+        engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
+        _wrap_checkpoints(engine)
+        return engine
+    if stage == 2:
         engine.doublesqueeze = zero2.ZeroTwoState(optimizer, config, monitor)
         zero2.attach(optimizer, engine.doublesqueeze)
         engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)

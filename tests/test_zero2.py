@@ -134,7 +134,8 @@ def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_p
     ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-2"),
     ('{"server_ef": false}', "server_ef false"),
     ('{"policy": {"role:norm": "dense"}}', "a per-parameter policy"),
-], ids=["auto", "server_ef", "policy"])
+    ('{"param_compressor": "int4"}', '"param_compressor" compresses ZeRO-3\'s parameter gathers'),
+], ids=["auto", "server_ef", "policy", "param_compressor"])
 def test_zero2_what_it_cannot_honour_is_refused_before_training(torchrun, tmp_path, dsq, message):
     _, proc = run(torchrun, tmp_path, 2, "--stage", "2", "--dsq", dsq, check=False)
     assert proc.returncode != 0

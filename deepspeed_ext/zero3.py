@@ -1,0 +1,266 @@
+"""DoubleSqueeze under DeepSpeed ZeRO stage 3: compressed gradient reduce-scatter, compressed parameter gathers.
+
+ZeRO-3 partitions each parameter on its own: rank ``r`` holds elements ``[r * s, (r + 1) * s)`` of its flat form,
+``s = ceil(numel / W)`` (`param.ds_tensor`), steps them in fp32, and gathers whole parameters when a module needs
+them, in forward and again in backward, freeing them after use. Its collectives become:
+
+Uplink, each bucket of gradients DeepSpeed reduce-scatters (its optimizer's `__avg_scatter_grads`): the worker pass
+of `dsq_plugins.engine.sharded.IndexedReduceScatter`, every rank sending each owner ``C_w(g_i + e_i)`` of the
+elements it owns, with the float32 worker residual ``e_i`` laid out as the parameters' flat forms one after another
+(as large as the unsharded gradients). The owner averages.
+
+Downlink, each parameter all-gather inside the engine's forward, backward and step: there is no copy that persists
+between steps to keep a residual against, so, as ZeRO++ quantizes its weight gathers, every rank sends ``Q(x[r])``
+of its partition (`param_compressor`, ``int8`` per block by default: `sharded.QuantizedAllGather`) and every rank,
+the owner included, computes with ``Q(x)``; the owner's exact partition, which the optimizer updates, is untouched.
+Gathers outside those calls (`deepspeed.zero.GatheredParameters` in the user's code, checkpoint consolidation) stay
+DeepSpeed's own and exact, and so does everything during warm-up steps.
+
+DeepSpeed has no communication-hook API. The reduce-scatter is replaced on the optimizer instance. The gathers go
+through `partition_parameters._dist_allgather_fn`, a module function every non-quantized parameter gather calls
+with (this rank's partition, the rank-major output); its name is bound to a dispatcher that compresses only while an
+installed engine is inside forward, backward or step and hands every other call to DeepSpeed's function.
+"""
+import functools
+import math
+import types
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero import partition_parameters
+
+from dsq_plugins.compression.registry import get_compressor
+from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.engine.communicator import TorchDistributedCommunicator
+from dsq_plugins.engine.sharded import IndexedReduceScatter, QuantizedAllGather
+from dsq_plugins.monitoring.monitor import Monitor, RoundStats
+
+__all__ = ["ZeroThreeState", "attach", "refusals"]
+
+_FORMAT = "dsq-zero3-1"
+_ORIGINAL_GATHER = partition_parameters._dist_allgather_fn
+_ACTIVE: List["ZeroThreeState"] = []          # the states whose engine is inside forward, backward or step
+
+
+def refusals(config: DoubleSqueezeConfig) -> List[str]:
+    """What of `config` ZeRO-3 cannot honour (each a reason)."""
+    bad = []
+    if config.policy:
+        bad.append("a per-parameter policy (ZeRO-3 compresses DeepSpeed's buckets, which mix parameters)")
+    if config.auto:
+        bad.append("compressor 'auto' (name a compressor)")
+    return bad
+
+
+class _Done:
+    """A collective that has completed, in the shape DeepSpeed's gather handles wait on."""
+
+    def wait(self, *args, **kwargs) -> None:
+        return None
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _dispatch_gather(input_tensor, output_tensor, group=None):
+    state = _ACTIVE[-1] if _ACTIVE else None
+    if state is not None and state.compresses(input_tensor, output_tensor, group):
+        state.gather(input_tensor, output_tensor, group)
+        return _Done()
+    return _ORIGINAL_GATHER(input_tensor, output_tensor, group)
+
+
+class _Layout(NamedTuple):
+    index: List[torch.Tensor]       # per rank: positions in the bucket of the elements it owns
+    position: List[torch.Tensor]    # per rank: their positions in the residual
+    own: List[int]                  # per parameter: how many of its elements this rank owns
+
+
+class ZeroThreeState:
+    """DoubleSqueeze's state in a ZeRO-3 optimizer (`engine.doublesqueeze`): residual, step, counters.
+
+    Attributes:
+        config: the `DoubleSqueezeConfig`.
+        param_compressor: the spec of the parameter gathers' compressor.
+        step: optimizer steps taken since installation.
+        residual: the worker residual, float32, the trainable parameters' flat forms one after another.
+        gathers: parameter all-gathers compressed so far (each of ``W * s`` elements moves as W frames).
+        gathered_elements: elements those gathers delivered to this rank from the others (stock would have moved
+            them in the parameters' dtype).
+    """
+
+    def __init__(self, optimizer, config: DoubleSqueezeConfig, param_compressor: str = "int8",
+                 monitor: Optional[Monitor] = None):
+        self.optimizer, self.config, self.monitor = optimizer, config, monitor
+        self.param_compressor = param_compressor
+        self.comm = TorchDistributedCommunicator(optimizer.dp_process_group)
+        self.world_size, self.rank = self.comm.size, self.comm.rank
+        self.step = 0
+        self.skipped_steps = 0
+        self.gathers = 0
+        self.gathered_elements = 0
+        self._rounds = 0
+        self._totals, self._round = RoundStats(), RoundStats()
+        params = [p for group in optimizer.fp16_groups for p in group]
+        self._base: Dict[int, int] = {}
+        total = 0
+        for p in params:
+            self._base[p.ds_id] = total
+            total += p.ds_numel
+        device = params[0].ds_tensor.device if params else torch.device("cpu")
+        self.residual = torch.zeros(total, dtype=torch.float32, device=device)
+        self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
+                                           config.seed)
+        self.downlink = QuantizedAllGather(get_compressor(param_compressor), config.block_size, key=0,
+                                           seed=config.seed)
+        self._layouts: Dict[tuple, _Layout] = {}
+        self._comms: Dict[int, TorchDistributedCommunicator] = {}
+
+    def warming_up(self) -> bool:
+        return self.step < self.config.warmup_steps
+
+    # -- uplink --------------------------------------------------------------------------------------------------
+    def _layout(self, params) -> _Layout:
+        key = tuple(p.ds_id for p in params)
+        got = self._layouts.get(key)
+        if got is not None:
+            return got
+        W, me = self.world_size, self.rank
+        index: List[List[torch.Tensor]] = [[] for _ in range(W)]
+        position: List[List[torch.Tensor]] = [[] for _ in range(W)]
+        own, offset = [], 0
+        for p in params:
+            numel = p.ds_numel
+            size = math.ceil(numel / W)
+            for r in range(W):
+                lo, hi = r * size, min((r + 1) * size, numel)
+                if hi > lo:
+                    index[r].append(torch.arange(offset + lo, offset + hi))
+                    position[r].append(torch.arange(self._base[p.ds_id] + lo, self._base[p.ds_id] + hi))
+            own.append(max(0, min(size, numel - me * size)))
+            offset += numel
+        device = self.residual.device
+
+        def joined(parts):
+            return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
+        got = self._layouts[key] = _Layout([joined(i) for i in index], [joined(p) for p in position], own)
+        return got
+
+    def reduce_scatter(self, params, communication_data_type: torch.dtype, accumulation_dtype: torch.dtype
+                       ) -> List[torch.Tensor]:
+        """The mean over ranks of this rank's partition of each parameter's gradient (DeepSpeed's
+        `__avg_scatter_grads` contract: one tensor per parameter, its elements this rank owns)."""
+        lay = self._layout(params)
+        flat = torch.cat([p.grad.reshape(-1).to(communication_data_type) for p in params])
+        out, _ = self.uplink(self.comm, flat, lay.index, lay.position, True, self._rounds, self.step, self._round)
+        self._rounds += 1
+        return list(out.to(accumulation_dtype).split(lay.own))
+
+    # -- downlink ------------------------------------------------------------------------------------------------
+    def compresses(self, inp: torch.Tensor, out: torch.Tensor, group) -> bool:
+        """Whether this gather is one of ours: a floating-point parameter gather over the data-parallel group,
+        after warm-up."""
+        return (not self.warming_up() and inp.dtype.is_floating_point and out.numel() == inp.numel() * self.world_size
+                and dist.get_world_size(group) == self.world_size)
+
+    def _comm(self, group) -> TorchDistributedCommunicator:
+        comm = self._comms.get(id(group))
+        if comm is None:
+            comm = self._comms[id(group)] = TorchDistributedCommunicator(group)
+        return comm
+
+    def gather(self, inp: torch.Tensor, out: torch.Tensor, group) -> None:
+        """Every rank's ``Q(x[r])`` into `out` (rank-major), this rank's included."""
+        self.downlink(self._comm(group), out, inp, self.step, False, self._round)
+        self.gathers += 1
+        self.gathered_elements += (self.world_size - 1) * inp.numel()
+
+    # -- the step and its context --------------------------------------------------------------------------------
+    def active(self, fn, *args, **kwargs):
+        """Run `fn` with this state's gathers compressed."""
+        _ACTIVE.append(self)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ACTIVE.pop()
+
+    def run_step(self, step, *args, **kwargs):
+        warm = self.warming_up()
+        result = self.active(step, *args, **kwargs)
+        stats, self._round = self._round, RoundStats()
+        stats.skipped = int(stats.skipped > 0)
+        self.skipped_steps += stats.skipped
+        if warm:
+            stats.dense_buckets += 1
+        self._totals.add(stats)
+        if self.monitor is not None and self.monitor.wants(self.step):
+            self.monitor.log_round(self.step, stats, float(self.residual.norm()), 0.0, self.skipped_steps)
+        self.step += 1
+        self._rounds = 0
+        return result
+
+    # -- what it holds -------------------------------------------------------------------------------------------
+    @property
+    def totals(self) -> RoundStats:
+        return self._totals
+
+    def worker_residuals(self) -> Dict[str, torch.Tensor]:
+        return {"residual": self.residual}
+
+    def server_residuals(self) -> Dict[str, torch.Tensor]:
+        """None: the parameter gathers keep no residual (the owner's exact partition is untouched)."""
+        return {}
+
+    def residual_norms(self) -> Tuple[float, float]:
+        return float(self.residual.norm()), 0.0
+
+    def memory_report(self) -> Dict[str, int]:
+        return {"worker_residual": self.residual.numel() * 4}
+
+    def state_dict(self) -> dict:
+        return {"format": _FORMAT, "world_size": self.world_size, "rank": self.rank, "step": self.step,
+                "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
+                "param_compressor": self.param_compressor, "residual": self.residual.clone(),
+                "totals": self._totals.as_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("format") != _FORMAT:
+            raise ValueError(f"not a DoubleSqueeze ZeRO-3 state (format {sd.get('format')!r}, expected {_FORMAT!r})")
+        if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
+            raise ValueError(f"state of rank {sd['rank']} of {sd['world_size']} loaded on rank {self.rank} of "
+                             f"{self.world_size}")
+        differ = [k for k, v in self.config.to_dict().items() if sd["config"].get(k) != v]
+        if differ or sd["param_compressor"] != self.param_compressor:
+            raise ValueError(f"checkpoint was written with another DoubleSqueeze config (differs in "
+                             f"{differ or ['param_compressor']})")
+        self.residual.copy_(sd["residual"])
+        self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
+        self._totals = RoundStats.from_dict(sd["totals"])
+
+    def reset_residuals(self) -> None:
+        self.residual.zero_()
+
+
+def attach(engine, state: ZeroThreeState) -> None:
+    """Route `engine`'s gradient reduce-scatter and, inside its forward, backward and step, its parameter gathers
+    through `state`."""
+    optimizer = engine.optimizer
+    name = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"
+    stock_scatter = getattr(optimizer, name)
+    stock_step = optimizer.step
+
+    def avg_scatter_grads(self, params_to_reduce, communication_data_type):
+        if state.warming_up():
+            return stock_scatter(params_to_reduce, communication_data_type)
+        return state.reduce_scatter(params_to_reduce, communication_data_type, self.gradient_accumulation_dtype)
+
+    def step(self, *args, **kwargs):
+        return state.run_step(stock_step, *args, **kwargs)
+
+    setattr(optimizer, name, types.MethodType(avg_scatter_grads, optimizer))
+    optimizer.step = types.MethodType(step, optimizer)
+    for method in ("forward", "backward"):
+        stock = getattr(engine, method)
+        setattr(engine, method, functools.wraps(stock)(functools.partial(state.active, stock)))
+    partition_parameters._dist_allgather_fn = _dispatch_gather

@@ -1,0 +1,98 @@
+"""Runs under torchrun or the deepspeed launcher: stock `deepspeed.initialize` with ZeRO-3 and, unless --compressor
+stock, the "doublesqueeze" section (switched on by the import hook; nothing of ours imported). Each rank writes
+OUT/rank{r}.pt with, per optimizer step: the exact parameters before and after it (gathered by
+`deepspeed.zero.GatheredParameters`, outside the engine's calls: DeepSpeed's own exact gather), the parameters the
+engine's forward computed with (seen by a forward pre-hook registered after DeepSpeed's), and this rank's gradient
+computed by plain torch on a copy of the model holding those (the independent reference); at the end the residual
+and the counters.
+"""
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from checks import shut_down_and_exit
+from workload import batch, build_model
+
+LR = 0.5
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--compressor", default="sign")
+    ap.add_argument("--dsq", default="{}", help="more keys of the doublesqueeze section, as JSON")
+    ap.add_argument("--model", default="single")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--first-step", type=int, default=0)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--load", default=None)
+    ap.add_argument("--local_rank", type=int, default=-1)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model)
+    reference = copy.deepcopy(model)
+    cfg = {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10 ** 6, "gradient_clipping": 0.0,
+           "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": 0}}
+    if args.compressor != "stock":
+        cfg["doublesqueeze"] = {"enabled": True, "compressor": args.compressor, "block_size": 256, "guard": 0,
+                                **json.loads(args.dsq)}
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                               config=cfg)
+    except (NotImplementedError, ValueError) as e:
+        (out / f"refused{os.environ.get('RANK', '0')}.txt").write_text(str(e))
+        raise
+    rank = engine.global_rank
+    dsq = getattr(engine, "doublesqueeze", None)
+    if args.load:
+        engine.load_checkpoint(args.load)
+    params = dict(engine.module.named_parameters())
+    seen = {}
+
+    def see(module, inputs):
+        for name, p in module.named_parameters(recurse=False):
+            seen[module_names[module] + name] = p.detach().clone()
+    module_names = {m: (n + "." if n else "") for n, m in engine.module.named_modules()}
+    for m in engine.module.modules():
+        if list(m.parameters(recurse=False)):
+            m.register_forward_pre_hook(see)
+
+    def exact():
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().reshape(-1).clone() for n, p in params.items()}
+
+    records = []
+    for step in range(args.first_step, args.first_step + args.steps):
+        before = exact()
+        x, y = batch(step, 0, rank, args.model, size=8)
+        loss = ((engine(x) - y) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+        reference.load_state_dict({n: v for n, v in seen.items()})
+        reference.zero_grad()
+        ((reference(x) - y) ** 2).mean().backward()
+        records.append({"before": before, "after": exact(), "seen": {n: v.reshape(-1) for n, v in seen.items()},
+                        "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
+                        "loss": loss.item()})
+        if step + 1 == args.save_at:
+            engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
+    result = {"records": records, "world": engine.world_size, "dsq": dsq is not None}
+    if dsq is not None:
+        result.update(residual=dsq.residual.clone(), step=dsq.step, totals=dsq.totals.as_dict(),
+                      gathers=dsq.gathers, gathered_elements=dsq.gathered_elements, memory=dsq.memory_report())
+    torch.save(result, out / f"rank{rank}.pt")
+    shut_down_and_exit()
+
+
+if __name__ == "__main__":
+    main()
