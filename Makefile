@@ -31,14 +31,16 @@ $(STAMP): $(CORE) tools/horovod_wheel.sh
 	touch $@
 
 # The second run takes the pure-torch paths that CUDA takes (DSQ_FAST_PATHS=0: no numpy specialisations) through
-# the core, the engine, the DDP hook, FSDP2, DeepSpeed ZeRO-2's passes (against their plain-torch reference) and the
+# the core, the engine, the DDP hook, FSDP2, DeepSpeed ZeRO-2's and ZeRO-3's passes (against their plain-torch
+# references) and the
 # parameter server's worker and server (in-process), so the code a
 # GPU runs is tested on a machine without one. It leaves out what no fast path touches: the refusal of foreign
 # checkpoints, the pickled form of a resume, and of FSDP2 what runs no other sharded code than the first run's:
 # Lightning, the kernel's byte counts, the resumes, HSDP (the engine's collective, tested here under DDP).
 CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py \
 	tests/test_auto.py tests/test_ddp_hook.py tests/test_async_ps_inproc.py tests/test_guard.py tests/test_pipeline.py \
-	tests/test_fsdp.py tests/test_zero2.py::test_zero2_equals_the_plain_torch_reference_on_both_passes
+	tests/test_fsdp.py tests/test_zero2.py::test_zero2_equals_the_plain_torch_reference_on_both_passes \
+	tests/test_zero3.py::test_zero3_equals_the_plain_torch_reference_on_both_passes
 
 test: setup
 	$(PY) -m pytest -q --durations=20 tests

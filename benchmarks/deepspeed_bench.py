@@ -1,8 +1,9 @@
 """DeepSpeed: bytes on the wire (counted by the operating system) and step time, stock DeepSpeed against the
-"doublesqueeze" config section, for ZeRO stages 0, 1 and 2, side by side in one invocation.
+"doublesqueeze" config section, for ZeRO stages 0 to 3, side by side in one invocation.
 
-Methods are METHOD-zSTAGE: `stock-z0`, `sign-z0`, `stock-z1`, `sign-z1`, `stock-z2`, `sign-z2` (any compressor spec
-in place of sign; ZeRO-2 runs with overlap_comm and contiguous_gradients on, as the Trainer's documented config);
+Methods are METHOD-zSTAGE: `stock-z0`, `sign-z0`, ..., `stock-z3`, `sign-z3` (any compressor spec in place of sign;
+ZeRO-2 runs with overlap_comm and contiguous_gradients on, as the Trainer's documented config; ZeRO-3's parameter
+gathers are int8, the section's default `param_compressor`);
 each is a fresh torchrun job (gloo), the same fp32 MLP, data and steps, compared with `stock-z<same stage>`.
 As root each job runs in its own network namespace (see harness.py); without root, step times only.
 
@@ -17,8 +18,8 @@ from harness import add_arguments, lo_bytes, main_loop, report_counted
 
 def parse(method: str):
     spec, _, stage = method.rpartition("-z")
-    if not spec or stage not in ("0", "1", "2"):
-        sys.exit(f"bad method {method!r}: expected METHOD-z0, -z1 or -z2 (METHOD: stock or a compressor spec)")
+    if not spec or stage not in ("0", "1", "2", "3"):
+        sys.exit(f"bad method {method!r}: expected METHOD-z0 to -z3 (METHOD: stock or a compressor spec)")
     return spec, int(stage)
 
 
@@ -70,7 +71,7 @@ def command(args, method):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap, "stock-z0,sign-z0,stock-z1,sign-z1,stock-z2,sign-z2,int4:128-z2")
+    add_arguments(ap, "stock-z0,sign-z0,stock-z1,sign-z1,stock-z2,sign-z2,stock-z3,sign-z3")
     args = ap.parse_args()
     if args.worker:
         return worker(args)

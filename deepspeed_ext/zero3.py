@@ -9,17 +9,21 @@ of `dsq_plugins.engine.sharded.IndexedReduceScatter`, every rank sending each ow
 elements it owns, with the float32 worker residual ``e_i`` laid out as the parameters' flat forms one after another
 (as large as the unsharded gradients). The owner averages.
 
-Downlink, each parameter all-gather inside the engine's forward, backward and step: there is no copy that persists
+Downlink, each parameter all-gather inside the engine's forward and backward: there is no copy that persists
 between steps to keep a residual against, so, as ZeRO++ quantizes its weight gathers, every rank sends ``Q(x[r])``
 of its partition (`param_compressor`, ``int8`` per block by default: `sharded.QuantizedAllGather`) and every rank,
 the owner included, computes with ``Q(x)``; the owner's exact partition, which the optimizer updates, is untouched.
-Gathers outside those calls (`deepspeed.zero.GatheredParameters` in the user's code, checkpoint consolidation) stay
-DeepSpeed's own and exact, and so does everything during warm-up steps.
+Each parameter is gathered on its own (blocks start at its partition), so ``Q(x)`` does not depend on how
+DeepSpeed's prefetcher groups parameters.
+Gathers outside those calls stay DeepSpeed's own and exact: `deepspeed.zero.GatheredParameters` in the user's code,
+checkpoint consolidation, and the optimizer step's re-gather of the parameters DeepSpeed keeps whole (those under
+``stage3_param_persistence_threshold``: small, and exact whether the run was resumed or not); so does everything
+during warm-up steps.
 
 DeepSpeed has no communication-hook API. The reduce-scatter is replaced on the optimizer instance. The gathers go
 through `partition_parameters._dist_allgather_fn`, a module function every non-quantized parameter gather calls
 with (this rank's partition, the rank-major output); its name is bound to a dispatcher that compresses only while an
-installed engine is inside forward, backward or step and hands every other call to DeepSpeed's function.
+installed engine is inside forward or backward and hands every other call to DeepSpeed's function.
 """
 import functools
 import math
@@ -40,7 +44,7 @@ __all__ = ["ZeroThreeState", "attach", "refusals"]
 
 _FORMAT = "dsq-zero3-1"
 _ORIGINAL_GATHER = partition_parameters._dist_allgather_fn
-_ACTIVE: List["ZeroThreeState"] = []          # the states whose engine is inside forward, backward or step
+_ACTIVE: List["ZeroThreeState"] = []          # the states whose engine is inside forward or backward
 
 
 def refusals(config: DoubleSqueezeConfig) -> List[str]:
@@ -187,7 +191,7 @@ class ZeroThreeState:
 
     def run_step(self, step, *args, **kwargs):
         warm = self.warming_up()
-        result = self.active(step, *args, **kwargs)
+        result = step(*args, **kwargs)
         stats, self._round = self._round, RoundStats()
         stats.skipped = int(stats.skipped > 0)
         self.skipped_steps += stats.skipped
@@ -243,8 +247,8 @@ class ZeroThreeState:
 
 
 def attach(engine, state: ZeroThreeState) -> None:
-    """Route `engine`'s gradient reduce-scatter and, inside its forward, backward and step, its parameter gathers
-    through `state`."""
+    """Route `engine`'s gradient reduce-scatter and, inside its forward and backward, its parameter gathers through
+    `state`."""
     optimizer = engine.optimizer
     name = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"
     stock_scatter = getattr(optimizer, name)
@@ -263,4 +267,22 @@ def attach(engine, state: ZeroThreeState) -> None:
     for method in ("forward", "backward"):
         stock = getattr(engine, method)
         setattr(engine, method, functools.wraps(stock)(functools.partial(state.active, stock)))
+    for p in engine.module.parameters():
+        if hasattr(p, "all_gather_coalesced"):
+            p.all_gather_coalesced = _one_by_one(p.all_gather_coalesced, state)
     partition_parameters._dist_allgather_fn = _dispatch_gather
+
+
+def _one_by_one(gather, state: ZeroThreeState):
+    """A parameter's `all_gather_coalesced` that, while `state` compresses, gathers each parameter of the list on
+    its own: the blocks then start at each parameter's partition, so what the model computes with does not depend
+    on which parameters DeepSpeed's prefetcher happens to group (a run resumed from a checkpoint, whose prefetcher
+    has not traced a step yet, computes with the same parameters as the run it continues)."""
+    @functools.wraps(gather)
+    def all_gather_coalesced(params, safe_mode: bool = False, quantize: bool = False):
+        params = list(params)
+        if len(params) < 2 or not _ACTIVE or _ACTIVE[-1] is not state or state.warming_up():
+            return gather(params, safe_mode=safe_mode, quantize=quantize)
+        return partition_parameters.MultipleAllGatherHandles(
+            [gather([p], safe_mode=safe_mode, quantize=quantize) for p in params])
+    return all_gather_coalesced

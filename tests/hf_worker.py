@@ -4,7 +4,7 @@ DoubleSqueeze. The script imports nothing of ours in DeepSpeed mode: the config'
 switches it on. Rank 0 writes OUT/result.json (losses, loopback bytes counted by the kernel over the training
 steps after the first, residual norms); every rank writes OUT/rank{r}.pt (final weights and residuals).
 
-    --mode deepspeed|deepspeed-zero2|ddp   --dsq (the section / the callback)   --steps N   --save-steps K   --resume
+    --mode deepspeed|deepspeed-zero2|deepspeed-zero3|ddp   --dsq (the section / the callback)   --steps N   --save-steps K   --resume
 """
 import argparse
 import json
@@ -60,7 +60,7 @@ class Bytes(TrainerCallback):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--mode", choices=["deepspeed", "deepspeed-zero2", "ddp"], default="deepspeed")
+    ap.add_argument("--mode", choices=["deepspeed", "deepspeed-zero2", "deepspeed-zero3", "ddp"], default="deepspeed")
     ap.add_argument("--dsq", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--save-steps", type=int, default=0)
@@ -80,6 +80,13 @@ def main():
             ds_config["zero_optimization"] = {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
                                               "overlap_comm": True, "reduce_scatter": True,
                                               "reduce_bucket_size": "auto", "contiguous_gradients": True}
+            ds_config["zero_allow_untested_optimizer"] = True
+        if args.mode == "deepspeed-zero3":      # the zero_optimization of the Trainer's documented ZeRO-3 config
+            ds_config["zero_optimization"] = {
+                "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}
             ds_config["zero_allow_untested_optimizer"] = True
         if args.dsq:
             ds_config["doublesqueeze"] = {"enabled": True, "compressor": "sign", "block_size": 1024, "guard": 0}
@@ -103,7 +110,12 @@ def main():
     collective = callback.state if callback else getattr(trainer.model_wrapped, "doublesqueeze", None)
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "dsq": collective is not None,
               "bytes_per_step": (counter.end - counter.start) / max(1, counter.steps - 1)}
-    record = {"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+    if args.mode == "deepspeed-zero3":              # whole parameters, gathered exactly (outside forward/backward)
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+            record = {"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+    else:
+        record = {"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
     if collective is not None:
         record.update(worker=collective.worker_residuals(), server=collective.server_residuals(),
                       step=collective.step)
