@@ -36,17 +36,17 @@ elements the stock collective would send in the gradients' dtype.
 """
 import time
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from deepspeed.runtime.zero import stage_1_and_2
 
-from dsq_plugins.compression.registry import get_compressor
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.codec import BlockCodec
-from dsq_plugins.engine.communicator import TorchDistributedCommunicator
-from dsq_plugins.engine.sharded import IndexedReduceScatter, frame_seed
-from dsq_plugins.monitoring.monitor import Monitor, RoundStats
+from dsq_plugins.engine.sharded import frame_seed
+from dsq_plugins.monitoring.monitor import Monitor
+
+from .zero_state import BucketLayout, ShardedZeroState, common_refusals
 
 __all__ = ["ZeroTwoState", "refusals"]
 
@@ -57,11 +57,7 @@ _STATES: "weakref.WeakValueDictionary[int, ZeroTwoState]" = weakref.WeakValueDic
 
 def refusals(config: DoubleSqueezeConfig) -> List[str]:
     """What of `config` ZeRO-2 cannot honour (each a reason)."""
-    bad = []
-    if config.policy:
-        bad.append("a per-parameter policy (ZeRO-2 compresses DeepSpeed's buckets, which mix parameters)")
-    if config.auto:
-        bad.append("compressor 'auto' (name a compressor)")
+    bad = common_refusals(config)
     if not config.server_ef:
         bad.append("server_ef false (the parameter downlink keeps the owner's residual, or the copies drift)")
     return bad
@@ -77,47 +73,30 @@ def _dispatch_all_gather(groups_flat, partitioned_param_groups, dp_process_group
                                 allgather_bucket_size)
 
 
-class _Layout(NamedTuple):
-    """Where a bucket's elements go. Per rank r: `index[r]` (positions in the bucket's flat tensor) and
-    `position[r]` (positions in the residual) of the elements r owns; `own`: this rank's slices
-    (group, param_id, start in the concatenation of its elements, numel), for DeepSpeed's fp32 partition buffer."""
-    index: List[torch.Tensor]
-    position: List[torch.Tensor]
-    own: List[Tuple[int, int, int, int]]
-
-
-class ZeroTwoState:
-    """DoubleSqueeze's state in a ZeRO-2 optimizer (`engine.doublesqueeze`): residuals, step, counters.
+class ZeroTwoState(ShardedZeroState):
+    """DoubleSqueeze's state in a ZeRO-2 optimizer (`engine.doublesqueeze`), beside `ShardedZeroState`'s.
 
     Attributes:
-        config: the `DoubleSqueezeConfig`.
-        step: optimizer steps taken since installation (warm-up counts them).
         residual: the worker residual, float32, the groups' flat buffers one after another.
         replica_rows: per group, this rank's row of ``x_hat`` (its partition of the copy every rank computes with).
     """
 
+    FORMAT = _FORMAT
+
     def __init__(self, optimizer, config: DoubleSqueezeConfig, monitor: Optional[Monitor] = None):
-        self.optimizer, self.config, self.monitor = optimizer, config, monitor
-        self.comm = TorchDistributedCommunicator(optimizer.dp_process_group)
-        self.world_size, self.rank = self.comm.size, self.comm.rank
-        self.down = BlockCodec(config.server, config.block_size)
-        self.step = 0
-        self.skipped_steps = 0
-        self._rounds = 0                       # bucket reductions since the step began (seeds)
-        self._totals, self._round = RoundStats(), RoundStats()
         sizes = [int(p) for p in optimizer.partition_size]
-        self._base = [sum(s * self.world_size for s in sizes[:g]) for g in range(len(sizes))]
         device = optimizer.parallel_partitioned_bit16_groups[0][0].device
-        self.residual = torch.zeros(sum(sizes) * self.world_size, dtype=torch.float32, device=device)
-        self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
-                                           config.seed)
+        W = len(optimizer.parallel_partitioned_bit16_groups[0])       # one partition per data-parallel rank
+        super().__init__(optimizer, config, monitor, sum(sizes) * W, device)
+        self._base = [sum(s * W for s in sizes[:g]) for g in range(len(sizes))]
+        self.down = BlockCodec(config.server, config.block_size)
         self.replica_rows = [parts[self.rank].detach().clone()
                              for parts in optimizer.parallel_partitioned_bit16_groups]
-        self._layouts: Dict[tuple, _Layout] = {}
         self._in_step = False
 
     # -- uplink --------------------------------------------------------------------------------------------------
-    def _layout(self, params: List[Tuple[int, int, int]]) -> _Layout:
+    def _layout(self, params: List[Tuple[int, int, int]]) -> BucketLayout:
+        """`own`: this rank's pieces as (group, param_id, start in the concatenation of its elements, numel)."""
         key = tuple(params)
         got = self._layouts.get(key)
         if got is not None:
@@ -142,11 +121,7 @@ class ZeroTwoState:
                     own.append((g, param_id, mine, numel))
                     mine += numel
             offset += p.numel()
-        device = self.residual.device
-
-        def joined(parts):
-            return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
-        got = self._layouts[key] = _Layout([joined(i) for i in index], [joined(p) for p in position], own)
+        got = self._layouts[key] = BucketLayout.of(index, position, own, self.residual.device)
         return got
 
     def reduce_bucket(self, flat: torch.Tensor, params: List[Tuple[int, int, int]], average: bool) -> None:
@@ -154,11 +129,9 @@ class ZeroTwoState:
         param_id), DeepSpeed's bucket order); this rank's elements of it become their mean over ranks (`average`)
         or sum, written in `flat` or added to DeepSpeed's fp32 partition buffer where it keeps one."""
         lay = self._layout(params)
-        out, _ = self.uplink(self.comm, flat, lay.index, lay.position, average, self._rounds, self.step, self._round)
-        self._rounds += 1
-        self._write_own(flat, lay, out)
+        self._write_own(flat, lay, self.reduce(flat, lay, average))
 
-    def _write_own(self, flat: torch.Tensor, lay: _Layout, out: torch.Tensor) -> None:
+    def _write_own(self, flat: torch.Tensor, lay: BucketLayout, out: torch.Tensor) -> None:
         opt = self.optimizer
         compact = []
         for g, param_id, start, numel in lay.own:
@@ -178,7 +151,7 @@ class ZeroTwoState:
         """The optimizer's parameter all-gather: the delta downlink inside a step past warm-up; else `dense()`
         (DeepSpeed's own), after which every rank's copy is exact again."""
         opt, W, me = self.optimizer, self.world_size, self.rank
-        if not self._in_step or self.step < self.config.warmup_steps:
+        if not self._in_step or self.warming_up():
             dense()
             self.resync_rows()
             return
@@ -213,33 +186,13 @@ class ZeroTwoState:
     # -- the step ------------------------------------------------------------------------------------------------
     def run_step(self, step, *args, **kwargs):
         """`step` (the optimizer's own) with the downlink in place of its all-gather; then the step's counters."""
-        warm = self.step < self.config.warmup_steps
         self._in_step = True
         try:
-            result = step(*args, **kwargs)
+            return super().run_step(step, *args, **kwargs)
         finally:
             self._in_step = False
-        stats, self._round = self._round, RoundStats()
-        stats.skipped = int(stats.skipped > 0)
-        self.skipped_steps += stats.skipped
-        if warm:
-            stats.dense_buckets += 1
-        self._totals.add(stats)
-        if self.monitor is not None and self.monitor.wants(self.step):
-            self.monitor.log_round(self.step, stats, *self.residual_norms(), self.skipped_steps)
-        self.step += 1
-        self._rounds = 0
-        return result
-
-    def warming_up(self) -> bool:
-        return self.step < self.config.warmup_steps
 
     # -- what it holds -------------------------------------------------------------------------------------------
-    @property
-    def totals(self) -> RoundStats:
-        """The counters summed over completed steps."""
-        return self._totals
-
     def worker_residuals(self) -> Dict[str, torch.Tensor]:
         """{"group<g>": this rank's worker residual of parameter group g, float32, its padded flat layout}."""
         sizes = [int(n) * self.world_size for n in self.optimizer.partition_size]
@@ -261,28 +214,12 @@ class ZeroTwoState:
                 "replica_rows": sum(r.numel() * r.element_size() for r in self.replica_rows)}
 
     def state_dict(self) -> dict:
-        return {"format": _FORMAT, "world_size": self.world_size, "rank": self.rank, "step": self.step,
-                "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
-                "residual": self.residual.clone(), "replica_rows": [r.clone() for r in self.replica_rows],
-                "totals": self._totals.as_dict()}
+        return dict(super().state_dict(), replica_rows=[r.clone() for r in self.replica_rows])
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict` of the same rank and world size: residuals, step, and every rank's copy
         rebuilt from the saved rows (one dense all-gather, a collective)."""
-        if sd.get("format") != _FORMAT:
-            raise ValueError(f"not a DoubleSqueeze ZeRO-2 state (format {sd.get('format')!r}, expected {_FORMAT!r})")
-        if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
-            raise ValueError(f"state of rank {sd['rank']} of {sd['world_size']} loaded on rank {self.rank} of "
-                             f"{self.world_size}")
-        saved = DoubleSqueezeConfig.from_dict(sd["config"])
-        if saved != self.config:
-            differ = [k for k, v in self.config.to_dict().items() if sd["config"].get(k) != v]
-            raise ValueError(f"checkpoint was written with another DoubleSqueeze config (differs in {differ})")
-        if sd["residual"].shape != self.residual.shape:
-            raise ValueError(f"residual of {tuple(sd['residual'].shape)} for this model's {tuple(self.residual.shape)}")
-        self.residual.copy_(sd["residual"])
-        self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
-        self._totals = RoundStats.from_dict(sd["totals"])
+        super().load_state_dict(sd)
         W = self.world_size
         for g, (parts, row) in enumerate(zip(self.optimizer.parallel_partitioned_bit16_groups, sd["replica_rows"])):
             mine = self.replica_rows[g]
@@ -295,7 +232,7 @@ class ZeroTwoState:
 
     def reset_residuals(self) -> None:
         """Residuals to zero and the copy taken as it is (after loading another world size's checkpoint)."""
-        self.residual.zero_()
+        super().reset_residuals()
         self.resync_rows()
 
 

@@ -28,7 +28,7 @@ installed engine is inside forward or backward and hands every other call to Dee
 import functools
 import math
 import types
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,8 +37,10 @@ from deepspeed.runtime.zero import partition_parameters
 from dsq_plugins.compression.registry import get_compressor
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
-from dsq_plugins.engine.sharded import IndexedReduceScatter, QuantizedAllGather
-from dsq_plugins.monitoring.monitor import Monitor, RoundStats
+from dsq_plugins.engine.sharded import QuantizedAllGather
+from dsq_plugins.monitoring.monitor import Monitor
+
+from .zero_state import BucketLayout, ShardedZeroState, common_refusals
 
 __all__ = ["ZeroThreeState", "attach", "refusals"]
 
@@ -49,12 +51,7 @@ _ACTIVE: List["ZeroThreeState"] = []          # the states whose engine is insid
 
 def refusals(config: DoubleSqueezeConfig) -> List[str]:
     """What of `config` ZeRO-3 cannot honour (each a reason)."""
-    bad = []
-    if config.policy:
-        bad.append("a per-parameter policy (ZeRO-3 compresses DeepSpeed's buckets, which mix parameters)")
-    if config.auto:
-        bad.append("compressor 'auto' (name a compressor)")
-    return bad
+    return common_refusals(config)
 
 
 class _Done:
@@ -75,37 +72,21 @@ def _dispatch_gather(input_tensor, output_tensor, group=None):
     return _ORIGINAL_GATHER(input_tensor, output_tensor, group)
 
 
-class _Layout(NamedTuple):
-    index: List[torch.Tensor]       # per rank: positions in the bucket of the elements it owns
-    position: List[torch.Tensor]    # per rank: their positions in the residual
-    own: List[int]                  # per parameter: how many of its elements this rank owns
-
-
-class ZeroThreeState:
-    """DoubleSqueeze's state in a ZeRO-3 optimizer (`engine.doublesqueeze`): residual, step, counters.
+class ZeroThreeState(ShardedZeroState):
+    """DoubleSqueeze's state in a ZeRO-3 optimizer (`engine.doublesqueeze`), beside `ShardedZeroState`'s.
 
     Attributes:
-        config: the `DoubleSqueezeConfig`.
         param_compressor: the spec of the parameter gathers' compressor.
-        step: optimizer steps taken since installation.
         residual: the worker residual, float32, the trainable parameters' flat forms one after another.
         gathers: parameter all-gathers compressed so far (each of ``W * s`` elements moves as W frames).
         gathered_elements: elements those gathers delivered to this rank from the others (stock would have moved
             them in the parameters' dtype).
     """
 
+    FORMAT = _FORMAT
+
     def __init__(self, optimizer, config: DoubleSqueezeConfig, param_compressor: str = "int8",
                  monitor: Optional[Monitor] = None):
-        self.optimizer, self.config, self.monitor = optimizer, config, monitor
-        self.param_compressor = param_compressor
-        self.comm = TorchDistributedCommunicator(optimizer.dp_process_group)
-        self.world_size, self.rank = self.comm.size, self.comm.rank
-        self.step = 0
-        self.skipped_steps = 0
-        self.gathers = 0
-        self.gathered_elements = 0
-        self._rounds = 0
-        self._totals, self._round = RoundStats(), RoundStats()
         params = [p for group in optimizer.fp16_groups for p in group]
         self._base: Dict[int, int] = {}
         total = 0
@@ -113,19 +94,17 @@ class ZeroThreeState:
             self._base[p.ds_id] = total
             total += p.ds_numel
         device = params[0].ds_tensor.device if params else torch.device("cpu")
-        self.residual = torch.zeros(total, dtype=torch.float32, device=device)
-        self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
-                                           config.seed)
+        super().__init__(optimizer, config, monitor, total, device)
+        self.param_compressor = param_compressor
+        self.gathers = 0
+        self.gathered_elements = 0
         self.downlink = QuantizedAllGather(get_compressor(param_compressor), config.block_size, key=0,
                                            seed=config.seed)
-        self._layouts: Dict[tuple, _Layout] = {}
         self._comms: Dict[int, TorchDistributedCommunicator] = {}
 
-    def warming_up(self) -> bool:
-        return self.step < self.config.warmup_steps
-
     # -- uplink --------------------------------------------------------------------------------------------------
-    def _layout(self, params) -> _Layout:
+    def _layout(self, params) -> BucketLayout:
+        """`own`: per parameter, how many of its elements this rank owns."""
         key = tuple(p.ds_id for p in params)
         got = self._layouts.get(key)
         if got is not None:
@@ -144,11 +123,7 @@ class ZeroThreeState:
                     position[r].append(torch.arange(self._base[p.ds_id] + lo, self._base[p.ds_id] + hi))
             own.append(max(0, min(size, numel - me * size)))
             offset += numel
-        device = self.residual.device
-
-        def joined(parts):
-            return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
-        got = self._layouts[key] = _Layout([joined(i) for i in index], [joined(p) for p in position], own)
+        got = self._layouts[key] = BucketLayout.of(index, position, own, self.residual.device)
         return got
 
     def reduce_scatter(self, params, communication_data_type: torch.dtype, accumulation_dtype: torch.dtype
@@ -157,9 +132,7 @@ class ZeroThreeState:
         `__avg_scatter_grads` contract: one tensor per parameter, its elements this rank owns)."""
         lay = self._layout(params)
         flat = torch.cat([p.grad.reshape(-1).to(communication_data_type) for p in params])
-        out, _ = self.uplink(self.comm, flat, lay.index, lay.position, True, self._rounds, self.step, self._round)
-        self._rounds += 1
-        return list(out.to(accumulation_dtype).split(lay.own))
+        return list(self.reduce(flat, lay, True).to(accumulation_dtype).split(lay.own))
 
     # -- downlink ------------------------------------------------------------------------------------------------
     def compresses(self, inp: torch.Tensor, out: torch.Tensor, group) -> bool:
@@ -180,7 +153,6 @@ class ZeroThreeState:
         self.gathers += 1
         self.gathered_elements += (self.world_size - 1) * inp.numel()
 
-    # -- the step and its context --------------------------------------------------------------------------------
     def active(self, fn, *args, **kwargs):
         """Run `fn` with this state's gathers compressed."""
         _ACTIVE.append(self)
@@ -189,26 +161,7 @@ class ZeroThreeState:
         finally:
             _ACTIVE.pop()
 
-    def run_step(self, step, *args, **kwargs):
-        warm = self.warming_up()
-        result = step(*args, **kwargs)
-        stats, self._round = self._round, RoundStats()
-        stats.skipped = int(stats.skipped > 0)
-        self.skipped_steps += stats.skipped
-        if warm:
-            stats.dense_buckets += 1
-        self._totals.add(stats)
-        if self.monitor is not None and self.monitor.wants(self.step):
-            self.monitor.log_round(self.step, stats, float(self.residual.norm()), 0.0, self.skipped_steps)
-        self.step += 1
-        self._rounds = 0
-        return result
-
     # -- what it holds -------------------------------------------------------------------------------------------
-    @property
-    def totals(self) -> RoundStats:
-        return self._totals
-
     def worker_residuals(self) -> Dict[str, torch.Tensor]:
         return {"residual": self.residual}
 
@@ -216,34 +169,17 @@ class ZeroThreeState:
         """None: the parameter gathers keep no residual (the owner's exact partition is untouched)."""
         return {}
 
-    def residual_norms(self) -> Tuple[float, float]:
-        return float(self.residual.norm()), 0.0
-
     def memory_report(self) -> Dict[str, int]:
         return {"worker_residual": self.residual.numel() * 4}
 
     def state_dict(self) -> dict:
-        return {"format": _FORMAT, "world_size": self.world_size, "rank": self.rank, "step": self.step,
-                "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
-                "param_compressor": self.param_compressor, "residual": self.residual.clone(),
-                "totals": self._totals.as_dict()}
+        return dict(super().state_dict(), param_compressor=self.param_compressor)
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("format") != _FORMAT:
-            raise ValueError(f"not a DoubleSqueeze ZeRO-3 state (format {sd.get('format')!r}, expected {_FORMAT!r})")
-        if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
-            raise ValueError(f"state of rank {sd['rank']} of {sd['world_size']} loaded on rank {self.rank} of "
-                             f"{self.world_size}")
-        differ = [k for k, v in self.config.to_dict().items() if sd["config"].get(k) != v]
-        if differ or sd["param_compressor"] != self.param_compressor:
-            raise ValueError(f"checkpoint was written with another DoubleSqueeze config (differs in "
-                             f"{differ or ['param_compressor']})")
-        self.residual.copy_(sd["residual"])
-        self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
-        self._totals = RoundStats.from_dict(sd["totals"])
-
-    def reset_residuals(self) -> None:
-        self.residual.zero_()
+        if sd.get("param_compressor") != self.param_compressor:
+            raise ValueError(f"checkpoint was written with param_compressor {sd.get('param_compressor')!r}, this "
+                             f"run uses {self.param_compressor!r}")
+        super().load_state_dict(sd)
 
 
 def attach(engine, state: ZeroThreeState) -> None:

@@ -17,6 +17,23 @@ def blockwise(fn, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(b) for b in v.split(BLOCK)]) if v.numel() else v.clone()
 
 
+def uplink_reference(g, e, rows, fn=sign):
+    """One step of the worker pass to the owners: ``rows[r]`` are the elements rank r owns; each other rank sends it
+    ``fn(g_i + e_i)`` block by block and keeps the rest in ``e_i`` (updated in place). Returns the owners' means."""
+    W = len(g)
+    avg = torch.zeros_like(g[0])
+    for r, own in enumerate(rows):
+        acc = g[r][own] + e[r][own]
+        for i in range(W):
+            if i != r:
+                v = g[i][own] + e[i][own]
+                c = blockwise(fn, v)
+                e[i][own] = v - c
+                acc += c
+        avg[own] = acc / W
+    return avg
+
+
 def reference_zero2(ranks, w0: torch.Tensor, fn=sign):
     """Per step, the update ``(x_hat_before - x_hat_after) / LR`` of one flat parameter, and at the end the worker
     residuals (per rank, padded flat), the exact parameters and the copy. The uplink carries the gradients'
@@ -29,17 +46,7 @@ def reference_zero2(ranks, w0: torch.Tensor, fn=sign):
     updates = []
     for t in range(len(ranks[0]["records"])):
         g = [pad(r["records"][t]["g"]["weight"]) for r in ranks]
-        avg = torch.zeros(W * n)
-        for r in range(W):
-            rows = slice(r * n, min((r + 1) * n, d))
-            acc = g[r][rows] + e[r][rows]
-            for i in range(W):
-                if i != r:
-                    v = g[i][rows] + e[i][rows]
-                    c = blockwise(fn, v)
-                    e[i][rows] = v - c
-                    acc += c
-            avg[rows] = acc / W
+        avg = uplink_reference(g, e, [slice(r * n, min((r + 1) * n, d)) for r in range(W)], fn)
         x = x - LR * avg
         before = x_hat.clone()
         for r in range(W):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from .conftest import ROOT, deepspeed_launch, launch, load_ranks
-from .test_zero2 import BLOCK, LR, blockwise
-from .reference import sign
+from .test_zero2 import LR, blockwise, uplink_reference
 
 WORKER = ROOT / "tests" / "ds_zero3_worker.py"
 
@@ -40,18 +39,7 @@ def reference_zero3(ranks, x0: torch.Tensor):
     after = []
     for t in range(len(ranks[0]["records"])):
         g = [r["records"][t]["g"]["weight"] for r in ranks]
-        avg = torch.zeros(d)
-        for r in range(W):
-            rows = slice(r * s, min((r + 1) * s, d))
-            acc = g[r][rows] + e[r][rows]
-            for i in range(W):
-                if i != r:
-                    v = g[i][rows] + e[i][rows]
-                    c = blockwise(sign, v)
-                    e[i][rows] = v - c
-                    acc += c
-            avg[rows] = acc / W
-        x = x - LR * avg
+        x = x - LR * uplink_reference(g, e, [slice(r * s, min((r + 1) * s, d)) for r in range(W)])
         after.append(x.clone())
     return after, e
 
