@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--explicit", action="store_true", help="deepspeed_ext.initialize instead of deepspeed's")
     ap.add_argument("--overlap-comm", action="store_true", help="zero_optimization.overlap_comm")
     ap.add_argument("--no-contiguous", action="store_true", help="zero_optimization.contiguous_gradients false")
+    ap.add_argument("--nan-at", type=int, default=-1, help="rank 1's loss is NaN at this step")
     ap.add_argument("--fp32-accum", action="store_true", help="data_types.grad_accum_dtype fp32")
     ap.add_argument("--bucket", type=int, default=0, help="zero_optimization.reduce_bucket_size (elements)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -109,6 +110,8 @@ def main():
         reference.zero_grad()
         for micro in range(args.accum):
             x, y = batch(step, micro, rank, args.model, size=8)
+            if step == args.nan_at and rank == 1:
+                y[0, 0] = float("nan")            # this rank's gradients become NaN at this step
             (((reference(x) - y) ** 2).mean() / args.accum).backward()
             dtype = next(engine.module.parameters()).dtype
             loss = ((engine(x.to(dtype)) - y.to(dtype)).float() ** 2).mean()
@@ -118,6 +121,8 @@ def main():
         after = {n: p.detach().float().reshape(-1) for n, p in engine.module.named_parameters()}
         records.append({"step": step, "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
                         "c": {n: (before[n] - after[n]) / LR for n in before}})
+        if args.stage == 2 and dsq is not None:
+            records[-1].update(residual=dsq.residual.clone(), skipped_steps=dsq.skipped_steps)
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
 

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
+    ap.add_argument("--nan-at", type=int, default=-1, help="rank 1's loss is NaN at this step")
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
 
@@ -75,6 +76,8 @@ def main():
     for step in range(args.first_step, args.first_step + args.steps):
         before = exact()
         x, y = batch(step, 0, rank, args.model, size=8)
+        if step == args.nan_at and rank == 1:
+            y[0, 0] = float("nan")                # this rank's gradients become NaN at this step
         loss = ((engine(x) - y) ** 2).mean()
         engine.backward(loss)
         engine.step()
@@ -83,7 +86,8 @@ def main():
         ((reference(x) - y) ** 2).mean().backward()
         records.append({"before": before, "after": exact(), "seen": {n: v.reshape(-1) for n, v in seen.items()},
                         "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
-                        "loss": loss.item()})
+                        "loss": loss.item(), "residual": None if dsq is None else dsq.residual.clone(),
+                        "skipped_steps": None if dsq is None else dsq.skipped_steps})
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
     result = {"records": records, "world": engine.world_size, "dsq": dsq is not None}

@@ -148,3 +148,16 @@ def test_zero2_what_it_cannot_honour_is_refused_before_training(torchrun, tmp_pa
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run" / "rank0.pt").exists()
+
+
+def test_zero2_a_nan_on_one_rank_leaves_every_residual_as_it_was(torchrun, tmp_path):
+    """Rank 1's gradients are NaN at step 2: on both ranks the step is counted as skipped and the worker residual
+    after it is the one before it, bit for bit (nothing of the NaN enters it; the gradients reduce to NaN, as stock
+    DeepSpeed's would)."""
+    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "single", "--steps", "3", "--nan-at", "2",
+                   "--dsq", '{"guard": 0}')
+    for r in ranks:
+        rec = r["records"]
+        assert rec[1]["skipped_steps"] == 0 and rec[2]["skipped_steps"] == 1
+        assert float(rec[1]["residual"].abs().sum()) > 0
+        assert torch.equal(rec[2]["residual"], rec[1]["residual"])

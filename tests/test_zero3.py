@@ -110,3 +110,13 @@ def test_zero3_what_it_cannot_honour_is_refused_before_training(tmp_path, dsq, m
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run" / "rank0.pt").exists()
+
+
+def test_zero3_a_nan_on_one_rank_leaves_every_residual_as_it_was(tmp_path):
+    """As under ZeRO-2: rank 1's NaN gradients at step 2 leave both ranks' residuals as they were, step skipped."""
+    ranks, _ = run(tmp_path, 2, "--steps", "3", "--nan-at", "2")
+    for r in ranks:
+        rec = r["records"]
+        assert rec[1]["skipped_steps"] == 0 and rec[2]["skipped_steps"] == 1
+        assert float(rec[1]["residual"].abs().sum()) > 0
+        assert torch.equal(rec[2]["residual"], rec[1]["residual"])
