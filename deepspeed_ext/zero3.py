@@ -46,7 +46,7 @@ __all__ = ["ZeroThreeState", "attach", "refusals"]
 
 _FORMAT = "dsq-zero3-1"
 _ORIGINAL_GATHER = partition_parameters._dist_allgather_fn
-_ACTIVE: List["ZeroThreeState"] = []          # the states whose engine is inside forward or backward
+_ACTIVE: List[Optional["ZeroThreeState"]] = []    # states whose engine is inside forward or backward (None: exact)
 
 
 def refusals(config: DoubleSqueezeConfig) -> List[str]:
@@ -212,13 +212,37 @@ def attach(engine, state: ZeroThreeState) -> None:
 def _one_by_one(gather, state: ZeroThreeState):
     """A parameter's `all_gather_coalesced` that, while `state` compresses, gathers each parameter of the list on
     its own: the blocks then start at each parameter's partition, so what the model computes with does not depend
-    on which parameters DeepSpeed's prefetcher happens to group (a run resumed from a checkpoint, whose prefetcher
-    has not traced a step yet, computes with the same parameters as the run it continues)."""
+    on which parameters DeepSpeed's prefetcher happens to group. The padding of a partition (DeepSpeed allocates it
+    uninitialised) is zeroed first, so that it cannot set a block's range.
+
+    Parameters DeepSpeed keeps whole (``ds_persist``) go exactly, as all together: they are exact everywhere else
+    (the step's and the checkpoints' re-gathers), and only a step without a trace yet (a run's first, resumed or
+    not) releases them and gathers them again inside forward and backward; exact there too, a resumed run computes
+    with what the run it continues computed with."""
     @functools.wraps(gather)
     def all_gather_coalesced(params, safe_mode: bool = False, quantize: bool = False):
         params = list(params)
-        if len(params) < 2 or not _ACTIVE or _ACTIVE[-1] is not state or state.warming_up():
+        if not _ACTIVE or _ACTIVE[-1] is not state or state.warming_up():
             return gather(params, safe_mode=safe_mode, quantize=quantize)
-        return partition_parameters.MultipleAllGatherHandles(
-            [gather([p], safe_mode=safe_mode, quantize=quantize) for p in params])
+        persistent = [p for p in params if getattr(p, "ds_persist", False)]
+        handles = []
+        if persistent:
+            _ACTIVE.append(None)           # None: the dispatcher hands these to DeepSpeed's own gather
+            try:
+                handles.append(gather(persistent, safe_mode=safe_mode, quantize=quantize))
+            finally:
+                _ACTIVE.pop()
+        for p in params:
+            if not getattr(p, "ds_persist", False):
+                _zero_padding(p, state.rank)
+                handles.append(gather([p], safe_mode=safe_mode, quantize=quantize))
+        return handles[0] if len(handles) == 1 else partition_parameters.MultipleAllGatherHandles(handles)
     return all_gather_coalesced
+
+
+def _zero_padding(p, rank: int) -> None:
+    """Zero the elements of this rank's partition of `p` past the parameter's end."""
+    part = p.ds_tensor
+    real = max(0, min(part.numel(), p.ds_numel - rank * part.numel()))
+    if real < part.numel():
+        part.data.view(-1)[real:].zero_()
