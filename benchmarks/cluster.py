@@ -33,6 +33,9 @@ steps; SGD, lr 0.01):
     hvd-dsq-sign     dsq-horovodrun --dsq-compressor sign, horovod_ext.DistributedOptimizer
     ds-stock         DeepSpeed ZeRO stage 0, fp32, gradient_clipping 0
     ds-dsq-sign      deepspeed_ext.initialize with {"doublesqueeze": {"enabled": true, "compressor": "sign"}}
+    ds-zN-stock      DeepSpeed ZeRO stage N (2: overlap_comm and contiguous_gradients on; 3: DeepSpeed's defaults)
+    ds-zN-dsq-SPEC   the same with {"doublesqueeze": {"enabled": true, "compressor": SPEC}} (ZeRO-3: int8 parameter
+                     gathers); compared with ds-zN-stock, with DoubleSqueeze's persistent bytes per rank
     fsdp-stock       FSDP2: fully_shard on each Linear (reshard_after_forward=False) and on the model
     fsdp-stock-reshard   the same with the Linears resharded after forward (ZeRO-3-like: two gathers per step)
     fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign,
@@ -100,7 +103,8 @@ sys.path.insert(0, str(HERE))
 ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", "dsq-topk:0.01",
                "dsq-topk:0.01+int4", "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock",
                "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
-               "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto")
+               "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto",
+               "ds-z2-stock", "ds-z2-dsq-sign", "ds-z3-stock", "ds-z3-dsq-sign")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
 
@@ -108,7 +112,17 @@ def baseline_of(method: str):
     """The stock method a DoubleSqueeze method is compared with (None: dense DDP)."""
     if method.startswith("fsdp-dsq-"):
         return "fsdp-stock-reshard" if method.endswith("-quantized") else "fsdp-stock"
+    if method.startswith("ds-z") and "-dsq-" in method:
+        return method[:len("ds-zN")] + "-stock"
     return BASELINE.get(method)
+
+
+def zero_method(method: str):
+    """(ZeRO stage, compressor spec or None for stock) of a DeepSpeed method."""
+    if method.startswith("ds-z"):
+        stage, rest = int(method[len("ds-z")]), method[len("ds-zN-"):]
+        return stage, (None if rest == "stock" else rest[len("dsq-"):])
+    return 0, (None if method == "ds-stock" else method[len("ds-dsq-"):])
 NEEDS_ROOT = ("cluster.py: needs root (it creates network namespaces, veth pairs, a bridge and tc qdiscs); "
               "run it as root")
 
@@ -253,15 +267,19 @@ def worker(args) -> None:
         import torch.distributed as dist
 
         import deepspeed_ext
+        stage, spec = zero_method(m)
         config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 0.0,
-                  "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0}}
-        if m != "ds-stock":
-            config["doublesqueeze"] = {"enabled": True, "compressor": m[len("ds-dsq-"):]}
+                  "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True}
+        if stage == 2:
+            config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+        if spec is not None:
+            config["doublesqueeze"] = {"enabled": True, "compressor": spec, **({"guard": 0} if stage >= 2 else {})}
         engine, _, _, _ = deepspeed_ext.initialize(model=model, config=config,
                                                    optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
         rank = engine.global_rank
         barrier = dist.barrier
-        if getattr(engine, "doublesqueeze", None) is not None:
+        if getattr(engine, "doublesqueeze", None) is not None and stage < 2:
             _instrument(engine.doublesqueeze, acc)
 
         class _Opt:
@@ -293,6 +311,8 @@ def worker(args) -> None:
     for _ in range(args.warmup):
         step()
     out = {"rank": rank, "phases": {}}
+    if m.startswith("ds-z") and getattr(engine, "doublesqueeze", None) is not None:    # what DoubleSqueeze keeps
+        out["memory"] = {f"dsq_{k}": v for k, v in engine.doublesqueeze.memory_report().items()}
     if fw == "fsdp":     # persistent bytes per rank: FSDP's shards (parameters, gradients) and what install added
         local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         out["memory"] = {"param_shards": local, "grad_shards": local,
@@ -629,7 +649,7 @@ def targets(doc, bandwidths) -> dict:
     for bw in bandwidths:
         st = doc["by_bandwidth"].get(bw, {}).get("step_time_s", {})
         for m, t in st.items():
-            base = baseline_of(m) if m.startswith("fsdp-dsq-") else None
+            base = baseline_of(m) if m.startswith(("fsdp-dsq-", "ds-z")) else None
             if base in st:
                 out.setdefault(bw, {})[f"{m}_speedup_vs_{base}"] = st[base] / t
                 lines.append(f"  {bw}: {m} {t:.3f} s = {st[base] / t:.2f}x faster than {base} ({st[base]:.3f} s)")
