@@ -224,6 +224,7 @@ def _one_by_one(gather, state: ZeroThreeState):
         params = list(params)
         if not _ACTIVE or _ACTIVE[-1] is not state or state.warming_up():
             return gather(params, safe_mode=safe_mode, quantize=quantize)
+        params.sort(key=lambda p: p.ds_id)          # the same order on every rank, as DeepSpeed's own gather sorts
         persistent = [p for p in params if getattr(p, "ds_persist", False)]
         handles = []
         if persistent:
