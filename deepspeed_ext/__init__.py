@@ -42,7 +42,7 @@ def initialize_with(original, *args, **kwargs):
     """`original` (DeepSpeed's own `initialize`) with DoubleSqueeze installed when the config's section enables
     it, or with a `DoubleSqueezeAdamW` optimizer given the communication. The section is validated before the
     engine is built (a bad key or value raises ValueError naming the valid ones); a section the engine cannot
-    honour (ZeRO-3, fp16, ...) raises before any step."""
+    honour (fp16 at ZeRO 0, pipeline parallelism, ...) raises before any step."""
     read_section(_config_argument(args, kwargs))
     result = original(*args, **kwargs)
     engine = result[0]

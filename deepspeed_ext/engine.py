@@ -21,6 +21,12 @@ averaging settings keep their math: the collective receives ``g * pre`` and the 
 live in units of ``g * pre``. Clipping and the optimizer step run after, on the averaged gradient, as in stock
 DeepSpeed.
 
+fp16 (ZeRO 1; ZeRO 2 and 3 in `zero_state.py`): DeepSpeed's loss scaler multiplies the gradients by its scale,
+and the residuals are kept in those units (`loss_scale.py`: rescaled by new / old when the scale changes). Before
+anything is compressed the ranks agree whether some gradient overflowed (one all-reduce of a flag); if so every
+gradient becomes Inf, DeepSpeed skips the step on every rank, and no residual changes. ZeRO 0 under fp16 is refused:
+DeepSpeed does not scale the loss there (deepspeedai/DeepSpeed#8393).
+
 Checkpoints: `engine.save_checkpoint` also writes ``doublesqueeze_rank_XXXXX.pt`` per rank in the tag's
 folder (before DeepSpeed writes `latest`), and `engine.load_checkpoint` reads it back. A checkpoint from
 another world size (or without the files) resets the residuals with a warning; one from another
@@ -47,6 +53,7 @@ from dsq_plugins.monitoring.monitor import Monitor
 
 from . import zero2, zero3
 from .config import DoubleSqueezeSection
+from .loss_scale import LossScaleUnits, agree_on_overflow
 
 __all__ = ["DeepSpeedMonitor", "install"]
 
@@ -74,8 +81,9 @@ def _refuse_unsupported(engine, config: DoubleSqueezeConfig) -> None:
     if stage > 3:
         raise NotImplementedError(f"DoubleSqueeze supports ZeRO stages 0 to 3, not {stage}")
     reasons = {
-        "fp16 training (overflow is detected after the gradients are compressed; use bf16 or fp32)":
-            engine.fp16_enabled(),
+        "fp16 at ZeRO stage 0 (DeepSpeed does not scale the loss there, deepspeedai/DeepSpeed#8393, so the "
+        "gradients are not in the units of its loss scaler; use ZeRO stage 1 to 3 or bf16)":
+            stage == 0 and engine.fp16_enabled(),
         "mixture-of-experts layers": getattr(engine, "has_moe_layers", False),
         "sequence parallelism": getattr(engine, "sequence_parallel_size", 1) > 1,
         "ZeRO CPU offload": bool(engine.zero_cpu_offload()),
@@ -130,6 +138,20 @@ def _average(engine, named: List[Tuple[str, torch.Tensor]]) -> None:
     closed.wait()
 
 
+def _skipped_for_overflow(engine, grads: List[torch.Tensor]) -> bool:
+    """Under fp16 (`loss_scale.py`), before anything is compressed: whether some rank's gradients overflowed (then
+    every rank's become Inf, DeepSpeed skips the step and the collective counts it, no residual changes); else the
+    residuals are put in this step's loss-scale units. False without fp16."""
+    units: Optional[LossScaleUnits] = engine.doublesqueeze_loss_scale
+    if units is None:
+        return False
+    if agree_on_overflow(grads, groups._get_data_parallel_group()):
+        engine.doublesqueeze.skip_step()
+        return True
+    units.follow(engine.optimizer, engine.doublesqueeze.scale_residuals)
+    return False
+
+
 def _stage0_reduce(self, grads=None, elements_per_buffer=500000000):
     """`engine.buffered_allreduce_fallback`, with DoubleSqueeze in place of the all-reduce."""
     if grads is not None:
@@ -147,7 +169,8 @@ def _stage0_reduce(self, grads=None, elements_per_buffer=500000000):
                 raise NotImplementedError(f"parameter {name!r} has a sparse gradient; DoubleSqueeze compresses "
                                           f"dense gradients")
             named.append((name, p.grad))
-    _average(self, named)
+    if not _skipped_for_overflow(self, [g for _, g in named]):
+        _average(self, named)
 
 
 def _stage1_reduce(self, pipeline_parallel=False, *, engine):
@@ -164,7 +187,8 @@ def _stage1_reduce(self, pipeline_parallel=False, *, engine):
                 else:
                     p.grad = g
             named.append((engine.param_names[p], g))
-    _average(engine, named)
+    if not _skipped_for_overflow(engine, [g for _, g in named]):
+        _average(engine, named)
     if self.contiguous_gradients:
         self.setup_buckets()
     self.overlapping_partition_gradients_reduce_epilogue()
@@ -197,7 +221,15 @@ def save_rank_files(engine, write) -> None:
 
 def _wrap_checkpoints(engine) -> None:
     dsq = engine.doublesqueeze
-    save_rank_files(engine, lambda folder: torch.save(dsq.state_dict(), _checkpoint_file(folder, dsq.rank)))
+    units: Optional[LossScaleUnits] = engine.doublesqueeze_loss_scale
+
+    def write(folder):
+        sd = dsq.state_dict()
+        if units is not None:
+            sd["loss_scale_units"] = units.scale         # the scale the saved residuals are in units of
+        torch.save(sd, _checkpoint_file(folder, dsq.rank))
+
+    save_rank_files(engine, write)
     load = engine.load_checkpoint
 
     def load_checkpoint(load_dir, tag=None, *args, **kwargs):
@@ -213,6 +245,8 @@ def _wrap_checkpoints(engine) -> None:
             dsq.reset_residuals()
         else:
             dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
+            if units is not None:
+                units.scale = sd.get("loss_scale_units")
         return load_path, client_state
 
     load_checkpoint.__doc__ = load.__doc__
@@ -251,14 +285,16 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     if stage in (2, 3) and config.guard:
         warnings.warn(f"the quality guard does not run under ZeRO-{stage}: buckets keep their compressor "
                       "(\"guard\": 0 in the section silences this)", UserWarning, stacklevel=2)
+    engine.doublesqueeze_loss_scale = LossScaleUnits() if engine.fp16_enabled() else None
     if stage == 3:
-        engine.doublesqueeze = zero3.ZeroThreeState(optimizer, config, param_compressor, monitor)
+        engine.doublesqueeze = zero3.ZeroThreeState(optimizer, config, param_compressor, monitor,
+                                                    engine.doublesqueeze_loss_scale)
         zero3.attach(engine, engine.doublesqueeze)
         engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
         _wrap_checkpoints(engine)
         return engine
     if stage == 2:
-        engine.doublesqueeze = zero2.ZeroTwoState(optimizer, config, monitor)
+        engine.doublesqueeze = zero2.ZeroTwoState(optimizer, config, monitor, engine.doublesqueeze_loss_scale)
         zero2.attach(optimizer, engine.doublesqueeze)
         engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
         _wrap_checkpoints(engine)

@@ -46,6 +46,7 @@ from dsq_plugins.engine.codec import BlockCodec
 from dsq_plugins.engine.sharded import frame_seed
 from dsq_plugins.monitoring.monitor import Monitor
 
+from .loss_scale import LossScaleUnits
 from .zero_state import BucketLayout, ShardedZeroState, common_refusals
 
 __all__ = ["ZeroTwoState", "refusals"]
@@ -83,11 +84,12 @@ class ZeroTwoState(ShardedZeroState):
 
     FORMAT = _FORMAT
 
-    def __init__(self, optimizer, config: DoubleSqueezeConfig, monitor: Optional[Monitor] = None):
+    def __init__(self, optimizer, config: DoubleSqueezeConfig, monitor: Optional[Monitor] = None,
+                 loss_scale: Optional[LossScaleUnits] = None):
         sizes = [int(p) for p in optimizer.partition_size]
         device = optimizer.parallel_partitioned_bit16_groups[0][0].device
         W = len(optimizer.parallel_partitioned_bit16_groups[0])       # one partition per data-parallel rank
-        super().__init__(optimizer, config, monitor, sum(sizes) * W, device)
+        super().__init__(optimizer, config, monitor, sum(sizes) * W, device, loss_scale)
         self._base = [sum(s * W for s in sizes[:g]) for g in range(len(sizes))]
         self.down = BlockCodec(config.server, config.block_size)
         self.replica_rows = [parts[self.rank].detach().clone()

@@ -40,6 +40,7 @@ from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.sharded import QuantizedAllGather
 from dsq_plugins.monitoring.monitor import Monitor
 
+from .loss_scale import LossScaleUnits
 from .zero_state import BucketLayout, ShardedZeroState, common_refusals
 
 __all__ = ["ZeroThreeState", "attach", "refusals"]
@@ -86,7 +87,7 @@ class ZeroThreeState(ShardedZeroState):
     FORMAT = _FORMAT
 
     def __init__(self, optimizer, config: DoubleSqueezeConfig, param_compressor: str = "int8",
-                 monitor: Optional[Monitor] = None):
+                 monitor: Optional[Monitor] = None, loss_scale: Optional[LossScaleUnits] = None):
         params = [p for group in optimizer.fp16_groups for p in group]
         self._base: Dict[int, int] = {}
         total = 0
@@ -94,7 +95,7 @@ class ZeroThreeState(ShardedZeroState):
             self._base[p.ds_id] = total
             total += p.ds_numel
         device = params[0].ds_tensor.device if params else torch.device("cpu")
-        super().__init__(optimizer, config, monitor, total, device)
+        super().__init__(optimizer, config, monitor, total, device, loss_scale)
         self.param_compressor = param_compressor
         self.gathers = 0
         self.gathered_elements = 0

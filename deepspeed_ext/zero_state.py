@@ -10,6 +10,8 @@ from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.sharded import IndexedReduceScatter
 from dsq_plugins.monitoring.monitor import Monitor, RoundStats
 
+from .loss_scale import LossScaleUnits
+
 __all__ = ["BucketLayout", "ShardedZeroState", "common_refusals"]
 
 
@@ -48,12 +50,15 @@ class ShardedZeroState:
         step: optimizer steps taken since installation (warm-up counts them).
         skipped_steps: steps in which some bucket held a non-finite gradient on some rank.
         residual: the worker residual, float32, laid out as the subclass says (`residual_numel`).
+        loss_scale: under fp16, the loss scale the residual is in units of (`loss_scale.py`); else None. The
+            residual is then also copied at each step's first reduction, and restored from the copy when DeepSpeed
+            skips the step for an overflow (4 more bytes per element, fp16 only).
     """
 
     FORMAT = ""
 
     def __init__(self, optimizer, config: DoubleSqueezeConfig, monitor: Optional[Monitor], residual_numel: int,
-                 device):
+                 device, loss_scale: Optional[LossScaleUnits] = None):
         self.optimizer, self.config, self.monitor = optimizer, config, monitor
         self.comm = TorchDistributedCommunicator(optimizer.dp_process_group)
         self.world_size, self.rank = self.comm.size, self.comm.rank
@@ -65,12 +70,17 @@ class ShardedZeroState:
         self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
                                            config.seed)
         self._layouts: Dict[tuple, BucketLayout] = {}
+        self.loss_scale = loss_scale
+        self._at_step_start = None if loss_scale is None else torch.empty_like(self.residual)
 
     def warming_up(self) -> bool:
         return self.step < self.config.warmup_steps
 
     def reduce(self, flat: torch.Tensor, layout: BucketLayout, average: bool) -> torch.Tensor:
         """The uplink of one bucket: this rank's elements (``layout.index[rank]`` order, float32)."""
+        if self._rounds == 0 and self.loss_scale is not None:
+            self.loss_scale.follow(self.optimizer, self.residual.mul_)
+            self._at_step_start.copy_(self.residual)
         out, _ = self.uplink(self.comm, flat, layout.index, layout.position, average, self._rounds, self.step,
                              self._round)
         self._rounds += 1
@@ -81,7 +91,10 @@ class ShardedZeroState:
         warm = self.warming_up()
         result = step(*args, **kwargs)
         stats, self._round = self._round, RoundStats()
-        stats.skipped = int(stats.skipped > 0)
+        overflow = self.loss_scale is not None and bool(getattr(self.optimizer, "overflow", False))
+        if overflow and self._rounds > 0:
+            self.residual.copy_(self._at_step_start)        # DeepSpeed dropped the step: nothing of it stays
+        stats.skipped = int(stats.skipped > 0 or overflow)
         self.skipped_steps += stats.skipped
         if warm:
             stats.dense_buckets += 1

@@ -25,6 +25,9 @@ def ds_config(args) -> dict:
            "zero_allow_untested_optimizer": True}
     if args.bf16:
         cfg["bf16"] = {"enabled": True}
+    if args.fp16:
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": args.scale_power,
+                       "loss_scale_window": args.scale_window, "hysteresis": 1}
     if args.overlap_comm:
         cfg["zero_optimization"]["overlap_comm"] = True
     if args.no_contiguous:
@@ -47,6 +50,14 @@ def ds_config(args) -> dict:
     return cfg
 
 
+def fp32_master(engine, stage):
+    """The fp32 weights DeepSpeed's fp16 optimizer steps: the partition this rank owns (flat, its groups one after
+    another)."""
+    opt = engine.optimizer
+    groups = opt.fp32_partitioned_groups_flat if stage == 3 else opt.single_partition_of_fp32_groups
+    return torch.cat([p.detach().reshape(-1).clone() for p in groups])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -55,6 +66,9 @@ def main():
     ap.add_argument("--model", default="multi")
     ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with its dynamic loss scaler")
+    ap.add_argument("--scale-power", type=int, default=8, help="fp16.initial_scale_power")
+    ap.add_argument("--scale-window", type=int, default=1000, help="fp16.loss_scale_window")
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--predivide", type=float, default=1.0)
@@ -70,6 +84,7 @@ def main():
     ap.add_argument("--overlap-comm", action="store_true", help="zero_optimization.overlap_comm")
     ap.add_argument("--no-contiguous", action="store_true", help="zero_optimization.contiguous_gradients false")
     ap.add_argument("--nan-at", type=int, default=-1, help="rank 1's loss is NaN at this step")
+    ap.add_argument("--nan-param", default=None, help="with --nan-at: only this parameter's gradient is made Inf")
     ap.add_argument("--fp32-accum", action="store_true", help="data_types.grad_accum_dtype fp32")
     ap.add_argument("--bucket", type=int, default=0, help="zero_optimization.reduce_bucket_size (elements)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -86,6 +101,14 @@ def main():
         path.write_text(json.dumps(cfg))
         cfg = str(path)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    if args.fp16:
+        # DeepSpeed's CPU accelerator offers fp16 only where mkldnn has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs);
+        # torch computes in fp16 on any CPU, so this answers the capability query as such a CPU does, and
+        # DeepSpeed's own fp16 path runs: its fp16 optimizers, loss scaler and overflow checks.
+        from deepspeed.accelerator import get_accelerator
+        accelerator = type(get_accelerator())
+        accelerator.is_fp16_supported = lambda self: True
+        accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
     if args.explicit:
         import deepspeed_ext
         initialize = deepspeed_ext.initialize
@@ -104,29 +127,45 @@ def main():
 
     names = [(n, p.numel()) for n, p in engine.module.named_parameters()]
     records, losses = [], []
+    master0 = fp32_master(engine, args.stage) if args.fp16 else None
     for step in range(args.first_step, args.first_step + args.steps):
         before = {n: p.detach().float().reshape(-1).clone() for n, p in engine.module.named_parameters()}
         reference.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
         reference.zero_grad()
+        scale = float(engine.optimizer.loss_scale) if args.fp16 else 1.0
         for micro in range(args.accum):
             x, y = batch(step, micro, rank, args.model, size=8)
+            hook = None
             if step == args.nan_at and rank == 1:
-                y[0, 0] = float("nan")            # this rank's gradients become NaN at this step
+                if args.nan_param:                # one parameter's gradient becomes Inf on this rank
+                    hook = engine.module.get_parameter(args.nan_param).register_hook(lambda g: g * float("inf"))
+                else:
+                    y[0, 0] = float("nan")        # this rank's gradients become NaN at this step
             (((reference(x) - y) ** 2).mean() / args.accum).backward()
             dtype = next(engine.module.parameters()).dtype
             loss = ((engine(x.to(dtype)) - y.to(dtype)).float() ** 2).mean()
             engine.backward(loss)
+            if hook is not None:
+                hook.remove()
             engine.step()
             losses.append(loss.item())
         after = {n: p.detach().float().reshape(-1) for n, p in engine.module.named_parameters()}
         records.append({"step": step, "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
                         "c": {n: (before[n] - after[n]) / LR for n in before}})
-        if args.stage == 2 and dsq is not None:
+        if args.fp16:
+            records[-1].update(scale=scale, scale_after=float(engine.optimizer.loss_scale),
+                               ds_skipped=engine.skipped_steps)
+        if args.stage in (2, 3) and dsq is not None:
             records[-1].update(residual=dsq.residual.clone(), skipped_steps=dsq.skipped_steps)
+        if args.fp16:
+            records[-1]["master"] = fp32_master(engine, args.stage)
+        if args.stage < 2 and args.fp16 and dsq is not None:
+            w, s = residuals_by_name(dsq, names)
+            records[-1].update(worker_residual=w, server_residual=s, skipped_steps=dsq.skipped_steps)
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
 
-    result = {"records": records, "world": engine.world_size, "losses": losses, "dsq": dsq is not None,
+    result = {"master0": master0, "records": records, "world": engine.world_size, "losses": losses, "dsq": dsq is not None,
               "optimizer": type(engine.optimizer).__name__,
               "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}}
     if dsq is not None and args.stage == 2:

@@ -32,6 +32,9 @@ def main():
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
     ap.add_argument("--nan-at", type=int, default=-1, help="rank 1's loss is NaN at this step")
+    ap.add_argument("--nan-param", default=None, help="with --nan-at: only this parameter's gradient is made Inf")
+    ap.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with its dynamic loss scaler")
+    ap.add_argument("--scale-window", type=int, default=1000, help="fp16.loss_scale_window")
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
 
@@ -44,6 +47,14 @@ def main():
            "zero_allow_untested_optimizer": True,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                  "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": 0}}
+    if args.fp16:
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": args.scale_window,
+                       "hysteresis": 1}
+        # as in ds_worker.py: answer DeepSpeed's CPU fp16 capability query as an fp16-capable CPU does
+        from deepspeed.accelerator import get_accelerator
+        accelerator = type(get_accelerator())
+        accelerator.is_fp16_supported = lambda self: True
+        accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
     if args.compressor != "stock":
         cfg["doublesqueeze"] = {"enabled": True, "compressor": args.compressor, "block_size": 256, "guard": 0,
                                 **json.loads(args.dsq)}
@@ -76,18 +87,29 @@ def main():
     for step in range(args.first_step, args.first_step + args.steps):
         before = exact()
         x, y = batch(step, 0, rank, args.model, size=8)
+        hook = None
         if step == args.nan_at and rank == 1:
-            y[0, 0] = float("nan")                # this rank's gradients become NaN at this step
-        loss = ((engine(x) - y) ** 2).mean()
+            if args.nan_param:                    # one parameter's gradient becomes Inf on this rank
+                hook = params[args.nan_param].register_hook(lambda g: g * float("inf"))
+            else:
+                y[0, 0] = float("nan")            # this rank's gradients become NaN at this step
+        scale = float(engine.optimizer.loss_scale) if args.fp16 else 1.0
+        dtype = next(engine.module.parameters()).dtype
+        loss = ((engine(x.to(dtype)) - y.to(dtype)).float() ** 2).mean()
         engine.backward(loss)
         engine.step()
-        reference.load_state_dict({n: v for n, v in seen.items()})
+        if hook is not None:
+            hook.remove()
+        reference.load_state_dict({n: v.float() for n, v in seen.items()})
         reference.zero_grad()
         ((reference(x) - y) ** 2).mean().backward()
         records.append({"before": before, "after": exact(), "seen": {n: v.reshape(-1) for n, v in seen.items()},
                         "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
                         "loss": loss.item(), "residual": None if dsq is None else dsq.residual.clone(),
                         "skipped_steps": None if dsq is None else dsq.skipped_steps})
+        if args.fp16:
+            records[-1].update(scale=scale, scale_after=float(engine.optimizer.loss_scale),
+                               ds_skipped=engine.skipped_steps)
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
     result = {"records": records, "world": engine.world_size, "dsq": dsq is not None}

@@ -211,12 +211,13 @@ def test_checkpoint_resume_is_exact_and_another_world_size_resets(torchrun, tmp_
 
 
 @pytest.mark.parametrize("args,message", [(("--stage", "1", "--overlap-comm"),
-                                           "does not support zero_optimization.overlap_comm")],
-                         ids=["zero1-overlap_comm"])
+                                           "does not support zero_optimization.overlap_comm"),
+                                          (("--stage", "0", "--fp16"), "fp16 at ZeRO stage 0 (DeepSpeed does not "
+                                                                       "scale the loss there")],
+                         ids=["zero1-overlap_comm", "zero0-fp16"])
 def test_a_section_the_engine_cannot_honour_fails_before_training(torchrun, tmp_path, args, message):
     """A script that calls deepspeed.initialize with the section on a stage or setting it does not fit: the reason
-    is raised from deepspeed.initialize itself, before any step; nothing trains dense. (fp16 is refused too, but
-    DeepSpeed's CPU accelerator refuses it first.)"""
+    is raised from deepspeed.initialize itself, before any step; nothing trains dense."""
     _, proc = run(torchrun, tmp_path, 2, *args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr

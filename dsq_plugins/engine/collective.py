@@ -515,7 +515,30 @@ class DoubleSqueezeCollective:
                 if t is not None:
                     t.zero_()
 
+    def scale_residuals(self, factor: float) -> None:
+        """Multiply every residual, worker's and server's, by `factor`: the gradients' units changed (a loss
+        scaler's new scale over the old), and the mass the residuals hold follows them, so that what they deliver
+        in gradient units is unchanged."""
+        for state in set(self._holder.values()):
+            for t in (state.e_full, state.e_tail, state.s_full, state.s_tail):
+                if t is not None:
+                    t.mul_(factor)
+        for w, s in self._loaded.values():
+            for t in (w, s):
+                if t is not None:
+                    t.mul_(factor)
+
     # -- steps, counters, monitoring -----------------------------------------------------------------------
+    def skip_step(self) -> RoundStats:
+        """A step its framework skips before any reduction (a loss scaler's overflow that every rank agreed on):
+        the step advances and counts as skipped; no residual changes. Call it with no reduction in flight."""
+        step = self.advance_step()
+        with self._lock:
+            r = self._rounds.setdefault(step, _Round())
+        r.stats.skipped += 1
+        self._skipped_host += 1
+        return self.close_step(step)
+
     def _count(self, ex: Exchange, t0: float) -> None:
         state, r = ex.state, ex.stats
         plan = state.plan
