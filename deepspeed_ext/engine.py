@@ -28,11 +28,13 @@ gradient becomes Inf, DeepSpeed skips the step on every rank, and no residual ch
 DeepSpeed does not scale the loss there (deepspeedai/DeepSpeed#8393).
 
 Checkpoints: `engine.save_checkpoint` also writes ``doublesqueeze_rank_XXXXX.pt`` per rank in the tag's
-folder (before DeepSpeed writes `latest`), and `engine.load_checkpoint` reads it back. A checkpoint from
-another world size (or without the files) resets the residuals with a warning; one from another
-DoubleSqueeze config is refused.
+folder (before DeepSpeed writes `latest`), and `engine.load_checkpoint` reads it back. A checkpoint from another
+world size (DeepSpeed loads one at ZeRO 0 only) is resumed from every rank's file with the residuals' mass kept
+(`dsq_plugins.engine.reshard`); one without the files starts the residuals from zero with a warning; one from
+another DoubleSqueeze config is refused.
 """
 import functools
+import glob
 import os
 import types
 import warnings
@@ -49,6 +51,7 @@ from dsq_plugins.engine.collective import DoubleSqueezeCollective
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.pipeline import BucketPipeline, grad_or_zeros, outputs_for, plan_buckets, write_back
 from dsq_plugins.engine.policy import TensorInfo, infer_roles
+from dsq_plugins.engine.reshard import reshard_state_dicts
 from dsq_plugins.monitoring.monitor import Monitor
 
 from . import zero2, zero3
@@ -236,17 +239,25 @@ def _wrap_checkpoints(engine) -> None:
         load_path, client_state = load(load_dir, tag, *args, **kwargs)
         if load_path is None:
             return load_path, client_state
-        path = _checkpoint_file(os.path.dirname(load_path), dsq.rank)
+        folder = os.path.dirname(load_path)
+        path = _checkpoint_file(folder, dsq.rank)
         sd = torch.load(path, weights_only=False) if os.path.isfile(path) else None
-        if sd is None or sd.get("world_size") != dsq.world_size:
-            found = "no DoubleSqueeze state" if sd is None else f"world size {sd.get('world_size')}"
-            warnings.warn(f"checkpoint {os.path.dirname(load_path)} has {found} for this rank ({dsq.rank} of "
-                          f"{dsq.world_size}): DoubleSqueeze residuals start from zero")
-            dsq.reset_residuals()
+        every = sorted(glob.glob(os.path.join(folder, _FILE.replace("{:05d}", "*"))))
+        if sd is not None and sd.get("world_size") == dsq.world_size:
+            pass
+        elif every and isinstance(dsq, DoubleSqueezeCollective):
+            # another number of ranks (DeepSpeed allows it at ZeRO 0): every rank's file, the mass kept
+            sd = reshard_state_dicts([torch.load(f, weights_only=False) for f in every], dsq.world_size, dsq.rank)
         else:
-            dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
-            if units is not None:
-                units.scale = sd.get("loss_scale_units")
+            found = ("no DoubleSqueeze state" if not every else
+                     "ZeRO-2/3 residuals of another world size (they resume on as many ranks only)")
+            warnings.warn(f"checkpoint {folder} has {found} for this rank ({dsq.rank} of {dsq.world_size}): "
+                          f"DoubleSqueeze residuals start from zero")
+            dsq.reset_residuals()
+            return load_path, client_state
+        dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
+        if units is not None:
+            units.scale = sd.get("loss_scale_units")
         return load_path, client_state
 
     load_checkpoint.__doc__ = load.__doc__

@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--expect-load-error", action="store_true")
     ap.add_argument("--pickled", action="store_true", help="resume from the pickled state, not state_dict()")
     ap.add_argument("--load-rank", type=int, default=-1, help="load this rank's checkpoint on every rank")
+    ap.add_argument("--load-all", action="store_true", help="resume from every saved rank's state (load_resharded)")
 
     ap.add_argument("--policy", default=None, help="DoubleSqueezeConfig.policy, as text")
     ap.add_argument("--guard", type=float, default=0.1)
@@ -78,9 +79,15 @@ def train(args, spec, out: Path, early):
 
     if args.load:
         src = rank if args.load_rank < 0 else args.load_rank
-        ckpt = torch.load(f"{args.load}/ckpt_rank{src}.pt", weights_only=False)
+        if args.load_all:
+            every = [torch.load(f, weights_only=False) for f in sorted(Path(args.load).glob("ckpt_rank*.pt"))]
+            ckpt = every[0]
+        else:
+            ckpt = torch.load(f"{args.load}/ckpt_rank{src}.pt", weights_only=False)
         try:
-            if args.pickled:
+            if args.load_all:
+                state.load_resharded([c["dsq"] for c in every])
+            elif args.pickled:
                 state = pickle.loads(ckpt["pickled"])
             else:
                 state.load_state_dict(ckpt["dsq"])

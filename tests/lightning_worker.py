@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--devices", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -61,7 +62,7 @@ def main():
     if args.save_every:
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_every, save_top_k=-1,
                                          filename="{step}"))
-    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=args.steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, max_steps=args.steps, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(args.save_every),
                         callbacks=callbacks,
                         strategy=DDPStrategy(process_group_backend="gloo", ddp_comm_state=state,

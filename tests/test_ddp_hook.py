@@ -167,6 +167,66 @@ def test_state_from_other_world_size_or_config_is_refused(torchrun, tmp_path):
     assert "compressor" in msg and "sign" in msg and "topk:0.1" in msg
 
 
+def _total(ranks, steps, key):
+    """Per parameter, the sum over `steps` of the records' mean over ranks of `key` ("c" or "g")."""
+    names = ranks[0]["records"][0]["c"]
+    return {n: sum(sum(r["records"][t][key][n] for r in ranks) / len(ranks) for t in steps) for n in names}
+
+
+@pytest.mark.parametrize("resumed_on", [3, 1])
+def test_resume_on_another_number_of_ranks_keeps_the_residuals_mass(torchrun, tmp_path, resumed_on):
+    """2 ranks save after step 3; `resumed_on` ranks resume from every rank's state (`load_resharded`) and train 3
+    more steps. The mass the residuals held is delivered, not dropped: over both runs, the updates applied sum to
+    the mean gradients minus the residuals at the end (the conservation law across the resume). Starting the
+    residuals afresh breaks it by the saved residuals' mass."""
+    saved = run(torchrun, tmp_path, 2, "--compressor", "sign", "--steps", "3", "--save-at", "3", name="saved")
+    resumed = run(torchrun, tmp_path, resumed_on, "--compressor", "sign", "--steps", "3", "--first-step", "3",
+                  "--load", tmp_path / "saved", "--load-all", name="resumed")
+    assert all(r["step"] == 6 for r in resumed)
+    assert_same_update_everywhere(resumed)
+    applied = {n: a + b for (n, a), b in zip(_total(saved, range(3), "c").items(),
+                                            _total(resumed, range(3), "c").values())}
+    true = {n: a + b for (n, a), b in zip(_total(saved, range(3), "g").items(),
+                                         _total(resumed, range(3), "g").values())}
+    mass = 0.0
+    for n, c0 in applied.items():
+        worker = sum(r["worker_residual"].get(n, torch.zeros_like(c0)) for r in resumed) / resumed_on
+        server = sum(r["server_residual"].get(n, torch.zeros_like(c0)) for r in resumed)
+        torch.testing.assert_close(applied[n], true[n] - worker - server, rtol=0, atol=1e-5 * (1 + float(
+            true[n].abs().max())), msg=lambda m: f"conservation across the resume broken for {n}: {m}")
+    for r in saved:
+        mass += sum(float(e.abs().sum()) for e in r["worker_residual"].values())
+    assert mass > 1.0, "the saved run held little residual: the test would not see it dropped"
+
+
+def test_resharded_states_keep_the_mass_block_by_block(torchrun, tmp_path):
+    """`reshard_state_dicts` on 3 saved ranks' states, for 2, 4 and 3 ranks: every new rank's worker residual is
+    the old mean; the new owners' server residuals, put in place, sum to the old sum block by block; 3 ranks get
+    their own states back unchanged."""
+    from dsq_plugins.engine.plan import expand_owned
+    from dsq_plugins.engine.reshard import reshard_state_dicts
+    run(torchrun, tmp_path, 3, "--compressor", "sign", "--steps", "2", "--save-at", "2", name="saved")
+    old = [torch.load(tmp_path / "saved" / f"ckpt_rank{r}.pt", weights_only=False)["dsq"] for r in range(3)]
+    B = old[0]["config"]["block_size"]
+    numels = old[0]["numels"]
+    old_server = {k: sum(expand_owned(k, sd["server_residuals"][k], numels[k], B, 3, r) for r, sd in enumerate(old)
+                         if k in sd["server_residuals"]) for k in numels}
+    assert any(float(s.abs().sum()) > 0 for s in old_server.values())
+    for W in (2, 4):
+        new = [reshard_state_dicts(list(reversed(old)), W, r) for r in range(W)]
+        for k in old[0]["worker_residuals"]:
+            mean = sum(sd["worker_residuals"][k] for sd in old) / 3
+            for sd in new:
+                torch.testing.assert_close(sd["worker_residuals"][k], mean, rtol=0, atol=0)
+        for k, total in old_server.items():
+            placed = sum(expand_owned(k, sd["server_residuals"][k], numels[k], B, W, r) for r, sd in enumerate(new))
+            torch.testing.assert_close(placed, total, rtol=0, atol=0)
+        assert all(sd["step"] == old[0]["step"] and sd["world_size"] == W for sd in new)
+    assert [reshard_state_dicts(old, 3, r) for r in range(3)] == old
+    with pytest.raises(ValueError, match="every rank of one run"):
+        reshard_state_dicts(old[:2], 2, 0)
+
+
 def test_nan_gradient_is_skipped_on_all_ranks(torchrun, tmp_path):
     ranks = run(torchrun, tmp_path, 3, "--compressor", "sign", "--steps", "6", "--nan-at", "3", "--nan-rank", "1")
     for r in ranks:

@@ -113,6 +113,19 @@ def test_lightning_ddp_strategy_with_the_hook_equals_simulator_and_resumes(tmp_p
         assert rb["step"] == 6
         assert torch.equal(ra["params"]["weight"], rb["params"]["weight"])
         assert torch.equal(ra["worker_residual"]["weight"], rb["worker_residual"]["weight"])
+    # on 3 ranks from the same checkpoint: the residuals redistributed, the conservation law holds across the resume
+    three = tmp_path / "three"
+    job("lightning_worker.py", three, "--steps", "5", "--devices", "3", "--resume", full / "ckpt" / "step=3.ckpt",
+        nproc=3, private_net=False)
+    c = [torch.load(three / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    assert all(r["step"] == 5 and len(r["records"]) == 2 for r in c)
+    applied = sum(a[0]["records"][t]["c"]["weight"] for t in range(3)) + \
+        sum(c[0]["records"][t]["c"]["weight"] for t in range(2))
+    true = sum(sum(r["records"][t]["g"]["weight"] for r in a) / 2 for t in range(3)) + \
+        sum(sum(r["records"][t]["g"]["weight"] for r in c) / 3 for t in range(2))
+    held = sum(r["worker_residual"]["weight"] for r in c) / 3 + sum(r["server_residual"]["weight"] for r in c)
+    torch.testing.assert_close(applied, true - held, rtol=0, atol=2e-5)
+    assert float(a[0]["worker_residual"]["weight"].abs().sum()) > 1.0
 
 
 # ------------------------------------------------------------------------------------------------ Accelerate

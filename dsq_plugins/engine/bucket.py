@@ -551,6 +551,10 @@ class BucketState:
                 if t < p.T_me and p.owned_tail[p.rank][t] == s.tail_row:
                     self.s_tail[t].zero_()
 
+    def numel(self, key) -> int:
+        """Elements of tensor `key`."""
+        return self._span(key).numel
+
     def _span(self, key):
         return self.compressed_keys[key]
 

@@ -128,6 +128,7 @@ class DoubleSqueezeCollective:
         self.flushes = 0                   # tensors whose residuals went out with a dense reduction (auto, guard)
         self._holder: Dict[Hashable, BucketState] = {}
         self._loaded: Dict[Hashable, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        self._loaded_numels: Dict[Hashable, int] = {}
         self._scratch = Scratch()
         self._lock = threading.Lock()
 
@@ -627,8 +628,11 @@ class DoubleSqueezeCollective:
 
     def state_dict(self) -> dict:
         """Everything needed for an exact resume of this rank (each rank saves its own): residuals by tensor
-        key, step, counters, config."""
-        return dict(self._identity(), step=self.step, skipped_steps=self.skipped_steps,
+        key, step, counters, config, and each tensor's element count (`numels`: with every rank's state,
+        `engine.reshard.reshard_state_dicts` resumes on another number of ranks)."""
+        numels = dict(self._loaded_numels)
+        numels.update({key: state.numel(key) for key, state in self._holder.items()})
+        return dict(self._identity(), step=self.step, skipped_steps=self.skipped_steps, numels=numels,
                     totals=self.totals.as_dict(), auto=None if self.auto is None else self.auto.state_dict(),
                     guard=None if self.guard is None else self.guard.state_dict(),
                     worker_residuals={k: v.detach().cpu().clone() for k, v in self.worker_residuals().items()},
@@ -643,7 +647,8 @@ class DoubleSqueezeCollective:
         for name in ("world_size", "rank"):
             if sd.get(name) != mine[name]:
                 raise ValueError(f"cannot load a DoubleSqueeze state saved with {name}={sd.get(name)} into one "
-                                 f"with {name}={mine[name]}: residuals are per rank and per owned block")
+                                 f"with {name}={mine[name]}: residuals are per rank and per owned block (with "
+                                 f"every rank's state, `load_resharded` resumes on another number of ranks)")
         saved = sd.get("config", {})
         if saved != mine["config"]:
             diff = {k: (saved.get(k), v) for k, v in mine["config"].items() if saved.get(k) != v}
@@ -662,6 +667,7 @@ class DoubleSqueezeCollective:
             self.guard.load_state_dict(sd["guard"])
         worker, server = sd["worker_residuals"], sd["server_residuals"]
         self.reset_residuals()
+        self._loaded_numels = dict(sd.get("numels", {}))
         for key in set(worker) | set(server):
             w, s = worker.get(key), server.get(key)
             state = self._holder.get(key)

@@ -23,7 +23,7 @@ iteration, and which a resumed process starts afresh) does not change the result
 order the hook first sees them (DDP's initial bucket order: the same in every process for the same model and DDP
 arguments); residuals, seeds and `state_dict` use that number.
 """
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
 from ..engine.pipeline import BucketPipeline
 from ..engine.policy import TensorInfo, infer_roles, roles_from_shape, unwrap
+from ..engine.reshard import reshard_state_dicts
 from ..monitoring.monitor import Monitor, RoundStats
 
 __all__ = ["DoubleSqueezeState", "doublesqueeze_hook"]
@@ -279,6 +280,21 @@ class DoubleSqueezeState:
             self.bind_process_group()
         self.drain()
         self.collective.load_state_dict(sd)
+
+    def load_resharded(self, state_dicts: Sequence[dict]) -> None:
+        """Resume from the `state_dict()` of every rank of a run on any number of ranks: this rank's own, exactly,
+        if that run had as many ranks as this process group; else with the residuals redistributed so that their
+        mass is kept (every rank's worker residual is the old mean, each block's server residual goes to its new
+        owner: `dsq_plugins.engine.reshard`). Call it once the process group exists, on every rank."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("load_resharded needs the process group (it resumes this rank of it); for a state "
+                               "saved by as many ranks, load_state_dict works before it exists")
+        for sd in state_dicts:
+            if sd.get("format") != _FORMAT:
+                raise ValueError(f"not a DoubleSqueezeState.state_dict() of this version (format "
+                                 f"{sd.get('format')!r}, expected {_FORMAT!r})")
+        world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+        self.load_state_dict(reshard_state_dicts(list(state_dicts), world, rank))
 
     def drain(self) -> None:
         """Wait until every bucket handed to the communication thread is done."""

@@ -9,11 +9,14 @@
 At the start of training the callback registers `doublesqueeze_hook` on the Trainer's DDP model (which Accelerate
 builds inside `train()`, hence the trainer reference); every checkpoint the Trainer saves gets this rank's state
 as ``doublesqueeze_rank_XXXXX.pt`` beside the model, and a resumed run (``global_step`` > 0 at the start) loads it back
-from ``output_dir/checkpoint-{global_step}`` (or `resume_from`), so the residuals continue exactly.
+from ``output_dir/checkpoint-{global_step}`` (or `resume_from`), so the residuals continue exactly. Resumed on another
+number of processes, every rank reads every rank's file and the residuals are redistributed with their mass kept
+(`DoubleSqueezeState.load_resharded`).
 
 With DeepSpeed (``TrainingArguments(deepspeed=...)``) use the config's "doublesqueeze" section instead: it needs no
 callback (see `deepspeed_ext`), and this callback refuses to run beside it.
 """
+import glob
 import os
 from typing import Optional
 
@@ -63,10 +66,16 @@ class DoubleSqueezeCallback(TrainerCallback):
         if state.global_step > 0:
             folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, STATE_FILE.format(rank=args.process_index))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"resuming at step {state.global_step}, but {path} (this rank's DoubleSqueeze "
-                                        f"residuals) is missing; pass resume_from= the checkpoint folder")
-            self.state.load_state_dict(torch.load(path, weights_only=False))
+            every = sorted(glob.glob(os.path.join(folder, STATE_FILE.replace("{rank:05d}", "*"))))
+            if not every:
+                raise FileNotFoundError(f"resuming at step {state.global_step}, but {folder} holds no DoubleSqueeze "
+                                        f"residuals ({os.path.basename(path)}...); pass resume_from= the checkpoint "
+                                        f"folder")
+            mine = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+            if mine is not None and mine.get("world_size") == args.world_size:
+                self.state.load_state_dict(mine)
+            else:                                  # saved by another number of ranks: all files, the mass kept
+                self.state.load_resharded([torch.load(f, weights_only=False) for f in every])
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -15,7 +15,8 @@ The callback does two things Lightning does not:
   not (the `DDPStrategy` arguments may then be left out);
 - Lightning writes a checkpoint from rank 0 only, and residuals are per rank: the callback gathers every rank's
   `state_dict()` into the checkpoint (key ``"doublesqueeze"``, a list by global rank) and each rank loads its own on
-  resume. A checkpoint from another world size is refused with the reason.
+  resume. A checkpoint from another number of ranks is resumed with the residuals redistributed, their mass kept
+  (`DoubleSqueezeState.load_resharded`); under ModelParallelStrategy it is refused with the reason.
 Under Lightning's ModelParallelStrategy (FSDP2, `fully_shard` in ``configure_model``), `FSDPDoubleSqueezeCallback`
 installs `dsq_plugins.fsdp` on the LightningModule once the strategy has set it up, and saves and restores the
 residuals the same way (into the checkpoint's metadata file, beside the distributed checkpoint)::
@@ -55,6 +56,9 @@ class _RanksInCheckpoint(Callback):
         every = checkpoint.get(CHECKPOINT_KEY)
         if every is None:
             return                                        # a checkpoint from a run without DoubleSqueeze
+        if isinstance(self.state, DoubleSqueezeState):
+            self.state.load_resharded(every)             # its own state if the run had as many ranks
+            return
         if len(every) != trainer.world_size:
             raise ValueError(f"this checkpoint holds DoubleSqueeze residuals of {len(every)} ranks, the run has "
                              f"{trainer.world_size}: residuals are per rank and per owned block")
