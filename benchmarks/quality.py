@@ -21,6 +21,10 @@ Methods (each one word):
     fsdp:SPEC[@downlink=D][@reshard=True][@residual_dtype=T][@K=V...]
                         FSDP2 with `dsq_plugins.fsdp.install` (D: delta, quantized or dense; reshard: the blocks
                         reshard after forward, as ZeRO-3; T: the worker residuals' dtype, e.g. bfloat16)
+    zeroN               stock DeepSpeed ZeRO stage N (2 or 3; `overlap_comm`, `contiguous_gradients`), fp32
+    zeroN:SPEC[@residual_dtype=T][@param_compressor=P][@K=V...]
+                        the same with the config's "doublesqueeze" section (T: fp32 or bf16, the worker residual's
+                        storage; P: ZeRO-3's parameter gathers, default int8)
     powersgd[:R]        torch's PowerSGD hook, rank R (default 2), 10 dense warm-up steps, the whole model in one DDP
                         bucket (with more than one it deadlocks or aborts on gloo)
     SPEC[@K=V...]       DoubleSqueezeConfig(compressor=SPEC, K=V...): ``sign``, ``sign@noef`` (no residual on either
@@ -77,13 +81,18 @@ def parse_method(method: str):
         return "fsdp", {}
     if method.startswith("fsdp:"):
         return "fsdp", _options(*method[len("fsdp:"):].split("@"))
+    for stage in ("zero2", "zero3"):
+        if method == stage:
+            return stage, {}
+        if method.startswith(stage + ":"):
+            return stage, _options(*method[len(stage) + 1:].split("@"))
     if method.startswith("adamw:"):          # DoubleSqueezeAdamW: adamw:SPEC[@warmup=N][@K=V...]
         return "adamw", _options(*method[len("adamw:"):].split("@"))
     return "dsq", _options(*method.split("@"))
 
 
 _TEXT_OPTIONS = ("server_compressor", "candidates", "fallback", "warmup_compressor", "downlink", "residual_dtype",
-                 "policy")
+                 "policy", "param_compressor")
 
 
 def _options(spec: str, *opts: str) -> dict:
@@ -165,28 +174,48 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
         opt = torch.optim.AdamW(groups, lr=args.lr)
     else:
         opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    engine = None
+    if kind in ("zero2", "zero3"):
+        engine = _deepspeed_engine(args, kind, opts, model, opt)
+        ddp = engine
+    evaluate = task.evaluate
+    if kind == "zero3":                  # the parameters are partitioned: gather them whole to evaluate
+        import deepspeed
+
+        def evaluate(m):
+            with deepspeed.zero.GatheredParameters(list(m.parameters())):
+                return task.evaluate(m)
     curve, diverged, t0 = [], False, time.perf_counter()
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x, y = task.batch_for(step, rank)
         loss = task.loss(ddp, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        if engine is not None:           # DeepSpeed: its backward and step (clipping: its config)
+            engine.backward(loss)
+            engine.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
         if not math.isfinite(float(loss.detach())):
             diverged = True
             break
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            curve.append((step + 1, task.evaluate(model)["val_loss"]))
+            curve.append((step + 1, evaluate(model)["val_loss"]))
     seconds = time.perf_counter() - t0
-    final = task.evaluate(model) if not diverged else {"val_loss": float("nan")}
+    final = evaluate(model) if not diverged else {"val_loss": float("nan")}
     steps_done = step + 1
     dense_bytes = 2 * (world - 1) / world * numel * 4          # a ring all-reduce, per rank per step
-    if kind == "dense" or (kind == "fsdp" and fsdp_state is None):
-        sent = dense_bytes * steps_done             # FSDP2: a reduce-scatter and an all-gather, the same bytes
+    dsq_zero = getattr(engine, "doublesqueeze", None)
+    if kind == "dense" or (kind == "fsdp" and fsdp_state is None) or (kind == "zero2" and dsq_zero is None):
+        sent = dense_bytes * steps_done     # FSDP2 and ZeRO-2: a reduce-scatter and an all-gather, the same bytes
+    elif kind == "zero3" and dsq_zero is None:
+        sent = 1.5 * dense_bytes * steps_done         # a reduce-scatter, and all-gathers in forward and backward
+    elif dsq_zero is not None:
+        sent = dsq_zero.totals.bytes_sent
     elif kind == "fsdp":
         sent = fsdp_state.totals.bytes_sent
     elif kind == "dsq":
@@ -204,6 +233,9 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     out = dict(method=method, kind=kind, options=opts, val_loss=final["val_loss"], accuracy=final.get("accuracy"),
                diverged=diverged or not math.isfinite(final["val_loss"]), steps=steps_done, seconds=seconds,
                bytes_per_step=max(sent_all) / steps_done, dense_bytes_per_step=dense_bytes, curve=curve)
+    if dsq_zero is not None:
+        out["config"] = dsq_zero.config.to_dict()
+        out["memory"] = dsq_zero.memory_report()
     if fsdp_state is not None:
         out["config"] = fsdp_state.config.to_dict()
         out["downlink"] = fsdp_state.downlink.value
@@ -221,6 +253,22 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     if counted.get("restore"):
         counted["restore"]()
     return out
+
+
+def _deepspeed_engine(args, kind: str, opts: dict, model, optimizer):
+    """A DeepSpeed engine at ZeRO stage 2 or 3 (fp32, `overlap_comm` and `contiguous_gradients` as the Trainer's
+    documented configs; ZeRO-3 keeps no parameter whole), with the "doublesqueeze" section when `opts` name a
+    compressor."""
+    import deepspeed
+    cfg = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10 ** 9, "gradient_clipping": args.clip,
+           "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": int(kind[-1]), "overlap_comm": True, "contiguous_gradients": True}}
+    if kind == "zero3":     # every parameter partitioned and gathered (none kept whole, whose gathers go uncounted)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if opts:
+        cfg["doublesqueeze"] = dict(opts, enabled=True, guard=opts.get("guard", 0.0))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    return engine
 
 
 def _dsq_report(state) -> dict:

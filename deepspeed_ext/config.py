@@ -6,14 +6,16 @@
                        "block_size": 4096, "guard": 0.1, "fallback": "int4:128",
                        "policy": {"role:embedding": "int8", "role:norm": "dense"}}}
 
-Every key is optional; the defaults are `dsq_plugins.DoubleSqueezeConfig`'s.
+Every key is optional; the defaults are `dsq_plugins.DoubleSqueezeConfig`'s. Two keys belong to the sharded stages
+only: ``"param_compressor"`` (ZeRO-3's parameter gathers, default ``"int8"``) and ``"residual_dtype"`` (ZeRO-2/3's
+worker residual, ``"fp32"`` or ``"bf16"``).
 
 Absent, or ``"enabled": false``, means stock DeepSpeed (with a warning when the section holds other settings).
 """
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
@@ -51,6 +53,8 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
     policy: Optional[Union[Dict[str, str], List[List[str]], str]] = None
     # ZeRO-3 only: the compressor of the parameter all-gathers (no residual: every rank computes with Q(x))
     param_compressor: str = "int8"
+    # ZeRO-2/3 only: the worker residual's storage ("bf16": half the memory; the compensation still runs in fp32)
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"
     # DeepSpeedConfigModel drops every "auto" value (the Hugging Face Trainer's placeholder) before validation;
     # ours is a real choice, so `read_section` takes it out first and keeps it here.
     _auto: bool = PrivateAttr(False)
@@ -73,7 +77,7 @@ class DoubleSqueezeSection(DeepSpeedConfigModel):
         return get_compressor(spec).spec     # ValueError names the valid ones
 
     def to_config(self) -> DoubleSqueezeConfig:
-        d = self.model_dump(exclude={"enabled", "param_compressor"})
+        d = self.model_dump(exclude={"enabled", "param_compressor", "residual_dtype"})
         d["policy"] = [tuple(p) for p in d["policy"] or ()]
         if self._auto:
             d["compressor"] = AUTO

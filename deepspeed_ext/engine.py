@@ -279,8 +279,9 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     if isinstance(config, dict):
         config = DoubleSqueezeSection(**dict(config, enabled=True))
     param_compressor = DoubleSqueezeSection.model_fields["param_compressor"].default
+    residual_dtype = DoubleSqueezeSection.model_fields["residual_dtype"].default
     if isinstance(config, DoubleSqueezeSection):
-        param_compressor = config.param_compressor
+        param_compressor, residual_dtype = config.param_compressor, config.residual_dtype
         config = config.to_config()
     if not isinstance(config, DoubleSqueezeConfig):
         raise TypeError(f"config must be a DoubleSqueezeConfig, a DoubleSqueezeSection or a dict, got "
@@ -293,19 +294,24 @@ def install(engine, config, monitor: Optional[Monitor] = None):
     if stage != 3 and param_compressor != DoubleSqueezeSection.model_fields["param_compressor"].default:
         raise ValueError(f"\"param_compressor\" compresses ZeRO-3's parameter gathers; this engine runs ZeRO "
                          f"stage {stage}: leave it out")
+    if stage < 2 and residual_dtype != DoubleSqueezeSection.model_fields["residual_dtype"].default:
+        raise ValueError(f"\"residual_dtype\" stores ZeRO-2/3's worker residual; this engine runs ZeRO stage "
+                         f"{stage}, whose residuals are in the gradients' dtype: leave it out")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[residual_dtype]
     if stage in (2, 3) and config.guard:
         warnings.warn(f"the quality guard does not run under ZeRO-{stage}: buckets keep their compressor "
                       "(\"guard\": 0 in the section silences this)", UserWarning, stacklevel=2)
     engine.doublesqueeze_loss_scale = LossScaleUnits() if engine.fp16_enabled() else None
     if stage == 3:
         engine.doublesqueeze = zero3.ZeroThreeState(optimizer, config, param_compressor, monitor,
-                                                    engine.doublesqueeze_loss_scale)
+                                                    engine.doublesqueeze_loss_scale, dtype)
         zero3.attach(engine, engine.doublesqueeze)
         engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
         _wrap_checkpoints(engine)
         return engine
     if stage == 2:
-        engine.doublesqueeze = zero2.ZeroTwoState(optimizer, config, monitor, engine.doublesqueeze_loss_scale)
+        engine.doublesqueeze = zero2.ZeroTwoState(optimizer, config, monitor, engine.doublesqueeze_loss_scale,
+                                                  dtype)
         zero2.attach(optimizer, engine.doublesqueeze)
         engine.coalesce_grad_reduction = types.MethodType(_refuse_coalesced, engine)
         _wrap_checkpoints(engine)

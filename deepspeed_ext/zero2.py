@@ -85,11 +85,11 @@ class ZeroTwoState(ShardedZeroState):
     FORMAT = _FORMAT
 
     def __init__(self, optimizer, config: DoubleSqueezeConfig, monitor: Optional[Monitor] = None,
-                 loss_scale: Optional[LossScaleUnits] = None):
+                 loss_scale: Optional[LossScaleUnits] = None, residual_dtype: torch.dtype = torch.float32):
         sizes = [int(p) for p in optimizer.partition_size]
         device = optimizer.parallel_partitioned_bit16_groups[0][0].device
         W = len(optimizer.parallel_partitioned_bit16_groups[0])       # one partition per data-parallel rank
-        super().__init__(optimizer, config, monitor, sum(sizes) * W, device, loss_scale)
+        super().__init__(optimizer, config, monitor, sum(sizes) * W, device, loss_scale, residual_dtype)
         self._base = [sum(s * W for s in sizes[:g]) for g in range(len(sizes))]
         self.down = BlockCodec(config.server, config.block_size)
         self.replica_rows = [parts[self.rank].detach().clone()
@@ -212,7 +212,7 @@ class ZeroTwoState(ShardedZeroState):
 
     def memory_report(self) -> Dict[str, int]:
         """Bytes DoubleSqueeze keeps per rank beside ZeRO-2's own: the worker residual and the copy's rows."""
-        return {"worker_residual": self.residual.numel() * 4,
+        return {"worker_residual": self.residual.numel() * self.residual.element_size(),
                 "replica_rows": sum(r.numel() * r.element_size() for r in self.replica_rows)}
 
     def state_dict(self) -> dict:

@@ -87,7 +87,8 @@ class ZeroThreeState(ShardedZeroState):
     FORMAT = _FORMAT
 
     def __init__(self, optimizer, config: DoubleSqueezeConfig, param_compressor: str = "int8",
-                 monitor: Optional[Monitor] = None, loss_scale: Optional[LossScaleUnits] = None):
+                 monitor: Optional[Monitor] = None, loss_scale: Optional[LossScaleUnits] = None,
+                 residual_dtype: torch.dtype = torch.float32):
         params = [p for group in optimizer.fp16_groups for p in group]
         self._base: Dict[int, int] = {}
         total = 0
@@ -95,7 +96,7 @@ class ZeroThreeState(ShardedZeroState):
             self._base[p.ds_id] = total
             total += p.ds_numel
         device = params[0].ds_tensor.device if params else torch.device("cpu")
-        super().__init__(optimizer, config, monitor, total, device, loss_scale)
+        super().__init__(optimizer, config, monitor, total, device, loss_scale, residual_dtype)
         self.param_compressor = param_compressor
         self.gathers = 0
         self.gathered_elements = 0
@@ -171,7 +172,7 @@ class ZeroThreeState(ShardedZeroState):
         return {}
 
     def memory_report(self) -> Dict[str, int]:
-        return {"worker_residual": self.residual.numel() * 4}
+        return {"worker_residual": self.residual.numel() * self.residual.element_size()}
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), param_compressor=self.param_compressor)

@@ -49,7 +49,8 @@ class ShardedZeroState:
         config: the `DoubleSqueezeConfig`.
         step: optimizer steps taken since installation (warm-up counts them).
         skipped_steps: steps in which some bucket held a non-finite gradient on some rank.
-        residual: the worker residual, float32, laid out as the subclass says (`residual_numel`).
+        residual: the worker residual, laid out as the subclass says (`residual_numel`): float32, or bfloat16
+            (``"residual_dtype": "bf16"``: half the memory; the compensation ``g + e`` still runs in float32).
         loss_scale: under fp16, the loss scale the residual is in units of (`loss_scale.py`); else None. The
             residual is then also copied at each step's first reduction, and restored from the copy when DeepSpeed
             skips the step for an overflow (4 more bytes per element, fp16 only).
@@ -58,7 +59,7 @@ class ShardedZeroState:
     FORMAT = ""
 
     def __init__(self, optimizer, config: DoubleSqueezeConfig, monitor: Optional[Monitor], residual_numel: int,
-                 device, loss_scale: Optional[LossScaleUnits] = None):
+                 device, loss_scale: Optional[LossScaleUnits] = None, residual_dtype: torch.dtype = torch.float32):
         self.optimizer, self.config, self.monitor = optimizer, config, monitor
         self.comm = TorchDistributedCommunicator(optimizer.dp_process_group)
         self.world_size, self.rank = self.comm.size, self.comm.rank
@@ -66,7 +67,7 @@ class ShardedZeroState:
         self.skipped_steps = 0
         self._rounds = 0                       # bucket reductions since the step began (the frames' keys)
         self._totals, self._round = RoundStats(), RoundStats()
-        self.residual = torch.zeros(residual_numel, dtype=torch.float32, device=device)
+        self.residual = torch.zeros(residual_numel, dtype=residual_dtype, device=device)
         self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
                                            config.seed)
         self._layouts: Dict[tuple, BucketLayout] = {}

@@ -2,6 +2,8 @@
 tests/ds_worker.py, 2 and 3 ranks, gloo). The reference is written here in plain torch: ZeRO-2's partitions of the
 flat gradient, the worker pass per owner with the reference compressor block by block, SGD on the owner's exact
 partition, and the delta downlink; the engine's applied updates are recovered from the weights."""
+import json
+
 import pytest
 import torch
 
@@ -17,9 +19,10 @@ def blockwise(fn, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(b) for b in v.split(BLOCK)]) if v.numel() else v.clone()
 
 
-def uplink_reference(g, e, rows, fn=sign):
+def uplink_reference(g, e, rows, fn=sign, stored=torch.float32):
     """One step of the worker pass to the owners: ``rows[r]`` are the elements rank r owns; each other rank sends it
-    ``fn(g_i + e_i)`` block by block and keeps the rest in ``e_i`` (updated in place). Returns the owners' means."""
+    ``fn(g_i + e_i)`` block by block and keeps the rest in ``e_i`` (updated in place, rounded to `stored`). Returns
+    the owners' means."""
     W = len(g)
     avg = torch.zeros_like(g[0])
     for r, own in enumerate(rows):
@@ -28,13 +31,13 @@ def uplink_reference(g, e, rows, fn=sign):
             if i != r:
                 v = g[i][own] + e[i][own]
                 c = blockwise(fn, v)
-                e[i][own] = v - c
+                e[i][own] = (v - c).to(stored).float()
                 acc += c
         avg[own] = acc / W
     return avg
 
 
-def reference_zero2(ranks, w0: torch.Tensor, fn=sign):
+def reference_zero2(ranks, w0: torch.Tensor, fn=sign, stored=torch.float32):
     """Per step, the update ``(x_hat_before - x_hat_after) / LR`` of one flat parameter, and at the end the worker
     residuals (per rank, padded flat), the exact parameters and the copy. The uplink carries the gradients'
     elements (DeepSpeed's buckets hold no padding); the downlink, each owner's whole partition."""
@@ -46,7 +49,7 @@ def reference_zero2(ranks, w0: torch.Tensor, fn=sign):
     updates = []
     for t in range(len(ranks[0]["records"])):
         g = [pad(r["records"][t]["g"]["weight"]) for r in ranks]
-        avg = uplink_reference(g, e, [slice(r * n, min((r + 1) * n, d)) for r in range(W)], fn)
+        avg = uplink_reference(g, e, [slice(r * n, min((r + 1) * n, d)) for r in range(W)], fn, stored)
         x = x - LR * avg
         before = x_hat.clone()
         for r in range(W):
@@ -91,6 +94,23 @@ def test_zero2_equals_the_plain_torch_reference_on_both_passes(torchrun, tmp_pat
         stock = 2 * (W - 1) * n * 4 * 5            # reduce-scatter + all-gather of fp32, five steps
         assert t["bytes_up_sent"] + t["bytes_down_sent"] < stock / 8, t
         assert t["bytes_down_sent"] > 0 and t["bytes_up_sent"] > 0
+
+
+def test_zero2_bf16_residual_equals_the_reference_and_halves_its_memory(torchrun, tmp_path):
+    """``"residual_dtype": "bf16"``: the worker residual is stored in bfloat16 (the compensation runs in fp32): every
+    step's update equals the reference whose residual is rounded to bfloat16 after each update, and the residual
+    takes 2 bytes per element."""
+    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "single", "--steps", "5",
+                   "--dsq", '{"guard": 0, "residual_dtype": "bf16"}')
+    updates, e, x, x_hat = reference_zero2(ranks, initial_weight(), stored=torch.bfloat16)
+    for t, want in enumerate(updates):
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], want, rtol=1e-4, atol=1e-5)
+    for i, r in enumerate(ranks):
+        assert r["residual"].dtype == torch.bfloat16
+        torch.testing.assert_close(r["residual"].float(), e[i], rtol=0, atol=0)
+        assert r["memory"]["worker_residual"] == 2 * r["residual"].numel()
+    assert float(ranks[0]["residual"].float().abs().sum()) > 0
 
 
 @pytest.mark.parametrize("args", [(), ("--overlap-comm",), ("--no-contiguous",), ("--overlap-comm", "--no-contiguous"),
@@ -142,9 +162,12 @@ def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_p
     ('{"server_ef": false}', "server_ef false"),
     ('{"policy": {"role:norm": "dense"}}', "a per-parameter policy"),
     ('{"param_compressor": "int4"}', '"param_compressor" compresses ZeRO-3\'s parameter gathers'),
-], ids=["auto", "server_ef", "policy", "param_compressor"])
+    ('{"residual_dtype": "bf16", "stage": 1}', '"residual_dtype" stores ZeRO-2/3\'s worker residual'),
+], ids=["auto", "server_ef", "policy", "param_compressor", "residual_dtype-under-zero1"])
 def test_zero2_what_it_cannot_honour_is_refused_before_training(torchrun, tmp_path, dsq, message):
-    _, proc = run(torchrun, tmp_path, 2, "--stage", "2", "--dsq", dsq, check=False)
+    stage = str(json.loads(dsq).pop("stage", 2))
+    dsq = json.dumps({k: v for k, v in json.loads(dsq).items() if k != "stage"})
+    _, proc = run(torchrun, tmp_path, 2, "--stage", stage, "--dsq", dsq, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run" / "rank0.pt").exists()

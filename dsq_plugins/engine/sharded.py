@@ -303,7 +303,8 @@ class IndexedReduceScatter:
     """The uplink where the framework's buckets do not come in equal rows (DeepSpeed ZeRO-2 and ZeRO-3): a bucket
     is one flat tensor, and a layout says which of its elements each rank owns (``index[r]``, positions in the
     bucket) and where their worker residual lives (``position[r]``, positions in `residual`, which the caller
-    sizes and keeps: float32, indexed however the framework lays out its partitions). Worker ``i``::
+    sizes and keeps: float32 or a narrower float, indexed however the framework lays out its partitions; the
+    compensation runs in float32 either way). Worker ``i``::
 
         for each r != i:   v = g_i[index[r]] + e_i[position[r]];   c = C_w(v);   e_i[position[r]] <- v - c
         owner r:           out = (g_r[index[r]] + e_r[position[r]] + sum_{i != r} c_i) / W     (or the sum)
@@ -315,7 +316,7 @@ class IndexedReduceScatter:
     Args:
         compressor: `C_w`.
         block_size: elements per block (of each message).
-        residual: the float32 worker residual.
+        residual: the worker residual (float32, or bfloat16 to halve its memory).
         worker_ef: keep the residual (False: compress ``g_i`` alone).
         seed: base seed of the frames.
     """
@@ -365,7 +366,7 @@ class IndexedReduceScatter:
             out.fill_(float("nan"))
         elif self.worker_ef:
             for r, e in left.items():
-                self.residual[position[r]] = e
+                self.residual[position[r]] = e.to(self.residual.dtype)
             self.residual[position[me]] = 0.0
         stats.compress_seconds += time.perf_counter() - t0
         stats.bytes_up_sent += sum(send_sizes)
