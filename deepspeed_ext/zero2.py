@@ -34,7 +34,6 @@ A bucket whose gradients hold a NaN/Inf on some rank leaves every residual as it
 DeepSpeed would. Bytes are counted per message: `HEADER` plus the frame (`BlockCodec.nbytes`), against the
 elements the stock collective would send in the gradients' dtype.
 """
-import time
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -43,7 +42,7 @@ from deepspeed.runtime.zero import stage_1_and_2
 
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.codec import BlockCodec
-from dsq_plugins.engine.sharded import frame_seed
+from dsq_plugins.engine.sharded import exchange_delta
 from dsq_plugins.monitoring.monitor import Monitor
 
 from .loss_scale import LossScaleUnits
@@ -152,33 +151,16 @@ class ZeroTwoState(ShardedZeroState):
     def all_gather(self, dense) -> None:
         """The optimizer's parameter all-gather: the delta downlink inside a step past warm-up; else `dense()`
         (DeepSpeed's own), after which every rank's copy is exact again."""
-        opt, W, me = self.optimizer, self.world_size, self.rank
+        opt = self.optimizer
         if not self._in_step or self.warming_up():
             dense()
             self.resync_rows()
             return
-        t0 = time.perf_counter()
         for g, rows in enumerate(opt.parallel_partitioned_bit16_groups):
             x = opt.single_partition_of_fp32_groups[g].detach()
             mine = self.replica_rows[g]
-            diff = x.float() - mine.float()
-            seed = frame_seed(self.config.seed, -1 - g, self.step, me, -1)
-            frame, _ = self.down.encode(diff, seed)
-            F = frame.numel()
-            self._round.compress_seconds += time.perf_counter() - t0
-            gathered = self.comm.all_gather(frame, [F] * W).view(W, F)
-            t0 = time.perf_counter()
-            rows[me].data.copy_(mine)
-            scratch = torch.zeros(rows[0].numel(), dtype=torch.float32, device=mine.device)
-            for j in range(W):
-                scratch.zero_()
-                self.down.decode_add(gathered[j], scratch, seed=frame_seed(self.config.seed, -1 - g, self.step, j,
-                                                                           -1))
-                rows[j].data.add_(scratch.to(rows[j].dtype))
-            mine.copy_(rows[me].data)
-            self._round.bytes_down_sent += (W - 1) * F
-            self._round.bytes_down_recv += (W - 1) * F
-        self._round.compress_seconds += time.perf_counter() - t0
+            exchange_delta(self.down, self.comm, x.float() - mine.float(), [r.data for r in rows], mine,
+                           self.config.seed, -1 - g, self.step, self._round)
 
     def resync_rows(self) -> None:
         """Take this rank's row of the copy from the optimizer's buffers (after an exact all-gather)."""

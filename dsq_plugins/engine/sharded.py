@@ -27,7 +27,7 @@ Bytes: a message is `HEADER` bytes plus the frame (`BlockCodec.nbytes`); counter
 what the uncompressed collective moves, ``(W - 1) * n`` elements per rank for either.
 """
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,7 +36,8 @@ from ..monitoring.monitor import RoundStats
 from .codec import BlockCodec
 from .communicator import Communicator
 
-__all__ = ["CompressedReduceScatter", "DeltaAllGather", "IndexedReduceScatter", "QuantizedAllGather", "HEADER", "frame_seed"]
+__all__ = ["CompressedReduceScatter", "DeltaAllGather", "IndexedReduceScatter", "QuantizedAllGather", "HEADER",
+           "exchange_delta", "frame_seed"]
 
 HEADER = 8          # bytes before each uplink frame: byte 0 is the sender's non-finite flag (8: aligned frames)
 
@@ -175,6 +176,36 @@ def _dense_gather(comm: Communicator, out: torch.Tensor, inp: torch.Tensor, stat
     stats.bytes_down_recv += (W - 1) * nbytes
 
 
+def exchange_delta(codec: BlockCodec, comm: Communicator, diff: torch.Tensor, rows: Sequence[torch.Tensor],
+                   mine: torch.Tensor, seed: int, key: int, step: int, stats: RoundStats) -> None:
+    """The delta downlink's exchange (module docstring): this rank's ``C_s(diff)``, ``diff = x - x_hat`` of its row,
+    goes to every rank (one all_gather of frames); every rank resets its own row of the copy to `mine` (its x_hat),
+    adds rank j's decoded frame to ``rows[j]`` for every j (decoded in `diff`'s dtype, added in the rows'), and
+    `mine` takes the new row. Every rank applies every frame by the same ops, so the copies stay equal."""
+    W, me = comm.size, comm.rank
+    t0 = time.perf_counter()
+    frame, _ = codec.encode(diff, frame_seed(seed, key, step, me, -1))
+    stats.compress_seconds += time.perf_counter() - t0
+    F = frame.numel()
+    gathered = comm.all_gather(frame, [F] * W).view(W, F)
+    t0 = time.perf_counter()
+    rows[me].copy_(mine)
+    scratch = None
+    for j in range(W):
+        s = frame_seed(seed, key, step, j, -1)
+        if rows[j].dtype == diff.dtype:
+            codec.decode_add(gathered[j], rows[j], seed=s)
+            continue
+        if scratch is None:
+            scratch = torch.empty(rows[j].numel(), dtype=diff.dtype, device=rows[j].device)
+        codec.decode_add(gathered[j], scratch.zero_(), seed=s)
+        rows[j].add_(scratch.to(rows[j].dtype))
+    mine.copy_(rows[me])
+    stats.compress_seconds += time.perf_counter() - t0
+    stats.bytes_down_sent += (W - 1) * F
+    stats.bytes_down_recv += (W - 1) * F
+
+
 class DeltaAllGather(_AllGatherBuffer):
     """The downlink of one unit where every rank keeps its copy ``x_hat`` of the unit's parameters (the buffer,
     W * n) between steps: the owner sends ``C_s(x - x_hat)`` of its row; ``x - x_hat`` is its residual.
@@ -240,19 +271,7 @@ class DeltaAllGather(_AllGatherBuffer):
             if self._rebuild:
                 _dense_gather(comm, out, self.mine, stats)
                 self._rebuild = False
-            t0 = time.perf_counter()
-            frame, _ = self.codec.encode(diff, frame_seed(self.seed, self.key, step, me, -1))
-            stats.compress_seconds += time.perf_counter() - t0
-            F = frame.numel()
-            gathered = comm.all_gather(frame, [F] * W).view(W, F)
-            t0 = time.perf_counter()
-            rows[me].copy_(self.mine)
-            for j in range(W):
-                self.codec.decode_add(gathered[j], rows[j], seed=frame_seed(self.seed, self.key, step, j, -1))
-            self.mine.copy_(rows[me])
-            stats.compress_seconds += time.perf_counter() - t0
-            stats.bytes_down_sent += (W - 1) * F
-            stats.bytes_down_recv += (W - 1) * F
+            exchange_delta(self.codec, comm, diff, rows, self.mine, self.seed, self.key, step, stats)
         self.sent = True
 
     def residual(self, x: torch.Tensor) -> Optional[torch.Tensor]:
