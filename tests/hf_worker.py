@@ -57,6 +57,19 @@ class Bytes(TrainerCallback):
         self.end = net_bytes()
 
 
+class Loaded(TrainerCallback):
+    """After DoubleSqueezeCallback's on_train_begin (which loads a resumed run's residuals): this rank's residuals as
+    loaded, to OUT/loaded{rank}.pt."""
+
+    def __init__(self, callback, out: Path):
+        self.callback, self.out = callback, out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        st = self.callback.state
+        torch.save({"worker": st.worker_residuals(), "server": st.server_residuals()},
+                   self.out / f"loaded{args.process_index}.pt")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -69,6 +82,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2))
@@ -104,6 +118,7 @@ def main():
         from dsq_plugins.frontends.hf_trainer import DoubleSqueezeCallback
         callback = DoubleSqueezeCallback(trainer, dsq.DoubleSqueezeConfig(compressor="sign", block_size=1024))
         trainer.add_callback(callback)
+        trainer.add_callback(Loaded(callback, out))
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     rank = training.process_index

@@ -85,6 +85,30 @@ def test_trainer_trains_with_doublesqueeze_and_resumes_exactly(tmp_path, mode):
     job("hf_worker.py", resumed, *dsq_flag, "--steps", "8", "--save-steps", "4", "--resume")
     assert result(resumed)["step"] == 8
     assert_same_state(ranks(full), ranks(resumed))
+    if mode == "ddp":          # resumed by 3 processes: the residuals redistributed, their mass kept
+        three = tmp_path / "three"
+        shutil.copytree(checkpoint, three / "trainer" / "checkpoint-4")
+        job("hf_worker.py", three, *dsq_flag, "--steps", "5", "--resume", nproc=3)
+        assert_mass_kept([torch.load(checkpoint / f"doublesqueeze_rank_{r:05d}.pt", weights_only=False)
+                          for r in range(2)], [torch.load(three / f"loaded{r}.pt", weights_only=False)
+                                               for r in range(3)])
+
+
+def assert_mass_kept(saved, loaded):
+    """The ranks' `loaded` residuals hold the mass of the `saved` states: every worker residual is the saved mean,
+    and the server residuals, put in place, sum to the saved ones."""
+    from dsq_plugins.engine.plan import expand_owned
+    W0, W, B = len(saved), len(loaded), saved[0]["config"]["block_size"]
+    numels = saved[0]["numels"]
+    assert saved[0]["worker_residuals"] and all(r["worker"] for r in loaded)
+    for key in saved[0]["worker_residuals"]:
+        mean = sum(sd["worker_residuals"][key] for sd in saved) / W0
+        for r in loaded:
+            assert torch.equal(r["worker"][key], mean), key
+    for key, n in numels.items():
+        before = sum(expand_owned(key, sd["server_residuals"][key], n, B, W0, i) for i, sd in enumerate(saved))
+        after = sum(expand_owned(key, r["server"][key], n, B, W, i) for i, r in enumerate(loaded))
+        assert torch.equal(before, after), key
 
 
 # ------------------------------------------------------------------------------------------------- Lightning
