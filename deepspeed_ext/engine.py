@@ -298,9 +298,6 @@ def install(engine, config, monitor: Optional[Monitor] = None):
         raise ValueError(f"\"residual_dtype\" stores ZeRO-2/3's worker residual; this engine runs ZeRO stage "
                          f"{stage}, whose residuals are in the gradients' dtype: leave it out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[residual_dtype]
-    if stage in (2, 3) and config.guard:
-        warnings.warn(f"the quality guard does not run under ZeRO-{stage}: buckets keep their compressor "
-                      "(\"guard\": 0 in the section silences this)", UserWarning, stacklevel=2)
     engine.doublesqueeze_loss_scale = LossScaleUnits() if engine.fp16_enabled() else None
     if stage == 3:
         engine.doublesqueeze = zero3.ZeroThreeState(optimizer, config, param_compressor, monitor,

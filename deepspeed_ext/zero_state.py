@@ -1,18 +1,29 @@
 """What DoubleSqueeze's ZeRO-2 and ZeRO-3 states share (`zero2.py`, `zero3.py`): the worker residual and the uplink
-that keeps it (`IndexedReduceScatter`), the layouts of DeepSpeed's buckets, the step and its counters, and the
-checkpoint's header."""
+that keeps it (`IndexedReduceScatter`), the layouts of DeepSpeed's buckets, the step and its counters, the quality
+guard, and the checkpoint's header.
+
+The quality guard (`dsq_plugins.engine.guard`, ``"guard"`` in the section) watches the uplink as one tensor: DeepSpeed's
+buckets mix parameters, so it cannot move one parameter. On sampled steps the uplink adds up, over every message this
+rank sends, ``|v - C_w(v)|^2`` and ``|v|^2``; the ranks' sums decide together, at the start of a step, and if the
+uplink keeps less than ``guard`` times its compressor's nominal share of the energy, every bucket moves to the
+`fallback` compressor (then to lossless, ``none``), with a `QualityWarning` and ``guard/switches`` on the monitor.
+The residual carries over, so nothing is lost in the switch. The parameter downlink keeps its compressor."""
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from dsq_plugins.compression.registry import get_compressor
 from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
+from dsq_plugins.engine.guard import QualityGuard
 from dsq_plugins.engine.sharded import IndexedReduceScatter
 from dsq_plugins.monitoring.monitor import Monitor, RoundStats
 
 from .loss_scale import LossScaleUnits
 
-__all__ = ["BucketLayout", "ShardedZeroState", "common_refusals"]
+__all__ = ["BucketLayout", "ShardedZeroState", "common_refusals", "GUARD_KEY"]
+
+GUARD_KEY = "uplink"        # the one "tensor" the guard judges under ZeRO: the whole gradient uplink
 
 
 def common_refusals(config: DoubleSqueezeConfig) -> List[str]:
@@ -73,19 +84,62 @@ class ShardedZeroState:
         self._layouts: Dict[tuple, BucketLayout] = {}
         self.loss_scale = loss_scale
         self._at_step_start = None if loss_scale is None else torch.empty_like(self.residual)
+        self.guard = QualityGuard(config.guard, config.fallback, config.block_size) if config.guard > 0 else None
+        self._sample: Optional[torch.Tensor] = None      # this step's (error, input) squared norms, when sampled
 
     def warming_up(self) -> bool:
         return self.step < self.config.warmup_steps
 
     def reduce(self, flat: torch.Tensor, layout: BucketLayout, average: bool) -> torch.Tensor:
         """The uplink of one bucket: this rank's elements (``layout.index[rank]`` order, float32)."""
-        if self._rounds == 0 and self.loss_scale is not None:
-            self.loss_scale.follow(self.optimizer, self.residual.mul_)
-            self._at_step_start.copy_(self.residual)
+        if self._rounds == 0:
+            if self.loss_scale is not None:
+                self.loss_scale.follow(self.optimizer, self.residual.mul_)
+                self._at_step_start.copy_(self.residual)
+            self._guard_step_start()
         out, _ = self.uplink(self.comm, flat, layout.index, layout.position, average, self._rounds, self.step,
-                             self._round)
+                             self._round, self._sample)
         self._rounds += 1
         return out
+
+    # -- the quality guard (module docstring) ---------------------------------------------------------------------
+    def _guard_step_start(self) -> None:
+        """At a step's first reduction, the same step on every rank: decide if a window is complete, and sample
+        this step or not."""
+        self._sample = None
+        if self.guard is None or self.warming_up():
+            return
+        if self.guard.due(self.step):
+            switches = self.guard.decide(self.step, self._sum_over_ranks)
+            if switches:
+                self.guard.warn(switches, lambda key: "the gradient uplink (every bucket)")
+                self._apply_guard()
+                if self.monitor is not None:
+                    self.monitor.log_scalar(self.monitor.prefix + "guard/switches", len(self.guard.switches),
+                                            self.step)
+        if self.guard.samples(self.step):
+            self._sample = torch.zeros(2, dtype=torch.float64, device=self.residual.device)
+
+    def _apply_guard(self) -> None:
+        spec = self.guard.spec_for(GUARD_KEY, self.config.worker.spec)
+        self.uplink.set_compressor(get_compressor(spec or "none"))
+
+    @property
+    def uplink_compressor(self) -> str:
+        """The compressor the uplink uses now (the guard may have moved it)."""
+        return self.uplink.codec.spec
+
+    def _sum_over_ranks(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.residual.device)
+        return self.comm.all_reduce_sum(t).tolist()
+
+    def _end_sample(self, skipped: bool) -> None:
+        if self._sample is not None and not skipped:
+            s = self._sample.cpu()
+            self.guard.add([GUARD_KEY], self.config.worker.spec,
+                           torch.tensor([[s[0]], [s[1]], [0.0], [0.0]], dtype=torch.float64))
+            self.guard.end_sample()
+        self._sample = None
 
     def run_step(self, step, *args, **kwargs):
         """`step` (the optimizer's own), then the step's counters, its metrics and the step count."""
@@ -96,6 +150,7 @@ class ShardedZeroState:
         if overflow and self._rounds > 0:
             self.residual.copy_(self._at_step_start)        # DeepSpeed dropped the step: nothing of it stays
         stats.skipped = int(stats.skipped > 0 or overflow)
+        self._end_sample(bool(stats.skipped))
         self.skipped_steps += stats.skipped
         if warm:
             stats.dense_buckets += 1
@@ -121,7 +176,8 @@ class ShardedZeroState:
     def state_dict(self) -> dict:
         return {"format": self.FORMAT, "world_size": self.world_size, "rank": self.rank, "step": self.step,
                 "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
-                "residual": self.residual.clone(), "totals": self._totals.as_dict()}
+                "residual": self.residual.clone(), "totals": self._totals.as_dict(),
+                "guard": None if self.guard is None else self.guard.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict` of the same rank, world size and config: the residual, step and counters."""
@@ -138,3 +194,6 @@ class ShardedZeroState:
         self.residual.copy_(sd["residual"])
         self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
         self._totals = RoundStats.from_dict(sd["totals"])
+        if self.guard is not None and sd.get("guard"):
+            self.guard.load_state_dict(sd["guard"])
+            self._apply_guard()

@@ -172,6 +172,7 @@ def main():
         result.update(residual=dsq.residual.clone(), server_residuals=dsq.server_residuals(), step=dsq.step,
                       skipped_steps=dsq.skipped_steps, totals=dsq.totals.as_dict(), config=dsq.config.to_dict(),
                       memory=dsq.memory_report(), replica_rows=[r.clone() for r in dsq.replica_rows],
+                      guard_switches=[] if dsq.guard is None else [[s.step, s.to] for s in dsq.guard.switches],
                       partition_size=[int(n) for n in engine.optimizer.partition_size])
     elif dsq is not None:
         w, s = residuals_by_name(dsq, names)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from .reference import sign
+from .reference import sign, topk
 from .test_deepspeed import run
 from .conftest import deepspeed_launch
 
@@ -37,10 +37,11 @@ def uplink_reference(g, e, rows, fn=sign, stored=torch.float32):
     return avg
 
 
-def reference_zero2(ranks, w0: torch.Tensor, fn=sign, stored=torch.float32):
+def reference_zero2(ranks, w0: torch.Tensor, fn=sign, stored=torch.float32, up_at=None):
     """Per step, the update ``(x_hat_before - x_hat_after) / LR`` of one flat parameter, and at the end the worker
     residuals (per rank, padded flat), the exact parameters and the copy. The uplink carries the gradients'
-    elements (DeepSpeed's buckets hold no padding); the downlink, each owner's whole partition."""
+    elements (DeepSpeed's buckets hold no padding); the downlink, each owner's whole partition. `up_at(t)`, if given,
+    is the uplink's compressor at step t (the downlink keeps `fn`)."""
     W, n = len(ranks), ranks[0]["partition_size"][0]
     d = w0.numel()
     pad = lambda t: torch.cat([t, torch.zeros(W * n - d)])
@@ -49,7 +50,8 @@ def reference_zero2(ranks, w0: torch.Tensor, fn=sign, stored=torch.float32):
     updates = []
     for t in range(len(ranks[0]["records"])):
         g = [pad(r["records"][t]["g"]["weight"]) for r in ranks]
-        avg = uplink_reference(g, e, [slice(r * n, min((r + 1) * n, d)) for r in range(W)], fn, stored)
+        up = fn if up_at is None else up_at(t)
+        avg = uplink_reference(g, e, [slice(r * n, min((r + 1) * n, d)) for r in range(W)], up, stored)
         x = x - LR * avg
         before = x_hat.clone()
         for r in range(W):
@@ -111,6 +113,33 @@ def test_zero2_bf16_residual_equals_the_reference_and_halves_its_memory(torchrun
         torch.testing.assert_close(r["residual"].float(), e[i], rtol=0, atol=0)
         assert r["memory"]["worker_residual"] == 2 * r["residual"].numel()
     assert float(ranks[0]["residual"].float().abs().sum()) > 0
+
+
+def test_zero2_quality_guard_moves_the_uplink_and_loses_nothing(torchrun, tmp_path):
+    """The quality guard under ZeRO-2, set so strict (0.999 of sign's nominal contraction) that sign fails it: after
+    the first sampled step every rank moves the uplink to the fallback `topk:0.1` at the same step, with a
+    QualityWarning. The updates equal the plain-torch reference that switches at the guard's recorded steps, and
+    the conservation law holds across the switch (the residual carries over)."""
+    ranks, proc = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "single", "--steps", "5",
+                      "--dsq", '{"guard": 0.999, "fallback": "topk:0.1"}')
+    assert "quality guard moved" in proc.stderr and "the gradient uplink" in proc.stderr
+    switches = ranks[0]["guard_switches"]
+    assert switches == ranks[1]["guard_switches"] and switches[0][:2] == [1, "topk:0.1"], switches
+    dense_from = switches[1][0] if len(switches) > 1 else 10 ** 9
+    ref = {"sign": sign, "topk:0.1": topk(0.1)}
+    w0 = initial_weight()
+    updates, e, x, x_hat = reference_zero2(
+        ranks, w0, up_at=lambda t: sign if t < 1 else (ref["topk:0.1"] if t < dense_from else (lambda v: v.clone())))
+    for t, want in enumerate(updates):
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], want, rtol=1e-4, atol=1e-5)
+    for i, r in enumerate(ranks):
+        torch.testing.assert_close(r["residual"], e[i], rtol=1e-4, atol=1e-5)
+    d = w0.numel()
+    mean_g = sum(sum(r["records"][t]["g"]["weight"] for r in ranks) / 2 for t in range(5))
+    held = ranks[0]["params"]["weight"].reshape(-1) + torch.cat([r["server_residuals"]["group0"] for r in ranks])[:d]
+    worker = sum(r["residual"] for r in ranks)[:d] / 2
+    torch.testing.assert_close(held - LR * worker, w0 - LR * mean_g, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("args", [(), ("--overlap-comm",), ("--no-contiguous",), ("--overlap-comm", "--no-contiguous"),

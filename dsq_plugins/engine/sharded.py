@@ -345,20 +345,30 @@ class IndexedReduceScatter:
         self.codec = BlockCodec(compressor, block_size)
         self.residual, self.worker_ef, self.seed = residual, worker_ef, seed
 
+    def set_compressor(self, compressor: Compressor) -> None:
+        """Compress with `compressor` from now on; the residual carries over (nothing is lost)."""
+        if compressor.spec != self.codec.spec:
+            self.codec = BlockCodec(compressor, self.codec.block_size)
+
     def __call__(self, comm: Communicator, flat: torch.Tensor, index, position, average: bool, key: int, step: int,
-                 stats: RoundStats):
+                 stats: RoundStats, norms: Optional[torch.Tensor] = None):
         """Reduce the bucket `flat`; returns ``(out, skip)``: this rank's elements (``index[rank]`` order,
-        float32) and whether some rank had a non-finite gradient."""
+        float32) and whether some rank had a non-finite gradient. `norms`, if given (float64, 2), gets
+        ``|v - C_w(v)|^2`` and ``|v|^2`` of this rank's messages added (the quality guard's sample)."""
         W, me, device = comm.size, comm.rank, flat.device
         others = [r for r in range(W) if r != me]
         flag = ~torch.isfinite(flat).all()
         t0 = time.perf_counter()
         frames, left = [], {}
+        sample = None if norms is None else torch.zeros(2, dtype=torch.float64, device=device)
         for r in others:
             v = flat[index[r]].float()
             if self.worker_ef:
                 v += self.residual[position[r]]
             frame, decoded = self.codec.encode(v, frame_seed(self.seed, key, step, me, r))
+            if sample is not None:
+                sample[1] += torch.linalg.vector_norm(v, dtype=torch.float64).square()
+                sample[0] += torch.linalg.vector_norm(v - decoded, dtype=torch.float64).square()
             if self.worker_ef:
                 left[r] = v.sub_(decoded)
             head = torch.zeros(HEADER, dtype=torch.uint8, device=device)
@@ -394,4 +404,6 @@ class IndexedReduceScatter:
         stats.dense_bytes += sum(index[r].numel() for r in others) * flat.element_size()
         stats.compressed_buckets += 1
         stats.skipped += int(skip)
+        if sample is not None and not skip:
+            norms += sample.to(norms.device)
         return out, skip
