@@ -508,22 +508,25 @@ class DoubleSqueezeCollective:
         out["total"] = sum(out.values())
         return out
 
-    def reset_residuals(self) -> None:
-        """Zero every residual (a checkpoint without them, or from another world size)."""
-        self._loaded.clear()
+    def _residual_tensors(self):
+        """Every residual buffer the bucket states hold (worker's and server's, full and tail rows)."""
         for state in set(self._holder.values()):
             for t in (state.e_full, state.e_tail, state.s_full, state.s_tail):
                 if t is not None:
-                    t.zero_()
+                    yield t
+
+    def reset_residuals(self) -> None:
+        """Zero every residual (a checkpoint without them, or from another world size)."""
+        self._loaded.clear()
+        for t in self._residual_tensors():
+            t.zero_()
 
     def scale_residuals(self, factor: float) -> None:
         """Multiply every residual, worker's and server's, by `factor`: the gradients' units changed (a loss
         scaler's new scale over the old), and the mass the residuals hold follows them, so that what they deliver
         in gradient units is unchanged."""
-        for state in set(self._holder.values()):
-            for t in (state.e_full, state.e_tail, state.s_full, state.s_tail):
-                if t is not None:
-                    t.mul_(factor)
+        for t in self._residual_tensors():
+            t.mul_(factor)
         for w, s in self._loaded.values():
             for t in (w, s):
                 if t is not None:

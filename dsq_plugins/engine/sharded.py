@@ -365,12 +365,14 @@ class IndexedReduceScatter:
             v = flat[index[r]].float()
             if self.worker_ef:
                 v += self.residual[position[r]]
-            frame, decoded = self.codec.encode(v, frame_seed(self.seed, key, step, me, r))
             if sample is not None:
                 sample[1] += torch.linalg.vector_norm(v, dtype=torch.float64).square()
-                sample[0] += torch.linalg.vector_norm(v - decoded, dtype=torch.float64).square()
+            frame, decoded = self.codec.encode(v, frame_seed(self.seed, key, step, me, r))
             if self.worker_ef:
-                left[r] = v.sub_(decoded)
+                left[r] = v.sub_(decoded)          # v is now the error, v - C_w(v)
+            if sample is not None:
+                err = v if self.worker_ef else v - decoded
+                sample[0] += torch.linalg.vector_norm(err, dtype=torch.float64).square()
             head = torch.zeros(HEADER, dtype=torch.uint8, device=device)
             head[0] = flag.to(torch.uint8)
             frames.append(torch.cat([head, frame.to(device)]))
