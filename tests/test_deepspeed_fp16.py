@@ -90,8 +90,9 @@ def test_fp16_residuals_follow_the_loss_scale_and_an_overflow_changes_nothing(to
 
 def test_fp16_zero3_overflow_is_skipped_everywhere_and_restores_the_residual(tmp_path):
     """ZeRO-3 (int8 parameter gathers): the same overflow is skipped on both ranks, the exact parameters and every
-    residual as they were, although other buckets were reduced first; training goes on at the halved scale, with the
-    residual in its units (it halves with the scale at the next step's first reduction)."""
+    residual as they were, although other buckets were reduced first; the next step trains at the halved scale (every
+    parameter moves, all finite). The residual's rescaling is the code ZeRO-2 shares (`zero_state.py`), checked
+    against the conservation law in the ZeRO-2 test above."""
     out = tmp_path / "run"
     launch(2, ZERO3_WORKER, [out, "--fp16", "--model", "multi", "--steps", "4", "--nan-at", "2", "--nan-param",
                              "0.weight"])
