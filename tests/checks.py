@@ -126,3 +126,35 @@ def assert_policy_equals_simulator(ranks, keys=None, block_size=256, **tol):
         compressors = reference(spec) if spec.split(":")[0] in ("sign", "topk") else None
         assert_equals_simulator(sub, dsq.DoubleSqueezeConfig(compressor=spec, **base), keys=key,
                                 compressors=compressors, **tol)
+
+
+def run_cases(make_parser, body, rank) -> None:
+    """A worker's main: parse the command line (`make_parser()`, with an ``out`` positional) and run `body(args)`,
+    or, with ``--cases '{"name": [more arguments], ...}'``, run `body` once per case with the command line's
+    arguments plus the case's, writing to OUT/name: one launch (one start-up of Python, torch and the framework in
+    every process, one rendezvous) for many runs on the same process group. A case that raises leaves
+    OUT/name/failed{rank}.txt with the error and its traceback, and the next case runs. `rank()` is this process's
+    rank, asked after `body` has initialised the framework."""
+    import json
+    import os
+    import sys
+    import traceback
+    from pathlib import Path
+
+    ap = make_parser()
+    ap.add_argument("--cases", default=None, help='JSON {"name": [more arguments]}: one run per case, in OUT/name')
+    args = ap.parse_args()
+    if args.cases is None:
+        body(args)
+        return
+    common = list(sys.argv[1:])
+    common.remove(args.out)
+    for name, more in json.loads(args.cases).items():
+        case = ap.parse_args([str(Path(args.out) / name), *common, *more])
+        try:
+            body(case)
+        except Exception as e:          # recorded for the test; the next case builds its own model and state
+            out = Path(case.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"failed{rank()}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            sys.stderr.write(f"case {name} failed: {type(e).__name__}: {e}\n")

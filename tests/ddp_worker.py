@@ -13,11 +13,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsq_plugins as dsq
-from checks import shut_down_and_exit
+from checks import run_cases, shut_down_and_exit
 from workload import batch, build_model
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--model", default="multi")
@@ -50,20 +50,28 @@ def main():
     ap.add_argument("--attach", action="store_true", help="name the parameters: DoubleSqueezeState(module=ddp)")
     ap.add_argument("--state-before-init", action="store_true",
                     help="build the DoubleSqueezeState before init_process_group (as Lightning does)")
-    args = ap.parse_args()
+    return ap
 
+
+def main():
     torch.set_num_threads(1)
+    run_cases(parser, run, dist.get_rank)      # --cases: many runs in one launch
+    shut_down_and_exit()
+
+
+def run(args) -> None:
     specs = args.compressor.split(",")
     early = None
     if args.state_before_init:
+        assert not dist.is_initialized(), "--state-before-init needs a launch of its own"
         early = dsq.DoubleSqueezeState(make_config(args, specs[0]))
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     if len(specs) == 1:
         train(args, specs[0], Path(args.out), early)
     else:
         for spec in specs:
             train(args, spec, Path(args.out) / spec.replace(":", "_"), None)
-    shut_down_and_exit()
 
 
 def train(args, spec, out: Path, early):
@@ -94,7 +102,7 @@ def train(args, spec, out: Path, early):
         except ValueError as e:
             if args.expect_load_error:
                 (out / f"error{rank}.txt").write_text(str(e))
-                shut_down_and_exit()
+                return
             raise
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])

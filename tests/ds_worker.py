@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from checks import residuals_by_name, shut_down_and_exit
+from checks import residuals_by_name, run_cases, shut_down_and_exit
 from workload import batch, build_model
 
 LR = 0.5          # a power of two: (w_before - w_after) / LR recovers the update up to the weights' rounding
@@ -58,7 +58,7 @@ def fp32_master(engine, stage):
     return torch.cat([p.detach().reshape(-1).clone() for p in groups])
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--compressor", default="sign", help="a spec, or 'stock' for no doublesqueeze section")
@@ -88,9 +88,16 @@ def main():
     ap.add_argument("--fp32-accum", action="store_true", help="data_types.grad_accum_dtype fp32")
     ap.add_argument("--bucket", type=int, default=0, help="zero_optimization.reduce_bucket_size (elements)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = ap.parse_args()
+    return ap
 
+
+def main():
     torch.set_num_threads(1)
+    run_cases(parser, run, lambda: int(os.environ.get("RANK", "0")))   # --cases: many runs in one launch
+    shut_down_and_exit()
+
+
+def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model)
@@ -182,7 +189,6 @@ def main():
     torch.save(result, out / f"rank{rank}.pt")
     if engine.monitor.enabled:
         engine.monitor.write_events([])
-    shut_down_and_exit()
 
 
 if __name__ == "__main__":

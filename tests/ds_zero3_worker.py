@@ -15,13 +15,13 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from checks import shut_down_and_exit
+from checks import run_cases, shut_down_and_exit
 from workload import batch, build_model
 
 LR = 0.5
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--compressor", default="sign")
@@ -36,9 +36,16 @@ def main():
     ap.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with its dynamic loss scaler")
     ap.add_argument("--scale-window", type=int, default=1000, help="fp16.loss_scale_window")
     ap.add_argument("--local_rank", type=int, default=-1)
-    args = ap.parse_args()
+    return ap
 
+
+def main():
     torch.set_num_threads(1)
+    run_cases(parser, run, lambda: int(os.environ.get("RANK", "0")))   # --cases: many runs in one launch
+    shut_down_and_exit()
+
+
+def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model)
@@ -117,7 +124,6 @@ def main():
         result.update(residual=dsq.residual.clone(), step=dsq.step, totals=dsq.totals.as_dict(),
                       gathers=dsq.gathers, gathered_elements=dsq.gathered_elements, memory=dsq.memory_report())
     torch.save(result, out / f"rank{rank}.pt")
-    shut_down_and_exit()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import horovod.torch as hvd
 import torch
 
 import horovod_ext
-from checks import residuals_by_name
+from checks import residuals_by_name, run_cases
 from workload import batch, build_model
 from dsq_plugins.config import DoubleSqueezeConfig
 
@@ -101,7 +101,7 @@ def run(args, spec, out: Path, tag: str):
     torch.save(result, out / f"{tag}_rank{rank}.pt")
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--mode", choices=["explicit", "flag", "stock"], default="explicit")
@@ -126,10 +126,16 @@ def main():
     ap.add_argument("--nan-rank", type=int, default=1)
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
-    args = ap.parse_args()
+    return ap
 
+
+def main():
     torch.set_num_threads(1)
     hvd.init()
+    run_cases(parser, every_compressor, hvd.rank)      # --cases: many runs in one launch
+
+
+def every_compressor(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"started{hvd.rank()}").touch()

@@ -8,6 +8,7 @@ from .checks import (POLICY, assert_conservation, assert_equals_simulator, asser
                      assert_same_update_everywhere)
 from .conftest import ROOT, load_ranks
 from .reference import reference
+from .test_deepspeed import run_cases
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
@@ -18,9 +19,60 @@ def run(torchrun, tmp_path, nproc, *args, name="run"):
     return load_ranks(out, nproc)
 
 
-def test_conservation_across_bucket_rebuild(torchrun, tmp_path, nproc=3):
+SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
+             (2, "sign,qsgd:4,grouptopk:0.1+sign,topk:0.1+int4", ()),
+             (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
+             (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
+SIM_IDS = [f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES]
+RESUME = ("--compressor", "sign", "--momentum", "0.9")
+SAVED = ("--compressor", "sign", "--steps", "3", "--save-at", "3")        # the run the other resumes load
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """This file's two-rank runs, in one launch (`Cases`; in order: a resume follows the run it loads)."""
+    tmp = tmp_path_factory.mktemp("ddp2")
+    out = tmp / "cases"
+    return run_cases(tmp, 2, {
+        "auto": ("--compressor", "auto", "--candidates", "sign;topk:0.1+int4", "--steps", "16"),
+        "small-buckets": ("--compressor", "topk:0.1", "--steps", "6", "--momentum", "0.9", "--bucket-mb", "0.01"),
+        "accumulation": ("--compressor", "topk:0.1", "--steps", "6", "--accum", "3"),
+        **{f"sim-{i}": ("--model", "single", "--compressor", specs, "--steps", "6", *extra)
+           for i, (n, specs, extra) in zip(SIM_IDS, SIM_CASES) if n == 2},
+        "warmup": ("--compressor", "sign", "--warmup", "3", "--steps", "5"),
+        "policy": ("--model", "roles", "--compressor", "topk:0.1", "--policy", POLICY, "--attach", "--guard", "0",
+                   "--steps", "5", "--min-numel", "16"),
+        "policy-pattern": ("--model", "roles", "--compressor", "sign", "--attach", "--policy", "blocks.*.attn.*=sign",
+                           "--steps", "1"),
+        "policy-role": ("--model", "roles", "--compressor", "sign", "--policy", "role:embedding=int8", "--steps", "1"),
+        "full": (*RESUME, "--steps", "8", "--save-at", "4"),
+        **{f"resumed-{how}": (*RESUME, "--load", out / "full", "--first-step", "4", "--steps", "4",
+                              *(["--pickled"] if how == "pickled" else [])) for how in ("state_dict", "pickled")},
+        "saved": SAVED,
+        "other-config": ("--compressor", "topk:0.1", "--load", out / "saved", "--expect-load-error"),
+    }, worker=WORKER)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, two):
+    """The three-rank runs, in one launch (after `two`, whose saved states two of them load)."""
+    return run_cases(tmp_path_factory.mktemp("ddp3"), 3, {
+        "rebuild": ("--compressor", "sign", "--steps", "10"),
+        "many-buckets": ("--model", "deep", "--compressor", "sign", "--steps", "4", "--bucket-mb", "0.004"),
+        "nan": ("--compressor", "sign", "--steps", "6", "--nan-at", "3", "--nan-rank", "1"),
+        **{f"sim-{i}": ("--model", "single", "--compressor", specs, "--steps", "6", *extra)
+           for i, (n, specs, extra) in zip(SIM_IDS, SIM_CASES) if n == 3},
+        "saved": SAVED,
+        "other-world": ("--compressor", "sign", "--load", two.out / "saved", "--load-rank", "0",
+                        "--expect-load-error"),
+        "resharded-from-2": ("--compressor", "sign", "--steps", "3", "--first-step", "3",
+                             "--load", two.out / "saved", "--load-all"),
+    }, worker=WORKER)
+
+
+def test_conservation_across_bucket_rebuild(three):
     """3 ranks (2 ranks: test_bucket_layout_does_not_change_training)."""
-    ranks = run(torchrun, tmp_path, nproc, "--compressor", "sign", "--steps", "10")
+    ranks = three.ranks("rebuild")
     assert all(r["buckets_seen"] >= 2 for r in ranks), "expected several DDP buckets"
     assert all(r["step"] == 10 and r["skipped_steps"] == 0 for r in ranks)
     assert any(r["worker_residual"] for r in ranks) and any(r["server_residual"] for r in ranks)
@@ -28,11 +80,11 @@ def test_conservation_across_bucket_rebuild(torchrun, tmp_path, nproc=3):
     assert_conservation(ranks)
 
 
-def test_auto_decides_the_same_on_every_rank_and_loses_nothing(torchrun, tmp_path):
+def test_auto_decides_the_same_on_every_rank_and_loses_nothing(two):
     """compressor="auto" on real step times: both ranks explore sign, topk:0.1+int4 and dense in the same order and
     choose the same (else their collectives would not match), and the conservation law holds across the switches
     (a bucket that goes dense sends its residuals along)."""
-    ranks = run(torchrun, tmp_path, 2, "--compressor", "auto", "--candidates", "sign;topk:0.1+int4", "--steps", "16")
+    ranks = two.ranks("auto")
     a, b = ranks[0]["auto"], ranks[1]["auto"]
     assert a["history"] == b["history"] and a["times"] == b["times"]
     modes = [m for _, m in a["history"]]
@@ -42,11 +94,11 @@ def test_auto_decides_the_same_on_every_rank_and_loses_nothing(torchrun, tmp_pat
     assert_conservation(ranks)
 
 
-def test_bucket_layout_does_not_change_training(torchrun, tmp_path):
+def test_bucket_layout_does_not_change_training(torchrun, tmp_path, two):
     """Block semantics: the same run under DDP buckets of 10 kB (several, rebuilt after step 0) and of 25 MB (one)
     gives the same updates and weights; the state is built before init_process_group (Lightning's way)."""
     common = ["--compressor", "topk:0.1", "--steps", "6", "--momentum", "0.9"]
-    small = run(torchrun, tmp_path, 2, *common, "--bucket-mb", "0.01", name="small")
+    small = two.ranks("small-buckets")
     one = run(torchrun, tmp_path, 2, *common, "--bucket-mb", "25", "--state-before-init", name="one")
     assert small[0]["buckets_seen"] >= 2 and one[0]["buckets_seen"] == 1
     for r in range(2):
@@ -59,40 +111,33 @@ def test_bucket_layout_does_not_change_training(torchrun, tmp_path):
     assert_conservation(one)
 
 
-def test_many_buckets_do_not_deadlock(torchrun, tmp_path):
+def test_many_buckets_do_not_deadlock(three):
     """24 tensors in buckets of 4 kB (a weight or two each), 3 ranks on gloo: the communication thread serves them
     all in order (torch's PowerSGD hook deadlocks on gloo with more than one bucket)."""
-    ranks = run(torchrun, tmp_path, 3, "--model", "deep", "--compressor", "sign", "--steps", "4",
-                "--bucket-mb", "0.004")
+    ranks = three.ranks("many-buckets")
     assert ranks[0]["buckets_seen"] >= 8
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)
 
 
-def test_gradient_accumulation_with_no_sync(torchrun, tmp_path):
+def test_gradient_accumulation_with_no_sync(two):
     """Three micro-batches under no_sync: the hook runs once per optimiser step, on the accumulated gradient, and
     every parameter's update and residuals are the Simulator's for those gradients."""
-    ranks = run(torchrun, tmp_path, 2, "--compressor", "topk:0.1", "--steps", "6", "--accum", "3")
+    ranks = two.ranks("accumulation")
     assert all(r["step"] == 6 for r in ranks)
     config = dsq.DoubleSqueezeConfig(compressor="topk:0.1", min_numel=16, block_size=256)
     assert_equals_simulator(ranks, config, keys=ranks[0]["keys"], compressors=reference("topk:0.1"))
     assert_conservation(ranks)
 
 
-SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
-             (2, "sign,qsgd:4,grouptopk:0.1+sign,topk:0.1+int4", ()),
-             (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
-             (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
-
-
-@pytest.mark.parametrize("nproc,specs,extra", SIM_CASES, ids=[f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES])
-def test_hook_equals_simulator(torchrun, tmp_path, nproc, specs, extra):
+@pytest.mark.parametrize("nproc,specs,extra", SIM_CASES, ids=SIM_IDS)
+def test_hook_equals_simulator(request, nproc, specs, extra):
     """One parameter, buckets of blocks of 256: the hook's updates and residuals equal the Simulator's on the same
-    per-rank gradients, for every compressor and baseline switch (one launch trains once per compressor)."""
-    out = tmp_path / "run"
-    torchrun(nproc, WORKER, [out, "--model", "single", "--compressor", specs, "--steps", "6", *extra])
+    per-rank gradients, for every compressor and baseline switch (one run per compressor)."""
+    cases = request.getfixturevalue({2: "two", 3: "three"}[nproc])
+    name = f"sim-{nproc}-{specs}-{'_'.join(extra)}"
     for spec in specs.split(","):
-        ranks = load_ranks(out / spec.replace(":", "_") if "," in specs else out, nproc)
+        ranks = load_ranks(cases.out / name / spec.replace(":", "_") if "," in specs else cases.out / name, nproc)
         check_against_simulator(ranks, nproc, spec, extra)
 
 
@@ -128,8 +173,8 @@ def check_against_simulator(ranks, nproc, spec, extra):
         assert_conservation(ranks)
 
 
-def test_warmup_is_dense_then_compressed(torchrun, tmp_path):
-    ranks = run(torchrun, tmp_path, 2, "--compressor", "sign", "--warmup", "3", "--steps", "5")
+def test_warmup_is_dense_then_compressed(two):
+    ranks = two.ranks("warmup")
     for t, rec in enumerate(ranks[0]["records"][:3]):
         for name, c in rec["c"].items():
             mean = (ranks[0]["records"][t]["g"][name] + ranks[1]["records"][t]["g"][name]) / 2
@@ -142,11 +187,8 @@ def test_warmup_is_dense_then_compressed(torchrun, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["state_dict", "pickled"])
-def test_resume_is_bit_identical(torchrun, tmp_path, how):
-    common = ["--compressor", "sign", "--momentum", "0.9"]
-    full = run(torchrun, tmp_path, 2, *common, "--steps", "8", "--save-at", "4", name="full")
-    resumed = run(torchrun, tmp_path, 2, *common, "--load", tmp_path / "full", "--first-step", "4",
-                  "--steps", "4", *(["--pickled"] if how == "pickled" else []), name="resumed")
+def test_resume_is_bit_identical(two, how):
+    full, resumed = two.ranks("full"), two.ranks(f"resumed-{how}")
     for r in range(2):
         assert resumed[r]["step"] == 8
         for name, p in full[r]["params"].items():
@@ -155,15 +197,10 @@ def test_resume_is_bit_identical(torchrun, tmp_path, how):
             assert torch.equal(e, resumed[r]["worker_residual"][name])
 
 
-def test_state_from_other_world_size_or_config_is_refused(torchrun, tmp_path):
-    run(torchrun, tmp_path, 2, "--compressor", "sign", "--steps", "3", "--save-at", "3", name="saved")
-    torchrun(3, WORKER, [tmp_path / "bad", "--compressor", "sign", "--load", tmp_path / "saved", "--load-rank", "0",
-                         "--expect-load-error"])
-    msg = (tmp_path / "bad" / "error2.txt").read_text()
+def test_state_from_other_world_size_or_config_is_refused(two, three):
+    msg = (three.out / "other-world" / "error2.txt").read_text()
     assert "world_size=2" in msg and "world_size=3" in msg
-    torchrun(2, WORKER, [tmp_path / "bad2", "--compressor", "topk:0.1", "--load", tmp_path / "saved",
-                         "--expect-load-error"])
-    msg = (tmp_path / "bad2" / "error0.txt").read_text()
+    msg = (two.out / "other-config" / "error0.txt").read_text()
     assert "compressor" in msg and "sign" in msg and "topk:0.1" in msg
 
 
@@ -174,14 +211,17 @@ def _total(ranks, steps, key):
 
 
 @pytest.mark.parametrize("resumed_on", [3, 1])
-def test_resume_on_another_number_of_ranks_keeps_the_residuals_mass(torchrun, tmp_path, resumed_on):
+def test_resume_on_another_number_of_ranks_keeps_the_residuals_mass(torchrun, tmp_path, two, three, resumed_on):
     """2 ranks save after step 3; `resumed_on` ranks resume from every rank's state (`load_resharded`) and train 3
     more steps. The mass the residuals held is delivered, not dropped: over both runs, the updates applied sum to
     the mean gradients minus the residuals at the end (the conservation law across the resume). Starting the
     residuals afresh breaks it by the saved residuals' mass."""
-    saved = run(torchrun, tmp_path, 2, "--compressor", "sign", "--steps", "3", "--save-at", "3", name="saved")
-    resumed = run(torchrun, tmp_path, resumed_on, "--compressor", "sign", "--steps", "3", "--first-step", "3",
-                  "--load", tmp_path / "saved", "--load-all", name="resumed")
+    saved = two.ranks("saved")
+    if resumed_on == 3:
+        resumed = three.ranks("resharded-from-2")
+    else:
+        resumed = run(torchrun, tmp_path, resumed_on, "--compressor", "sign", "--steps", "3", "--first-step", "3",
+                      "--load", two.out / "saved", "--load-all", name="resumed")
     assert all(r["step"] == 6 for r in resumed)
     assert_same_update_everywhere(resumed)
     applied = {n: a + b for (n, a), b in zip(_total(saved, range(3), "c").items(),
@@ -199,14 +239,13 @@ def test_resume_on_another_number_of_ranks_keeps_the_residuals_mass(torchrun, tm
     assert mass > 1.0, "the saved run held little residual: the test would not see it dropped"
 
 
-def test_resharded_states_keep_the_mass_block_by_block(torchrun, tmp_path):
+def test_resharded_states_keep_the_mass_block_by_block(three):
     """`reshard_state_dicts` on 3 saved ranks' states, for 2, 4 and 3 ranks: every new rank's worker residual is
     the old mean; the new owners' server residuals, put in place, sum to the old sum block by block; 3 ranks get
     their own states back unchanged."""
     from dsq_plugins.engine.plan import expand_owned
     from dsq_plugins.engine.reshard import reshard_state_dicts
-    run(torchrun, tmp_path, 3, "--compressor", "sign", "--steps", "2", "--save-at", "2", name="saved")
-    old = [torch.load(tmp_path / "saved" / f"ckpt_rank{r}.pt", weights_only=False)["dsq"] for r in range(3)]
+    old = [torch.load(three.out / "saved" / f"ckpt_rank{r}.pt", weights_only=False)["dsq"] for r in range(3)]
     B = old[0]["config"]["block_size"]
     numels = old[0]["numels"]
     old_server = {k: sum(expand_owned(k, sd["server_residuals"][k], numels[k], B, 3, r) for r, sd in enumerate(old)
@@ -227,8 +266,8 @@ def test_resharded_states_keep_the_mass_block_by_block(torchrun, tmp_path):
         reshard_state_dicts(old[:2], 2, 0)
 
 
-def test_nan_gradient_is_skipped_on_all_ranks(torchrun, tmp_path):
-    ranks = run(torchrun, tmp_path, 3, "--compressor", "sign", "--steps", "6", "--nan-at", "3", "--nan-rank", "1")
+def test_nan_gradient_is_skipped_on_all_ranks(three):
+    ranks = three.ranks("nan")
     for r in ranks:
         assert r["skipped_steps"] == 1 and r["totals"]["skipped"] >= 1
         assert all(torch.isnan(c).all() for c in r["records"][3]["c"].values()), "the skipped step must be NaN"
@@ -242,13 +281,12 @@ def test_nan_gradient_is_skipped_on_all_ranks(torchrun, tmp_path):
     assert_conservation(ranks, steps=[0, 1, 2, 4, 5])
 
 
-def test_policy_by_role_and_name_equals_simulator(torchrun, tmp_path):
+def test_policy_by_role_and_name_equals_simulator(two):
     """DoubleSqueezeConfig(policy=...) under DDP with the model attached: every parameter is compressed with the
     compressor its first matching rule names (by role: embedding, head, norm; by name: fc.weight), the others with
     the config's, each exactly as a Simulator with that compressor (plain-torch references for sign and top-k),
     residuals included; a "dense" rule sends the LayerNorm uncompressed (no residual)."""
-    ranks = run(torchrun, tmp_path, 2, "--model", "roles", "--compressor", "topk:0.1", "--policy", POLICY,
-                "--attach", "--guard", "0", "--steps", "5", "--min-numel", "16")
+    ranks = two.ranks("policy")
     report = ranks[0]["policy"]
     assert report["rules"] == [["role:embedding", "int8"], ["role:head", "topk:0.25"], ["role:norm", "dense"],
                                ["fc.weight", "sign"]]
@@ -259,16 +297,10 @@ def test_policy_by_role_and_name_equals_simulator(torchrun, tmp_path):
     assert_conservation(ranks)
 
 
-def test_policy_that_cannot_apply_is_refused_before_the_first_step(torchrun, tmp_path):
+def test_policy_that_cannot_apply_is_refused_before_the_first_step(two):
     """A name pattern that matches no parameter, and a role that needs names without the model attached, fail at
     the first hook call, before anything is compressed, naming what to do."""
-    bad = torchrun(2, WORKER, [tmp_path / "a", "--model", "roles", "--compressor", "sign", "--attach",
-                               "--policy", "blocks.*.attn.*=sign", "--steps", "1"], check=False)
-    assert bad.returncode != 0
-    assert "policy pattern 'blocks.*.attn.*' matches no parameter of the model" in bad.stderr + bad.stdout
-    assert "tok.weight" in bad.stderr + bad.stdout
-    bad = torchrun(2, WORKER, [tmp_path / "b", "--model", "roles", "--compressor", "sign",
-                               "--policy", "role:embedding=int8", "--steps", "1"], check=False)
-    assert bad.returncode != 0
-    assert "role 'embedding' needs the parameters' names" in bad.stderr + bad.stdout
-    assert "DoubleSqueezeState(config, module=model)" in bad.stderr + bad.stdout
+    two.refused("policy-pattern", "policy pattern 'blocks.*.attn.*' matches no parameter of the model")
+    two.refused("policy-pattern", "tok.weight")
+    two.refused("policy-role", "role 'embedding' needs the parameters' names")
+    two.refused("policy-role", "DoubleSqueezeState(config, module=model)")

@@ -16,7 +16,7 @@ from deepspeed_ext.config import read_section
 
 from .checks import (POLICY, VALID_NAMES, assert_conservation, assert_policy_equals_simulator,
                      assert_same_update_everywhere)
-from .conftest import ROOT, deepspeed_launch, load_ranks
+from .conftest import ROOT, deepspeed_launch, launch, load_ranks
 
 WORKER = ROOT / "tests" / "ds_worker.py"
 EXAMPLE = ROOT / "examples" / "deepspeed_digits.py"
@@ -27,6 +27,79 @@ def run(torchrun, tmp_path, nproc, *args, name="run", launcher=None, **kw):
     out = tmp_path / name
     proc = (launcher or torchrun)(nproc, WORKER, [out, *args], **kw)
     return (load_ranks(out, nproc) if (out / "rank0.pt").exists() else None), proc
+
+
+class Cases:
+    """The cases of one launch of the worker (`--cases`): several runs, each with its own model and engine, on one
+    process group, so that a launch's start-up (Python, torch and DeepSpeed in every process, the rendezvous) is
+    paid once. `ranks(name)` are a case's results (its failure, if it failed, in the assertion); `failure(name)`
+    the error it raised on rank 0, or None."""
+
+    def __init__(self, out, nproc: int, names):
+        self.out, self.nproc, self.names = out, nproc, list(names)
+
+    def failure(self, name: str):
+        path = self.out / name / "failed0.txt"
+        return path.read_text() if path.exists() else None
+
+    def ranks(self, name: str, prefix: str = "rank"):
+        """The case's OUT/name/{prefix}{r}.pt of every rank."""
+        assert name in self.names, name
+        failed = self.failure(name)
+        assert failed is None, f"case {name} failed:\n{failed}"
+        return load_ranks(self.out / name, self.nproc, prefix)
+
+    def refused(self, name: str, message: str) -> None:
+        """The case failed before any step with `message` on every rank, and trained nothing."""
+        for r in range(self.nproc):
+            path = self.out / name / f"failed{r}.txt"
+            assert path.exists(), f"case {name} did not fail on rank {r}"
+            assert message in path.read_text(), path.read_text()[:2000]
+        assert not (self.out / name / "rank0.pt").exists()
+
+
+def run_cases(tmp_path, nproc: int, cases: dict, *common, worker=WORKER, launcher=launch, timeout=600) -> Cases:
+    """One launch of `worker` running every case of `cases` ({name: [arguments]}, after the `common` ones)."""
+    out = tmp_path / "cases"
+    launcher(nproc, worker, [out, "--cases", json.dumps({k: list(map(str, v)) for k, v in cases.items()}),
+                             *map(str, common)], timeout=timeout)
+    return Cases(out, nproc, cases)
+
+
+# The two-rank cases of this file's tests, in one launch (module docstring of `Cases`)
+REFUSALS = {"zero1-overlap_comm": (("--stage", "1", "--overlap-comm"),
+                                   "does not support zero_optimization.overlap_comm"),
+            "zero0-fp16": (("--stage", "0", "--fp16"), "fp16 at ZeRO stage 0 (DeepSpeed does not scale the loss there")}
+AVERAGING = {"predivide": (("--predivide", "4"), 1.0), "prescale": (("--prescale",), 1.0), "sum": (("--sum",), 2.0)}
+TWO_RANK_CASES = {
+    "stage0-sign": ("--model", "single", "--compressor", "sign", "--steps", "5"),
+    "auto": ("--model", "single", "--compressor", "auto", "--steps", "18"),
+    "policy": ("--model", "roles", "--compressor", "topk:0.1", "--steps", "4",
+               "--dsq", json.dumps({"policy": POLICY, "guard": 0})),
+    "policy-bad": ("--model", "roles", "--compressor", "sign", "--steps", "1",
+                   "--dsq", json.dumps({"policy": {"blocks.*": "int8"}})),
+    **{f"averaging-{k}": ("--model", "single", "--steps", "3", *option) for k, (option, _) in AVERAGING.items()},
+    "clip": ("--model", "single", "--steps", "3", "--clip", "0.05"),
+    "bf16-zero1": ("--stage", "1", "--bf16", "--steps", "4"),
+    "stock": ("--model", "single", "--compressor", "stock", "--steps", "2"),
+    # last: the fp16 case answers DeepSpeed's fp16 capability query for the rest of the process
+    **{f"refused-{k}": args for k, (args, _) in REFUSALS.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Cases:
+    return run_cases(tmp_path_factory.mktemp("ds2"), 2, TWO_RANK_CASES)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> Cases:
+    tmp = tmp_path_factory.mktemp("ds3")
+    return run_cases(tmp, 3, {
+        "stage0-sign": ("--model", "single", "--compressor", "sign", "--steps", "5"),
+        "stage0-topk:0.05": ("--model", "single", "--compressor", "topk:0.05", "--steps", "5"),
+        "zero1-accumulation": ("--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tmp / "tb",
+                               "--explicit")})
 
 
 def simulate(ranks, cfg, name="weight", scale=1.0):
@@ -74,8 +147,8 @@ def test_section_absent_or_disabled_means_stock():
 # -- real multi-process DeepSpeed --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("nproc,spec", [(2, "sign"), (3, "sign"), (3, "topk:0.05")])
-def test_stage0_equals_simulator_and_conserves(torchrun, tmp_path, nproc, spec):
-    ranks, _ = run(torchrun, tmp_path, nproc, "--model", "single", "--compressor", spec, "--steps", "5")
+def test_stage0_equals_simulator_and_conserves(request, nproc, spec):
+    ranks = request.getfixturevalue({2: "two_ranks", 3: "three_ranks"}[nproc]).ranks(f"stage0-{spec}")
     cfg = dsq.DoubleSqueezeConfig(compressor=spec, min_numel=16)
     for t, expected in enumerate(simulate(ranks, cfg)):
         for r in ranks:
@@ -87,10 +160,10 @@ def test_stage0_equals_simulator_and_conserves(torchrun, tmp_path, nproc, spec):
     assert t["bytes_up_sent"] + t["bytes_down_sent"] < t["dense_bytes"] / 4
 
 
-def test_auto_from_the_config_section(torchrun, tmp_path):
+def test_auto_from_the_config_section(two_ranks):
     """"compressor": "auto" in the section (which DeepSpeed's own config models would drop as the Trainer's
     placeholder): measured choices, the same on both ranks, nothing lost across the switches."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "auto", "--steps", "18")
+    ranks = two_ranks.ranks("auto")
     assert ranks[0]["config"]["compressor"] == "auto"
     assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
     modes = DEFAULT_CANDIDATES.split(",") + ["dense"]
@@ -99,20 +172,15 @@ def test_auto_from_the_config_section(torchrun, tmp_path):
     assert_conservation(ranks)
 
 
-def test_policy_from_the_config_section(torchrun, tmp_path):
+def test_policy_from_the_config_section(two_ranks):
     """"policy" in the section: roles from the engine's module (embedding, head, norm) and a name pattern, each
     parameter exactly as a Simulator with its rule's compressor; a pattern that matches no parameter fails at
     install, before the first step, naming the parameters."""
-    section = json.dumps({"policy": POLICY, "guard": 0})
-    ranks, _ = run(torchrun, tmp_path, 2, "--model", "roles", "--compressor", "topk:0.1", "--dsq", section,
-                   "--steps", "4")
+    ranks = two_ranks.ranks("policy")
     assert_policy_equals_simulator(ranks)
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)
-    _, bad = run(torchrun, tmp_path, 2, "--model", "roles", "--compressor", "sign", "--steps", "1",
-                 "--dsq", json.dumps({"policy": {"blocks.*": "int8"}}), name="bad", check=False)
-    assert bad.returncode != 0
-    assert "policy pattern 'blocks.*' matches no parameter of the model" in bad.stderr + bad.stdout
+    two_ranks.refused("policy-bad", "policy pattern 'blocks.*' matches no parameter of the model")
 
 
 def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, tmp_path):
@@ -128,12 +196,11 @@ def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, t
     assert_conservation(zero1, atol=2e-5)
 
 
-def test_accumulation_monitor_and_three_ranks_zero1(torchrun, tmp_path):
+def test_accumulation_monitor_and_three_ranks_zero1(three_ranks):
     """3 ranks, ZeRO 1, 3 micro-batches per step, through the explicit deepspeed_ext.initialize: one exchange per
     optimizer step; the metrics land in DeepSpeed's own TensorBoard output beside its tags."""
-    tb = tmp_path / "tb"
-    ranks, _ = run(torchrun, tmp_path, 3, "--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tb,
-                   "--explicit")
+    tb = three_ranks.out.parent / "tb"
+    ranks = three_ranks.ranks("zero1-accumulation")
     assert all(r["step"] == 4 for r in ranks)
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks, atol=2e-5)
@@ -148,30 +215,30 @@ def test_accumulation_monitor_and_three_ranks_zero1(torchrun, tmp_path):
     assert samples == [8 * 3 * 3 * k for k in range(1, 5)]        # x-axis: DeepSpeed's global samples
 
 
-@pytest.mark.parametrize("option,scale", [(("--predivide", "4"), 1.0), (("--prescale",), 1.0), (("--sum",), 2.0)],
-                         ids=["predivide", "prescale", "sum"])
-def test_averaging_settings_as_in_deepspeed(torchrun, tmp_path, option, scale):
+@pytest.mark.parametrize("setting", list(AVERAGING))
+def test_averaging_settings_as_in_deepspeed(two_ranks, setting):
     """gradient_predivide_factor and prescale_gradients only move the scaling (same average); the "sum"
     all-reduce op gives W times the average."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--steps", "3", *option)
+    scale = AVERAGING[setting][1]
+    ranks = two_ranks.ranks(f"averaging-{setting}")
     for t, expected in enumerate(simulate(ranks, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16),
                                           scale=scale)):
         torch.testing.assert_close(ranks[0]["records"][t]["c"]["weight"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_clipping_applies_to_the_decompressed_average(torchrun, tmp_path):
-    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--steps", "3", "--clip", "0.05")
+def test_clipping_applies_to_the_decompressed_average(two_ranks):
+    ranks = two_ranks.ranks("clip")
     for t, c in enumerate(simulate(ranks, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16))):
         expected = c * min(1.0, 0.05 / (float(c.norm()) + 1e-6))
         assert float(c.norm()) > 0.05
         torch.testing.assert_close(ranks[0]["records"][t]["c"]["weight"], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_gradients(torchrun, tmp_path):
+def test_bf16_gradients(two_ranks):
     """bf16 parameters and gradients under ZeRO 1: residuals in bf16, and every step's update close to the
     Simulator's on the fp32 reference gradients (bf16 rounding of the gradients and of the weights apart: the
     same direction, within 10% in norm, and far from the zero update a hook that kept everything would give)."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--bf16", "--steps", "4")
+    ranks = two_ranks.ranks("bf16-zero1")
     assert all(r["step"] == 4 and r["skipped_steps"] == 0 for r in ranks)
     assert_same_update_everywhere(ranks)
     assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["worker_residual"].values())
@@ -187,8 +254,8 @@ def test_bf16_gradients(torchrun, tmp_path):
             assert abs(float(got.norm()) / float(expected.norm()) - 1) < 0.1, (name, t)
 
 
-def test_stock_when_section_absent(torchrun, tmp_path):
-    ranks, _ = run(torchrun, tmp_path, 2, "--model", "single", "--compressor", "stock", "--steps", "2")
+def test_stock_when_section_absent(two_ranks):
+    ranks = two_ranks.ranks("stock")
     assert not ranks[0]["dsq"]
     mean = (ranks[0]["records"][0]["g"]["weight"] + ranks[1]["records"][0]["g"]["weight"]) / 2
     torch.testing.assert_close(ranks[0]["records"][0]["c"]["weight"], mean, rtol=1e-5, atol=1e-6)
@@ -222,19 +289,12 @@ def test_checkpoint_resume_is_exact_and_on_another_world_size_keeps_the_mass(tor
     assert sum(float(e.abs().sum()) for r in zero0 for e in r["worker_residual"].values()) > 1.0
 
 
-@pytest.mark.parametrize("args,message", [(("--stage", "1", "--overlap-comm"),
-                                           "does not support zero_optimization.overlap_comm"),
-                                          (("--stage", "0", "--fp16"), "fp16 at ZeRO stage 0 (DeepSpeed does not "
-                                                                       "scale the loss there")],
-                         ids=["zero1-overlap_comm", "zero0-fp16"])
-def test_a_section_the_engine_cannot_honour_fails_before_training(torchrun, tmp_path, args, message):
+@pytest.mark.parametrize("setting", list(REFUSALS))
+def test_a_section_the_engine_cannot_honour_fails_before_training(two_ranks, setting):
     """A script that calls deepspeed.initialize with the section on a stage or setting it does not fit: the reason
-    is raised from deepspeed.initialize itself, before any step; nothing trains dense."""
-    _, proc = run(torchrun, tmp_path, 2, *args, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert message in (tmp_path / "run" / "refused0.txt").read_text()
-    assert not (tmp_path / "run" / "rank0.pt").exists()
+    is raised from deepspeed.initialize itself (NotImplementedError), before any step; nothing trains dense."""
+    two_ranks.refused(f"refused-{setting}", REFUSALS[setting][1])
+    assert two_ranks.failure(f"refused-{setting}").startswith("NotImplementedError")
 
 
 def test_section_with_settings_but_not_enabled_warns():

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from .conftest import ROOT, launch, load_ranks
-from .test_deepspeed import run
+from .test_deepspeed import run, run_cases
 
 LR = 0.5
 ZERO3_WORKER = ROOT / "tests" / "ds_zero3_worker.py"
@@ -46,12 +46,19 @@ def _residual(ranks, t, stage, names, d):
     return torch.cat(parts)
 
 
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    """The scenario at ZeRO 1 and ZeRO 2, in one launch (`Cases`)."""
+    return run_cases(tmp_path_factory.mktemp("fp16"), 2, {
+        f"zero{stage}": ("--stage", str(stage), "--bucket", "1024", *SCENARIO) for stage in (1, 2)})
+
+
 @pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
-def test_fp16_residuals_follow_the_loss_scale_and_an_overflow_changes_nothing(torchrun, tmp_path, stage):
+def test_fp16_residuals_follow_the_loss_scale_and_an_overflow_changes_nothing(scenario, stage):
     """The overflow is skipped on every rank with every residual as it was (bit for bit), although other buckets
     were reduced before it at ZeRO-2; the conservation law holds in gradient units across both scale changes (a
     residual not rescaled breaks it by 27-110% of the gradient's norm; measured error here: under 0.1%)."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--stage", str(stage), "--bucket", "1024", *SCENARIO)
+    ranks = scenario.ranks(f"zero{stage}")
     names = list(ranks[0]["records"][0]["g"])
     d = sum(ranks[0]["records"][0]["g"][n].numel() for n in names)
     records = ranks[0]["records"]

@@ -17,7 +17,8 @@ from horovod_ext.launcher import split_argv
 from .checks import (POLICY, VALID_NAMES, assert_conservation, assert_equals_simulator, assert_policy_equals_simulator,
                      assert_same_update_everywhere)
 from .reference import reference
-from .conftest import ROOT, load_ranks
+from .conftest import ROOT, horovodrun as launch_horovod, load_ranks
+from .test_deepspeed import run_cases
 
 WORKER = ROOT / "tests" / "hvd_worker.py"
 EXAMPLE = ROOT / "examples" / "horovod_digits.py"
@@ -27,6 +28,47 @@ def run(horovodrun, tmp_path, nproc, *args, name="run", tags=("sign",), **kw):
     out = tmp_path / name
     horovodrun(nproc, WORKER, [out, *args], **kw)
     return {tag: load_ranks(out, nproc, f"{tag}_rank") for tag in tags}
+
+
+SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
+             (2, "sign,qsgd:4", ()), (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
+             (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
+SIM_IDS = [f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES]
+OVER_BUCKETS = ("--compressors", "sign", "--steps", "8", "--nan-at", "4", "--momentum", "0.9")
+RESUME = ("--compressors", "sign", "--momentum", "0.9")
+OPTIONS = {"op_sum": ("--op", "sum"), "predivide": ("--predivide", "4")}
+
+
+def sim_case(nproc):
+    return {f"sim-{i}": ("--model", "single", "--compressors", specs, "--steps", "6", *extra)
+            for i, (n, specs, extra) in zip(SIM_IDS, SIM_CASES) if n == nproc}
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """This file's two-rank runs of tests/hvd_worker.py in one horovodrun launch (`Cases`; in order: the resume
+    follows the run it loads)."""
+    tmp = tmp_path_factory.mktemp("hvd2")
+    return run_cases(tmp, 2, {
+        "over-buckets": OVER_BUCKETS, **sim_case(2),
+        "policy": ("--model", "roles", "--compressors", "topk:0.1", "--policy", POLICY, "--steps", "4"),
+        **{k: ("--model", "single", "--compressors", "sign", "--steps", "4", *option) for k, option in OPTIONS.items()},
+        "accumulation": ("--compressors", "topk:0.1", "--steps", "5", "--accum", "3"),
+        "auto": ("--compressors", "auto", "--steps", "18"),
+        "full": (*RESUME, "--steps", "8", "--save-at", "4"),
+        "resumed": (*RESUME, "--steps", "4", "--first-step", "4", "--load", tmp / "cases" / "full"),
+        "stock-sign": ("--mode", "stock", "--compressors", "sign"),
+        "stock-fp16": ("--mode", "stock", "--compressors", "fp16", "--steps", "3"),
+        "plain-flag": ("--mode", "flag", "--steps", "3"),
+    }, worker=WORKER, launcher=launch_horovod)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, two):
+    return run_cases(tmp_path_factory.mktemp("hvd3"), 3, {
+        "over-buckets": OVER_BUCKETS, **sim_case(3),
+        "other-world": (*RESUME, "--steps", "1", "--load", two.out / "full"),
+    }, worker=WORKER, launcher=launch_horovod)
 
 
 # -- in one process: the compressor API and the launcher's argument split ------------------------------------
@@ -80,11 +122,10 @@ def test_bad_flag_exits_before_any_worker_starts(tmp_path, flags, message):
 # -- under horovodrun --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_conservation_and_agreement_over_buckets(horovodrun, tmp_path, nproc):
+def test_conservation_and_agreement_over_buckets(request, nproc):
     """Several buckets (bucket_mb=0.01), a NaN on one rank at step 4: skipped on every rank, residuals kept;
     the conservation law over the other steps; every rank applies the same update."""
-    ranks = run(horovodrun, tmp_path, nproc, "--compressors", "sign", "--steps", "8", "--nan-at", "4",
-                "--momentum", "0.9")["sign"]
+    ranks = request.getfixturevalue({2: "two", 3: "three"}[nproc]).ranks("over-buckets", "sign_rank")
     assert ranks[0]["buckets"] >= 2
     assert all(r["step"] == 8 and r["skipped_steps"] == 1 for r in ranks)
     assert all(r["class_module"] == "horovod.torch.optimizer" and r["step_after_broadcast"] == 0 for r in ranks)
@@ -103,18 +144,13 @@ def test_conservation_and_agreement_over_buckets(horovodrun, tmp_path, nproc):
     assert totals["bytes_up_sent"] + totals["bytes_down_sent"] < dense / 8, totals
 
 
-SIM_CASES = [(3, "none,fp16,sign,topk:0.05,randomk:0.1,qsgd:4,int8:64", ()),
-             (2, "sign,qsgd:4", ()), (2, "sign", ("--no-server-ef",)), (2, "sign", ("--server-compressor", "none")),
-             (2, "topk:0.05", ("--no-worker-ef", "--no-server-ef")), (2, "sign", ("--warmup", "3"))]
-
-
-@pytest.mark.parametrize("nproc,specs,extra", SIM_CASES, ids=[f"{n}-{s}-{'_'.join(e)}" for n, s, e in SIM_CASES])
-def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
+@pytest.mark.parametrize("nproc,specs,extra", SIM_CASES, ids=SIM_IDS)
+def test_optimizer_equals_simulator(request, nproc, specs, extra):
     """One parameter: the optimizer's updates and residuals equal the Simulator's (blocks of 256 elements) on the
     same per-rank gradients, for every compressor and baseline switch."""
+    cases = request.getfixturevalue({2: "two", 3: "three"}[nproc])
     tags = [s.replace(":", "_") for s in specs.split(",")]
-    runs = run(horovodrun, tmp_path, nproc, "--model", "single", "--compressors", specs, "--steps", "6", *extra,
-               tags=tags)
+    runs = {tag: cases.ranks(f"sim-{nproc}-{specs}-{'_'.join(extra)}", f"{tag}_rank") for tag in tags}
     for spec, tag in zip(specs.split(","), tags):
         ranks = runs[tag]
         cfg = dsq.DoubleSqueezeConfig(
@@ -139,22 +175,21 @@ def test_optimizer_equals_simulator(horovodrun, tmp_path, nproc, specs, extra):
             torch.testing.assert_close(server, sim.server_error, rtol=1e-6, atol=1e-7)
 
 
-def test_policy_by_role_from_the_parameters_names(horovodrun, tmp_path):
+def test_policy_by_role_from_the_parameters_names(two):
     """DoubleSqueezeConfig(policy=...) in horovod_ext.DistributedOptimizer: the roles from named_parameters'
     names (tok: embedding, ln: norm, head), each parameter exactly as a Simulator with its rule's compressor."""
-    ranks = run(horovodrun, tmp_path, 2, "--model", "roles", "--compressors", "topk:0.1", "--policy", POLICY,
-                "--steps", "4", tags=["topk_0.1"])["topk_0.1"]
+    ranks = two.ranks("policy", "topk_0.1_rank")
     assert_policy_equals_simulator(ranks)
     assert_same_update_everywhere(ranks)
     assert_conservation(ranks)
 
 
-@pytest.mark.parametrize("option", [("--op", "sum"), ("--predivide", "4")], ids=["op_sum", "predivide"])
-def test_sum_and_predivide_as_in_horovod(horovodrun, tmp_path, option):
+@pytest.mark.parametrize("setting", list(OPTIONS))
+def test_sum_and_predivide_as_in_horovod(two, setting):
     """op=hvd.Sum gives W times the average; gradient_predivide_factor only splits the scaling (the compressor
     sees g / f, the result is scaled back), so both match the Simulator's average."""
-    ranks = run(horovodrun, tmp_path, 2, "--model", "single", "--compressors", "sign", "--steps", "4",
-                *option)["sign"]
+    option = OPTIONS[setting]
+    ranks = two.ranks(setting, "sign_rank")
     sim = dsq.Simulator(2, dsq.DoubleSqueezeConfig(compressor="sign", min_numel=16, block_size=256), key="weight")
     factor = 2 if option[0] == "--op" else 1
     for t, rec in enumerate(ranks[0]["records"]):
@@ -162,10 +197,9 @@ def test_sum_and_predivide_as_in_horovod(horovodrun, tmp_path, option):
         torch.testing.assert_close(rec["c"]["weight"], factor * expected, rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_accumulation(horovodrun, tmp_path):
+def test_gradient_accumulation(two):
     """backward_passes_per_step=3: one exchange per step, of the summed gradients of three micro-batches."""
-    ranks = run(horovodrun, tmp_path, 2, "--compressors", "topk:0.1", "--steps", "5", "--accum", "3",
-                tags=("topk_0.1",))["topk_0.1"]
+    ranks = two.ranks("accumulation", "topk_0.1_rank")
     assert all(r["step"] == 5 for r in ranks)
     # the recorded gradient is the sum of the three micro-batches' (taken apart from p.grad): every parameter's
     # update and residuals are the Simulator's for it
@@ -174,9 +208,9 @@ def test_gradient_accumulation(horovodrun, tmp_path):
     assert_conservation(ranks)
 
 
-def test_auto_decides_the_same_on_every_rank_and_loses_nothing(horovodrun, tmp_path):
+def test_auto_decides_the_same_on_every_rank_and_loses_nothing(two):
     """compressor="auto" (its default candidates) on real step times, the decisions taken on Horovod's thread."""
-    ranks = run(horovodrun, tmp_path, 2, "--compressors", "auto", "--steps", "18", tags=("auto",))["auto"]
+    ranks = two.ranks("auto", "auto_rank")
     assert ranks[0]["auto"]["history"] == ranks[1]["auto"]["history"]
     modes = DEFAULT_CANDIDATES.split(",") + ["dense"]
     assert [m for _, m in ranks[0]["auto"]["history"]][:len(modes)] == modes
@@ -185,14 +219,11 @@ def test_auto_decides_the_same_on_every_rank_and_loses_nothing(horovodrun, tmp_p
     assert_conservation(ranks)
 
 
-def test_resume_from_state_dict_is_exact(horovodrun, tmp_path):
+def test_resume_from_state_dict_is_exact(two, three):
     """Save at step 4 of 8 (optimizer state_dict with the residuals, momentum), resume in fresh processes:
     the same parameters and residuals, bit for bit, as the uninterrupted run. A state from another world
     size is refused, saying why."""
-    common = ["--compressors", "sign", "--momentum", "0.9"]
-    full = run(horovodrun, tmp_path, 2, *common, "--steps", "8", "--save-at", "4", name="full")["sign"]
-    resumed = run(horovodrun, tmp_path, 2, *common, "--steps", "4", "--first-step", "4",
-                  "--load", tmp_path / "full", name="resumed")["sign"]
+    full, resumed = two.ranks("full", "sign_rank"), two.ranks("resumed", "sign_rank")
     for a, b in zip(full, resumed):
         assert b["step"] == 8
         for name in a["params"]:
@@ -200,30 +231,26 @@ def test_resume_from_state_dict_is_exact(horovodrun, tmp_path):
         for kind in ("worker_residual", "server_residual"):
             for name in a[kind]:
                 assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
-    out = tmp_path / "wrong"
-    horovodrun(3, WORKER, [out, *common, "--steps", "1", "--load", tmp_path / "full"], check=False)
+    out = three.out / "other-world"
     # ranks 0 and 1 find a checkpoint of world size 2 and refuse it
     for r in (0, 1):
         assert "world_size=2" in (out / f"error{r}.txt").read_text()
 
 
-def test_non_summable_compressor_in_stock_optimizer_is_refused(horovodrun, tmp_path):
-    proc = horovodrun(2, WORKER, [tmp_path / "stock", "--mode", "stock", "--compressors", "sign"], check=False)
-    assert proc.returncode != 0
-    assert "cannot use it. Use horovod_ext.DistributedOptimizer" in proc.stdout + proc.stderr
+def test_non_summable_compressor_in_stock_optimizer_is_refused(two):
+    two.refused("stock-sign", "cannot use it. Use horovod_ext.DistributedOptimizer")
     # a summable one works in the stock optimizer, as Horovod's own fp16 does
-    ranks = run(horovodrun, tmp_path, 2, "--mode", "stock", "--compressors", "fp16", "--steps", "3",
-                name="fp16", tags=("fp16",))["fp16"]
+    ranks = two.ranks("stock-fp16", "fp16_rank")
     assert not ranks[0]["dsq"]
     assert_same_update_everywhere(ranks)
     mean = (ranks[0]["records"][0]["g"]["0.weight"] + ranks[1]["records"][0]["g"]["0.weight"]) / 2
     torch.testing.assert_close(ranks[0]["records"][0]["c"]["0.weight"], mean, rtol=2e-3, atol=1e-3)
 
 
-def test_flag_switches_a_script_that_names_no_compressor(horovodrun, tmp_path):
+def test_flag_switches_a_script_that_names_no_compressor(horovodrun, tmp_path, two):
     """The same unedited script: plain Horovod under horovodrun (exact averages), DoubleSqueeze under
     dsq-horovodrun --dsq-* (the flag's config reaches every rank; bytes are compressed; TensorBoard)."""
-    plain = run(horovodrun, tmp_path, 2, "--mode", "flag", "--steps", "3", name="plain")["sign"]
+    plain = two.ranks("plain-flag", "sign_rank")
     assert not plain[0]["dsq"]
     mean = (plain[0]["records"][0]["g"]["0.weight"] + plain[1]["records"][0]["g"]["0.weight"]) / 2
     torch.testing.assert_close(plain[0]["records"][0]["c"]["0.weight"], mean, rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from .reference import sign, topk
-from .test_deepspeed import run
+from .test_deepspeed import run, run_cases
 from .conftest import deepspeed_launch
 
 LR = 0.5
@@ -98,12 +98,43 @@ def test_zero2_equals_the_plain_torch_reference_on_both_passes(torchrun, tmp_pat
         assert t["bytes_down_sent"] > 0 and t["bytes_up_sent"] > 0
 
 
-def test_zero2_bf16_residual_equals_the_reference_and_halves_its_memory(torchrun, tmp_path):
+LOSSLESS = {"plain": (), "overlap_comm": ("--overlap-comm",), "no-contiguous": ("--no-contiguous",),
+            "overlap_comm+no-contiguous": ("--overlap-comm", "--no-contiguous"), "bf16": ("--bf16",),
+            "bf16+fp32-accumulation": ("--bf16", "--fp32-accum"),
+            "bf16+fp32-accumulation+no-contiguous": ("--bf16", "--fp32-accum", "--no-contiguous")}
+REFUSALS = {
+    "auto": ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-2"),
+    "server_ef": ('{"server_ef": false}', "server_ef false"),
+    "policy": ('{"policy": {"role:norm": "dense"}}', "a per-parameter policy"),
+    "param_compressor": ('{"param_compressor": "int4"}', '"param_compressor" compresses ZeRO-3\'s parameter gathers'),
+    "residual_dtype-under-zero1": ('{"residual_dtype": "bf16", "stage": 1}',
+                                   '"residual_dtype" stores ZeRO-2/3\'s worker residual'),
+}
+
+
+def _refusal_args(dsq: str):
+    section = json.loads(dsq)
+    stage = str(section.pop("stage", 2))
+    return ("--stage", stage, "--dsq", json.dumps(section))
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """The two-rank runs of this file's tests but the reference's and the guard's, in one launch (`Cases`)."""
+    return run_cases(tmp_path_factory.mktemp("zero2"), 2, {
+        "bf16-residual": ("--stage", "2", "--model", "single", "--steps", "5",
+                          "--dsq", '{"guard": 0, "residual_dtype": "bf16"}'),
+        "nan": ("--stage", "2", "--model", "single", "--steps", "3", "--nan-at", "2", "--dsq", '{"guard": 0}'),
+        **{f"lossless-{k}": ("--stage", "2", "--model", "multi", "--compressor", "none", "--steps", "3",
+                             "--bucket", "64", "--dsq", '{"guard": 0}', *args) for k, args in LOSSLESS.items()},
+        **{f"refused-{k}": _refusal_args(dsq) for k, (dsq, _) in REFUSALS.items()}})
+
+
+def test_zero2_bf16_residual_equals_the_reference_and_halves_its_memory(cases):
     """``"residual_dtype": "bf16"``: the worker residual is stored in bfloat16 (the compensation runs in fp32): every
     step's update equals the reference whose residual is rounded to bfloat16 after each update, and the residual
     takes 2 bytes per element."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "single", "--steps", "5",
-                   "--dsq", '{"guard": 0, "residual_dtype": "bf16"}')
+    ranks = cases.ranks("bf16-residual")
     updates, e, x, x_hat = reference_zero2(ranks, initial_weight(), stored=torch.bfloat16)
     for t, want in enumerate(updates):
         for r in ranks:
@@ -142,17 +173,14 @@ def test_zero2_quality_guard_moves_the_uplink_and_loses_nothing(torchrun, tmp_pa
     torch.testing.assert_close(held - LR * worker, w0 - LR * mean_g, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("args", [(), ("--overlap-comm",), ("--no-contiguous",), ("--overlap-comm", "--no-contiguous"),
-                                  ("--bf16",), ("--bf16", "--fp32-accum"), ("--bf16", "--fp32-accum", "--no-contiguous")],
-                         ids=["plain", "overlap_comm", "no-contiguous", "overlap_comm+no-contiguous", "bf16",
-                              "bf16+fp32-accumulation", "bf16+fp32-accumulation+no-contiguous"])
-def test_zero2_lossless_is_stock_with_many_buckets(torchrun, tmp_path, args):
+@pytest.mark.parametrize("setting", list(LOSSLESS))
+def test_zero2_lossless_is_stock_with_many_buckets(cases, setting):
     """The lossless compressor `none` through buckets of 64 elements (each parameter's gradient split across owners
     and buckets, a parameter larger than a bucket): the update is plain SGD on the mean of the ranks' reference
     gradients, with DeepSpeed's overlap_comm and contiguous_gradients on and off, and in bf16 (with DeepSpeed's
     fp32 gradient accumulation too, where it keeps an fp32 partition buffer; the tolerance is bf16's weights')."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "multi", "--compressor", "none", "--steps", "3",
-                   "--bucket", "64", "--dsq", '{"guard": 0}', *args)
+    args = LOSSLESS[setting]
+    ranks = cases.ranks(f"lossless-{setting}")
     tol = dict(rtol=2e-2, atol=1e-2) if "--bf16" in args else dict(rtol=1e-5, atol=1e-6)
     for t in range(3):
         for name in ranks[0]["records"][t]["g"]:
@@ -186,28 +214,16 @@ def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_p
     assert float(full[0]["residual"].abs().sum()) > 0
 
 
-@pytest.mark.parametrize("dsq,message", [
-    ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-2"),
-    ('{"server_ef": false}', "server_ef false"),
-    ('{"policy": {"role:norm": "dense"}}', "a per-parameter policy"),
-    ('{"param_compressor": "int4"}', '"param_compressor" compresses ZeRO-3\'s parameter gathers'),
-    ('{"residual_dtype": "bf16", "stage": 1}', '"residual_dtype" stores ZeRO-2/3\'s worker residual'),
-], ids=["auto", "server_ef", "policy", "param_compressor", "residual_dtype-under-zero1"])
-def test_zero2_what_it_cannot_honour_is_refused_before_training(torchrun, tmp_path, dsq, message):
-    stage = str(json.loads(dsq).pop("stage", 2))
-    dsq = json.dumps({k: v for k, v in json.loads(dsq).items() if k != "stage"})
-    _, proc = run(torchrun, tmp_path, 2, "--stage", stage, "--dsq", dsq, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert not (tmp_path / "run" / "rank0.pt").exists()
+@pytest.mark.parametrize("setting", list(REFUSALS))
+def test_zero2_what_it_cannot_honour_is_refused_before_training(cases, setting):
+    cases.refused(f"refused-{setting}", REFUSALS[setting][1])
 
 
-def test_zero2_a_nan_on_one_rank_leaves_every_residual_as_it_was(torchrun, tmp_path):
+def test_zero2_a_nan_on_one_rank_leaves_every_residual_as_it_was(cases):
     """Rank 1's gradients are NaN at step 2: on both ranks the step is counted as skipped and the worker residual
     after it is the one before it, bit for bit (nothing of the NaN enters it; the gradients reduce to NaN, as stock
     DeepSpeed's would)."""
-    ranks, _ = run(torchrun, tmp_path, 2, "--stage", "2", "--model", "single", "--steps", "3", "--nan-at", "2",
-                   "--dsq", '{"guard": 0}')
+    ranks = cases.ranks("nan")
     for r in ranks:
         rec = r["records"]
         assert rec[1]["skipped_steps"] == 0 and rec[2]["skipped_steps"] == 1

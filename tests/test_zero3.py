@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from .conftest import ROOT, deepspeed_launch, launch, load_ranks
+from .test_deepspeed import run_cases
 from .test_zero2 import LR, blockwise, uplink_reference
 
 WORKER = ROOT / "tests" / "ds_zero3_worker.py"
@@ -101,20 +102,26 @@ def test_zero3_lossless_is_stock_and_resumes_exactly_under_the_deepspeed_launche
             assert torch.equal(p, b["records"][-1]["after"][name]), name
 
 
-@pytest.mark.parametrize("dsq,message", [
-    ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-3"),
-    ('{"param_compressor": "bogus"}', "unknown compressor 'bogus'"),
-], ids=["auto", "param_compressor"])
-def test_zero3_what_it_cannot_honour_is_refused_before_training(tmp_path, dsq, message):
-    _, proc = run(tmp_path, 2, "--dsq", dsq, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert not (tmp_path / "run" / "rank0.pt").exists()
+REFUSALS = {"auto": ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-3"),
+            "param_compressor": ('{"param_compressor": "bogus"}', "unknown compressor 'bogus'")}
 
 
-def test_zero3_a_nan_on_one_rank_leaves_every_residual_as_it_was(tmp_path):
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """The NaN run and the refusals, in one launch (`Cases`)."""
+    return run_cases(tmp_path_factory.mktemp("zero3"), 2, {
+        "nan": ("--steps", "3", "--nan-at", "2"),
+        **{f"refused-{k}": ("--dsq", dsq) for k, (dsq, _) in REFUSALS.items()}}, worker=WORKER)
+
+
+@pytest.mark.parametrize("setting", list(REFUSALS))
+def test_zero3_what_it_cannot_honour_is_refused_before_training(cases, setting):
+    cases.refused(f"refused-{setting}", REFUSALS[setting][1])
+
+
+def test_zero3_a_nan_on_one_rank_leaves_every_residual_as_it_was(cases):
     """As under ZeRO-2: rank 1's NaN gradients at step 2 leave both ranks' residuals as they were, step skipped."""
-    ranks, _ = run(tmp_path, 2, "--steps", "3", "--nan-at", "2")
+    ranks = cases.ranks("nan")
     for r in ranks:
         rec = r["records"]
         assert rec[1]["skipped_steps"] == 0 and rec[2]["skipped_steps"] == 1
