@@ -12,11 +12,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsq_plugins as dsq
-from checks import shut_down_and_exit
+from checks import run_cases, shut_down_and_exit
 from workload import batch, build_model
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--compressor", default="sign")
@@ -27,9 +27,17 @@ def main():
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
     ap.add_argument("--nan-at", type=int, default=-1)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    run_cases(parser, run, dist.get_rank)      # --cases: many runs in one launch
+    shut_down_and_exit()
+
+
+def run(args) -> None:
     rank = dist.get_rank()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +79,6 @@ def main():
                     names[k]).numel()) for k, v in momentum.server_residuals().items()},
                 "momentum_bytes": momentum.totals.bytes_sent, "momentum_steps": momentum.step,
                 "bytes_sent": opt.bytes_sent(), "skipped": momentum.skipped_steps}, out / f"rank{rank}.pt")
-    shut_down_and_exit()
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import deepspeed
 import torch
 
 import dsq_plugins as dsq
-from checks import shut_down_and_exit
+from checks import run_cases, shut_down_and_exit
 from workload import batch, build_model
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--compressor", default="sign")
@@ -28,8 +28,16 @@ def main():
     ap.add_argument("--refuse-with", default=None,
                     help="a JSON list of dicts, each merged into the DeepSpeed config in turn: the errors are recorded")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
     torch.set_num_threads(1)
+    run_cases(parser, run, lambda: int(os.environ.get("RANK", "0")))   # --cases: many runs in one launch
+    shut_down_and_exit()
+
+
+def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model("multi")
@@ -49,7 +57,7 @@ def main():
             except (NotImplementedError, ValueError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
         (out / f"refused{os.environ.get('RANK', '0')}.json").write_text(json.dumps(errors))
-        shut_down_and_exit()
+        return
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     rank = engine.global_rank
     first = 0
@@ -66,7 +74,6 @@ def main():
             engine.save_checkpoint(str(out), tag="ckpt")
     torch.save({"records": records, "allreduce": engine.enable_backward_allreduce,
                 "momentum_bytes": opt.momentum.totals.bytes_sent}, out / f"rank{rank}.pt")
-    shut_down_and_exit()
 
 
 if __name__ == "__main__":

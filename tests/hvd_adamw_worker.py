@@ -7,11 +7,12 @@ import horovod.torch as hvd
 import torch
 
 import dsq_plugins as dsq
+from checks import run_cases
 from horovod_ext.communicator import HorovodCommunicator
 from workload import batch, build_model
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--compressor", default="sign")
@@ -19,9 +20,17 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.01)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
     torch.set_num_threads(1)
     hvd.init()
+    run_cases(parser, run, hvd.rank)      # --cases: many runs in one launch
+    hvd.allreduce(torch.zeros(1), name="done")
+
+
+def run(args) -> None:
     model = build_model("multi")
     names = [n for n, _ in model.named_parameters()]
     cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=256, min_numel=16, guard=0.0)
@@ -38,7 +47,6 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"records": records, "bytes_sent": opt.bytes_sent()}, out / f"rank{hvd.rank()}.pt")
-    hvd.allreduce(torch.zeros(1), name="done")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,44 @@ import json
 import pytest
 import torch
 
-from .conftest import ROOT, deepspeed_launch, load_ranks
+from .conftest import ROOT, deepspeed_launch, horovodrun as launch_horovod, load_ranks
+from .test_deepspeed import run_cases
 from .workload import batch, build_model
 
 WORKER = ROOT / "tests" / "adamw_worker.py"
 HVD_WORKER = ROOT / "tests" / "hvd_adamw_worker.py"
 DS_WORKER = ROOT / "tests" / "ds_adamw_worker.py"
 LR, WD, BETAS, EPS = 0.01, 0.1, (0.9, 0.999), 1e-8
+REFUSED = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
+            "ZeRO stage 1 (it partitions the optimizer state"),
+           ({"bf16": {"enabled": True}}, "bf16 training"),
+           ({"gradient_allreduce_op": "sum"}, '"gradient_allreduce_op": "sum"'),
+           ({"doublesqueeze": {"enabled": True}}, "ValueError: the \"doublesqueeze\" section compresses the "
+                                                  "gradients and DoubleSqueezeAdamW the momentum: choose one")]
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory):
+    """The torchrun runs of this file, in one launch (`Cases`; the resume after the run it loads)."""
+    tmp = tmp_path_factory.mktemp("adamw")
+    return run_cases(tmp, 2, {
+        "lossless": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 9, "--warmup", 4, "--lr", LR),
+        "sign": ("--compressor", "sign", "--steps", 12, "--warmup", 4, "--lr", LR),
+        "full": ("--steps", 10, "--warmup", 4, "--save-at", 6),
+        "part": ("--steps", 10, "--warmup", 4, "--load", tmp / "cases" / "full"),
+        "nan": ("--steps", 9, "--warmup", 4, "--nan-at", 6)}, worker=WORKER)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    """The deepspeed launcher's runs, in one launch."""
+    tmp = tmp_path_factory.mktemp("ds_adamw")
+    return run_cases(tmp, 2, {
+        "none": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 7, "--warmup", 3, "--lr", LR),
+        "sign": ("--steps", 10, "--warmup", 3, "--lr", LR, "--save-at", 6),
+        "resumed": ("--steps", 10, "--warmup", 3, "--lr", LR, "--load", tmp / "cases" / "sign"),
+        "refused": ("--refuse-with", json.dumps([c for c, _ in REFUSED]))},
+        worker=DS_WORKER, launcher=deepspeed_launch)
 
 
 def _mean_grads(model, step):
@@ -31,23 +62,21 @@ def _mean_grads(model, step):
     return [(a + b) / 2 for a, b in zip(*grads)]
 
 
-def test_lossless_is_adamw_then_adamw_with_its_variance_frozen(torchrun, tmp_path):
-    steps, warm = 9, 4
-    torchrun(2, WORKER, [tmp_path, "--compressor", "none", "--warmup-compressor", "none", "--steps", steps,
-                         "--warmup", warm, "--lr", LR])
-    check_against_plain_torch(load_ranks(tmp_path, 2), steps, warm)
+def test_lossless_is_adamw_then_adamw_with_its_variance_frozen(torch_runs):
+    check_against_plain_torch(torch_runs.ranks("lossless"), 9, 4)
 
 
-def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(horovodrun, tmp_path):
+def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(tmp_path):
     """The same optimizer on Horovod's communicator (horovodrun, a plain model: it averages the warm-up's
     gradients itself): with lossless compressors, plain torch's AdamW then its frozen variance; with sign, every
     rank holds the same parameters at every step, in far fewer bytes than dense."""
     steps, warm = 7, 3
-    horovodrun(2, HVD_WORKER, [tmp_path / "none", "--compressor", "none", "--warmup-compressor", "none",
-                               "--steps", steps, "--warmup", warm, "--lr", LR])
-    check_against_plain_torch(load_ranks(tmp_path / "none", 2), steps, warm)
-    horovodrun(2, HVD_WORKER, [tmp_path / "sign", "--steps", steps, "--warmup", warm, "--lr", LR])
-    ranks = load_ranks(tmp_path / "sign", 2)
+    runs = run_cases(tmp_path, 2, {
+        "none": ("--compressor", "none", "--warmup-compressor", "none", "--steps", steps, "--warmup", warm,
+                 "--lr", LR),
+        "sign": ("--steps", steps, "--warmup", warm, "--lr", LR)}, worker=HVD_WORKER, launcher=launch_horovod)
+    check_against_plain_torch(runs.ranks("none"), steps, warm)
+    ranks = runs.ranks("sign")
     for t in range(steps):
         for name, p in ranks[0]["records"][t]["param"].items():
             assert torch.equal(p, ranks[1]["records"][t]["param"][name]) and torch.isfinite(p).all()
@@ -55,21 +84,15 @@ def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(horovodrun, 
     assert ranks[0]["bytes_sent"] < steps * numel * 4 / 4        # under a quarter of dense's ring all-reduce
 
 
-def test_on_deepspeed_lossless_is_the_same_sign_moves_only_compressed_bytes_and_resumes_exactly(tmp_path):
+def test_on_deepspeed_lossless_is_the_same_sign_moves_only_compressed_bytes_and_resumes_exactly(deepspeed_runs):
     """Stock `deepspeed.initialize` (the deepspeed launcher, ZeRO 0, no section) with DoubleSqueezeAdamW as its
     optimizer: the engine's gradient all-reduce is off and the optimizer moves the bytes. Lossless: plain torch's
     AdamW then its frozen variance. Sign: every rank holds the same parameters, in under a tenth of dense's bytes
     once frozen; a run resumed from engine.save_checkpoint continues bit for bit."""
-    steps, warm = 7, 3
-    deepspeed_launch(2, DS_WORKER, [tmp_path / "none", "--compressor", "none", "--warmup-compressor", "none",
-                                    "--steps", steps, "--warmup", warm, "--lr", LR])
-    ranks = load_ranks(tmp_path / "none", 2)
+    ranks = deepspeed_runs.ranks("none")
     assert not ranks[0]["allreduce"]
-    check_against_plain_torch(ranks, steps, warm)
-    full, part = tmp_path / "sign", tmp_path / "resumed"
-    deepspeed_launch(2, DS_WORKER, [full, "--steps", 10, "--warmup", 3, "--lr", LR, "--save-at", 6])
-    deepspeed_launch(2, DS_WORKER, [part, "--steps", 10, "--warmup", 3, "--lr", LR, "--load", full])
-    a, b = load_ranks(full, 2), load_ranks(part, 2)
+    check_against_plain_torch(ranks, 7, 3)
+    a, b = deepspeed_runs.ranks("sign"), deepspeed_runs.ranks("resumed")
     for t in range(10):
         for name, p in a[0]["records"][t]["param"].items():
             assert torch.equal(p, a[1]["records"][t]["param"][name]) and torch.isfinite(p).all()
@@ -79,17 +102,11 @@ def test_on_deepspeed_lossless_is_the_same_sign_moves_only_compressed_bytes_and_
     assert 0 < a[0]["momentum_bytes"] < (10 - 3) * numel * 4 / 10      # dense's ring all-reduce: numel * 4 a step
 
 
-def test_on_deepspeed_what_it_cannot_run_is_refused_before_training(tmp_path):
-    cases = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
-              "ZeRO stage 1 (it partitions the optimizer state"),
-             ({"bf16": {"enabled": True}}, "bf16 training"),
-             ({"gradient_allreduce_op": "sum"}, '"gradient_allreduce_op": "sum"'),
-             ({"doublesqueeze": {"enabled": True}}, "ValueError: the \"doublesqueeze\" section compresses the "
-                                                    "gradients and DoubleSqueezeAdamW the momentum: choose one")]
-    deepspeed_launch(2, DS_WORKER, [tmp_path, "--refuse-with", json.dumps([c for c, _ in cases])])
+def test_on_deepspeed_what_it_cannot_run_is_refused_before_training(deepspeed_runs):
+    assert deepspeed_runs.failure("refused") is None
     for r in range(2):
-        errors = json.loads((tmp_path / f"refused{r}.json").read_text())
-        for (extra, message), error in zip(cases, errors):
+        errors = json.loads((deepspeed_runs.out / "refused" / f"refused{r}.json").read_text())
+        for (extra, message), error in zip(REFUSED, errors):
             assert error is not None and message in error, (extra, error)
 
 
@@ -119,10 +136,9 @@ def check_against_plain_torch(ranks, steps, warm):
                                            msg=lambda msg: f"rank {r} step {t} {name}: {msg}")
 
 
-def test_sign_momentum_conserves_its_mass_and_applies_it(torchrun, tmp_path):
+def test_sign_momentum_conserves_its_mass_and_applies_it(torch_runs):
     steps, warm = 12, 4
-    torchrun(2, WORKER, [tmp_path, "--compressor", "sign", "--steps", steps, "--warmup", warm, "--lr", LR])
-    ranks = load_ranks(tmp_path, 2)
+    ranks = torch_runs.ranks("sign")
     recs = [r["records"] for r in ranks]
     names = ranks[0]["names"]
     for t in range(warm, steps):
@@ -156,11 +172,8 @@ def test_sign_momentum_conserves_its_mass_and_applies_it(torchrun, tmp_path):
     assert per_step < dense / 10, (per_step, dense)
 
 
-def test_resume_continues_exactly(torchrun, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    torchrun(2, WORKER, [full, "--steps", 10, "--warmup", 4, "--save-at", 6])
-    torchrun(2, WORKER, [part, "--steps", 10, "--warmup", 4, "--load", full])
-    a, b = load_ranks(full, 2), load_ranks(part, 2)
+def test_resume_continues_exactly(torch_runs):
+    a, b = torch_runs.ranks("full"), torch_runs.ranks("part")
     for r in range(2):
         assert b[r]["first"] == 6
         for t in range(6, 10):
@@ -168,9 +181,8 @@ def test_resume_continues_exactly(torchrun, tmp_path):
                 assert torch.equal(b[r]["records"][t - 6]["param"][name], p), f"rank {r} step {t} {name}"
 
 
-def test_a_nan_on_one_rank_skips_the_step_on_both(torchrun, tmp_path):
-    torchrun(2, WORKER, [tmp_path, "--steps", 9, "--warmup", 4, "--nan-at", 6])
-    ranks = load_ranks(tmp_path, 2)
+def test_a_nan_on_one_rank_skips_the_step_on_both(torch_runs):
+    ranks = torch_runs.ranks("nan")
     for r in ranks:
         recs = r["records"]
         for name in recs[5]["param"]:
