@@ -35,8 +35,8 @@ class Cases:
     paid once. `ranks(name)` are a case's results (its failure, if it failed, in the assertion); `failure(name)`
     the error it raised on rank 0, or None."""
 
-    def __init__(self, out, nproc: int, names):
-        self.out, self.nproc, self.names = out, nproc, list(names)
+    def __init__(self, out, nproc: int, names, proc=None):
+        self.out, self.nproc, self.names, self.proc = out, nproc, list(names), proc
 
     def failure(self, name: str):
         path = self.out / name / "failed0.txt"
@@ -61,9 +61,9 @@ class Cases:
 def run_cases(tmp_path, nproc: int, cases: dict, *common, worker=WORKER, launcher=launch, timeout=600) -> Cases:
     """One launch of `worker` running every case of `cases` ({name: [arguments]}, after the `common` ones)."""
     out = tmp_path / "cases"
-    launcher(nproc, worker, [out, "--cases", json.dumps({k: list(map(str, v)) for k, v in cases.items()}),
-                             *map(str, common)], timeout=timeout)
-    return Cases(out, nproc, cases)
+    proc = launcher(nproc, worker, [out, "--cases", json.dumps({k: list(map(str, v)) for k, v in cases.items()}),
+                                    *map(str, common)], timeout=timeout)
+    return Cases(out, nproc, cases, proc)
 
 
 # The two-rank cases of this file's tests, in one launch (module docstring of `Cases`)
@@ -89,17 +89,27 @@ TWO_RANK_CASES = {
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Cases:
-    return run_cases(tmp_path_factory.mktemp("ds2"), 2, TWO_RANK_CASES)
+    tmp = tmp_path_factory.mktemp("ds2")
+    return run_cases(tmp, 2, {
+        # the resumes: in order, each after the run it loads
+        "zero0-accumulation": ("--stage", "0", "--accum", "2"),
+        "resume-full": ("--stage", "1", "--steps", "6", "--save-at", "3"),
+        "resume-resumed": ("--stage", "1", "--steps", "3", "--first-step", "3", "--load",
+                           tmp / "cases" / "resume-full" / "ckpt"),
+        "zero0-saved": ("--stage", "0", "--steps", "2", "--save-at", "2"),
+        **TWO_RANK_CASES})
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory) -> Cases:
+def three_ranks(tmp_path_factory, two_ranks) -> Cases:
     tmp = tmp_path_factory.mktemp("ds3")
     return run_cases(tmp, 3, {
         "stage0-sign": ("--model", "single", "--compressor", "sign", "--steps", "5"),
         "stage0-topk:0.05": ("--model", "single", "--compressor", "topk:0.05", "--steps", "5"),
         "zero1-accumulation": ("--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tmp / "tb",
-                               "--explicit")})
+                               "--explicit"),
+        "zero0-resumed-from-2": ("--stage", "0", "--steps", "2", "--first-step", "2", "--load",
+                                 two_ranks.out / "zero0-saved" / "ckpt")})
 
 
 def simulate(ranks, cfg, name="weight", scale=1.0):
@@ -183,10 +193,10 @@ def test_policy_from_the_config_section(two_ranks):
     two_ranks.refused("policy-bad", "policy pattern 'blocks.*' matches no parameter of the model")
 
 
-def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, tmp_path):
+def test_zero1_under_deepspeed_launcher_matches_zero0_under_torchrun(torchrun, tmp_path, two_ranks):
     """Same gradients, same updates: ZeRO 1 (optimizer partitions, the config as a file, launched by
     `deepspeed`) ends with the weights of ZeRO 0 (torchrun), bit for bit."""
-    zero0, _ = run(torchrun, tmp_path, 2, "--stage", "0", "--accum", "2", name="zero0")
+    zero0 = two_ranks.ranks("zero0-accumulation")
     zero1, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--accum", "2", "--config-file", name="zero1",
                    launcher=deepspeed_launch)
     assert zero1[0]["optimizer"] == "DeepSpeedZeroOptimizer" and zero1[0]["step"] == 6
@@ -261,23 +271,19 @@ def test_stock_when_section_absent(two_ranks):
     torch.testing.assert_close(ranks[0]["records"][0]["c"]["weight"], mean, rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoint_resume_is_exact_and_on_another_world_size_keeps_the_mass(torchrun, tmp_path):
+def test_checkpoint_resume_is_exact_and_on_another_world_size_keeps_the_mass(two_ranks, three_ranks):
     """ZeRO 1 resumes bit for bit on as many ranks. At ZeRO 0 (where DeepSpeed loads a checkpoint on another number
     of ranks) 3 ranks resume from 2 ranks' files with the residuals redistributed: the conservation law holds across
     the resume (the updates of both runs sum to their mean gradients minus the residuals at the end)."""
-    full, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--steps", "6", "--save-at", "3", name="full")
-    resumed, _ = run(torchrun, tmp_path, 2, "--stage", "1", "--steps", "3", "--first-step", "3",
-                     "--load", tmp_path / "full" / "ckpt", name="resumed")
+    full, resumed = two_ranks.ranks("resume-full"), two_ranks.ranks("resume-resumed")
     for a, b in zip(full, resumed):
         assert b["step"] == 6
         for kind in ("params", "worker_residual", "server_residual"):
             for name in a[kind]:
                 assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
-    run(torchrun, tmp_path, 2, "--stage", "0", "--steps", "2", "--save-at", "2", name="zero0")
-    zero0 = load_ranks(tmp_path / "zero0", 2)
-    three, proc = run(torchrun, tmp_path, 3, "--stage", "0", "--steps", "2", "--first-step", "2", "--load",
-                      tmp_path / "zero0" / "ckpt", name="three")
-    assert "residuals start from zero" not in proc.stderr
+    zero0 = two_ranks.ranks("zero0-saved")
+    three = three_ranks.ranks("zero0-resumed-from-2")
+    assert "residuals start from zero" not in three_ranks.proc.stderr
     assert all(r["step"] == 4 for r in three)
     for name, c0 in three[0]["records"][0]["c"].items():
         applied = sum(run_["records"][t]["c"][name] for run_ in (zero0[0], three[0]) for t in range(2))

@@ -48,9 +48,14 @@ def _residual(ranks, t, stage, names, d):
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    """The scenario at ZeRO 1 and ZeRO 2, in one launch (`Cases`)."""
-    return run_cases(tmp_path_factory.mktemp("fp16"), 2, {
-        f"zero{stage}": ("--stage", str(stage), "--bucket", "1024", *SCENARIO) for stage in (1, 2)})
+    """The scenario at ZeRO 1 and ZeRO 2, and the resume, in one launch (`Cases`; the resume after the run it
+    loads: the full run is the scenario at ZeRO 2, saved after step 6)."""
+    tmp = tmp_path_factory.mktemp("fp16")
+    resume = ("--stage", "2", "--bucket", "1024", *SCENARIO)
+    return run_cases(tmp, 2, {
+        **{f"zero{stage}": ("--stage", str(stage), "--bucket", "1024", *SCENARIO) for stage in (1, 2)},
+        "full": (*resume, "--save-at", "6"),
+        "resumed": (*resume, "--steps", "1", "--first-step", "6", "--load", tmp / "cases" / "full" / "ckpt")})
 
 
 @pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
@@ -116,13 +121,10 @@ def test_fp16_zero3_overflow_is_skipped_everywhere_and_restores_the_residual(tmp
         assert all(torch.isfinite(v).all() for v in rec[3]["after"].values())
 
 
-def test_fp16_resume_keeps_the_residuals_units(torchrun, tmp_path):
+def test_fp16_resume_keeps_the_residuals_units(scenario):
     """Saved after step 5, where DeepSpeed doubled the scale: the residuals are still in the old scale's units, and
     the checkpoint says so; the resumed step 6 rescales them as the uninterrupted run does, bit for bit."""
-    common = ("--stage", "2", "--bucket", "1024", *SCENARIO)
-    full, _ = run(torchrun, tmp_path, 2, *common, "--save-at", "6", name="full")
-    resumed, _ = run(torchrun, tmp_path, 2, *common, "--steps", "1", "--first-step", "6", "--load",
-                     tmp_path / "full" / "ckpt", name="resumed")      # the last --steps counts
+    full, resumed = scenario.ranks("full"), scenario.ranks("resumed")      # the resume's last --steps counts
     assert full[0]["records"][5]["scale_after"] == 2 * full[0]["records"][5]["scale"]
     for a, b in zip(full, resumed):
         assert torch.equal(a["residual"], b["residual"])

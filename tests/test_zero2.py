@@ -195,10 +195,11 @@ def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_p
     compressed ones; a run resumed from engine.save_checkpoint at step 4 continues bit for bit (parameters, both
     residuals, the copy)."""
     common = ("--stage", "2", "--model", "multi", "--accum", "2", "--dsq", '{"guard": 0, "warmup_steps": 2}')
-    full, _ = run(None, tmp_path, 2, *common, "--steps", "6", "--save-at", "4", name="full",
-                  launcher=deepspeed_launch)
-    resumed, _ = run(None, tmp_path, 2, *common, "--steps", "2", "--first-step", "4", "--load",
-                     tmp_path / "full" / "ckpt", name="resumed", launcher=deepspeed_launch)
+    runs = run_cases(tmp_path, 2, {
+        "full": (*common, "--steps", "6", "--save-at", "4"),
+        "resumed": (*common, "--steps", "2", "--first-step", "4", "--load", tmp_path / "cases" / "full" / "ckpt")},
+        launcher=deepspeed_launch)
+    full, resumed = runs.ranks("full"), runs.ranks("resumed")
     for a, b in zip(full, resumed):
         assert b["step"] == 6
         for name in a["params"]:

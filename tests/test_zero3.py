@@ -79,39 +79,42 @@ def test_zero3_equals_the_plain_torch_reference_on_both_passes(tmp_path, nproc):
         assert 1.8 * (t["bytes_up_sent"] + t["bytes_down_sent"]) < stock, (t, stock)
 
 
-def test_zero3_lossless_is_stock_and_resumes_exactly_under_the_deepspeed_launcher(tmp_path):
-    """The MLP (six parameters, coalesced gathers, buckets of 300 elements) with `none` both ways: the engine
-    computes with the exact parameters and steps plain SGD on the mean gradient. With sign and int8, a run resumed
-    from engine.save_checkpoint at step 2 continues bit for bit."""
-    ranks, _ = run(tmp_path, 2, "--model", "multi", "--compressor", "none", "--dsq", '{"param_compressor": "none"}',
-                   "--steps", "3", name="lossless", launcher=deepspeed_launch)
-    for t in range(3):
-        for name, g0 in ranks[0]["records"][t]["g"].items():
-            rec = ranks[0]["records"][t]
-            torch.testing.assert_close(rec["seen"][name], rec["before"][name], rtol=0, atol=0)
-            mean = (g0 + ranks[1]["records"][t]["g"][name]) / 2
-            torch.testing.assert_close((rec["before"][name] - rec["after"][name]) / LR, mean, rtol=1e-5, atol=1e-6)
-    full, _ = run(tmp_path, 2, "--model", "multi", "--steps", "4", "--save-at", "2", name="full",
-                  launcher=deepspeed_launch)
-    resumed, _ = run(tmp_path, 2, "--model", "multi", "--steps", "2", "--first-step", "2",
-                     "--load", tmp_path / "full" / "ckpt", name="resumed", launcher=deepspeed_launch)
-    for a, b in zip(full, resumed):
-        assert b["step"] == 4 and float(a["residual"].abs().sum()) > 0
-        assert torch.equal(a["residual"], b["residual"])
-        for name, p in a["records"][-1]["after"].items():
-            assert torch.equal(p, b["records"][-1]["after"][name]), name
-
-
 REFUSALS = {"auto": ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-3"),
             "param_compressor": ('{"param_compressor": "bogus"}', "unknown compressor 'bogus'")}
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    """The NaN run and the refusals, in one launch (`Cases`)."""
-    return run_cases(tmp_path_factory.mktemp("zero3"), 2, {
+    """The two-rank runs but the reference's, in one launch of the deepspeed launcher (`Cases`; the resume after
+    the run it loads)."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    return run_cases(tmp, 2, {
+        "lossless": ("--model", "multi", "--compressor", "none", "--dsq", '{"param_compressor": "none"}',
+                     "--steps", "3"),
+        "full": ("--model", "multi", "--steps", "4", "--save-at", "2"),
+        "resumed": ("--model", "multi", "--steps", "2", "--first-step", "2", "--load", tmp / "cases" / "full" / "ckpt"),
         "nan": ("--steps", "3", "--nan-at", "2"),
-        **{f"refused-{k}": ("--dsq", dsq) for k, (dsq, _) in REFUSALS.items()}}, worker=WORKER)
+        **{f"refused-{k}": ("--dsq", dsq) for k, (dsq, _) in REFUSALS.items()}},
+        worker=WORKER, launcher=deepspeed_launch)
+
+
+def test_zero3_lossless_is_stock_and_resumes_exactly_under_the_deepspeed_launcher(cases):
+    """The MLP (six parameters, coalesced gathers, buckets of 300 elements) with `none` both ways: the engine
+    computes with the exact parameters and steps plain SGD on the mean gradient. With sign and int8, a run resumed
+    from engine.save_checkpoint at step 2 continues bit for bit."""
+    ranks = cases.ranks("lossless")
+    for t in range(3):
+        for name, g0 in ranks[0]["records"][t]["g"].items():
+            rec = ranks[0]["records"][t]
+            torch.testing.assert_close(rec["seen"][name], rec["before"][name], rtol=0, atol=0)
+            mean = (g0 + ranks[1]["records"][t]["g"][name]) / 2
+            torch.testing.assert_close((rec["before"][name] - rec["after"][name]) / LR, mean, rtol=1e-5, atol=1e-6)
+    full, resumed = cases.ranks("full"), cases.ranks("resumed")
+    for a, b in zip(full, resumed):
+        assert b["step"] == 4 and float(a["residual"].abs().sum()) > 0
+        assert torch.equal(a["residual"], b["residual"])
+        for name, p in a["records"][-1]["after"].items():
+            assert torch.equal(p, b["records"][-1]["after"][name]), name
 
 
 @pytest.mark.parametrize("setting", list(REFUSALS))
