@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,44 @@ def _run(cmd, timeout, check) -> subprocess.CompletedProcess:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+class Cases:
+    """The cases of one launch of a worker (`--cases`, `checks.run_cases`): several runs, each with its own model and
+    state, on one process group, so that a launch's start-up (Python, torch and the framework in every process, the
+    rendezvous) is paid once. `ranks(name)` are a case's results (its failure, if it failed, in the assertion); `failure(name)`
+    the error it raised on rank 0, or None."""
+
+    def __init__(self, out, nproc: int, names, proc=None):
+        self.out, self.nproc, self.names, self.proc = out, nproc, list(names), proc
+
+    def failure(self, name: str):
+        path = self.out / name / "failed0.txt"
+        return path.read_text() if path.exists() else None
+
+    def ranks(self, name: str, prefix: str = "rank"):
+        """The case's OUT/name/{prefix}{r}.pt of every rank."""
+        assert name in self.names, name
+        failed = self.failure(name)
+        assert failed is None, f"case {name} failed:\n{failed}"
+        return load_ranks(self.out / name, self.nproc, prefix)
+
+    def refused(self, name: str, message: str) -> None:
+        """The case failed before any step with `message` on every rank, and trained nothing."""
+        for r in range(self.nproc):
+            path = self.out / name / f"failed{r}.txt"
+            assert path.exists(), f"case {name} did not fail on rank {r}"
+            assert message in path.read_text(), path.read_text()[:2000]
+        assert not (self.out / name / "rank0.pt").exists()
+
+
+def launch_cases(tmp_path, nproc: int, cases: dict, *common, worker, launcher=launch, timeout=600) -> Cases:
+    """One launch of `worker` (a test worker whose main is `checks.run_cases`) running every case of `cases`
+    ({name: [arguments]}, after the `common` ones), in `tmp_path`/cases/name."""
+    out = tmp_path / "cases"
+    proc = launcher(nproc, worker, [out, "--cases", json.dumps({k: list(map(str, v)) for k, v in cases.items()}),
+                                    *map(str, common)], timeout=timeout)
+    return Cases(out, nproc, cases, proc)
 
 
 def load_ranks(out: Path, nproc: int, name: str = "rank"):

@@ -6,9 +6,8 @@ import torch
 import dsq_plugins as dsq
 from .checks import (POLICY, assert_conservation, assert_equals_simulator, assert_policy_equals_simulator,
                      assert_same_update_everywhere)
-from .conftest import ROOT, load_ranks
+from .conftest import ROOT, launch_cases, load_ranks
 from .reference import reference
-from .test_deepspeed import run_cases
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
@@ -33,7 +32,7 @@ def two(tmp_path_factory):
     """This file's two-rank runs, in one launch (`Cases`; in order: a resume follows the run it loads)."""
     tmp = tmp_path_factory.mktemp("ddp2")
     out = tmp / "cases"
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         "auto": ("--compressor", "auto", "--candidates", "sign;topk:0.1+int4", "--steps", "16"),
         "small-buckets": ("--compressor", "topk:0.1", "--steps", "6", "--momentum", "0.9", "--bucket-mb", "0.01"),
         "accumulation": ("--compressor", "topk:0.1", "--steps", "6", "--accum", "3"),
@@ -56,7 +55,7 @@ def two(tmp_path_factory):
 @pytest.fixture(scope="module")
 def three(tmp_path_factory, two):
     """The three-rank runs, in one launch (after `two`, whose saved states two of them load)."""
-    return run_cases(tmp_path_factory.mktemp("ddp3"), 3, {
+    return launch_cases(tmp_path_factory.mktemp("ddp3"), 3, {
         "rebuild": ("--compressor", "sign", "--steps", "10"),
         "many-buckets": ("--model", "deep", "--compressor", "sign", "--steps", "4", "--bucket-mb", "0.004"),
         "nan": ("--compressor", "sign", "--steps", "6", "--nan-at", "3", "--nan-rank", "1"),

@@ -16,7 +16,7 @@ from deepspeed_ext.config import read_section
 
 from .checks import (POLICY, VALID_NAMES, assert_conservation, assert_policy_equals_simulator,
                      assert_same_update_everywhere)
-from .conftest import ROOT, deepspeed_launch, launch, load_ranks
+from .conftest import ROOT, Cases, deepspeed_launch, launch_cases, load_ranks
 
 WORKER = ROOT / "tests" / "ds_worker.py"
 EXAMPLE = ROOT / "examples" / "deepspeed_digits.py"
@@ -29,44 +29,7 @@ def run(torchrun, tmp_path, nproc, *args, name="run", launcher=None, **kw):
     return (load_ranks(out, nproc) if (out / "rank0.pt").exists() else None), proc
 
 
-class Cases:
-    """The cases of one launch of the worker (`--cases`): several runs, each with its own model and engine, on one
-    process group, so that a launch's start-up (Python, torch and DeepSpeed in every process, the rendezvous) is
-    paid once. `ranks(name)` are a case's results (its failure, if it failed, in the assertion); `failure(name)`
-    the error it raised on rank 0, or None."""
-
-    def __init__(self, out, nproc: int, names, proc=None):
-        self.out, self.nproc, self.names, self.proc = out, nproc, list(names), proc
-
-    def failure(self, name: str):
-        path = self.out / name / "failed0.txt"
-        return path.read_text() if path.exists() else None
-
-    def ranks(self, name: str, prefix: str = "rank"):
-        """The case's OUT/name/{prefix}{r}.pt of every rank."""
-        assert name in self.names, name
-        failed = self.failure(name)
-        assert failed is None, f"case {name} failed:\n{failed}"
-        return load_ranks(self.out / name, self.nproc, prefix)
-
-    def refused(self, name: str, message: str) -> None:
-        """The case failed before any step with `message` on every rank, and trained nothing."""
-        for r in range(self.nproc):
-            path = self.out / name / f"failed{r}.txt"
-            assert path.exists(), f"case {name} did not fail on rank {r}"
-            assert message in path.read_text(), path.read_text()[:2000]
-        assert not (self.out / name / "rank0.pt").exists()
-
-
-def run_cases(tmp_path, nproc: int, cases: dict, *common, worker=WORKER, launcher=launch, timeout=600) -> Cases:
-    """One launch of `worker` running every case of `cases` ({name: [arguments]}, after the `common` ones)."""
-    out = tmp_path / "cases"
-    proc = launcher(nproc, worker, [out, "--cases", json.dumps({k: list(map(str, v)) for k, v in cases.items()}),
-                                    *map(str, common)], timeout=timeout)
-    return Cases(out, nproc, cases, proc)
-
-
-# The two-rank cases of this file's tests, in one launch (module docstring of `Cases`)
+# The two-rank cases of this file's tests, in one launch (`conftest.Cases`)
 REFUSALS = {"zero1-overlap_comm": (("--stage", "1", "--overlap-comm"),
                                    "does not support zero_optimization.overlap_comm"),
             "zero0-fp16": (("--stage", "0", "--fp16"), "fp16 at ZeRO stage 0 (DeepSpeed does not scale the loss there")}
@@ -90,26 +53,26 @@ TWO_RANK_CASES = {
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Cases:
     tmp = tmp_path_factory.mktemp("ds2")
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         # the resumes: in order, each after the run it loads
         "zero0-accumulation": ("--stage", "0", "--accum", "2"),
         "resume-full": ("--stage", "1", "--steps", "6", "--save-at", "3"),
         "resume-resumed": ("--stage", "1", "--steps", "3", "--first-step", "3", "--load",
                            tmp / "cases" / "resume-full" / "ckpt"),
         "zero0-saved": ("--stage", "0", "--steps", "2", "--save-at", "2"),
-        **TWO_RANK_CASES})
+        **TWO_RANK_CASES}, worker=WORKER)
 
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory, two_ranks) -> Cases:
     tmp = tmp_path_factory.mktemp("ds3")
-    return run_cases(tmp, 3, {
+    return launch_cases(tmp, 3, {
         "stage0-sign": ("--model", "single", "--compressor", "sign", "--steps", "5"),
         "stage0-topk:0.05": ("--model", "single", "--compressor", "topk:0.05", "--steps", "5"),
         "zero1-accumulation": ("--stage", "1", "--accum", "3", "--steps", "4", "--tensorboard", tmp / "tb",
                                "--explicit"),
         "zero0-resumed-from-2": ("--stage", "0", "--steps", "2", "--first-step", "2", "--load",
-                                 two_ranks.out / "zero0-saved" / "ckpt")})
+                                 two_ranks.out / "zero0-saved" / "ckpt")}, worker=WORKER)
 
 
 def simulate(ranks, cfg, name="weight", scale=1.0):

@@ -19,10 +19,10 @@ same); ``c_t`` is recovered accordingly: ``(x_t - x_{t+1}) / LR * S_after / S_be
 import pytest
 import torch
 
-from .conftest import ROOT, launch, load_ranks
-from .test_deepspeed import run, run_cases
+from .conftest import ROOT, launch, launch_cases, load_ranks
 
 LR = 0.5
+DS_WORKER = ROOT / "tests" / "ds_worker.py"
 ZERO3_WORKER = ROOT / "tests" / "ds_zero3_worker.py"
 SCENARIO = ("--fp16", "--model", "multi", "--steps", "7", "--nan-at", "2", "--nan-param", "0.weight",
             "--scale-window", "2", "--dsq", '{"guard": 0}')
@@ -52,10 +52,11 @@ def scenario(tmp_path_factory):
     loads: the full run is the scenario at ZeRO 2, saved after step 6)."""
     tmp = tmp_path_factory.mktemp("fp16")
     resume = ("--stage", "2", "--bucket", "1024", *SCENARIO)
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         **{f"zero{stage}": ("--stage", str(stage), "--bucket", "1024", *SCENARIO) for stage in (1, 2)},
         "full": (*resume, "--save-at", "6"),
-        "resumed": (*resume, "--steps", "1", "--first-step", "6", "--load", tmp / "cases" / "full" / "ckpt")})
+        "resumed": (*resume, "--steps", "1", "--first-step", "6", "--load", tmp / "cases" / "full" / "ckpt")},
+        worker=DS_WORKER)
 
 
 @pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])

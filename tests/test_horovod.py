@@ -17,8 +17,7 @@ from horovod_ext.launcher import split_argv
 from .checks import (POLICY, VALID_NAMES, assert_conservation, assert_equals_simulator, assert_policy_equals_simulator,
                      assert_same_update_everywhere)
 from .reference import reference
-from .conftest import ROOT, horovodrun as launch_horovod, load_ranks
-from .test_deepspeed import run_cases
+from .conftest import ROOT, horovodrun as launch_horovod, launch_cases, load_ranks
 
 WORKER = ROOT / "tests" / "hvd_worker.py"
 EXAMPLE = ROOT / "examples" / "horovod_digits.py"
@@ -49,7 +48,7 @@ def two(tmp_path_factory):
     """This file's two-rank runs of tests/hvd_worker.py in one horovodrun launch (`Cases`; in order: the resume
     follows the run it loads)."""
     tmp = tmp_path_factory.mktemp("hvd2")
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         "over-buckets": OVER_BUCKETS, **sim_case(2),
         "policy": ("--model", "roles", "--compressors", "topk:0.1", "--policy", POLICY, "--steps", "4"),
         **{k: ("--model", "single", "--compressors", "sign", "--steps", "4", *option) for k, option in OPTIONS.items()},
@@ -65,7 +64,7 @@ def two(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory, two):
-    return run_cases(tmp_path_factory.mktemp("hvd3"), 3, {
+    return launch_cases(tmp_path_factory.mktemp("hvd3"), 3, {
         "over-buckets": OVER_BUCKETS, **sim_case(3),
         "other-world": (*RESUME, "--steps", "1", "--load", two.out / "full"),
     }, worker=WORKER, launcher=launch_horovod)

@@ -12,8 +12,7 @@ import json
 import pytest
 import torch
 
-from .conftest import ROOT, deepspeed_launch, horovodrun as launch_horovod, load_ranks
-from .test_deepspeed import run_cases
+from .conftest import ROOT, deepspeed_launch, horovodrun as launch_horovod, launch_cases
 from .workload import batch, build_model
 
 WORKER = ROOT / "tests" / "adamw_worker.py"
@@ -32,7 +31,7 @@ REFUSED = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer":
 def torch_runs(tmp_path_factory):
     """The torchrun runs of this file, in one launch (`Cases`; the resume after the run it loads)."""
     tmp = tmp_path_factory.mktemp("adamw")
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         "lossless": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 9, "--warmup", 4, "--lr", LR),
         "sign": ("--compressor", "sign", "--steps", 12, "--warmup", 4, "--lr", LR),
         "full": ("--steps", 10, "--warmup", 4, "--save-at", 6),
@@ -44,7 +43,7 @@ def torch_runs(tmp_path_factory):
 def deepspeed_runs(tmp_path_factory):
     """The deepspeed launcher's runs, in one launch."""
     tmp = tmp_path_factory.mktemp("ds_adamw")
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         "none": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 7, "--warmup", 3, "--lr", LR),
         "sign": ("--steps", 10, "--warmup", 3, "--lr", LR, "--save-at", 6),
         "resumed": ("--steps", 10, "--warmup", 3, "--lr", LR, "--load", tmp / "cases" / "sign"),
@@ -71,7 +70,7 @@ def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(tmp_path):
     gradients itself): with lossless compressors, plain torch's AdamW then its frozen variance; with sign, every
     rank holds the same parameters at every step, in far fewer bytes than dense."""
     steps, warm = 7, 3
-    runs = run_cases(tmp_path, 2, {
+    runs = launch_cases(tmp_path, 2, {
         "none": ("--compressor", "none", "--warmup-compressor", "none", "--steps", steps, "--warmup", warm,
                  "--lr", LR),
         "sign": ("--steps", steps, "--warmup", warm, "--lr", LR)}, worker=HVD_WORKER, launcher=launch_horovod)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from .reference import sign, topk
-from .test_deepspeed import run, run_cases
-from .conftest import deepspeed_launch
+from .test_deepspeed import run
+from .conftest import ROOT, deepspeed_launch, launch_cases
 
+WORKER = ROOT / "tests" / "ds_worker.py"
 LR = 0.5
 BLOCK = 256
 
@@ -121,13 +122,13 @@ def _refusal_args(dsq: str):
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     """The two-rank runs of this file's tests but the reference's and the guard's, in one launch (`Cases`)."""
-    return run_cases(tmp_path_factory.mktemp("zero2"), 2, {
+    return launch_cases(tmp_path_factory.mktemp("zero2"), 2, {
         "bf16-residual": ("--stage", "2", "--model", "single", "--steps", "5",
                           "--dsq", '{"guard": 0, "residual_dtype": "bf16"}'),
         "nan": ("--stage", "2", "--model", "single", "--steps", "3", "--nan-at", "2", "--dsq", '{"guard": 0}'),
         **{f"lossless-{k}": ("--stage", "2", "--model", "multi", "--compressor", "none", "--steps", "3",
                              "--bucket", "64", "--dsq", '{"guard": 0}', *args) for k, args in LOSSLESS.items()},
-        **{f"refused-{k}": _refusal_args(dsq) for k, (dsq, _) in REFUSALS.items()}})
+        **{f"refused-{k}": _refusal_args(dsq) for k, (dsq, _) in REFUSALS.items()}}, worker=WORKER)
 
 
 def test_zero2_bf16_residual_equals_the_reference_and_halves_its_memory(cases):
@@ -195,10 +196,10 @@ def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_p
     compressed ones; a run resumed from engine.save_checkpoint at step 4 continues bit for bit (parameters, both
     residuals, the copy)."""
     common = ("--stage", "2", "--model", "multi", "--accum", "2", "--dsq", '{"guard": 0, "warmup_steps": 2}')
-    runs = run_cases(tmp_path, 2, {
+    runs = launch_cases(tmp_path, 2, {
         "full": (*common, "--steps", "6", "--save-at", "4"),
         "resumed": (*common, "--steps", "2", "--first-step", "4", "--load", tmp_path / "cases" / "full" / "ckpt")},
-        launcher=deepspeed_launch)
+        worker=WORKER, launcher=deepspeed_launch)
     full, resumed = runs.ranks("full"), runs.ranks("resumed")
     for a, b in zip(full, resumed):
         assert b["step"] == 6

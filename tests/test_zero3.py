@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from .conftest import ROOT, deepspeed_launch, launch, load_ranks
-from .test_deepspeed import run_cases
+from .conftest import ROOT, deepspeed_launch, launch, launch_cases, load_ranks
 from .test_zero2 import LR, blockwise, uplink_reference
 
 WORKER = ROOT / "tests" / "ds_zero3_worker.py"
@@ -88,7 +87,7 @@ def cases(tmp_path_factory):
     """The two-rank runs but the reference's, in one launch of the deepspeed launcher (`Cases`; the resume after
     the run it loads)."""
     tmp = tmp_path_factory.mktemp("zero3")
-    return run_cases(tmp, 2, {
+    return launch_cases(tmp, 2, {
         "lossless": ("--model", "multi", "--compressor", "none", "--dsq", '{"param_compressor": "none"}',
                      "--steps", "3"),
         "full": ("--model", "multi", "--steps", "4", "--save-at", "2"),
