@@ -62,12 +62,17 @@ class Cases:
         assert failed is None, f"case {name} failed:\n{failed}"
         return load_ranks(self.out / name, self.nproc, prefix)
 
-    def refused(self, name: str, message: str) -> None:
-        """The case failed before any step with `message` on every rank, and trained nothing."""
+    def refused(self, name: str, message: str, marker: str = None) -> None:
+        """The case failed with `message` on every rank, and trained nothing. With `marker`, the worker also wrote
+        OUT/name/{marker}{rank}.txt with the message where it raised (the DeepSpeed workers: "refused", from
+        `deepspeed.initialize` itself, before any step)."""
         for r in range(self.nproc):
             path = self.out / name / f"failed{r}.txt"
             assert path.exists(), f"case {name} did not fail on rank {r}"
             assert message in path.read_text(), path.read_text()[:2000]
+            if marker is not None:
+                where = self.out / name / f"{marker}{r}.txt"
+                assert where.exists() and message in where.read_text(), f"case {name}: not raised at {marker}"
         assert not (self.out / name / "rank0.pt").exists()
 
 

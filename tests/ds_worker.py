@@ -124,7 +124,7 @@ def run(args) -> None:
         initialize = deepspeed.initialize
     try:
         engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=cfg)
-    except NotImplementedError as e:              # a section this engine cannot honour: before any step
+    except (NotImplementedError, ValueError) as e:      # a section this engine cannot honour: before any step
         (out / f"refused{os.environ.get('RANK', '0')}.txt").write_text(str(e))
         raise
     rank = engine.global_rank

@@ -262,7 +262,7 @@ def test_checkpoint_resume_is_exact_and_on_another_world_size_keeps_the_mass(two
 def test_a_section_the_engine_cannot_honour_fails_before_training(two_ranks, setting):
     """A script that calls deepspeed.initialize with the section on a stage or setting it does not fit: the reason
     is raised from deepspeed.initialize itself (NotImplementedError), before any step; nothing trains dense."""
-    two_ranks.refused(f"refused-{setting}", REFUSALS[setting][1])
+    two_ranks.refused(f"refused-{setting}", REFUSALS[setting][1], marker="refused")
     assert two_ranks.failure(f"refused-{setting}").startswith("NotImplementedError")
 
 

@@ -218,7 +218,7 @@ def test_zero2_accumulation_warmup_and_resume_under_the_deepspeed_launcher(tmp_p
 
 @pytest.mark.parametrize("setting", list(REFUSALS))
 def test_zero2_what_it_cannot_honour_is_refused_before_training(cases, setting):
-    cases.refused(f"refused-{setting}", REFUSALS[setting][1])
+    cases.refused(f"refused-{setting}", REFUSALS[setting][1], marker="refused")
 
 
 def test_zero2_a_nan_on_one_rank_leaves_every_residual_as_it_was(cases):

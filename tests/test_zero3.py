@@ -118,7 +118,7 @@ def test_zero3_lossless_is_stock_and_resumes_exactly_under_the_deepspeed_launche
 
 @pytest.mark.parametrize("setting", list(REFUSALS))
 def test_zero3_what_it_cannot_honour_is_refused_before_training(cases, setting):
-    cases.refused(f"refused-{setting}", REFUSALS[setting][1])
+    cases.refused(f"refused-{setting}", REFUSALS[setting][1], marker="refused")
 
 
 def test_zero3_a_nan_on_one_rank_leaves_every_residual_as_it_was(cases):
