@@ -123,7 +123,7 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     import dsq_plugins as dsq
 
     kind, opts = parse_method(method)
-    model = task.model()
+    model = task.model().to(getattr(torch, args.dtype))
     numel = sum(p.numel() for p in model.parameters())
     # torch's PowerSGD hook deadlocks or aborts on gloo when a model has more than one DDP bucket (its
     # collectives are issued from future callbacks in an order that differs between ranks): it runs here with
@@ -208,7 +208,8 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     seconds = time.perf_counter() - t0
     final = evaluate(model) if not diverged else {"val_loss": float("nan")}
     steps_done = step + 1
-    dense_bytes = 2 * (world - 1) / world * numel * 4          # a ring all-reduce, per rank per step
+    itemsize = next(model.parameters()).element_size()
+    dense_bytes = 2 * (world - 1) / world * numel * itemsize   # a ring all-reduce, per rank per step
     dsq_zero = getattr(engine, "doublesqueeze", None)
     if kind == "dense" or (kind == "fsdp" and fsdp_state is None) or (kind == "zero2" and dsq_zero is None):
         sent = dense_bytes * steps_done     # FSDP2 and ZeRO-2: a reduce-scatter and an all-gather, the same bytes
@@ -346,7 +347,7 @@ def launch(args, task, opt, lr, steps, methods, out_json: Path) -> list:
            str(Path(__file__).resolve()), "--worker-out", str(out_json), "--task", task, "--opt", opt,
            "--lr", str(lr), "--steps", str(steps), "--warmup", str(args.warmup or max(1, steps // 10)),
            "--wd", str(args.wd), "--clip", str(args.clip), "--eval-every", str(args.eval_every),
-           "--seed", str(args.seed), "--methods", *methods]
+           "--seed", str(args.seed), "--dtype", args.dtype, "--methods", *methods]
     if args.seeds:
         cmd += ["--seeds", *map(str, args.seeds)]
     if args.first_seed_only:
@@ -412,6 +413,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps (default: steps / 10)")
     ap.add_argument("--wd", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the parameters' (and so the gradients') dtype: bfloat16 trains in bf16 throughout, as "
+                         "Lightning's \"bf16-true\"")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -443,11 +447,13 @@ def main():
             methods = args.methods
         rows = launch(args, task, opt, lr, steps, methods, tmp / f"{name}.json")
         runs[name] = rows
-        print(table(rows, f"\n{name} ({task}, {opt}, lr {lr}, {steps} steps, {args.nproc} ranks)"), flush=True)
+        print(table(rows, f"\n{name} ({task}, {opt}, lr {lr}, {steps} steps, {args.nproc} ranks, {args.dtype})"),
+              flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(runs=runs, seconds=time.time() - t0, machine=platform.node(),
-                                                   date=time.strftime("%Y-%m-%d"), nproc=args.nproc), indent=1))
+                                                   date=time.strftime("%Y-%m-%d"), nproc=args.nproc,
+                                                   dtype=args.dtype), indent=1))
     if args.png:
         plot(runs, Path(args.png))
 

@@ -161,7 +161,7 @@ class Task:
 
     @staticmethod
     def loss(model: nn.Module, x, y) -> torch.Tensor:
-        out = model(x)
+        out = model(x).float()
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()

@@ -296,7 +296,7 @@ def install(engine, config, monitor: Optional[Monitor] = None):
                          f"stage {stage}: leave it out")
     if stage < 2 and residual_dtype != DoubleSqueezeSection.model_fields["residual_dtype"].default:
         raise ValueError(f"\"residual_dtype\" stores ZeRO-2/3's worker residual; this engine runs ZeRO stage "
-                         f"{stage}, whose residuals are in the gradients' dtype: leave it out")
+                         f"{stage}, whose residuals are float32 (for 16-bit gradients too): leave it out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[residual_dtype]
     engine.doublesqueeze_loss_scale = LossScaleUnits() if engine.fp16_enabled() else None
     if stage == 3:

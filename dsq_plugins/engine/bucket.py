@@ -11,6 +11,10 @@ wire buffers and the small tail tables. An `Exchange` is one bucket's pass throu
                      unless skip                                    (then the downlink is issued)
     finish           decode every owner's C_s rows into the outputs (all NaN if skip)
 
+16-bit gradients keep their residuals and compute ``g + e`` and the server's mean in float32
+(`plan.compute_dtype`); what a compressor encodes, and so the wire, is in the gradients' dtype, and every message
+counts as its decoding in that dtype (the residual takes the rounding too: nothing is lost to it).
+
 Full rows go through in chunks of `plan.chunk_rows` rows (temporaries the size of a chunk, reused); every stage is
 O(1) torch calls per chunk plus O(P) views, O(W) only where there is one message per rank. Nothing on the hot
 path synchronises the host with the device: the skip is a 0-d device tensor applied with `torch.where`, except on
@@ -124,7 +128,7 @@ class BucketState:
                  base_seed: int):
         self.plan, self.wc, self.sc = plan, wc, sc
         self.live: set = set()        # the keys whose residuals this state holds now (the collective's bookkeeping)
-        p, dev, dt = plan, plan.device, plan.dtype
+        p, dev, dt = plan, plan.device, plan.compute_dtype
         B, W, me = p.block_size, p.world_size, p.rank
         self.has_rows = p.R + p.T > 0
         self.keep_worker = worker_ef and not wc.lossless and self.has_rows
@@ -200,16 +204,17 @@ class BucketState:
         if self.has_rows:
             B = p.block_size
             seeds = self.seeds(SeedSite.SEND, Rows.FULL, ex.step)
-            v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
+            v_buf = scratch.get("v", p.chunk_rows * B, p.compute_dtype, p.device)
             for a, b in p.chunks(p.R):
                 v = v_buf[:(b - a) * B].view(b - a, B)
                 self._compensated(ex.items, a, b, v)
-                fields = wc.encode(v, None, None if seeds is None else seeds[a:b])
-                bad |= _nonfinite(wc, fields, v)
+                x = self._wire(v, scratch)
+                fields = wc.encode(x, None, None if seeds is None else seeds[a:b])
+                bad |= _nonfinite(wc, fields, x)
                 for i, f in enumerate(up.fields):
                     self._rows_view(self.send, up, i, a, b, write=fields[f.name])
             if p.T:
-                vt = self._compensated_tail(ex.items)
+                vt = self._wire(self._compensated_tail(ex.items))
                 fields = wc.encode(vt, p.tail_lengths_t(), self.seeds(SeedSite.SEND, Rows.TAIL, ex.step))
                 for i, f in enumerate(up.fields):
                     t = self.up_tail[i]
@@ -224,6 +229,16 @@ class BucketState:
         elif p.dense_items:            # dense throughout: no header to flag; `skip_flag` reads the reduced sum
             ex.dense_buf = self._dense_gather(ex.items, flat)
         return bad
+
+    def _wire(self, v: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.Tensor:
+        """`v` in the gradients' dtype, what the compressor encodes: `v` itself, or (16-bit gradients) a rounded
+        copy (into scratch if given)."""
+        p = self.plan
+        if not p.low_precision:
+            return v
+        if scratch is None:
+            return v.to(p.dtype)
+        return scratch.get("wire", v.numel(), p.dtype, p.device).view(v.shape).copy_(v)
 
     def _compensated(self, items, a: int, b: int, v: torch.Tensor) -> None:
         """v (rows a..b) <- g (+ e_i) of those full rows."""
@@ -290,10 +305,15 @@ class BucketState:
                          tensors: Optional[torch.Tensor] = None) -> None:
         """e <- v - decode(out), unless the exchange is skipped (then e stays as it is). `decode(out)` decodes the
         sent fields into `out` (None: a new tensor). Where the skip is known on the host, e itself takes the
-        decoded values and the difference in place; else the difference goes through `tmp` and `torch.where`."""
+        decoded values and the difference in place; else the difference goes through `tmp` and `torch.where`.
+        16-bit gradients: the fields decode in their dtype (into `tmp`, of that dtype) and the difference is taken
+        in e's."""
         if ex.host_skip:
             return
-        if ex.host_skip is None:
+        if self.plan.low_precision:
+            dec = decode(tmp)
+            new = torch.sub(v, dec, out=e) if ex.host_skip is False else v - dec
+        elif ex.host_skip is None:
             new = decode(tmp)
             torch.sub(v, new, out=new)
         else:
@@ -324,8 +344,8 @@ class BucketState:
             return
         p, wc, up, B = self.plan, self.wc, self.up, self.plan.block_size
         seeds = self.seeds(SeedSite.SEND, Rows.FULL, ex.step)
-        v_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
-        d_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device) if ex.host_skip is None else None
+        v_buf = scratch.get("v", p.chunk_rows * B, p.compute_dtype, p.device)
+        d_buf = self._decode_buf(ex, scratch)
         for a, b in p.chunks(p.R):
             v = v_buf[:(b - a) * B].view(b - a, B)
             self._compensated(ex.items, a, b, v)
@@ -343,6 +363,13 @@ class BucketState:
                                   lambda out: wc.decode(fields, p.cap, p.dtype, lengths, seeds, out=out),
                                   None, pad=p.tail_pad_mask(mine=False), tensors=p.tensor_of_rows(True, False))
 
+    def _decode_buf(self, ex: Exchange, scratch: Scratch) -> Optional[torch.Tensor]:
+        """The chunk-sized temporary `_update_residual` decodes into, where it needs one (None: into e)."""
+        p = self.plan
+        if ex.host_skip is None or p.low_precision:
+            return scratch.get("dec", p.chunk_rows * p.block_size, p.dtype, p.device)
+        return None
+
     def _server_pass(self, ex: Exchange, recv: torch.Tensor, scratch: Scratch) -> None:
         p, wc, sc, up, down = self.plan, self.wc, self.sc, self.up, self.down
         B, W, me = p.block_size, p.world_size, p.rank
@@ -350,8 +377,8 @@ class BucketState:
         msgs = recv.view(W, M)
         own_seeds = self.seeds(SeedSite.OWN, Rows.FULL, ex.step)
         recv_seeds = [self.seeds(SeedSite.RECV, Rows.FULL, ex.step, i) for i in range(W)]
-        total_buf = scratch.get("v", p.chunk_rows * B, p.dtype, p.device)
-        tmp_buf = scratch.get("dec", p.chunk_rows * B, p.dtype, p.device) if ex.host_skip is None else None
+        total_buf = scratch.get("v", p.chunk_rows * B, p.compute_dtype, p.device)
+        tmp_buf = self._decode_buf(ex, scratch)
         for a, b in p.chunks(p.F_me):
             n = (b - a) * B
             total = total_buf[:n].view(b - a, B)
@@ -362,14 +389,17 @@ class BucketState:
                     fields[f.name] = msgs[i].view(f.dtype)[start + a * f.full:start + b * f.full].view(b - a, f.full)
                 s = recv_seeds[i]
                 s = None if s is None else s[a:b]
-                if i == 0:
+                if p.low_precision:          # decoded in the gradients' dtype, summed in float32
+                    dec = wc.decode(fields, B, p.dtype, None, s, out=tmp_buf[:n].view(b - a, B))
+                    total.copy_(dec) if i == 0 else total.add_(dec)
+                elif i == 0:
                     wc.decode(fields, B, p.dtype, None, s, out=total)
                 else:
                     wc.decode_add(fields, B, p.dtype, total, None, s)
             vs = total.div_(W)
             if self.keep_server:
                 vs.add_(self.s_full[a:b])
-            fields = sc.encode(vs, None, None if own_seeds is None else own_seeds[a:b])
+            fields = sc.encode(self._wire(vs, scratch), None, None if own_seeds is None else own_seeds[a:b])
             for k, f in enumerate(down.fields):
                 start = down.full_off[me][k] // f.itemsize
                 self.own.view(f.dtype)[start + a * f.full:start + b * f.full].view(b - a, f.full).copy_(fields[f.name])
@@ -402,12 +432,12 @@ class BucketState:
         for i in range(W):
             fields = {f.name: self.recv_tail[k][i] for k, f in enumerate(up.fields)}
             dec = wc.decode(fields, p.cap, p.dtype, lengths, self.seeds(SeedSite.RECV, Rows.TAIL, ex.step, i))
-            total = dec.clone() if i == 0 else total.add_(dec)
+            total = dec.to(p.compute_dtype, copy=True) if i == 0 else total.add_(dec)
         vs = total.div_(W).masked_fill_(p.tail_pad_mask(mine=True), 0)     # decoders leave padding unspecified
         if self.keep_server:
             vs.add_(self.s_tail)
         seeds = self.seeds(SeedSite.OWN, Rows.TAIL, ex.step)
-        fields = sc.encode(vs, lengths, seeds)
+        fields = sc.encode(self._wire(vs), lengths, seeds)
         for k, f in enumerate(down.fields):
             t = self.own_tail[k]
             t.copy_(fields[f.name]).masked_fill_(down.tail_invalid(k, mine=True), 0)
@@ -520,13 +550,13 @@ class BucketState:
         s, p = self._span(key), self.plan
         B = p.block_size
         if worker is not None and self.keep_worker:
-            worker = worker.reshape(-1).to(device=p.device, dtype=p.dtype)
+            worker = worker.reshape(-1).to(device=p.device, dtype=p.compute_dtype)
             _check_size(key, "worker", worker, s.numel)
             self.e_full[s.row0:s.row0 + s.full].view(-1).copy_(worker[:s.full * B])
             if s.tail_row >= 0:
                 self.e_tail[s.tail_row, :s.tail] = worker[s.full * B:]
         if server is not None and self.keep_server:
-            server = server.reshape(-1).to(device=p.device, dtype=p.dtype)
+            server = server.reshape(-1).to(device=p.device, dtype=p.compute_dtype)
             rows = p.owned_full[p.rank]
             lo, hi = np.searchsorted(rows, [s.row0, s.row0 + s.full])
             t = int(np.searchsorted(p.owned_tail[p.rank], s.tail_row)) if s.tail_row >= 0 else p.T_me

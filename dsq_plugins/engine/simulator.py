@@ -16,7 +16,8 @@ class Simulator:
     The tensor (flattened, ``d`` elements) is cut into blocks of ``config.block_size`` elements (the last may be
     shorter); each block is compressed on its own by `Compressor.compress`, with the seed of (config seed, step,
     `key`, block, pass[, worker]): exactly what every distributed integration computes, whatever its buckets and
-    world size.
+    world size. 16-bit gradients keep float32 residuals: ``v = g + e`` and the mean are float32, `v` is compressed
+    as the gradients' dtype and each message counts as its decoding in that dtype.
 
     Args:
         num_workers: n.
@@ -61,9 +62,10 @@ class Simulator:
         self.steps += 1
         flat = [g.detach().reshape(-1) for g in grads]
         d = flat[0].numel()
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         if not self.worker_errors:
-            self.worker_errors = [torch.zeros(d, dtype=dtype) for _ in range(self.n)]
-            self.server_error = torch.zeros(d, dtype=dtype)
+            self.worker_errors = [torch.zeros(d, dtype=acc) for _ in range(self.n)]
+            self.server_error = torch.zeros(d, dtype=acc)
         if any(not torch.isfinite(g).all() for g in flat):
             self.skipped_steps += 1
             return torch.full(shape, float("nan"), dtype=dtype)
@@ -74,7 +76,7 @@ class Simulator:
         blocks = [(a, min(d, a + B)) for a in range(0, d, B)]
 
         def compress(comp, x, direction, worker):
-            out = torch.empty_like(x)
+            out, x = torch.empty_like(x), x.to(dtype)
             for b, (lo, hi) in enumerate(blocks):
                 rank = worker if (direction == UPLINK and comp.seed_per_rank) else -1
                 seed = derive_seed(cfg.seed, t, self.key, b, direction, rank)
@@ -83,7 +85,8 @@ class Simulator:
 
         cs = []
         for i in range(self.n):
-            v = flat[i] + self.worker_errors[i] if cfg.worker_ef else flat[i]
+            g = flat[i].to(acc)
+            v = g + self.worker_errors[i] if cfg.worker_ef else g
             c = compress(wc, v, UPLINK, i)
             if cfg.worker_ef and not wc.lossless:
                 self.worker_errors[i] = v - c
@@ -96,4 +99,4 @@ class Simulator:
         c = compress(sc, v, DOWNLINK, -1)
         if cfg.server_ef and not sc.lossless:
             self.server_error = v - c
-        return c.view(shape)
+        return c.to(dtype).view(shape)
