@@ -23,7 +23,8 @@ Downlink, the parameter all-gather after each step, group by group::
 
 The owner's residual is ``x[r] - x_hat[r]``, held implicitly (the conservation law in `async_ps`'s form); every
 rank applies every frame by the same ops, so the copies stay bit for bit equal. Warm-up steps run DeepSpeed's own
-collectives (exact), and so does any all-gather outside a step (`update_lp_params`, checkpoint loading).
+collectives (exact), and so do auto's dense steps (the residual carried along, `ShardedZeroState.flush_into`) and any
+all-gather outside a step (`update_lp_params`, checkpoint loading).
 
 DeepSpeed has no communication-hook API. `install` replaces the bucket reductions on this optimizer instance, and
 routes its step's all-gather: DeepSpeed's step calls `stage_1_and_2.all_gather_dp_groups`, a module function, with
@@ -90,7 +91,7 @@ class ZeroTwoState(ShardedZeroState):
         W = len(optimizer.parallel_partitioned_bit16_groups[0])       # one partition per data-parallel rank
         super().__init__(optimizer, config, monitor, sum(sizes) * W, device, loss_scale, residual_dtype)
         self._base = [sum(s * W for s in sizes[:g]) for g in range(len(sizes))]
-        self.down = BlockCodec(config.server, config.block_size)
+        self.down = BlockCodec(config.server_for(config.candidate_specs[0]), config.block_size)
         self.replica_rows = [parts[self.rank].detach().clone()
                              for parts in optimizer.parallel_partitioned_bit16_groups]
         self._in_step = False
@@ -125,6 +126,19 @@ class ZeroTwoState(ShardedZeroState):
         got = self._layouts[key] = BucketLayout.of(index, position, own, self.residual.device)
         return got
 
+    def _use(self, spec: str) -> None:
+        super()._use(spec)
+        server = self.config.server_for(spec)
+        if server.spec != self.down.spec:
+            self.down = BlockCodec(server, self.config.block_size)
+
+    def dense_bucket(self, flat: torch.Tensor, params: List[Tuple[int, int, int]]) -> None:
+        """Before DeepSpeed reduces the bucket `flat` itself (a dense step): its counters, and its residual into
+        `flat` where some may be left."""
+        self.dense_reduction(flat.numel(), flat.element_size())
+        if self.needs_flush():
+            self.flush_into(flat, self._layout(params))
+
     def reduce_bucket(self, flat: torch.Tensor, params: List[Tuple[int, int, int]], average: bool) -> None:
         """Reduce one bucket: `flat` is the concatenation of the gradients of `params` ((group, index in group,
         param_id), DeepSpeed's bucket order); this rank's elements of it become their mean over ranks (`average`)
@@ -152,7 +166,7 @@ class ZeroTwoState(ShardedZeroState):
         """The optimizer's parameter all-gather: the delta downlink inside a step past warm-up; else `dense()`
         (DeepSpeed's own), after which every rank's copy is exact again."""
         opt = self.optimizer
-        if not self._in_step or self.warming_up():
+        if not self._in_step or not self.compressing():
             dense()
             self.resync_rows()
             return
@@ -233,29 +247,40 @@ def attach(optimizer, state: ZeroTwoState) -> None:
         return list(optimizer.ipg_buckets[dtype].params)
 
     def average_tensor(self, tensor, communication_data_type):
-        if state.warming_up():
+        if not state.compressing():
+            state.dense_bucket(tensor.view(-1), bucket_params(communication_data_type))
             return stock_average(tensor, communication_data_type)
         state.reduce_bucket(tensor.view(-1), bucket_params(communication_data_type), self.gradient_average)
 
-    def reduce_list(grads, dtype):
+    def through_flat(grads, fn) -> None:
+        """`fn` on the concatenation of `grads`, written back into them."""
         flat = torch.cat([g.reshape(-1) for g in grads])
-        state.reduce_bucket(flat, bucket_params(dtype), optimizer.gradient_average)
+        fn(flat)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def reduce_list(grads, dtype):
+        params = bucket_params(dtype)
+        if not state.compressing():
+            state.dense_reduction(sum(g.numel() for g in grads), grads[0].element_size())
+            if state.needs_flush():
+                through_flat(grads, lambda flat: state.flush_into(flat, state._layout(params)))
+            return False
+        through_flat(grads, lambda flat: state.reduce_bucket(flat, params, optimizer.gradient_average))
+        return True
+
     def buffered_reduce_fallback(self, rank, grads, communication_data_type, elements_per_buffer=500000000,
                                  log=None):
         bucket = optimizer.ipg_buckets.get(communication_data_type)
-        if state.warming_up() or rank is not None or bucket is None or grads is not bucket.grads:
+        if rank is not None or bucket is None or grads is not bucket.grads \
+                or not reduce_list(grads, communication_data_type):
             return stock_fallback(rank, grads, communication_data_type, elements_per_buffer, log)
-        reduce_list(grads, communication_data_type)
 
     def fallback_preserving_fp32(self, grads, grad_params, communication_data_type, elements_per_buffer):
-        if state.warming_up():
+        if not reduce_list(grads, communication_data_type):
             return stock_fallback32(grads, grad_params, communication_data_type, elements_per_buffer)
-        reduce_list(grads, communication_data_type)
 
     def step(self, *args, **kwargs):
         return state.run_step(stock_step, *args, **kwargs)

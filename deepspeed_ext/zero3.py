@@ -18,7 +18,8 @@ DeepSpeed's prefetcher groups parameters.
 Gathers outside those calls stay DeepSpeed's own and exact: `deepspeed.zero.GatheredParameters` in the user's code,
 checkpoint consolidation, and the optimizer step's re-gather of the parameters DeepSpeed keeps whole (those under
 ``stage3_param_persistence_threshold``: small, and exact whether the run was resumed or not); so does everything
-during warm-up steps.
+during warm-up steps and auto's dense steps (whose first gather, in forward, is where a step's mode is decided; the
+residual then goes along with the gradients, `ShardedZeroState.flush_into`).
 
 DeepSpeed has no communication-hook API. The reduce-scatter is replaced on the optimizer instance. The gathers go
 through `partition_parameters._dist_allgather_fn`, a module function every non-quantized parameter gather calls
@@ -136,12 +137,26 @@ class ZeroThreeState(ShardedZeroState):
         flat = torch.cat([p.grad.reshape(-1).to(communication_data_type) for p in params])
         return list(self.reduce(flat, lay, True).to(accumulation_dtype).split(lay.own))
 
+    def dense_scatter(self, params, communication_data_type: torch.dtype) -> None:
+        """Before DeepSpeed reduce-scatters `params`' gradients itself (a dense step): its counters, and the
+        residual added to the gradients where some may be left."""
+        numel = sum(p.grad.numel() for p in params)
+        self.dense_reduction(numel, torch.empty((), dtype=communication_data_type).element_size())
+        if not self.needs_flush():
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.flush_into(flat, self._layout(params))
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
     # -- downlink ------------------------------------------------------------------------------------------------
     def compresses(self, inp: torch.Tensor, out: torch.Tensor, group) -> bool:
         """Whether this gather is one of ours: a floating-point parameter gather over the data-parallel group,
         after warm-up."""
-        return (not self.warming_up() and inp.dtype.is_floating_point and out.numel() == inp.numel() * self.world_size
-                and dist.get_world_size(group) == self.world_size)
+        return (inp.dtype.is_floating_point and out.numel() == inp.numel() * self.world_size
+                and dist.get_world_size(group) == self.world_size and self.compressing())
 
     def _comm(self, group) -> TorchDistributedCommunicator:
         comm = self._comms.get(id(group))
@@ -193,7 +208,8 @@ def attach(engine, state: ZeroThreeState) -> None:
     stock_step = optimizer.step
 
     def avg_scatter_grads(self, params_to_reduce, communication_data_type):
-        if state.warming_up():
+        if not state.compressing():
+            state.dense_scatter(params_to_reduce, communication_data_type)
             return stock_scatter(params_to_reduce, communication_data_type)
         return state.reduce_scatter(params_to_reduce, communication_data_type, self.gradient_accumulation_dtype)
 
@@ -224,7 +240,7 @@ def _one_by_one(gather, state: ZeroThreeState):
     @functools.wraps(gather)
     def all_gather_coalesced(params, safe_mode: bool = False, quantize: bool = False):
         params = list(params)
-        if not _ACTIVE or _ACTIVE[-1] is not state or state.warming_up():
+        if not _ACTIVE or _ACTIVE[-1] is not state or not state.compressing():
             return gather(params, safe_mode=safe_mode, quantize=quantize)
         params.sort(key=lambda p: p.ds_id)          # the same order on every rank, as DeepSpeed's own gather sorts
         persistent = [p for p in params if getattr(p, "ds_persist", False)]

@@ -7,13 +7,21 @@ buckets mix parameters, so it cannot move one parameter. On sampled steps the up
 rank sends, ``|v - C_w(v)|^2`` and ``|v|^2``; the ranks' sums decide together, at the start of a step, and if the
 uplink keeps less than ``guard`` times its compressor's nominal share of the energy, every bucket moves to the
 `fallback` compressor (then to lossless, ``none``), with a `QualityWarning` and ``guard/switches`` on the monitor.
-The residual carries over, so nothing is lost in the switch. The parameter downlink keeps its compressor."""
+The residual carries over, so nothing is lost in the switch. The parameter downlink keeps its compressor.
+
+``"compressor": "auto"`` (`dsq_plugins.engine.auto`) chooses at the start of each step, the same on every rank, between
+dense and the `candidates`, for the whole uplink as one bucket (``GUARD_KEY``), from the job's own step times. A dense
+step is a warm-up step: DeepSpeed's own collectives, exact, with the worker residual added to the gradients the first
+time (each bucket's elements, for every owner; then zeroed) and, under ZeRO-2, the copy made exact by DeepSpeed's
+all-gather: nothing is lost in the switch either way. ``uplink_mode`` says what the step that ran last used."""
+import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from dsq_plugins.compression.registry import get_compressor
 from dsq_plugins.config import DoubleSqueezeConfig
+from dsq_plugins.engine.auto import DENSE, AutoTuner
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.guard import QualityGuard
 from dsq_plugins.engine.sharded import IndexedReduceScatter
@@ -31,8 +39,6 @@ def common_refusals(config: DoubleSqueezeConfig) -> List[str]:
     bad = []
     if config.policy:
         bad.append("a per-parameter policy (ZeRO compresses DeepSpeed's buckets, which mix parameters)")
-    if config.auto:
-        bad.append("compressor 'auto' (name a compressor)")
     return bad
 
 
@@ -65,6 +71,9 @@ class ShardedZeroState:
         loss_scale: under fp16, the loss scale the residual is in units of (`loss_scale.py`); else None. The
             residual is then also copied at each step's first reduction, and restored from the copy when DeepSpeed
             skips the step for an overflow (4 more bytes per element, fp16 only).
+        auto: the `AutoTuner` under ``"compressor": "auto"``, else None.
+        uplink_mode: the uplink's compressor at the last step that reduced (auto's or the guard's choice), or
+            ``"dense"`` (warm-up, auto's dense mode).
     """
 
     FORMAT = ""
@@ -79,8 +88,13 @@ class ShardedZeroState:
         self._rounds = 0                       # bucket reductions since the step began (the frames' keys)
         self._totals, self._round = RoundStats(), RoundStats()
         self.residual = torch.zeros(residual_numel, dtype=residual_dtype, device=device)
-        self.uplink = IndexedReduceScatter(config.worker, config.block_size, self.residual, config.worker_ef,
-                                           config.seed)
+        self.auto: Optional[AutoTuner] = AutoTuner(config.candidate_specs) if config.auto else None
+        self._spec: Optional[str] = config.candidate_specs[0]     # this step's uplink compressor (None: dense)
+        self._decided = -1                                         # the step `_spec` was decided for
+        self._residual_live = False        # whether the residual may hold mass (a dense step then flushes it)
+        self.uplink_mode = DENSE
+        self.uplink = IndexedReduceScatter(get_compressor(self._spec), config.block_size, self.residual,
+                                           config.worker_ef, config.seed)
         self._layouts: Dict[tuple, BucketLayout] = {}
         self.loss_scale = loss_scale
         self._at_step_start = None if loss_scale is None else torch.empty_like(self.residual)
@@ -90,24 +104,111 @@ class ShardedZeroState:
     def warming_up(self) -> bool:
         return self.step < self.config.warmup_steps
 
-    def reduce(self, flat: torch.Tensor, layout: BucketLayout, average: bool) -> torch.Tensor:
-        """The uplink of one bucket: this rank's elements (``layout.index[rank]`` order, float32)."""
+    # -- this step's mode ------------------------------------------------------------------------------------------
+    def compressing(self) -> bool:
+        """Whether this step's collectives are compressed (not warm-up, not auto's dense mode). The first call of a
+        step decides, at the same point on every rank (auto's schedule takes small all-reduces)."""
+        if self._decided != self.step:
+            self._decided = self.step
+            self._spec = self._decide()
+        return self._spec is not None
+
+    def _decide(self) -> Optional[str]:
+        if self.warming_up():
+            return None
+        if self.auto is None:
+            return self.config.compressor
+        W = self.world_size
+        self.auto.ring = 2 * (W - 1) / W
+        self.auto.on_step_start(self.step, self.auto.clock(), self._mean_over_ranks,
+                                self._time_all_reduce if W > 1 else None)
+        spec = self.auto.choice(GUARD_KEY)
+        if spec is not None:
+            self._use(spec)
+        return spec
+
+    def _use(self, spec: str) -> None:
+        """Compress the uplink with `spec`, or with where the guard has moved it (the residual carries over)."""
+        actual = self.guard.spec_for(GUARD_KEY, spec) if self.guard is not None else spec
+        self.uplink.set_compressor(get_compressor(actual or "none"))
+
+    def _mean_over_ranks(self, values: List[float]) -> List[float]:
+        return [v / self.world_size for v in self._sum_over_ranks(values)]
+
+    def _time_all_reduce(self, nbytes: int) -> float:
+        """Seconds of a blocking all-reduce of `nbytes` (auto's probe of the link)."""
+        buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=self.residual.device)
+        t0 = time.perf_counter()
+        self.comm.all_reduce_sum(buf)
+        if buf.device.type == "cuda":
+            torch.cuda.synchronize(buf.device)
+        return time.perf_counter() - t0
+
+    def _start_reduction(self) -> None:
+        """Before each bucket reduction, compressed or dense: at the step's first, the loss scale's units and the
+        copy an overflow restores, and the guard's schedule."""
         if self._rounds == 0:
             if self.loss_scale is not None:
                 self.loss_scale.follow(self.optimizer, self.residual.mul_)
                 self._at_step_start.copy_(self.residual)
             self._guard_step_start()
+
+    # -- the uplink --------------------------------------------------------------------------------------------------
+    def reduce(self, flat: torch.Tensor, layout: BucketLayout, average: bool) -> torch.Tensor:
+        """The uplink of one bucket: this rank's elements (``layout.index[rank]`` order, float32)."""
+        self._start_reduction()
+        before = self._round.bytes_sent, self._round.compress_seconds
         out, _ = self.uplink(self.comm, flat, layout.index, layout.position, average, self._rounds, self.step,
                              self._round, self._sample)
         self._rounds += 1
+        self._residual_live = True
+        self.uplink_mode = self.uplink.codec.spec
+        if self.auto is not None:
+            self.auto.record(self.auto.measuring, GUARD_KEY, self._round.compress_seconds - before[1],
+                             self._round.bytes_sent - before[0], self._ring_bytes(flat))
         return out
+
+    def needs_flush(self) -> bool:
+        """Whether a dense reduction must carry the residual along (`flush_into`): mass may be left in it."""
+        return self._residual_live
+
+    def dense_reduction(self, numel: int, itemsize: int) -> None:
+        """A bucket of `numel` elements of `itemsize` bytes that DeepSpeed reduces itself (warm-up, auto's dense
+        mode): the step's start, its counters (a reduce-scatter's bytes) and auto's record. Then, where
+        `needs_flush`, `flush_into` the bucket."""
+        self._start_reduction()
+        self._rounds += 1
+        self.uplink_mode = DENSE
+        W = self.world_size
+        nbytes = (W - 1) * numel * itemsize // W               # a reduce-scatter's bytes per rank
+        self._round.bytes_up_sent += nbytes
+        self._round.bytes_up_recv += nbytes
+        self._round.dense_bytes += nbytes
+        self._round.payload_bytes += nbytes
+        if self.auto is not None and not self.warming_up():
+            self.auto.record(self.auto.measuring, GUARD_KEY, 0.0, nbytes, 2 * (W - 1) * numel * itemsize // W)
+
+    def flush_into(self, flat: torch.Tensor, layout: BucketLayout) -> None:
+        """Add the worker residual of the bucket's elements, every owner's, to `flat` (the bucket DeepSpeed is about
+        to reduce densely), and zero it there: the stock reduction delivers it, nothing is lost."""
+        t0 = time.perf_counter()
+        for index, position in zip(layout.index, layout.position):
+            if index.numel():
+                flat[index] += self.residual[position].to(flat.dtype)
+                self.residual[position] = 0
+        self._round.compress_seconds += time.perf_counter() - t0
+
+    def _ring_bytes(self, flat: torch.Tensor) -> int:
+        """What a ring all-reduce of the bucket sends per rank (auto's dense reference)."""
+        W = self.world_size
+        return 2 * (W - 1) * flat.numel() * flat.element_size() // W
 
     # -- the quality guard (module docstring) ---------------------------------------------------------------------
     def _guard_step_start(self) -> None:
         """At a step's first reduction, the same step on every rank: decide if a window is complete, and sample
         this step or not."""
         self._sample = None
-        if self.guard is None or self.warming_up():
+        if self.guard is None or not self.compressing():
             return
         if self.guard.due(self.step):
             switches = self.guard.decide(self.step, self._sum_over_ranks)
@@ -121,8 +222,11 @@ class ShardedZeroState:
             self._sample = torch.zeros(2, dtype=torch.float64, device=self.residual.device)
 
     def _apply_guard(self) -> None:
-        spec = self.guard.spec_for(GUARD_KEY, self.config.worker.spec)
-        self.uplink.set_compressor(get_compressor(spec or "none"))
+        self._use(self._base_spec())
+
+    def _base_spec(self) -> str:
+        """The compressor the uplink would use without the guard: auto's choice or the config's."""
+        return self._spec if self._spec is not None else self.config.candidate_specs[0]
 
     @property
     def uplink_compressor(self) -> str:
@@ -136,14 +240,14 @@ class ShardedZeroState:
     def _end_sample(self, skipped: bool) -> None:
         if self._sample is not None and not skipped:
             s = self._sample.cpu()
-            self.guard.add([GUARD_KEY], self.config.worker.spec,
+            self.guard.add([GUARD_KEY], self._base_spec(),
                            torch.tensor([[s[0]], [s[1]], [0.0], [0.0]], dtype=torch.float64))
             self.guard.end_sample()
         self._sample = None
 
     def run_step(self, step, *args, **kwargs):
         """`step` (the optimizer's own), then the step's counters, its metrics and the step count."""
-        warm = self.warming_up()
+        dense = self._decided == self.step and self._spec is None
         result = step(*args, **kwargs)
         stats, self._round = self._round, RoundStats()
         overflow = self.loss_scale is not None and bool(getattr(self.optimizer, "overflow", False))
@@ -152,11 +256,16 @@ class ShardedZeroState:
         stats.skipped = int(stats.skipped > 0 or overflow)
         self._end_sample(bool(stats.skipped))
         self.skipped_steps += stats.skipped
-        if warm:
+        if dense:
             stats.dense_buckets += 1
+            if not overflow:
+                self._residual_live = False             # every bucket of the step carried its residual along
         self._totals.add(stats)
         if self.monitor is not None and self.monitor.wants(self.step):
             self.monitor.log_round(self.step, stats, *self.residual_norms(), self.skipped_steps)
+            if self.auto is not None:
+                for tag, value in self.auto.scalars().items():
+                    self.monitor.log_scalar(self.monitor.prefix + tag, value, self.step)
         self.step += 1
         self._rounds = 0
         return result
@@ -172,12 +281,14 @@ class ShardedZeroState:
 
     def reset_residuals(self) -> None:
         self.residual.zero_()
+        self._residual_live = False
 
     def state_dict(self) -> dict:
         return {"format": self.FORMAT, "world_size": self.world_size, "rank": self.rank, "step": self.step,
                 "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
                 "residual": self.residual.clone(), "totals": self._totals.as_dict(),
-                "guard": None if self.guard is None else self.guard.state_dict()}
+                "guard": None if self.guard is None else self.guard.state_dict(),
+                "auto": None if self.auto is None else self.auto.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict` of the same rank, world size and config: the residual, step and counters."""
@@ -192,7 +303,11 @@ class ShardedZeroState:
         if sd["residual"].shape != self.residual.shape:
             raise ValueError(f"residual of {tuple(sd['residual'].shape)} for this model's {tuple(self.residual.shape)}")
         self.residual.copy_(sd["residual"])
+        self._residual_live = bool(self.residual.any())
         self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
+        self._decided = -1
+        if self.auto is not None and sd.get("auto"):
+            self.auto.load_state_dict(sd["auto"])
         self._totals = RoundStats.from_dict(sd["totals"])
         if self.guard is not None and sd.get("guard"):
             self.guard.load_state_dict(sd["guard"])

@@ -163,7 +163,7 @@ def run(args) -> None:
             records[-1].update(scale=scale, scale_after=float(engine.optimizer.loss_scale),
                                ds_skipped=engine.skipped_steps)
         if args.stage in (2, 3) and dsq is not None:
-            records[-1].update(residual=dsq.residual.clone(), skipped_steps=dsq.skipped_steps)
+            records[-1].update(residual=dsq.residual.clone(), skipped_steps=dsq.skipped_steps, uplink=dsq.uplink_mode)
         if args.fp16:
             records[-1]["master"] = fp32_master(engine, args.stage)
         if args.stage < 2 and args.fp16 and dsq is not None:
@@ -180,6 +180,7 @@ def run(args) -> None:
                       skipped_steps=dsq.skipped_steps, totals=dsq.totals.as_dict(), config=dsq.config.to_dict(),
                       memory=dsq.memory_report(), replica_rows=[r.clone() for r in dsq.replica_rows],
                       guard_switches=[] if dsq.guard is None else [[s.step, s.to] for s in dsq.guard.switches],
+                      auto_history=None if dsq.auto is None else [list(h) for h in dsq.auto.history],
                       partition_size=[int(n) for n in engine.optimizer.partition_size])
     elif dsq is not None:
         w, s = residuals_by_name(dsq, names)

@@ -113,7 +113,8 @@ def run(args) -> None:
         records.append({"before": before, "after": exact(), "seen": {n: v.reshape(-1) for n, v in seen.items()},
                         "g": {n: p.grad.reshape(-1).clone() for n, p in reference.named_parameters()},
                         "loss": loss.item(), "residual": None if dsq is None else dsq.residual.clone(),
-                        "skipped_steps": None if dsq is None else dsq.skipped_steps})
+                        "skipped_steps": None if dsq is None else dsq.skipped_steps,
+                        "uplink": None if dsq is None else dsq.uplink_mode})
         if args.fp16:
             records[-1].update(scale=scale, scale_after=float(engine.optimizer.loss_scale),
                                ds_skipped=engine.skipped_steps)
@@ -122,7 +123,8 @@ def run(args) -> None:
     result = {"records": records, "world": engine.world_size, "dsq": dsq is not None}
     if dsq is not None:
         result.update(residual=dsq.residual.clone(), step=dsq.step, totals=dsq.totals.as_dict(),
-                      gathers=dsq.gathers, gathered_elements=dsq.gathered_elements, memory=dsq.memory_report())
+                      gathers=dsq.gathers, gathered_elements=dsq.gathered_elements, memory=dsq.memory_report(),
+                      auto_history=None if dsq.auto is None else [list(h) for h in dsq.auto.history])
     torch.save(result, out / f"rank{rank}.pt")
 
 

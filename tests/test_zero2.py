@@ -42,7 +42,8 @@ def reference_zero2(ranks, w0: torch.Tensor, fn=sign, stored=torch.float32, up_a
     """Per step, the update ``(x_hat_before - x_hat_after) / LR`` of one flat parameter, and at the end the worker
     residuals (per rank, padded flat), the exact parameters and the copy. The uplink carries the gradients'
     elements (DeepSpeed's buckets hold no padding); the downlink, each owner's whole partition. `up_at(t)`, if given,
-    is the uplink's compressor at step t (the downlink keeps `fn`)."""
+    is the uplink's compressor at step t (the downlink keeps `fn`), or None for a dense step (auto's dense mode: the
+    mean of ``g_i + e_i``, the worker residuals emptied, and DeepSpeed's exact all-gather)."""
     W, n = len(ranks), ranks[0]["partition_size"][0]
     d = w0.numel()
     pad = lambda t: torch.cat([t, torch.zeros(W * n - d)])
@@ -52,9 +53,16 @@ def reference_zero2(ranks, w0: torch.Tensor, fn=sign, stored=torch.float32, up_a
     for t in range(len(ranks[0]["records"])):
         g = [pad(r["records"][t]["g"]["weight"]) for r in ranks]
         up = fn if up_at is None else up_at(t)
+        before = x_hat.clone()
+        if up is None:
+            avg = sum(gi + ei for gi, ei in zip(g, e)) / W
+            e = [torch.zeros_like(ei) for ei in e]
+            x = x - LR * avg
+            x_hat = x.clone()
+            updates.append(((before - x_hat) / LR)[:d])
+            continue
         avg = uplink_reference(g, e, [slice(r * n, min((r + 1) * n, d)) for r in range(W)], up, stored)
         x = x - LR * avg
-        before = x_hat.clone()
         for r in range(W):
             rows = slice(r * n, (r + 1) * n)
             x_hat[rows] += blockwise(fn, x[rows] - x_hat[rows])
@@ -104,7 +112,6 @@ LOSSLESS = {"plain": (), "overlap_comm": ("--overlap-comm",), "no-contiguous": (
             "bf16+fp32-accumulation": ("--bf16", "--fp32-accum"),
             "bf16+fp32-accumulation+no-contiguous": ("--bf16", "--fp32-accum", "--no-contiguous")}
 REFUSALS = {
-    "auto": ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-2"),
     "server_ef": ('{"server_ef": false}', "server_ef false"),
     "policy": ('{"policy": {"role:norm": "dense"}}', "a per-parameter policy"),
     "param_compressor": ('{"param_compressor": "int4"}', '"param_compressor" compresses ZeRO-3\'s parameter gathers'),
@@ -126,6 +133,8 @@ def cases(tmp_path_factory):
         "bf16-residual": ("--stage", "2", "--model", "single", "--steps", "5",
                           "--dsq", '{"guard": 0, "residual_dtype": "bf16"}'),
         "nan": ("--stage", "2", "--model", "single", "--steps", "3", "--nan-at", "2", "--dsq", '{"guard": 0}'),
+        "auto": ("--stage", "2", "--model", "single", "--steps", "10",
+                 "--dsq", '{"guard": 0, "compressor": "auto", "candidates": "sign"}'),
         **{f"lossless-{k}": ("--stage", "2", "--model", "multi", "--compressor", "none", "--steps", "3",
                              "--bucket", "64", "--dsq", '{"guard": 0}', *args) for k, args in LOSSLESS.items()},
         **{f"refused-{k}": _refusal_args(dsq) for k, (dsq, _) in REFUSALS.items()}}, worker=WORKER)
@@ -145,6 +154,33 @@ def test_zero2_bf16_residual_equals_the_reference_and_halves_its_memory(cases):
         torch.testing.assert_close(r["residual"].float(), e[i], rtol=0, atol=0)
         assert r["memory"]["worker_residual"] == 2 * r["residual"].numel()
     assert float(ranks[0]["residual"].float().abs().sum()) > 0
+
+
+def test_zero2_auto_runs_both_modes_and_loses_nothing(cases):
+    """``"compressor": "auto"`` (candidate sign) under ZeRO-2: every rank takes the same mode at every step, and in
+    10 steps auto has run both (it explores the candidate, then dense). Each step's update equals the plain-torch
+    reference run in the recorded modes: a dense step delivers the mean of ``g_i + e_i`` (the worker residuals go
+    along and are emptied) through DeepSpeed's own collectives, whose all-gather makes the copy exact; the
+    residuals and the parameters at the end equal the reference's."""
+    ranks = cases.ranks("auto")
+    modes = [rec["uplink"] for rec in ranks[0]["records"]]
+    assert all([rec["uplink"] for rec in r["records"]] == modes for r in ranks)
+    assert modes[0] == "sign" and "dense" in modes, modes
+    w0 = initial_weight()
+    updates, e, x, x_hat = reference_zero2(ranks, w0, up_at=lambda t: None if modes[t] == "dense" else sign)
+    for t, want in enumerate(updates):
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["c"]["weight"], want, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"step {t} ({modes[t]}): {m}")
+    n = ranks[0]["partition_size"][0]
+    for i, r in enumerate(ranks):
+        torch.testing.assert_close(r["residual"], e[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r["server_residuals"]["group0"], (x - x_hat)[i * n:(i + 1) * n], rtol=1e-4,
+                                   atol=1e-5)
+        first_dense = modes.index("dense")
+        assert float(r["records"][first_dense - 1]["residual"].abs().sum()) > 0      # sign left something ...
+        assert not r["records"][first_dense]["residual"].any()                      # ... the dense step sent it
+        assert r["auto_history"][0][1] == "sign" and any(m == "dense" for _, m in r["auto_history"])
 
 
 def test_zero2_quality_guard_moves_the_uplink_and_loses_nothing(torchrun, tmp_path):

@@ -29,9 +29,10 @@ def int8_block(v: torch.Tensor) -> torch.Tensor:
     return (((v64 - lo) / step).round().clamp(0, 255) * step + lo).to(v.dtype)
 
 
-def reference_zero3(ranks, x0: torch.Tensor):
+def reference_zero3(ranks, x0: torch.Tensor, dense_at=lambda t: False):
     """Per step the exact parameter after it, and the worker residuals at the end: one flat parameter of `d`
-    elements, partitions of ceil(d / W) (the owners' elements only: the last one may be short)."""
+    elements, partitions of ceil(d / W) (the owners' elements only: the last one may be short). A step where
+    `dense_at(t)` (auto's dense mode) steps on the mean of ``g_i + e_i`` and empties the residuals."""
     W, d = len(ranks), x0.numel()
     s = math.ceil(d / W)
     x = x0.clone()
@@ -39,9 +40,21 @@ def reference_zero3(ranks, x0: torch.Tensor):
     after = []
     for t in range(len(ranks[0]["records"])):
         g = [r["records"][t]["g"]["weight"] for r in ranks]
-        x = x - LR * uplink_reference(g, e, [slice(r * s, min((r + 1) * s, d)) for r in range(W)])
+        if dense_at(t):
+            x = x - LR * sum(gi + ei for gi, ei in zip(g, e)) / W
+            e = [torch.zeros(d) for _ in range(W)]
+        else:
+            x = x - LR * uplink_reference(g, e, [slice(r * s, min((r + 1) * s, d)) for r in range(W)])
         after.append(x.clone())
     return after, e
+
+
+def quantized_partitions(x: torch.Tensor, W: int) -> torch.Tensor:
+    """What the engine computes with under int8 gathers: each owner's partition (padded), int8 per block."""
+    d = x.numel()
+    s = math.ceil(d / W)
+    padded = torch.cat([x, torch.zeros(W * s - d)])
+    return torch.cat([blockwise(int8_block, padded[r * s:(r + 1) * s]) for r in range(W)])[:d]
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -51,12 +64,10 @@ def test_zero3_equals_the_plain_torch_reference_on_both_passes(tmp_path, nproc):
     the worker residuals equal the reference's; conservation; at least 1.8x fewer bytes than stock's collectives
     would move (the issue's resharded target)."""
     ranks, _ = run(tmp_path, nproc, "--steps", "4")
-    W, d = nproc, 2000
-    s = math.ceil(d / W)
+    W = nproc
     for t in range(4):
         x = ranks[0]["records"][t]["before"]["weight"]
-        padded = torch.cat([x, torch.zeros(W * s - d)])
-        want = torch.cat([blockwise(int8_block, padded[r * s:(r + 1) * s]) for r in range(W)])[:d]
+        want = quantized_partitions(x, W)
         for r in ranks:
             torch.testing.assert_close(r["records"][t]["seen"]["weight"], want, rtol=1e-5, atol=1e-6)
             assert torch.equal(r["records"][t]["before"]["weight"], x)
@@ -78,8 +89,7 @@ def test_zero3_equals_the_plain_torch_reference_on_both_passes(tmp_path, nproc):
         assert 1.8 * (t["bytes_up_sent"] + t["bytes_down_sent"]) < stock, (t, stock)
 
 
-REFUSALS = {"auto": ('{"compressor": "auto"}', "compressor 'auto' (name a compressor) under ZeRO-3"),
-            "param_compressor": ('{"param_compressor": "bogus"}', "unknown compressor 'bogus'")}
+REFUSALS = {"param_compressor": ('{"param_compressor": "bogus"}', "unknown compressor 'bogus'")}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +103,7 @@ def cases(tmp_path_factory):
         "full": ("--model", "multi", "--steps", "4", "--save-at", "2"),
         "resumed": ("--model", "multi", "--steps", "2", "--first-step", "2", "--load", tmp / "cases" / "full" / "ckpt"),
         "nan": ("--steps", "3", "--nan-at", "2"),
+        "auto": ("--steps", "10", "--dsq", '{"compressor": "auto", "candidates": "sign"}'),
         **{f"refused-{k}": ("--dsq", dsq) for k, (dsq, _) in REFUSALS.items()}},
         worker=WORKER, launcher=deepspeed_launch)
 
@@ -114,6 +125,34 @@ def test_zero3_lossless_is_stock_and_resumes_exactly_under_the_deepspeed_launche
         assert torch.equal(a["residual"], b["residual"])
         for name, p in a["records"][-1]["after"].items():
             assert torch.equal(p, b["records"][-1]["after"][name]), name
+
+
+def test_zero3_auto_runs_both_modes_and_loses_nothing(cases):
+    """``"compressor": "auto"`` (candidate sign) under ZeRO-3: the same mode on every rank at every step, both modes
+    within 10 steps. A compressed step computes with int8 gathers and steps on the sign uplink with error feedback;
+    a dense step computes with the exact parameters (DeepSpeed's own gathers) and steps on the mean of
+    ``g_i + e_i``, the residuals sent along and emptied: every step's parameters and the final residuals equal the
+    plain-torch reference run in the recorded modes."""
+    ranks = cases.ranks("auto")
+    modes = [rec["uplink"] for rec in ranks[0]["records"]]
+    assert all([rec["uplink"] for rec in r["records"]] == modes for r in ranks)
+    assert modes[0] == "sign" and "dense" in modes, modes
+    for t, mode in enumerate(modes):
+        x = ranks[0]["records"][t]["before"]["weight"]
+        want = x if mode == "dense" else quantized_partitions(x, 2)
+        for r in ranks:
+            torch.testing.assert_close(r["records"][t]["seen"]["weight"], want, rtol=1e-5, atol=1e-6)
+    after, e = reference_zero3(ranks, ranks[0]["records"][0]["before"]["weight"],
+                               dense_at=lambda t: modes[t] == "dense")
+    for t, want in enumerate(after):
+        torch.testing.assert_close(ranks[0]["records"][t]["after"]["weight"], want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"step {t} ({modes[t]}): {m}")
+    first_dense = modes.index("dense")
+    for i, r in enumerate(ranks):
+        torch.testing.assert_close(r["residual"], e[i], rtol=1e-4, atol=1e-5)
+        assert float(r["records"][first_dense - 1]["residual"].abs().sum()) > 0
+        assert not r["records"][first_dense]["residual"].any()
+        assert r["auto_history"][0][1] == "sign" and any(m == "dense" for _, m in r["auto_history"])
 
 
 @pytest.mark.parametrize("setting", list(REFUSALS))
