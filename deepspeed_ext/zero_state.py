@@ -21,7 +21,7 @@ import torch
 
 from dsq_plugins.compression.registry import get_compressor
 from dsq_plugins.config import DoubleSqueezeConfig
-from dsq_plugins.engine.auto import DENSE, AutoTuner
+from dsq_plugins.engine.auto import DENSE, AutoTuner, time_all_reduce
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.guard import QualityGuard
 from dsq_plugins.engine.sharded import IndexedReduceScatter
@@ -136,13 +136,7 @@ class ShardedZeroState:
         return [v / self.world_size for v in self._sum_over_ranks(values)]
 
     def _time_all_reduce(self, nbytes: int) -> float:
-        """Seconds of a blocking all-reduce of `nbytes` (auto's probe of the link)."""
-        buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=self.residual.device)
-        t0 = time.perf_counter()
-        self.comm.all_reduce_sum(buf)
-        if buf.device.type == "cuda":
-            torch.cuda.synchronize(buf.device)
-        return time.perf_counter() - t0
+        return time_all_reduce(self.comm, nbytes, self.residual.device)
 
     def _start_reduction(self) -> None:
         """Before each bucket reduction, compressed or dense: at the step's first, the loss scale's units and the

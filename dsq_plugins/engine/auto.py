@@ -34,10 +34,24 @@ import statistics
 import time
 from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
-__all__ = ["AutoTuner", "DENSE", "MIXED"]
+__all__ = ["AutoTuner", "DENSE", "MIXED", "time_all_reduce"]
 
 DENSE = "dense"
 MIXED = "mixed"
+
+
+def time_all_reduce(comm, nbytes: int, device) -> float:
+    """Seconds of a blocking all-reduce of `nbytes` on `comm` (a `Communicator`): auto's probe of the link."""
+    import torch
+    buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    cuda = buf.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(buf.device)
+    t0 = time.perf_counter()
+    comm.all_reduce_sum(buf)
+    if cuda:
+        torch.cuda.synchronize(buf.device)
+    return time.perf_counter() - t0
 
 
 class AutoTuner:

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from ..compression import fastpath
-from .auto import AutoTuner, DENSE, MIXED
+from .auto import AutoTuner, DENSE, MIXED, time_all_reduce
 from .communicator import Communicator, ProcessGroupUnavailable
 from ..config import DoubleSqueezeConfig
 from ..compression.registry import get_compressor
@@ -344,15 +344,7 @@ class DoubleSqueezeCollective:
 
     def _time_all_reduce(self, nbytes: int, device) -> float:
         """Seconds of a blocking all-reduce of `nbytes` (auto's probe of the link)."""
-        buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
-        cuda = buf.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(buf.device)
-        t0 = now()
-        self.comm.all_reduce_sum(buf)
-        if cuda:
-            torch.cuda.synchronize(buf.device)
-        return now() - t0
+        return time_all_reduce(self.comm, nbytes, device)
 
     def _groups(self, keys, tensors):
         """(the bucket's compressor spec or None, [(spec, positions, dense flags)]): the bucket's tensors grouped

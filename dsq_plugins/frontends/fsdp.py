@@ -33,7 +33,6 @@ drift), parameters not sharded on dim 0.
 """
 import enum
 import functools
-import time
 import warnings
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -46,7 +45,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..compression.registry import get_compressor
 from ..config import DoubleSqueezeConfig
-from ..engine.auto import AutoTuner
+from ..engine.auto import AutoTuner, time_all_reduce
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
 from ..engine.sharded import CompressedReduceScatter, DeltaAllGather, QuantizedAllGather
@@ -253,10 +252,7 @@ class FSDPDoubleSqueezeState:
                     return (comm.all_reduce_sum(t) / W).tolist()
 
                 def probe(nbytes):
-                    buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
-                    t0 = time.perf_counter()
-                    comm.all_reduce_sum(buf)
-                    return time.perf_counter() - t0
+                    return time_all_reduce(comm, nbytes, device)
                 self.auto.on_step_start(self.step, self.auto.clock(), sync, probe if W > 1 else None)
         spec = self._spec_for(unit)
         if spec is not None and self.auto is not None:
