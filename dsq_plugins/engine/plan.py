@@ -33,12 +33,13 @@ import torch
 from ..compression.compressors import Compressor
 from .kinds import Pass, TailSlots
 
-__all__ = ["BucketPlan", "WireLayout", "Span", "owner_offset", "owned_blocks", "expand_owned", "residual_dtype"]
+__all__ = ["BucketPlan", "WireLayout", "Span", "owner_offset", "owned_blocks", "expand_owned",
+           "residual_dtype_for"]
 
 UPLINK_HEADER = 8       # bytes in front of every uplink message; byte 0 is the sender's non-finite flag
 
 
-def residual_dtype(dtype: torch.dtype) -> torch.dtype:
+def residual_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The dtype a bucket of `dtype` gradients keeps its residuals and computes ``g + e`` in: float32 for 16-bit
     gradients (a bfloat16 residual would round away, every step, the small values error feedback exists to send
     later), else the gradients' own."""
@@ -89,7 +90,7 @@ class BucketPlan:
         keys, numels: the tensors, in the order the integration passes them.
         dense: per tensor, whether it travels dense this step.
         dtype, device: of every tensor (the wire carries `dtype`; residuals and sums are in `compute_dtype`,
-            `residual_dtype(dtype)`).
+            `residual_dtype_for(dtype)`).
         world_size, rank: the process group's.
         block_size: B.
         chunk_elements: full rows are processed this many elements at a time (temporaries stay in cache).
@@ -99,7 +100,7 @@ class BucketPlan:
                  device: torch.device, world_size: int, rank: int, block_size: int, chunk_elements: int):
         self.keys, self.numels = list(keys), list(numels)
         self.dtype, self.device = dtype, torch.device(device)
-        self.compute_dtype = residual_dtype(dtype)
+        self.compute_dtype = residual_dtype_for(dtype)
         self.low_precision = self.compute_dtype != dtype
         self.world_size, self.rank, self.block_size = world_size, rank, block_size
         B, W = block_size, world_size

@@ -35,6 +35,7 @@ from ..compression.compressors import Compressor
 from ..monitoring.monitor import RoundStats
 from .codec import BlockCodec
 from .communicator import Communicator
+from .plan import residual_dtype_for
 
 __all__ = ["CompressedReduceScatter", "DeltaAllGather", "IndexedReduceScatter", "QuantizedAllGather", "HEADER",
            "exchange_delta", "frame_seed"]
@@ -59,8 +60,10 @@ class CompressedReduceScatter:
         block_size: elements per block.
         key: the unit's number (seeds).
         worker_ef: keep ``e_i`` (False: compress ``g_i`` alone).
-        residual_dtype: dtype of ``e_i`` (None: the gradients' reduce dtype). A narrower one (bfloat16 under float32
-            gradients) halves its memory; the compensation runs in the gradients' dtype.
+        residual_dtype: dtype of ``e_i`` (None: float32 for 16-bit gradients, else the gradients' reduce dtype). A
+            narrower one (bfloat16 under float32 gradients) halves its memory. The compensation ``g + e`` runs in
+            float32 for 16-bit gradients (then rounded to their dtype to be compressed: the rounding stays in the
+            residual), else in the gradients' dtype.
         seed: base seed.
     """
 
@@ -83,11 +86,12 @@ class CompressedReduceScatter:
             self.residual.zero_()
 
     def _buffers(self, W: int, n: int, dtype: torch.dtype, device) -> None:
-        rdtype = self.residual_dtype or dtype
+        cdtype = residual_dtype_for(dtype)
+        rdtype = self.residual_dtype or cdtype
         if self.residual is None or self.residual.shape != (W, n) or self.residual.dtype != rdtype:
             self.residual = torch.zeros(W, n, dtype=rdtype, device=device)
-        if self._left is None or self._left.shape != (W, n) or self._left.dtype != dtype:
-            self._left = torch.zeros(W, n, dtype=dtype, device=device)
+        if self._left is None or self._left.shape != (W, n) or self._left.dtype != cdtype:
+            self._left = torch.zeros(W, n, dtype=cdtype, device=device)
 
     def __call__(self, comm: Communicator, inp: torch.Tensor, out: torch.Tensor, average: bool, step: int,
                  stats: RoundStats) -> torch.Tensor:
@@ -110,11 +114,11 @@ class CompressedReduceScatter:
             seed = frame_seed(self.seed, self.key, step, me, r)
             if not self.worker_ef:
                 frame, _ = self.codec.encode(rows[r], seed)
-            elif e.dtype == dtype:
+            elif e.dtype == dtype == left.dtype:
                 frame = self.codec.encode_residual(rows[r], e[r], left[r], seed)
-            else:
-                compensated = torch.add(rows[r], e[r].to(dtype), out=left[r])
-                frame, decoded = self.codec.encode(compensated, seed)
+            else:                          # v = g + e in left's dtype, compressed as the gradients' dtype
+                compensated = left[r].copy_(rows[r]).add_(e[r])
+                frame, decoded = self.codec.encode(compensated.to(dtype), seed)
                 left[r].sub_(decoded)
             send[k, HEADER:] = frame
         stats.compress_seconds += time.perf_counter() - t0

@@ -48,6 +48,7 @@ from ..config import DoubleSqueezeConfig
 from ..engine.auto import AutoTuner, time_all_reduce
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import TorchDistributedCommunicator
+from ..engine.plan import residual_dtype_for
 from ..engine.sharded import CompressedReduceScatter, DeltaAllGather, QuantizedAllGather
 from ..monitoring.monitor import Monitor, RoundStats
 
@@ -505,7 +506,7 @@ class FSDPDoubleSqueezeState:
                 if isinstance(u.downlink, DeltaAllGather):
                     u.downlink.load_row(exact[u.name]["replica"].to(self._device(u)).clone())
                 continue
-            full = torch.zeros(W, n, dtype=self._dtype(u), device=self._device(u))
+            full = torch.zeros(W, n, dtype=self._residual_dtype(u), device=self._device(u))
             for pc in pieces:
                 value = sd["worker_mean"][u.name][pc.name]
                 value = value.full_tensor() if isinstance(value, DTensor) else value
@@ -534,6 +535,11 @@ class FSDPDoubleSqueezeState:
         if u.uplink.residual is not None:
             return u.uplink.residual.dtype
         return self.residual_dtype or u.params[0].dtype
+
+    def _residual_dtype(self, u: _Unit) -> torch.dtype:
+        if u.uplink.residual is not None:
+            return u.uplink.residual.dtype
+        return self.residual_dtype or residual_dtype_for(u.params[0].dtype)
 
     @staticmethod
     def _device(u: _Unit) -> torch.device:
@@ -598,7 +604,8 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         monitor: optional `Monitor` (e.g. `TensorBoardMonitor`).
         downlink: a `Downlink` (or its value); default: ``DELTA`` if no unit reshards after forward, else
             ``QUANTIZED``.
-        residual_dtype: dtype of the worker residuals (default: the gradients' reduce dtype).
+        residual_dtype: dtype of the worker residuals (default: float32 for 16-bit gradients, e.g. a
+            `MixedPrecisionPolicy` reducing in bfloat16, else the gradients' reduce dtype).
         param_compressor: the compressor of ``QUANTIZED`` all-gathers (default ``"int8"``).
         replicate_group: HSDP: the process group of this rank's replicas (the ranks holding the same shard): the
             all-reduce across it becomes the double pass; FSDP's own collectives inside the node stay as they are
