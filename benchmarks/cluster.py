@@ -35,7 +35,8 @@ steps; SGD, lr 0.01):
     ds-dsq-sign      deepspeed_ext.initialize with {"doublesqueeze": {"enabled": true, "compressor": "sign"}}
     ds-zN-stock      DeepSpeed ZeRO stage N (2: overlap_comm and contiguous_gradients on; 3: DeepSpeed's defaults)
     ds-zN-dsq-SPEC   the same with {"doublesqueeze": {"enabled": true, "compressor": SPEC}} (ZeRO-3: int8 parameter
-                     gathers); compared with ds-zN-stock, with DoubleSqueeze's persistent bytes per rank
+                     gathers); compared with ds-zN-stock, with DoubleSqueeze's persistent bytes per rank; SPEC auto
+                     adapts each phase, as dsq-auto
     fsdp-stock       FSDP2: fully_shard on each Linear (reshard_after_forward=False) and on the model
     fsdp-stock-reshard   the same with the Linears resharded after forward (ZeRO-3-like: two gathers per step)
     fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign,
@@ -279,6 +280,7 @@ def worker(args) -> None:
                                                    optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
         rank = engine.global_rank
         barrier = dist.barrier
+        tuner = getattr(getattr(engine, "doublesqueeze", None), "auto", None)
         if getattr(engine, "doublesqueeze", None) is not None and stage < 2:
             _instrument(engine.doublesqueeze, acc)
 
