@@ -476,11 +476,11 @@ class FSDPDoubleSqueezeState:
                 pieces, n = u.pieces(W)
                 e = u.uplink.residual
                 entry = {"worker": e.detach().clone() if e is not None and checkpoint_id is None
-                         else torch.zeros(W, n, dtype=self._dtype(u), device=self._device(u))}
+                         else torch.zeros(W, n, dtype=self._residual_dtype(u), device=self._device(u))}
                 if isinstance(u.downlink, DeltaAllGather):
                     m = u.downlink.mine
                     entry["replica"] = (m.detach().clone() if m is not None and checkpoint_id is None
-                                        else torch.zeros(n, dtype=self._dtype(u), device=self._device(u)))
+                                        else torch.zeros(n, dtype=self._row_dtype(u), device=self._device(u)))
                 mine[u.name] = entry
             sd[f"exact_w{W}"] = {f"rank{rank}": mine}
         return sd
@@ -515,7 +515,7 @@ class FSDPDoubleSqueezeState:
                 full[:, pc.offset:pc.offset + pc.rows * pc.width] = padded.view(W, -1)
             u.uplink.residual = full
             if isinstance(u.downlink, DeltaAllGather):
-                row = torch.zeros(n, dtype=self._dtype(u), device=self._device(u))
+                row = torch.zeros(n, dtype=self._row_dtype(u), device=self._device(u))
                 for pc in pieces:
                     k = pc.local_rows(rank) * pc.width
                     if k:
@@ -531,15 +531,17 @@ class FSDPDoubleSqueezeState:
             return dist.get_world_size(), dist.get_rank()
         return mesh.size(), mesh.get_local_rank()
 
-    def _dtype(self, u: _Unit) -> torch.dtype:
-        if u.uplink.residual is not None:
-            return u.uplink.residual.dtype
-        return self.residual_dtype or u.params[0].dtype
-
     def _residual_dtype(self, u: _Unit) -> torch.dtype:
+        """The dtype of `u`'s worker residual (`CompressedReduceScatter`'s choice where it has none yet)."""
         if u.uplink.residual is not None:
             return u.uplink.residual.dtype
         return self.residual_dtype or residual_dtype_for(u.params[0].dtype)
+
+    @staticmethod
+    def _row_dtype(u: _Unit) -> torch.dtype:
+        """The dtype of `u`'s replica row (the parameters' as gathered)."""
+        mine = getattr(u.downlink, "mine", None)
+        return mine.dtype if mine is not None else u.params[0].dtype
 
     @staticmethod
     def _device(u: _Unit) -> torch.device:
@@ -549,14 +551,14 @@ class FSDPDoubleSqueezeState:
         """This rank's row of the mean over ranks of the worker residuals (one reduce-scatter)."""
         e = u.uplink.residual
         if e is None:
-            e = torch.zeros(W, n, dtype=self._dtype(u), device=self._device(u))
+            e = torch.zeros(W, n, dtype=self._residual_dtype(u), device=self._device(u))
         row = torch.empty(n, dtype=e.dtype, device=e.device)
         dist.reduce_scatter_tensor(row, e.contiguous().view(-1), op=dist.ReduceOp.SUM, group=u.mesh().get_group())
         return row.div_(W)
 
     def _owner_residual_row(self, u: _Unit, pieces: List[_Piece], rank: int, n: int) -> torch.Tensor:
         """``x - x_hat`` of this rank's row (zero where it has no copy yet)."""
-        row = torch.zeros(n, dtype=self._dtype(u), device=self._device(u))
+        row = torch.zeros(n, dtype=self._row_dtype(u), device=self._device(u))
         mine = u.downlink.mine
         if mine is None:
             return row
