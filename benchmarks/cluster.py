@@ -105,7 +105,7 @@ ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", 
                "dsq-topk:0.01+int4", "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock",
                "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
                "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto",
-               "ds-z2-stock", "ds-z2-dsq-sign", "ds-z3-stock", "ds-z3-dsq-sign")
+               "ds-z2-stock", "ds-z2-dsq-sign", "ds-z2-dsq-auto", "ds-z3-stock", "ds-z3-dsq-sign", "ds-z3-dsq-auto")
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
 

@@ -159,7 +159,7 @@ class ShardedZeroState:
         self.uplink_mode = self.uplink.codec.spec
         if self.auto is not None:
             self.auto.record(self.auto.measuring, GUARD_KEY, self._round.compress_seconds - before[1],
-                             self._round.bytes_sent - before[0], self._ring_bytes(flat))
+                             self._round.bytes_sent - before[0], self._ring_bytes(flat.numel(), flat.element_size()))
         return out
 
     def needs_flush(self) -> bool:
@@ -180,7 +180,7 @@ class ShardedZeroState:
         self._round.dense_bytes += nbytes
         self._round.payload_bytes += nbytes
         if self.auto is not None and not self.warming_up():
-            self.auto.record(self.auto.measuring, GUARD_KEY, 0.0, nbytes, 2 * (W - 1) * numel * itemsize // W)
+            self.auto.record(self.auto.measuring, GUARD_KEY, 0.0, nbytes, self._ring_bytes(numel, itemsize))
 
     def flush_into(self, flat: torch.Tensor, layout: BucketLayout) -> None:
         """Add the worker residual of the bucket's elements, every owner's, to `flat` (the bucket DeepSpeed is about
@@ -192,10 +192,10 @@ class ShardedZeroState:
                 self.residual[position] = 0
         self._round.compress_seconds += time.perf_counter() - t0
 
-    def _ring_bytes(self, flat: torch.Tensor) -> int:
-        """What a ring all-reduce of the bucket sends per rank (auto's dense reference)."""
+    def _ring_bytes(self, numel: int, itemsize: int) -> int:
+        """What a ring all-reduce of a bucket sends per rank (auto's dense reference)."""
         W = self.world_size
-        return 2 * (W - 1) * flat.numel() * flat.element_size() // W
+        return 2 * (W - 1) * numel * itemsize // W
 
     # -- the quality guard (module docstring) ---------------------------------------------------------------------
     def _guard_step_start(self) -> None:
