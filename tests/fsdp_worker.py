@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import dsq_plugins as dsq
 import dsq_plugins.fsdp as dsq_fsdp
@@ -42,6 +42,11 @@ def initial(name: str) -> torch.Tensor:
     return torch.randn(SHAPES[name], generator=g)
 
 
+def term(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One parameter's part of the loss (its gradient: ``A * p + c``, in the dtype the forward computes in)."""
+    return 0.5 * A * (p * p).sum() + (p * c).sum()
+
+
 class Leaf(nn.Module):
     def __init__(self, prefix, names):
         super().__init__()
@@ -52,8 +57,7 @@ class Leaf(nn.Module):
     def forward(self, cs):
         out = 0
         for full in self.names:
-            p = getattr(self, full.split(".")[1])
-            out = out + 0.5 * A * (p * p).sum() + (p * cs[full]).sum()
+            out = out + term(getattr(self, full.split(".")[1]), cs[full])
         return out
 
 
@@ -65,7 +69,7 @@ class Root(nn.Module):
         self.own = nn.Parameter(initial("own"))
 
     def forward(self, cs):
-        return self.a(cs) + self.b(cs) + 0.5 * A * (self.own * self.own).sum() + (self.own * cs["own"]).sum()
+        return self.a(cs) + self.b(cs) + term(self.own, cs["own"])
 
 
 def refusals(out: Path) -> None:
@@ -107,8 +111,9 @@ def refusals(out: Path) -> None:
 def run(args, token: str, out: Path) -> None:
     """One run: `token` is the downlink ('delta', 'quantized', 'dense'; 'off': plain FSDP2; 'hsdp') with options
     '+reshard' (reshard_after_forward=True), '+nanT' (rank 1 gets a NaN gradient in unit a at step T) and '+dcp'
-    (save and resume with torch.distributed.checkpoint, as --dcp), '+stepsN' (N steps instead of --steps); 'auto'
-    and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
+    (save and resume with torch.distributed.checkpoint, as --dcp), '+stepsN' (N steps instead of --steps),
+    '+bf16' (`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=bfloat16)`: float32 shards, their gathers
+    and gradient reductions in bfloat16); 'auto' and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
     downlink, *opts = token.split("+")
     reshard = "reshard" in opts
     nan_step = next((int(o[3:]) for o in opts if o.startswith("nan")), -1)
@@ -121,8 +126,10 @@ def run(args, token: str, out: Path) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         both = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
         mesh, replicate = both["shard"], both["replicate"].get_group()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) if "bf16" in opts \
+        else MixedPrecisionPolicy()
     for unit in (model.a, model.b, model):
-        fully_shard(unit, reshard_after_forward=reshard, mesh=mesh)
+        fully_shard(unit, reshard_after_forward=reshard, mesh=mesh, mp_policy=mp)
     compressor = "auto" if downlink.startswith("auto") else args.compressor
     config = dsq.DoubleSqueezeConfig(compressor=compressor, block_size=16, min_numel=0, guard=0.0,
                                      candidates=args.compressor if compressor == "auto" else None)

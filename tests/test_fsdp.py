@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .conftest import ROOT, launch, load_ranks
-from .fsdp_worker import A, LR, SHAPES, coefficients, initial
+from .fsdp_worker import A, LR, SHAPES, coefficients, initial, term
 from .reference import sign
 
 UNITS = {"<root>": ["own"], "a": ["a.w", "a.b"], "b": ["b.w"]}
@@ -52,13 +52,25 @@ def int8(x):
     return lo + torch.round((x - lo) / step).clamp(0, 255) * step
 
 
-class Reference:
-    """The algorithm of dsq_plugins/engine/sharded.py in plain torch, for every rank at once."""
+def gradient(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The gradient of the worker's loss term at the parameters `p` the forward used, in their dtype: ``A * p + c``
+    in float32; in 16 bits, autograd's own ops on the term (the mixed-precision forward casts `c` too)."""
+    if p.dtype == torch.float32:
+        return A * p + c
+    leaf = p.detach().clone().requires_grad_()
+    term(leaf, c.to(p.dtype)).backward()
+    return leaf.grad
 
-    def __init__(self, downlink):
-        self.downlink = downlink
+
+class Reference:
+    """The algorithm of dsq_plugins/engine/sharded.py in plain torch, for every rank at once. With a 16-bit `dtype`
+    (FSDP2's `MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)`), the shards stay float32 and so does the
+    worker residual; the copies, the gradients, the wire and the owner's sum are in `dtype`."""
+
+    def __init__(self, downlink, dtype=torch.float32):
+        self.downlink, self.dtype = downlink, dtype
         self.x = {u: to_rows([initial(n) for n in names]) for u, names in UNITS.items()}
-        self.x_hat = {u: x.clone() for u, x in self.x.items()}
+        self.x_hat = {u: x.to(dtype, copy=True) for u, x in self.x.items()}
         self.e = {u: torch.zeros(W, *x.shape) for u, x in self.x.items()}
         # FSDP's padding takes no update: the optimizer sees the sharded parameters without it
         self.real = {u: to_rows([torch.ones(SHAPES[n]) for n in names]) for u, names in UNITS.items()}
@@ -68,7 +80,7 @@ class Reference:
             return self.x_hat[u]
         if self.downlink == "quantized":
             return torch.stack([blockwise(int8, row) for row in self.x[u]])
-        return self.x[u]
+        return self.x[u].to(self.dtype)
 
     def step(self, t, dense=()):
         """Step t: the gather (from step 1 on, the owners' deltas), the forward and backward on what was
@@ -76,13 +88,14 @@ class Reference:
         choice): the gather is exact, the reduction sends every residual along, and the residuals are zero."""
         for u, names in UNITS.items():
             if self.downlink == "delta" and u in dense:
-                self.x_hat[u] = self.x[u].clone()
+                self.x_hat[u] = self.x[u].to(self.dtype, copy=True)
             elif self.downlink == "delta" and t > 0:
                 for r in range(W):
-                    self.x_hat[u][r] += blockwise(sign, self.x[u][r] - self.x_hat[u][r])
+                    self.x_hat[u][r] += blockwise(sign, self.x[u][r].to(self.dtype) - self.x_hat[u][r])
             shapes = [SHAPES[n] for n in names]
             used = from_rows(self.used(u), shapes)
-            grads = [to_rows([A * p + coefficients(i, t, n) for p, n in zip(used, names)]) for i in range(W)]
+            grads = [to_rows([gradient(p, coefficients(i, t, n)) for p, n in zip(used, names)]).to(self.dtype)
+                     for i in range(W)]
             if u in dense:
                 for r in range(W):
                     total = sum(grads[i][r] + self.e[u][i, r] for i in range(W))
@@ -93,11 +106,11 @@ class Reference:
                 total = grads[r][r].clone()
                 for i in range(W):
                     if i != r:
-                        v = grads[i][r] + self.e[u][i, r]
-                        c = blockwise(sign, v)
-                        self.e[u][i, r] = v - c
+                        v = grads[i][r].float() + self.e[u][i, r]
+                        c = blockwise(sign, v.to(self.dtype))
+                        self.e[u][i, r] = v - c.float()
                         total += c
-                self.x[u][r] -= LR * total / W * self.real[u][r]
+                self.x[u][r] -= LR * (total / W).float() * self.real[u][r]
 
     def params(self):
         out = {}
@@ -108,7 +121,7 @@ class Reference:
 
 STEPS = 5
 RUNS = ["refusals", "delta", "delta+reshard", "quantized+reshard", "dense", "delta+nan2", "delta+dcp",
-        "auto+steps12"]
+        "auto+steps12", "delta+bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -120,15 +133,17 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("run", ["delta", "delta+reshard", "quantized+reshard", "dense"])
+@pytest.mark.parametrize("run", ["delta", "delta+reshard", "quantized+reshard", "dense", "delta+bf16"])
 def test_fsdp2_equals_plain_torch_reference(runs, run):
     """Each step's parameters, each rank's worker residuals and (delta) the replicas every rank computes with
     equal the plain-torch reference; the forward used the replicas (delta) or the int8 parameters (quantized).
-    With reshard_after_forward the backward's second gather of a unit sends nothing and changes nothing."""
+    With reshard_after_forward the backward's second gather of a unit sends nothing and changes nothing. Under
+    bf16 mixed precision the replicas are bf16 and the worker residuals float32 (what bf16 would round away, kept)."""
     downlink = run.split("+")[0]
+    dtype = torch.bfloat16 if "bf16" in run else torch.float32
     steps = STEPS
     ranks = load_ranks(runs / run, W)
-    ref = Reference(downlink)
+    ref = Reference(downlink, dtype)
     for t in range(steps):
         ref.step(t)
         for i, rank in enumerate(ranks):
@@ -138,13 +153,18 @@ def test_fsdp2_equals_plain_torch_reference(runs, run):
                 torch.testing.assert_close(rec["params"][name], p, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"step {t} rank {i} {name}: {m}")
             for u in UNITS:
+                assert rec["worker"][u].dtype == torch.float32
                 expected = ref.e[u][i].clone()
                 expected[i] = 0
                 torch.testing.assert_close(rec["worker"][u], expected, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"step {t} rank {i} worker residual of {u}: {m}")
                 if downlink == "delta":
+                    assert rec["replicas"][u].dtype == dtype
                     torch.testing.assert_close(rec["replicas"][u], ref.x_hat[u].view(-1), rtol=1e-5, atol=1e-6,
                                                msg=lambda m: f"step {t} rank {i} replica of {u}: {m}")
+    if dtype != torch.float32:       # the worker residuals hold what the gradients' dtype cannot
+        last = ranks[0]["records"][-1]["worker"]
+        assert any(not torch.equal(e, e.to(dtype).float()) for e in last.values())
     # the conservation law of the downlink: exact parameters = replica + the owner's residual, and the residual
     # is not everything (the replicas moved)
     if downlink == "delta":
