@@ -29,9 +29,11 @@ DeepSpeed does not scale the loss there (deepspeedai/DeepSpeed#8393).
 
 Checkpoints: `engine.save_checkpoint` also writes ``doublesqueeze_rank_XXXXX.pt`` per rank in the tag's
 folder (before DeepSpeed writes `latest`), and `engine.load_checkpoint` reads it back. A checkpoint from another
-world size (DeepSpeed loads one at ZeRO 0 only) is resumed from every rank's file with the residuals' mass kept
-(`dsq_plugins.engine.reshard`); one without the files starts the residuals from zero with a warning; one from
-another DoubleSqueeze config is refused.
+world size (DeepSpeed loads one at ZeRO 0, and at every stage a universal checkpoint, ``"checkpoint":
+{"load_universal": true}``, made by ``ds_to_universal`` with the files copied beside it) is resumed from every
+rank's file with the residuals' mass kept (`dsq_plugins.engine.reshard` at ZeRO 0/1,
+`ShardedZeroState.load_resharded` at ZeRO-2/3); one without the files starts the residuals from zero with a
+warning; one from another DoubleSqueeze config is refused.
 """
 import functools
 import glob
@@ -244,18 +246,24 @@ def _wrap_checkpoints(engine) -> None:
         sd = torch.load(path, weights_only=False) if os.path.isfile(path) else None
         every = sorted(glob.glob(os.path.join(folder, _FILE.replace("{:05d}", "*"))))
         if sd is not None and sd.get("world_size") == dsq.world_size:
-            pass
-        elif every and isinstance(dsq, DoubleSqueezeCollective):
-            # another number of ranks (DeepSpeed allows it at ZeRO 0): every rank's file, the mass kept
-            sd = reshard_state_dicts([torch.load(f, weights_only=False) for f in every], dsq.world_size, dsq.rank)
+            dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
+        elif every:
+            # another number of ranks (DeepSpeed loads one at ZeRO 0, and at any stage from a universal
+            # checkpoint): every rank's file, the residuals' mass kept
+            saved = [torch.load(f, weights_only=False) for f in every]
+            if isinstance(dsq, DoubleSqueezeCollective):
+                sd = reshard_state_dicts(saved, dsq.world_size, dsq.rank)
+                dsq.load_state_dict(sd)
+            else:
+                dsq.load_resharded(saved)
+                sd = saved[0]
         else:
-            found = ("no DoubleSqueeze state" if not every else
-                     "ZeRO-2/3 residuals of another world size (they resume on as many ranks only)")
-            warnings.warn(f"checkpoint {folder} has {found} for this rank ({dsq.rank} of {dsq.world_size}): "
-                          f"DoubleSqueeze residuals start from zero")
+            warnings.warn(f"checkpoint {folder} has no DoubleSqueeze state for this rank ({dsq.rank} of "
+                          f"{dsq.world_size}): DoubleSqueeze residuals start from zero (a universal checkpoint made "
+                          f"by ds_to_universal: copy the {_FILE.replace('{:05d}', '*')} files of the checkpoint it "
+                          f"was converted from into {folder})")
             dsq.reset_residuals()
             return load_path, client_state
-        dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
         if units is not None:
             units.scale = sd.get("loss_scale_units")
         return load_path, client_state

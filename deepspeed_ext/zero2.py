@@ -211,8 +211,27 @@ class ZeroTwoState(ShardedZeroState):
         return {"worker_residual": self.residual.numel() * self.residual.element_size(),
                 "replica_rows": sum(r.numel() * r.element_size() for r in self.replica_rows)}
 
+    def residual_spans(self) -> List[Tuple[int, int]]:
+        """Per parameter group, its flat buffer's real elements (the padding to a multiple of the ranks after)."""
+        return [(self._base[g], sum(p.numel() for p in params))
+                for g, params in enumerate(self.optimizer.bit16_groups)]
+
     def state_dict(self) -> dict:
         return dict(super().state_dict(), replica_rows=[r.clone() for r in self.replica_rows])
+
+    def load_resharded(self, saved) -> None:
+        """As `ShardedZeroState.load_resharded`; the copy of the parameters every rank computes with is the saved
+        one (the saved ranks' rows, one after another, cut into this world's partitions), so the owners'
+        residuals ``x - x_hat`` against the exact parameters DeepSpeed loaded keep their mass too. Every rank reads
+        every saved row: no collective."""
+        super().load_resharded(saved)
+        old = sorted(saved, key=lambda sd: sd["rank"])
+        for g, ((_, real), mine) in enumerate(zip(self.residual_spans(), self.replica_rows)):
+            full = torch.cat([sd["replica_rows"][g].reshape(-1) for sd in old])[:real]
+            flat = self.optimizer.bit16_groups_flat[g].data.view(-1)
+            flat[:real].copy_(full.to(flat.device, flat.dtype))
+            mine.copy_(self.optimizer.parallel_partitioned_bit16_groups[g][self.rank].data)
+            self.optimizer._update_model_bit16_weights(g)
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict` of the same rank and world size: residuals, step, and every rank's copy

@@ -29,7 +29,7 @@ installed engine is inside forward or backward and hands every other call to Dee
 import functools
 import math
 import types
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -189,14 +189,18 @@ class ZeroThreeState(ShardedZeroState):
     def memory_report(self) -> Dict[str, int]:
         return {"worker_residual": self.residual.numel() * self.residual.element_size()}
 
+    def residual_spans(self) -> List[Tuple[int, int]]:
+        """One span: every parameter's flat form, one after another (no padding)."""
+        return [(0, self.residual.numel())]
+
     def state_dict(self) -> dict:
         return dict(super().state_dict(), param_compressor=self.param_compressor)
 
-    def load_state_dict(self, sd: dict) -> None:
+    def _check_origin(self, sd: dict) -> None:
+        super()._check_origin(sd)
         if sd.get("param_compressor") != self.param_compressor:
             raise ValueError(f"checkpoint was written with param_compressor {sd.get('param_compressor')!r}, this "
                              f"run uses {self.param_compressor!r}")
-        super().load_state_dict(sd)
 
 
 def attach(engine, state: ZeroThreeState) -> None:

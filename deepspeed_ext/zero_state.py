@@ -15,7 +15,7 @@ step is a warm-up step: DeepSpeed's own collectives, exact, with the worker resi
 time (each bucket's elements, for every owner; then zeroed) and, under ZeRO-2, the copy made exact by DeepSpeed's
 all-gather: nothing is lost in the switch either way. ``uplink_mode`` says what the step that ran last used."""
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ from dsq_plugins.config import DoubleSqueezeConfig
 from dsq_plugins.engine.auto import DENSE, AutoTuner, time_all_reduce
 from dsq_plugins.engine.communicator import TorchDistributedCommunicator
 from dsq_plugins.engine.guard import QualityGuard
+from dsq_plugins.engine.reshard import complete_run
 from dsq_plugins.engine.sharded import IndexedReduceScatter
 from dsq_plugins.monitoring.monitor import Monitor, RoundStats
 
@@ -277,26 +278,60 @@ class ShardedZeroState:
         self.residual.zero_()
         self._residual_live = False
 
+    def residual_spans(self) -> List[Tuple[int, int]]:
+        """Where the residual's elements are: ``(start, numel)`` per span, the spans holding the parameters'
+        elements one after another in an order that does not depend on the number of ranks; anything else in the
+        residual is padding (always zero)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict:
         return {"format": self.FORMAT, "world_size": self.world_size, "rank": self.rank, "step": self.step,
                 "skipped_steps": self.skipped_steps, "config": self.config.to_dict(),
-                "residual": self.residual.clone(), "totals": self._totals.as_dict(),
+                "residual": self.residual.clone(), "spans": self.residual_spans(), "totals": self._totals.as_dict(),
                 "guard": None if self.guard is None else self.guard.state_dict(),
                 "auto": None if self.auto is None else self.auto.state_dict()}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Resume from `state_dict` of the same rank, world size and config: the residual, step and counters."""
+    def _check_origin(self, sd: dict) -> None:
         if sd.get("format") != self.FORMAT:
             raise ValueError(f"not this DoubleSqueeze state (format {sd.get('format')!r}, expected {self.FORMAT!r})")
-        if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
-            raise ValueError(f"state of rank {sd['rank']} of {sd['world_size']} loaded on rank {self.rank} of "
-                             f"{self.world_size}")
         differ = [k for k, v in self.config.to_dict().items() if sd["config"].get(k) != v]
         if differ:
             raise ValueError(f"checkpoint was written with another DoubleSqueeze config (differs in {differ})")
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from `state_dict` of the same rank, world size and config: the residual, step and counters."""
+        self._check_origin(sd)
+        if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
+            raise ValueError(f"state of rank {sd['rank']} of {sd['world_size']} loaded on rank {self.rank} of "
+                             f"{self.world_size}")
         if sd["residual"].shape != self.residual.shape:
             raise ValueError(f"residual of {tuple(sd['residual'].shape)} for this model's {tuple(self.residual.shape)}")
         self.residual.copy_(sd["residual"])
+        self._load_progress(sd)
+
+    def load_resharded(self, saved: Sequence[dict]) -> None:
+        """Resume from every rank's `state_dict` of a run saved on another number of ranks (DeepSpeed's universal
+        checkpoint), the residual's mass kept: every rank's worker residual becomes the saved ranks' mean, element
+        by element along `residual_spans`, so the mean over ranks, what the conservation law holds, is the saved
+        one; what a rank now owns of it goes out with its next reduction, the rest compressed as ever. The step,
+        the counters and the states of auto and the guard (the same on every rank) come from the saved rank 0."""
+        old = complete_run(saved)
+        for sd in old:
+            self._check_origin(sd)
+        spans, mine = old[0].get("spans"), self.residual_spans()
+        if spans is None:
+            raise ValueError("the saved states do not say where their residual's elements are (saved by a version "
+                             "without 'spans'): they resume on as many ranks only")
+        if [n for _, n in spans] != [n for _, n in mine]:
+            raise ValueError(f"the saved residual holds spans of {[n for _, n in spans]} elements, this model's "
+                             f"{[n for _, n in mine]}")
+        mean = torch.zeros(self.residual.numel(), dtype=torch.float32, device=self.residual.device)
+        for (a0, n), (a, _) in zip(spans, mine):
+            mean[a:a + n] = sum(sd["residual"][a0:a0 + n].float() for sd in old).to(mean.device) / len(old)
+        self.residual.copy_(mean)
+        self._load_progress(old[0])
+
+    def _load_progress(self, sd: dict) -> None:
         self._residual_live = bool(self.residual.any())
         self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
         self._decided = -1

@@ -42,6 +42,8 @@ def ds_config(args) -> dict:
         cfg["prescale_gradients"] = True
     if args.sum:
         cfg["gradient_allreduce_op"] = "sum"
+    if args.universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if args.tensorboard:
         cfg["tensorboard"] = {"enabled": True, "output_path": args.tensorboard, "job_name": "job"}
     if args.compressor != "stock":
@@ -78,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
+    ap.add_argument("--universal", action="store_true", help="--load a universal checkpoint (its latest_universal)")
+    ap.add_argument("--adam", action="store_true", help="torch's Adam instead of SGD (what ds_to_universal converts)")
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--config-file", action="store_true", help="pass the config as a JSON file path")
     ap.add_argument("--explicit", action="store_true", help="deepspeed_ext.initialize instead of deepspeed's")
@@ -107,7 +111,8 @@ def run(args) -> None:
         path = out / f"ds_config_{args.local_rank}.json"
         path.write_text(json.dumps(cfg))
         cfg = str(path)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3) if args.adam else \
+        torch.optim.SGD(model.parameters(), lr=LR)
     if args.fp16:
         # DeepSpeed's CPU accelerator offers fp16 only where mkldnn has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs);
         # torch computes in fp16 on any CPU, so this answers the capability query as such a CPU does, and
@@ -129,10 +134,18 @@ def run(args) -> None:
         raise
     rank = engine.global_rank
     dsq = getattr(engine, "doublesqueeze", None)
+    names = [(n, p.numel()) for n, p in engine.module.named_parameters()]
+    loaded = None
     if args.load:
         engine.load_checkpoint(args.load)
+        if dsq is not None:     # what the resume starts from
+            loaded = {"params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()},
+                      "step": dsq.step}
+            if args.stage == 2:
+                loaded["residual"] = dsq.residual.clone()
+            else:
+                loaded["worker_residual"], loaded["server_residual"] = residuals_by_name(dsq, names)
 
-    names = [(n, p.numel()) for n, p in engine.module.named_parameters()]
     records, losses = [], []
     master0 = fp32_master(engine, args.stage) if args.fp16 else None
     for step in range(args.first_step, args.first_step + args.steps):
@@ -172,7 +185,7 @@ def run(args) -> None:
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
 
-    result = {"master0": master0, "records": records, "world": engine.world_size, "losses": losses, "dsq": dsq is not None,
+    result = {"master0": master0, "loaded": loaded, "records": records, "world": engine.world_size, "losses": losses, "dsq": dsq is not None,
               "optimizer": type(engine.optimizer).__name__,
               "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}}
     if dsq is not None and args.stage == 2:

@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
+    ap.add_argument("--universal", action="store_true", help="--load a universal checkpoint (its latest_universal)")
+    ap.add_argument("--adam", action="store_true", help="torch's Adam instead of SGD (what ds_to_universal converts)")
     ap.add_argument("--nan-at", type=int, default=-1, help="rank 1's loss is NaN at this step")
     ap.add_argument("--nan-param", default=None, help="with --nan-at: only this parameter's gradient is made Inf")
     ap.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with its dynamic loss scaler")
@@ -62,20 +64,31 @@ def run(args) -> None:
         accelerator = type(get_accelerator())
         accelerator.is_fp16_supported = lambda self: True
         accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
+    if args.universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if args.compressor != "stock":
         cfg["doublesqueeze"] = {"enabled": True, "compressor": args.compressor, "block_size": 256, "guard": 0,
                                 **json.loads(args.dsq)}
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                               config=cfg)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3) if args.adam else \
+            torch.optim.SGD(model.parameters(), lr=LR)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
     except (NotImplementedError, ValueError) as e:
         (out / f"refused{os.environ.get('RANK', '0')}.txt").write_text(str(e))
         raise
     rank = engine.global_rank
     dsq = getattr(engine, "doublesqueeze", None)
+    params = dict(engine.module.named_parameters())
+
+    def exact():
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().reshape(-1).clone() for n, p in params.items()}
+
+    loaded = None
     if args.load:
         engine.load_checkpoint(args.load)
-    params = dict(engine.module.named_parameters())
+        if dsq is not None:       # what the resume starts from
+            loaded = {"params": exact(), "residual": dsq.residual.clone(), "step": dsq.step}
     seen = {}
 
     def see(module, inputs):
@@ -85,10 +98,6 @@ def run(args) -> None:
     for m in engine.module.modules():
         if list(m.parameters(recurse=False)):
             m.register_forward_pre_hook(see)
-
-    def exact():
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {n: p.detach().reshape(-1).clone() for n, p in params.items()}
 
     records = []
     for step in range(args.first_step, args.first_step + args.steps):
@@ -120,7 +129,7 @@ def run(args) -> None:
                                ds_skipped=engine.skipped_steps)
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
-    result = {"records": records, "world": engine.world_size, "dsq": dsq is not None}
+    result = {"records": records, "world": engine.world_size, "dsq": dsq is not None, "loaded": loaded}
     if dsq is not None:
         result.update(residual=dsq.residual.clone(), step=dsq.step, totals=dsq.totals.as_dict(),
                       gathers=dsq.gathers, gathered_elements=dsq.gathered_elements, memory=dsq.memory_report(),

@@ -19,14 +19,12 @@ import torch
 
 from .plan import expand_owned, owned_blocks
 
-__all__ = ["reshard_state_dicts"]
+__all__ = ["reshard_state_dicts", "complete_run"]
 
 
-def reshard_state_dicts(saved: Sequence[dict], world_size: int, rank: int) -> dict:
-    """The state of rank `rank` of `world_size` ranks continuing the run whose every rank saved one of `saved`
-    (`DoubleSqueezeCollective.state_dict()`, in any order). With as many ranks as saved it, that rank's own state
-    (an exact resume); else the residuals are redistributed with their mass kept (module docstring). Raises
-    ValueError if `saved` is not one complete run under one config."""
+def complete_run(saved: Sequence[dict]) -> List[dict]:
+    """`saved` sorted by rank, after checking that it is every rank's state of one run under one config (a
+    `state_dict` with ``rank``, ``world_size`` and ``config``); raises ValueError naming what is missing."""
     if not saved:
         raise ValueError("no DoubleSqueeze state to resume from")
     old = sorted(saved, key=lambda sd: sd.get("rank", -1))
@@ -37,6 +35,16 @@ def reshard_state_dicts(saved: Sequence[dict], world_size: int, rank: int) -> di
                          f"of world sizes {sorted({sd.get('world_size') for sd in old})}")
     if any(sd.get("config") != old[0].get("config") for sd in old):
         raise ValueError("the saved ranks' states were written under different DoubleSqueeze configs")
+    return old
+
+
+def reshard_state_dicts(saved: Sequence[dict], world_size: int, rank: int) -> dict:
+    """The state of rank `rank` of `world_size` ranks continuing the run whose every rank saved one of `saved`
+    (`DoubleSqueezeCollective.state_dict()`, in any order). With as many ranks as saved it, that rank's own state
+    (an exact resume); else the residuals are redistributed with their mass kept (module docstring). Raises
+    ValueError if `saved` is not one complete run under one config."""
+    old = complete_run(saved)
+    W0 = len(old)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
     if W0 == world_size:
