@@ -99,8 +99,18 @@ def test_launcher_takes_only_its_flags_before_the_command():
     assert ours == ["--dsq-compressor=topk:0.01", "--dsq-no-server-ef"] and rest == ["-np", "2", "python", "t.py"]
 
 
+def test_bad_flag_exits_before_any_worker_starts(tmp_path):
+    """The installed `dsq-horovodrun`, as a user runs it: a bad flag exits 2 with the reason, no worker starts."""
+    out = tmp_path / "never"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "dsq-horovodrun"), "--dsq-compressor", "bogus", "-np", "2",
+           "--gloo", "-H", "localhost:2", sys.executable, str(WORKER), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert VALID_NAMES in proc.stderr
+    assert not out.exists(), "a worker started"
+
+
 @pytest.mark.parametrize("flags,message", [
-    (["--dsq-compressor", "bogus"], VALID_NAMES),
     (["--dsq-compressor", "topk:2"], "topk"),
     (["--dsq-compressor", "sign", "--dsq-server-compressor", "nope"], "valid names"),
     (["--dsq-compressor", "sign", "--dsq-warmup-steps", "-3"], "warmup_steps"),
@@ -108,14 +118,18 @@ def test_launcher_takes_only_its_flags_before_the_command():
     (["--dsq-no-server-ef"], "--dsq-compressor is required"),
     (["--dsq-compressor", "sign", "--dsq-policy", "role:head=int8,role:nrom=dense"], "unknown role 'nrom'"),
 ])
-def test_bad_flag_exits_before_any_worker_starts(tmp_path, flags, message):
-    out = tmp_path / "never"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "dsq-horovodrun"), *flags, "-np", "2", "--gloo", "-H",
-           "localhost:2", sys.executable, str(WORKER), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
-    assert not out.exists(), "a worker started"
+def test_bad_flags_exit_before_horovodrun_starts(monkeypatch, capsys, flags, message):
+    """The same launcher's main in this process (its start-up is most of the test's time): exit 2 with the reason,
+    before it would hand over to horovodrun."""
+    from horovod_ext.launcher import main
+
+    def handed_over(*args):
+        raise AssertionError(f"horovodrun would have started: {args}")
+    monkeypatch.setattr(os, "execve", handed_over)
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, "train.py"])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 # -- under horovodrun --------------------------------------------------------------------------------------
