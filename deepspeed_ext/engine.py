@@ -256,7 +256,7 @@ def _wrap_checkpoints(engine) -> None:
                 dsq.load_state_dict(sd)
             else:
                 dsq.load_resharded(saved)
-                sd = saved[0]
+                sd = min(saved, key=lambda state: state["rank"])
         else:
             warnings.warn(f"checkpoint {folder} has no DoubleSqueeze state for this rank ({dsq.rank} of "
                           f"{dsq.world_size}): DoubleSqueeze residuals start from zero (a universal checkpoint made "
