@@ -243,20 +243,20 @@ def _wrap_checkpoints(engine) -> None:
             return load_path, client_state
         folder = os.path.dirname(load_path)
         path = _checkpoint_file(folder, dsq.rank)
-        sd = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+        sd = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
         every = sorted(glob.glob(os.path.join(folder, _FILE.replace("{:05d}", "*"))))
         if sd is not None and sd.get("world_size") == dsq.world_size:
             dsq.load_state_dict(sd)      # refuses another config, naming the differing keys
         elif every:
             # another number of ranks (DeepSpeed loads one at ZeRO 0, and at any stage from a universal
             # checkpoint): every rank's file, the residuals' mass kept
-            saved = [torch.load(f, weights_only=False) for f in every]
+            def saved():            # on the CPU, one at a time (files sorted by rank)
+                return (torch.load(f, map_location="cpu", weights_only=False) for f in every)
             if isinstance(dsq, DoubleSqueezeCollective):
-                sd = reshard_state_dicts(saved, dsq.world_size, dsq.rank)
+                sd = reshard_state_dicts(list(saved()), dsq.world_size, dsq.rank)
                 dsq.load_state_dict(sd)
             else:
-                dsq.load_resharded(saved)
-                sd = min(saved, key=lambda state: state["rank"])
+                sd = dsq.load_resharded(saved())
         else:
             warnings.warn(f"checkpoint {folder} has no DoubleSqueeze state for this rank ({dsq.rank} of "
                           f"{dsq.world_size}): DoubleSqueeze residuals start from zero (a universal checkpoint made "

@@ -212,26 +212,41 @@ class ZeroTwoState(ShardedZeroState):
                 "replica_rows": sum(r.numel() * r.element_size() for r in self.replica_rows)}
 
     def residual_spans(self) -> List[Tuple[int, int]]:
-        """Per parameter group, its flat buffer's real elements (the padding to a multiple of the ranks after)."""
-        return [(self._base[g], sum(p.numel() for p in params))
-                for g, params in enumerate(self.optimizer.bit16_groups)]
+        """Per parameter group, its flat buffer's parameters (with `parameter_alignment`'s padding between them;
+        the padding to a multiple of the ranks after)."""
+        opt = self.optimizer
+        return [(self._base[g], offsets[-1] + meta[-1].numel() if offsets else 0)
+                for g, (offsets, meta) in enumerate(zip(opt.round_robin_bit16_offsets, opt.round_robin_bit16_meta))]
 
     def state_dict(self) -> dict:
-        return dict(super().state_dict(), replica_rows=[r.clone() for r in self.replica_rows])
+        return dict(super().state_dict(), replica_rows=[r.clone() for r in self.replica_rows],
+                    round_robin=bool(self.optimizer.round_robin_gradients))
 
-    def load_resharded(self, saved) -> None:
+    def load_resharded(self, saved) -> dict:
         """As `ShardedZeroState.load_resharded`; the copy of the parameters every rank computes with is the saved
         one (the saved ranks' rows, one after another, cut into this world's partitions), so the owners'
         residuals ``x - x_hat`` against the exact parameters DeepSpeed loaded keep their mass too. Every rank reads
-        every saved row: no collective."""
-        super().load_resharded(saved)
-        old = sorted(saved, key=lambda sd: sd["rank"])
+        every saved row: no collective. Refused under ``round_robin_gradients`` (it orders the parameters by the
+        number of ranks)."""
+        if self.optimizer.round_robin_gradients:
+            raise ValueError("a ZeRO-2 resume on another number of ranks is not supported with "
+                             "round_robin_gradients (it orders each group's parameters by the number of ranks)")
+        self._saved_rows: Dict[int, List[torch.Tensor]] = {}
+        first = super().load_resharded(saved)
+        rows, self._saved_rows = self._saved_rows, {}
         for g, ((_, real), mine) in enumerate(zip(self.residual_spans(), self.replica_rows)):
-            full = torch.cat([sd["replica_rows"][g].reshape(-1) for sd in old])[:real]
+            full = torch.cat([rows[r][g].reshape(-1) for r in sorted(rows)])[:real]
             flat = self.optimizer.bit16_groups_flat[g].data.view(-1)
             flat[:real].copy_(full.to(flat.device, flat.dtype))
             mine.copy_(self.optimizer.parallel_partitioned_bit16_groups[g][self.rank].data)
             self.optimizer._update_model_bit16_weights(g)
+        return first
+
+    def _take_saved(self, sd: dict) -> None:
+        if sd.get("round_robin"):
+            raise ValueError("the checkpoint was saved with round_robin_gradients, which orders each group's "
+                             "parameters by the number of ranks: it resumes on as many ranks only")
+        self._saved_rows[sd["rank"]] = [r.detach().cpu() for r in sd["replica_rows"]]
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict` of the same rank and world size: residuals, step, and every rank's copy

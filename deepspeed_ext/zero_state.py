@@ -15,7 +15,7 @@ step is a warm-up step: DeepSpeed's own collectives, exact, with the worker resi
 time (each bucket's elements, for every owner; then zeroed) and, under ZeRO-2, the copy made exact by DeepSpeed's
 all-gather: nothing is lost in the switch either way. ``uplink_mode`` says what the step that ran last used."""
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -309,27 +309,42 @@ class ShardedZeroState:
         self.residual.copy_(sd["residual"])
         self._load_progress(sd)
 
-    def load_resharded(self, saved: Sequence[dict]) -> None:
+    def load_resharded(self, saved: Iterable[dict]) -> dict:
         """Resume from every rank's `state_dict` of a run saved on another number of ranks (DeepSpeed's universal
         checkpoint), the residual's mass kept: every rank's worker residual becomes the saved ranks' mean, element
         by element along `residual_spans`, so the mean over ranks, what the conservation law holds, is the saved
         one; what a rank now owns of it goes out with its next reduction, the rest compressed as ever. The step,
-        the counters and the states of auto and the guard (the same on every rank) come from the saved rank 0."""
-        old = complete_run(saved)
-        for sd in old:
+        the counters and the states of auto and the guard (the same on every rank) come from the saved rank 0.
+
+        `saved` is consumed one state at a time, in rank order (an iterator that loads each file to the CPU keeps
+        one saved residual in memory, besides the float32 sum). Returns the saved rank 0's state, less its
+        residual."""
+        mine = self.residual_spans()
+        total = torch.zeros(self.residual.numel(), dtype=torch.float32)
+        headers, first = [], None
+        for sd in saved:
             self._check_origin(sd)
-        spans, mine = old[0].get("spans"), self.residual_spans()
-        if spans is None:
-            raise ValueError("the saved states do not say where their residual's elements are (saved by a version "
-                             "without 'spans'): they resume on as many ranks only")
-        if [n for _, n in spans] != [n for _, n in mine]:
-            raise ValueError(f"the saved residual holds spans of {[n for _, n in spans]} elements, this model's "
-                             f"{[n for _, n in mine]}")
-        mean = torch.zeros(self.residual.numel(), dtype=torch.float32, device=self.residual.device)
-        for (a0, n), (a, _) in zip(spans, mine):
-            mean[a:a + n] = sum(sd["residual"][a0:a0 + n].float() for sd in old).to(mean.device) / len(old)
-        self.residual.copy_(mean)
-        self._load_progress(old[0])
+            spans = sd.get("spans")
+            if spans is None:
+                raise ValueError("the saved states do not say where their residual's elements are (saved by a "
+                                 "version without 'spans'): they resume on as many ranks only (without the "
+                                 "doublesqueeze_rank_*.pt files the residuals start from zero)")
+            if [n for _, n in spans] != [n for _, n in mine]:
+                raise ValueError(f"the saved residual holds spans of {[n for _, n in spans]} elements, this model's "
+                                 f"{[n for _, n in mine]}")
+            for (a0, n), (a, _) in zip(spans, mine):
+                total[a:a + n] += sd["residual"][a0:a0 + n].float().cpu()
+            self._take_saved(sd)
+            headers.append({k: sd.get(k) for k in ("rank", "world_size", "config")})
+            if sd.get("rank") == 0:
+                first = {k: v for k, v in sd.items() if k != "residual"}
+        old = complete_run(headers)
+        self.residual.copy_(total.div_(len(old)))
+        self._load_progress(first)
+        return first
+
+    def _take_saved(self, sd: dict) -> None:
+        """`load_resharded`'s hook: what else a stage keeps of each saved state as it goes by."""
 
     def _load_progress(self, sd: dict) -> None:
         self._residual_live = bool(self.residual.any())
