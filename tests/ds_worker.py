@@ -44,6 +44,8 @@ def ds_config(args) -> dict:
         cfg["gradient_allreduce_op"] = "sum"
     if args.universal:
         cfg["checkpoint"] = {"load_universal": True}
+    if args.round_robin:
+        cfg["zero_optimization"]["round_robin_gradients"] = True
     if args.tensorboard:
         cfg["tensorboard"] = {"enabled": True, "output_path": args.tensorboard, "job_name": "job"}
     if args.compressor != "stock":
@@ -81,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--load", default=None)
     ap.add_argument("--universal", action="store_true", help="--load a universal checkpoint (its latest_universal)")
+    ap.add_argument("--round-robin", action="store_true", help="zero_optimization.round_robin_gradients")
     ap.add_argument("--adam", action="store_true", help="torch's Adam instead of SGD (what ds_to_universal converts)")
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--config-file", action="store_true", help="pass the config as a JSON file path")

@@ -48,11 +48,13 @@ def runs(tmp_path_factory):
             (universal / f.name).write_bytes(f.read_bytes())
         (folder / "latest_universal").write_text(universal.name)
     resume = ("--universal", "--steps", 2, "--first-step", SAVED_AT)
-    three = launch_cases(tmp / "three", 3, {z: ("--stage", z[1], "--load", folders[z]) for z in ("z1", "z2")},
-                         *COMMON, *resume, worker=DS_WORKER)
+    three = launch_cases(tmp / "three", 3, {
+        **{z: ("--stage", z[1], "--load", folders[z]) for z in ("z1", "z2")},
+        "z2-round-robin": ("--stage", "2", "--load", folders["z2"], "--round-robin")}, *COMMON, *resume,
+        worker=DS_WORKER)
     three3 = launch_cases(tmp / "three3", 3, {"z3": ("--load", folders["z3"])}, *COMMON, *resume, worker=ZERO3_WORKER)
     return {"z1": (two.ranks("z1"), three.ranks("z1")), "z2": (two.ranks("z2"), three.ranks("z2")),
-            "z3": (two3.ranks("z3"), three3.ranks("z3"))}, three.proc.stderr + three3.proc.stderr
+            "z3": (two3.ranks("z3"), three3.ranks("z3")), "cases": three}, three.proc.stderr + three3.proc.stderr
 
 
 def resumed_and_trained(new) -> None:
@@ -97,6 +99,14 @@ def test_zero2_resumed_on_three_ranks_keeps_the_residual_mass_and_the_copy(runs)
         assert not r["loaded"]["residual"][real:].any()
         for name, p in old[0]["params"].items():
             assert torch.equal(r["loaded"]["params"][name], p), name
+
+
+def test_zero2_resume_on_another_number_of_ranks_under_round_robin_gradients_is_refused(runs):
+    """round_robin_gradients orders each group's parameters by the number of ranks, so the residual's positions do
+    not carry over: the load says so (ValueError) instead of mixing parameters."""
+    failure = runs[0]["cases"].failure("z2-round-robin")
+    assert failure is not None and failure.startswith("ValueError"), failure
+    assert "round_robin_gradients" in failure
 
 
 def test_zero3_resumed_on_three_ranks_keeps_the_residual_mass(runs):
