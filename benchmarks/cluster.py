@@ -42,6 +42,11 @@ steps; SGD, lr 0.01):
     fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign,
                      or auto (adapting each phase, as dsq-auto)
     fsdp-dsq-SPEC-quantized   fsdp-stock-reshard + install(compressor SPEC, downlink "quantized": int8 gathers)
+    pair:M           M (a DDP or FSDP2 DoubleSqueeze method) and its baseline (dense DDP; FSDP2's own stock method) in
+                     one job, each on its own copy of the model, stepped alternately on the same batches (the
+                     baseline first at one step, second at the next); auto's clock stops while the baseline steps.
+                     Reported: the per-step ratio of their times (median with a 95% interval, quartiles), which
+                     the machine's drift between phases and jobs does not reach; bytes are not separated
     The FSDP2 methods also report their persistent memory per rank (FSDP's shards and what install keeps) and
     compare with their own stock method.
 
@@ -170,28 +175,15 @@ def _instrument(collective, acc: dict) -> None:
     collective.end = timed(collective.end, work=True)
 
 
-def worker(args) -> None:
-    """One rank: build the model and the method's distributed wrapper, then run the phases."""
-    import faulthandler
-
+def _torch_setup(m: str, model, acc: dict):
+    """A DDP or FSDP2 method on `model` (the process group exists): (optimizer, forward_backward(x, y) -> the
+    time backward starts, auto's tuner or None, DoubleSqueeze's FSDP2 state or None)."""
     import torch
     import torch.nn as nn
-    from ddp_bytes import net_bytes
-
-    faulthandler.register(signal.SIGUSR1)      # the parent asks for the stacks of a stalled job
-    torch.set_num_threads(1)
-    tuner = None
-    torch.manual_seed(0)
-    h, m = args.hidden, args.method
-    acc = {"dsq_pass_s": 0.0, "dsq_work_s": 0.0}
-    model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1000))
-    fw = framework(m)
-    if fw == "ddp":
-        import torch.distributed as dist
+    tuner = fsdp_state = None
+    if framework(m) == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        dist.init_process_group("gloo")
-        rank = dist.get_rank()
         # PowerSGD in one bucket: torch's powerSGD_hook waits on an allreduce inside a Gloo callback, and with two
         # buckets in flight both of Gloo's worker threads block there and the job deadlocks (seen here, torch 2.13)
         net = DDP(model, bucket_cap_mb=1024) if m == "ddp-powersgd" else DDP(model)
@@ -209,25 +201,13 @@ def worker(args) -> None:
             _instrument(state.collective, acc)
             net.register_comm_hook(state, dsq.doublesqueeze_hook)
             tuner = state.auto
-        opt = torch.optim.SGD(net.parameters(), lr=0.01)
-        barrier = dist.barrier
-
-        def forward_backward(x, y):
-            loss = nn.functional.cross_entropy(net(x), y)
-            t = time.perf_counter()
-            loss.backward()
-            return t
-    elif fw == "fsdp":
-        import torch.distributed as dist
+    else:
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo")
-        rank = dist.get_rank()
         reshard = m == "fsdp-stock-reshard" or m.endswith("-quantized")
         for layer in (model[0], model[2], model[4]):
             fully_shard(layer, reshard_after_forward=reshard)
-        fully_shard(model, reshard_after_forward=False)
-        fsdp_state = None
+        net = fully_shard(model, reshard_after_forward=False)
         if m.startswith("fsdp-dsq-"):
             import dsq_plugins as dsq
             import dsq_plugins.fsdp as dsq_fsdp
@@ -235,14 +215,50 @@ def worker(args) -> None:
             fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(compressor=spec, guard=0.0),
                                           downlink="quantized" if reshard else "delta")
             tuner = fsdp_state.auto
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        barrier = dist.barrier
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
 
-        def forward_backward(x, y):
-            loss = nn.functional.cross_entropy(model(x), y)
-            t = time.perf_counter()
-            loss.backward()
-            return t
+    def forward_backward(x, y):
+        loss = nn.functional.cross_entropy(net(x), y)
+        t = time.perf_counter()
+        loss.backward()
+        return t
+    return opt, forward_backward, tuner, fsdp_state
+
+
+def worker(args) -> None:
+    """One rank: build the model and the method's distributed wrapper, then run the phases."""
+    import faulthandler
+
+    import torch
+    import torch.nn as nn
+    from ddp_bytes import net_bytes
+
+    faulthandler.register(signal.SIGUSR1)      # the parent asks for the stacks of a stalled job
+    torch.set_num_threads(1)
+    tuner = None
+    h, m = args.hidden, args.method
+    acc = {"dsq_pass_s": 0.0, "dsq_work_s": 0.0}
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1000))
+    model = mlp()
+    pair = m.startswith("pair:")
+    if pair:
+        m = m[len("pair:"):]
+    fw = framework(m)
+    if fw in ("ddp", "fsdp"):
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        barrier = dist.barrier
+        opt, forward_backward, tuner, fsdp_state = _torch_setup(m, model, acc)
+        if pair:      # the baseline in the same job, on its own copy, stepped alternately with the method
+            base_acc = {"dsq_pass_s": 0.0, "dsq_work_s": 0.0}
+            base = _torch_setup(baseline_of(m) or "dense", mlp(), base_acc)
+            if tuner is not None:     # auto's clock stops while the baseline steps: it times its own steps only
+                paused, clock = [0.0], tuner.clock
+                tuner.clock = lambda: clock() - paused[0]
     elif fw == "hvd":
         import horovod.torch as hvd
 
@@ -297,10 +313,12 @@ def worker(args) -> None:
 
     gen = torch.Generator().manual_seed(1000 + rank)
 
-    def step():
+    base_s = []        # pair: the baseline's step seconds, one per step of the method
+    order = [False]
+
+    def timed(opt, forward_backward, acc, x, y):
         """One training step; returns (forward, backward, optimizer, double pass, its collectives) seconds."""
         acc.update(dsq_pass_s=0.0, dsq_work_s=0.0)
-        x, y = torch.randn(args.batch, 1024, generator=gen), torch.randint(0, 1000, (args.batch,), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad()
         t1 = forward_backward(x, y)
@@ -308,6 +326,23 @@ def worker(args) -> None:
         opt.step()
         return (t1 - t0, t2 - t1, time.perf_counter() - t2, acc["dsq_pass_s"],
                 acc["dsq_pass_s"] - acc["dsq_work_s"])
+
+    def step():
+        """One step of the method (pair: and one of the baseline on the same batch, before it at one step and
+        after it at the next, so that neither always runs second); returns `timed`'s figures of the method."""
+        x, y = torch.randn(args.batch, 1024, generator=gen), torch.randint(0, 1000, (args.batch,), generator=gen)
+        if not pair:
+            return timed(opt, forward_backward, acc, x, y)
+        order[0] = not order[0]
+        if order[0]:
+            b = timed(base[0], base[1], base_acc, x, y)
+        r = timed(opt, forward_backward, acc, x, y)
+        if not order[0]:
+            b = timed(base[0], base[1], base_acc, x, y)
+        base_s.append(sum(b[:3]))
+        if tuner is not None:
+            paused[0] += base_s[-1]
+        return r
 
     run = Path(args.rundir)
     for _ in range(args.warmup):
@@ -325,7 +360,10 @@ def worker(args) -> None:
             (run / f"ready-{k}").touch()
         _wait_file(run / f"go-{k}", args.phase_timeout)
         barrier()
+        base_s.clear()
         adapt = [sum(step()[:3]) for _ in range(args.adapt_steps if tuner is not None else 0)]
+        adapt_base = list(base_s)
+        base_s.clear()
         tx0, rx0 = net_bytes("eth0")
         parts = [step() for _ in range(args.steps)]
         barrier()
@@ -334,6 +372,8 @@ def worker(args) -> None:
                                 "dsq_comm_s": [p[4] for p in parts], "forward_s": [p[0] for p in parts],
                                 "backward_s": [p[1] for p in parts], "optimizer_s": [p[2] for p in parts],
                                 "tx_bytes": tx1 - tx0, "rx_bytes": rx1 - rx0, "adapt_step_s": adapt}
+        if pair:
+            out["phases"][phase].update(base_step_s=list(base_s), adapt_base_step_s=adapt_base)
         if tuner is not None:
             out["phases"][phase].update(auto_mode=tuner.mode, auto_times=dict(tuner.times),
                                         auto_history=list(tuner.history))
@@ -497,6 +537,19 @@ exec ip netns exec "$ns" sh -c "$*"
 MEMORY = {}      # method -> rank 0's persistent bytes (FSDP2 methods)
 
 
+def paired(method_s, base_s) -> dict:
+    """A pair method's figures: per step the ratio of the method's time to the baseline's (both the slowest rank's,
+    on the same batch, one right after the other), its median with a distribution-free 95% interval (order
+    statistics of the binomial: no assumption about the noise), its quartiles, and the ratio of the sums."""
+    ratios = sorted(a / b for a, b in zip(method_s, base_s))
+    n = len(ratios)
+    k = max(0, int(n / 2 - 0.98 * n ** 0.5))          # P(Binomial(n, 1/2) < k) about 2.5%
+    q = statistics.quantiles(ratios, n=4) if n > 1 else ratios * 3
+    return {"base_step_time_s": statistics.median(base_s), "base_step_times_s": list(base_s),
+            "ratios": ratios, "ratio_median": statistics.median(ratios), "ratio_ci95": [ratios[k], ratios[n - 1 - k]],
+            "ratio_quartiles": [q[0], q[2]], "ratio_of_sums": sum(method_s) / sum(base_s)}
+
+
 def summarise(ranks, steps: int, method: str = "") -> dict:
     """Per phase: median step (slowest rank per step), parts (rank 0's medians), bytes per step."""
     if "memory" in ranks[0]:
@@ -514,7 +567,13 @@ def summarise(ranks, steps: int, method: str = "") -> dict:
             "bytes_per_step_all_hosts": sum(p["tx_bytes"] for p in per) / steps,
             "bytes_per_step_per_rank": max(max(p["tx_bytes"], p["rx_bytes"]) for p in per) / steps,
             "tx_bytes_per_rank": [p["tx_bytes"] for p in per], "rx_bytes_per_rank": [p["rx_bytes"] for p in per]}
+        if "base_step_s" in per[0]:
+            out[phase].update(paired(slowest, [max(p["base_step_s"][i] for p in per) for i in range(steps)]))
         adapt = per[0].get("adapt_step_s") or []
+        if adapt and "adapt_base_step_s" in per[0]:
+            base = [max(p["adapt_base_step_s"][i] for p in per) for i in range(len(adapt))]
+            slow = [max(p["adapt_step_s"][i] for p in per) for i in range(len(adapt))]
+            out[phase]["adapt_ratio_of_sums"] = sum(slow) / sum(base)
         if adapt:
             slow = [max(p["adapt_step_s"][i] for p in per) for i in range(len(adapt))]
             out[phase].update(adapt_steps=len(slow), adapt_mean_step_s=statistics.mean(slow),
@@ -533,7 +592,7 @@ def report(results, bandwidths, probes, args) -> dict:
             doc["errors"][m] = r
         else:
             doc["methods"][m] = r
-    ok = {m: r for m, r in doc["methods"].items()}
+    ok = {m: r for m, r in doc["methods"].items() if not m.startswith("pair:")}
     compute = {m: r["unshaped"]["step_time_s"] for m, r in ok.items()}
     print(f"\n{args.hosts} hosts x 1 rank, MLP 1024-{args.hidden}-{args.hidden}-1000 "
           f"({mlp_parameters(args.hidden) / 1e6:.1f}M parameters), batch {args.batch}, {args.steps} steps per "
@@ -614,6 +673,20 @@ def report(results, bandwidths, probes, args) -> dict:
                 times = ", ".join(f"{k} {v:.3f}" for k, v in p["auto_times"].items())
                 print(f"  {ph:>9}: {p['auto_mode']:<16} adapt {p['adapt_steps']} steps, mean "
                       f"{p['adapt_mean_step_s']:.3f} s; measured {times}")
+    pairs = {m: r for m, r in doc["methods"].items() if m.startswith("pair:")}
+    if pairs:
+        print("\npaired: the method and its baseline stepped alternately in one job on the same batches (auto's clock "
+              "stops while the baseline steps);\nratio = the method's step / the baseline's, each the slowest rank's; "
+              "median, its 95% interval, quartiles; sum = ratio of the sums")
+        for m, r in pairs.items():
+            base = baseline_of(m[len("pair:"):]) or "dense"
+            for ph, p in r.items():
+                adapt = (f"; adaptation steps {p['adapt_steps']}: sum ratio {p['adapt_ratio_of_sums']:.3f}, mode "
+                         f"{p['auto_mode']}" if "adapt_ratio_of_sums" in p else "")
+                print(f"  {m} vs {base}, {ph}: {p['step_time_s']:.3f} s against {p['base_step_time_s']:.3f}; ratio "
+                      f"median {p['ratio_median']:.3f} (95% {p['ratio_ci95'][0]:.3f}-{p['ratio_ci95'][1]:.3f}, "
+                      f"quartiles {p['ratio_quartiles'][0]:.3f}-{p['ratio_quartiles'][1]:.3f}), sum "
+                      f"{p['ratio_of_sums']:.3f}, n {len(p['ratios'])}{adapt}")
     if MEMORY:
         doc["memory_per_rank"] = dict(MEMORY)
         print("\npersistent memory per rank (MB): FSDP2's parameter and gradient shards, and what DoubleSqueeze adds")
@@ -655,6 +728,14 @@ def targets(doc, bandwidths) -> dict:
             if base in st:
                 out.setdefault(bw, {})[f"{m}_speedup_vs_{base}"] = st[base] / t
                 lines.append(f"  {bw}: {m} {t:.3f} s = {st[base] / t:.2f}x faster than {base} ({st[base]:.3f} s)")
+    for m, r in doc["methods"].items():
+        base = baseline_of(m[len("pair:"):]) or "dense"
+        for bw in bandwidths if m.startswith("pair:") else ():
+            p = r.get(bw, {})
+            if "ratio_median" in p:
+                out.setdefault(bw, {})[f"{m}_ratio_median"] = p["ratio_median"]
+                lines.append(f"  {bw}: {m[len('pair:'):]} / {base}, paired per step: median {p['ratio_median']:.3f} "
+                             f"(95% {p['ratio_ci95'][0]:.3f}-{p['ratio_ci95'][1]:.3f})")
     out["lines"] = lines
     return out
 
@@ -667,7 +748,7 @@ def plot(doc, path) -> None:
     bws = [bw for bw in doc["bandwidths"] if bw in doc["by_bandwidth"]]
     xs = [doc["by_bandwidth"][bw]["effective_bps"] / 1e6 for bw in bws]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for m in doc["methods"]:
+    for m in (m for m in doc["methods"] if not m.startswith("pair:")):
         ys = [doc["by_bandwidth"][bw]["step_time_s"].get(m) for bw in bws]
         style = "-o" if m.startswith("dsq-") else "--s"
         ax.plot(xs, ys, style, label=m, linewidth=2.2 if m == "dsq-auto" else 1.2)
@@ -731,9 +812,12 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS and not (
+        m.startswith("pair:") and m[len("pair:"):] in ALL_METHODS and "dsq" in m
+        and framework(m[len("pair:"):]) in ("ddp", "fsdp"))]
     if bad:
-        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}")
+        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}, and pair:M for a DDP or "
+                 f"FSDP2 DoubleSqueeze method M")
     if args.steps is None:
         args.steps = 2 if args.quick else 8
     if args.warmup is None:

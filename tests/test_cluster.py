@@ -48,14 +48,16 @@ def test_refuses_without_root():
 
 @root_only
 def test_tiny_run_writes_json_and_cleans_up(tmp_path):
-    """2 hosts at 1 Gbit/s, dense against dsq-sign: the JSON has the step times and far fewer bytes for sign;
-    a stale set from a killed run is removed at start, and the run leaves nothing behind."""
+    """2 hosts at 1 Gbit/s, dense against dsq-sign, and the pair of both in one job: the JSON has the step times and
+    far fewer bytes for sign, and the pair's per-step ratios of two models that both communicated; a stale set from
+    a killed run is removed at start, and the run leaves nothing behind."""
     stale = f"dsqc{_dead_pid()}"
     subprocess.run(["ip", "link", "add", f"{stale}br", "type", "bridge"], check=True)
     subprocess.run(["ip", "netns", "add", f"{stale}-h0"], check=True)
     out = tmp_path / "cluster.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--json", str(out)], cwd=ROOT, env=env,
+    args = [*TINY[:-3], "dense,dsq-sign,pair:dsq-sign", *TINY[-2:]]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--json", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     text, _ = proc.communicate(timeout=150)
     assert proc.returncode == 0, text[-4000:]
@@ -70,6 +72,11 @@ def test_tiny_run_writes_json_and_cleans_up(tmp_path):
     assert rows["dense"]["bytes_per_step_per_rank"] > 2e6          # 0.58M fp32 gradients really crossed the wire
     assert 0.5e9 < doc["probes"]["1gbit"]["counted_Bps"] * 8 < 1.1e9
     assert "dsq-sign" in doc["break_even"] and doc["errors"] == {}
+    pair = doc["methods"]["pair:dsq-sign"]["1gbit"]          # not a row of the tables: its bytes are both models'
+    assert len(pair["ratios"]) == 2 and pair["base_step_time_s"] > 0 and pair["ratio_median"] > 0
+    assert pair["ratio_ci95"][0] <= pair["ratio_median"] <= pair["ratio_ci95"][1]
+    both = rows["dense"]["bytes_per_step_per_rank"] + rows["dsq-sign"]["bytes_per_step_per_rank"]
+    assert 0.8 * both < pair["bytes_per_step_per_rank"] < 1.25 * both, (pair["bytes_per_step_per_rank"], both)
 
 
 @root_only
