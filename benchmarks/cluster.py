@@ -335,14 +335,16 @@ def worker(args) -> None:
             return timed(opt, forward_backward, acc, x, y)
         order[0] = not order[0]
         if order[0]:
-            b = timed(base[0], base[1], base_acc, x, y)
+            base_step(x, y)
         r = timed(opt, forward_backward, acc, x, y)
         if not order[0]:
-            b = timed(base[0], base[1], base_acc, x, y)
-        base_s.append(sum(b[:3]))
-        if tuner is not None:
-            paused[0] += base_s[-1]
+            base_step(x, y)
         return r
+
+    def base_step(x, y):
+        base_s.append(sum(timed(base[0], base[1], base_acc, x, y)[:3]))
+        if tuner is not None:          # before the method's next step reads auto's clock
+            paused[0] += base_s[-1]
 
     run = Path(args.rundir)
     for _ in range(args.warmup):
