@@ -68,6 +68,8 @@ def run(args) -> None:
         if opt.frozen:
             rec["m"] = {n: opt.state[p]["exp_avg"].clone() for n, p in zip(names, model.parameters())}
             rec["denom"] = {n: opt.state[p]["denom"].clone() for n, p in zip(names, model.parameters())}
+        if step + 1 == args.warmup:        # what the warm-up's residuals hold when the variance freezes
+            rec.update(_warmup_residuals(opt, model))
         records.append(rec)
         if step + 1 == args.save_at:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
@@ -77,8 +79,23 @@ def run(args) -> None:
                 "worker_residual": {names[k]: v for k, v in momentum.worker_residuals().items()},
                 "server_residual": {names[k]: momentum.expand_server_residual(k, v, model.get_parameter(
                     names[k]).numel()) for k, v in momentum.server_residuals().items()},
+                "after": _warmup_residuals(opt, model),
                 "momentum_bytes": momentum.totals.bytes_sent, "momentum_steps": momentum.step,
                 "bytes_sent": opt.bytes_sent(), "skipped": momentum.skipped_steps}, out / f"rank{rank}.pt")
+
+
+def _warmup_residuals(opt, model) -> dict:
+    """The warm-up collective's residuals by parameter name: this rank's worker residual and its owned blocks of
+    the server residual (in place, zeros elsewhere). DDP's state numbers parameters in the order its buckets
+    brought them (a run resumed after the freeze never numbered them: what it loaded is left out)."""
+    state = opt.grads
+    coll = state.collective
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    params = state._params
+    return {"warm_worker": {name_of[id(params[k])]: v.clone() for k, v in coll.worker_residuals().items()
+                            if k < len(params)},
+            "warm_server": {name_of[id(params[k])]: coll.expand_server_residual(k, v, params[k].numel()).clone()
+                            for k, v in coll.server_residuals().items() if k < len(params)}}
 
 
 if __name__ == "__main__":

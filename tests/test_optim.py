@@ -3,7 +3,8 @@
 - Lossless compressors: the warm-up equals `torch.optim.AdamW` on the mean gradient, step for step, and the
   frozen phase equals AdamW with its variance frozen, written here in plain torch.
 - Sign on the momentum: the conservation law in the whitened space, ``sum_t m_t = sum_t mean_i w_i,t - mean_i e_i
-  - e``, with ``w_i,t`` rebuilt here from the recorded local gradients; every step applies exactly ``m_t``; the
+  - e``, with ``w_i,t`` rebuilt here from the recorded local gradients and, at the first frozen step, what the
+  warm-up's residuals held at the freeze (nothing is lost there); every step applies exactly ``m_t``; the
   momentum travels in a twentieth of dense's bytes.
 - A resumed run continues bit for bit; a NaN on one rank skips the step on both.
 """
@@ -149,8 +150,13 @@ def test_sign_momentum_conserves_its_mass_and_applies_it(torch_runs):
         applied = torch.zeros_like(denom, dtype=torch.float64)
         sent = torch.zeros_like(applied)
         prev = recs[0][warm - 1]["m"][name]
+        zero = torch.zeros_like(denom)
+        # what the warm-up's int4 residuals held at the freeze joins the first momentum: e_i, and W e where owned
+        held = [(recs[r][warm - 1]["warm_worker"].get(name, zero).view_as(zero)
+                 + 2 * recs[r][warm - 1]["warm_server"].get(name, zero).view_as(zero)) for r in range(2)]
         for t in range(warm, steps):
-            w = [BETAS[0] * prev + (1 - BETAS[0]) * recs[r][t]["grad"][name] / denom for r in range(2)]
+            w = [BETAS[0] * prev + (1 - BETAS[0]) * (recs[r][t]["grad"][name] + (held[r] if t == warm else 0))
+                 / denom for r in range(2)]
             sent += ((w[0] + w[1]) / 2).double()
             m = recs[0][t]["m"][name]
             applied += m.double()
@@ -165,6 +171,12 @@ def test_sign_momentum_conserves_its_mass_and_applies_it(torch_runs):
         torch.testing.assert_close(applied, sent - e_w - e_s, rtol=0, atol=1e-4 * (1 + float(sent.abs().max())),
                                    msg=lambda msg: f"conservation broken for {name}: {msg}")
         assert float(applied.norm()) > 0.3 * float(sent.norm()), f"{name}: the momentum stayed in the residuals"
+        for r in ranks:                  # delivered, so no longer held by the warm-up's collective
+            for kind in ("warm_worker", "warm_server"):
+                assert not r["after"][kind].get(name, zero).any(), f"{name}: the warm-up's residual is still held"
+    held = sum(float(recs[r][warm - 1]["warm_worker"][n].norm()) for r in range(2) for n in names
+               if n in recs[r][warm - 1]["warm_worker"])
+    assert held > 0, "the warm-up's int4 residuals were empty at the freeze: the test checks nothing"
     numel = sum(p.numel() for p in build_model("multi").parameters())
     dense = 2 * (2 - 1) / 2 * numel * 4          # what a ring all-reduce sends per rank per step
     per_step = max(r["momentum_bytes"] for r in ranks) / ranks[0]["momentum_steps"]
