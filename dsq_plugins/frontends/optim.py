@@ -295,8 +295,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                 outs[whitened[i][0]] = (entries[i], m)
         self.momentum.finish_step()
         ok = torch.stack([torch.isfinite(m).all() for _, m in outs.values()]).all()
-        if held and bool(ok):                # delivered: into the momentum, whose own residuals keep what it drops
-            getattr(self.grads, "collective", self.grads).reset_residuals()
+        if not self._warmup_delivered and bool(ok):    # delivered: the momentum's own residuals keep what it drops
+            if held:
+                getattr(self.grads, "collective", self.grads).reset_residuals()
             self._warmup_delivered = True
         for p, m in outs.values():
             grp = self._group_of(p)
