@@ -86,16 +86,15 @@ def run(args) -> None:
 
 def _warmup_residuals(opt, model) -> dict:
     """The warm-up collective's residuals by parameter name: this rank's worker residual and its owned blocks of
-    the server residual (in place, zeros elsewhere). DDP's state numbers parameters in the order its buckets
-    brought them (a run resumed after the freeze never numbered them: what it loaded is left out)."""
+    the server residual (in place, zeros elsewhere). DDP's state numbers parameters in the order its hook first saw
+    them (a run resumed after the freeze never numbered them: what it loaded is left out)."""
     state = opt.grads
     coll = state.collective
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    params = state._params
-    return {"warm_worker": {name_of[id(params[k])]: v.clone() for k, v in coll.worker_residuals().items()
-                            if k < len(params)},
-            "warm_server": {name_of[id(params[k])]: coll.expand_server_residual(k, v, params[k].numel()).clone()
-                            for k, v in coll.server_residuals().items() if k < len(params)}}
+    key_name = {state.number_of(p): n for n, p in model.named_parameters() if state.number_of(p) is not None}
+    numel = {state.number_of(p): p.numel() for p in model.parameters()}
+    return {"warm_worker": {key_name[k]: v.clone() for k, v in coll.worker_residuals().items() if k in key_name},
+            "warm_server": {key_name[k]: coll.expand_server_residual(k, v, numel[k]).clone()
+                            for k, v in coll.server_residuals().items() if k in key_name}}
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ class DoubleSqueezeCollective:
                     skipped = bool(bex.skip)       # (a host read, on a switch step only)
                 if skipped:                        # a skipped step applies nothing: the residuals stay held
                     for key, w, s in ex.flushed:
-                        self._loaded[key] = (w, s)
+                        self.hold_again(key, w, s)
         stats = bex.stats
         if self.auto is not None:
             itemsize = bex.items[0].element_size()
@@ -428,21 +428,39 @@ class DoubleSqueezeCollective:
                 self._holder[key] = state
                 state.live.add(key)
                 continue
-            if old is not None:
-                w, s = old.worker_residual(key), old.server_residual(key)
-                self._release(old, key)
-            elif key in self._loaded:
-                w, s = self._loaded.pop(key)
-            else:
-                continue
-            if w is not None:
-                t.add_(w.to(device=t.device, dtype=t.dtype))
-            if s is not None:
-                own = self.expand_server_residual(key, s.to(device=t.device, dtype=t.dtype), t.numel())
-                t.add_(own, alpha=self.world_size)
-            self.flushes += 1
-            flushed.append((key, w, s))
+            taken = self.flush_into(key, t)
+            if taken is not None:
+                flushed.append((key, *taken))
         return flushed
+
+    def flush_into(self, key: Hashable, t: torch.Tensor):
+        """Add tensor `key`'s residuals to `t` (flat, its size) as a dense reduction of `t` must deliver them:
+        ``e_i`` from each rank plus ``W e`` from the owners, so that the mean over ranks carries
+        ``mean_i e_i + e``; this collective no longer holds them. Returns the (worker, server) residuals taken, to
+        `hold_again` if the step that was to deliver them is skipped, or None if it held none."""
+        old = self._holder.get(key)
+        if old is not None:
+            w, s = old.worker_residual(key), old.server_residual(key)
+            self._release(old, key)
+        elif key in self._loaded:
+            w, s = self._loaded.pop(key)
+        else:
+            return None
+        if w is not None:
+            t.add_(w.to(device=t.device, dtype=t.dtype))
+        if s is not None:
+            own = self.expand_server_residual(key, s.to(device=t.device, dtype=t.dtype), t.numel())
+            t.add_(own, alpha=self.world_size)
+        self.flushes += 1
+        return w, s
+
+    def holds(self, key: Hashable) -> bool:
+        """Whether this collective holds residuals of tensor `key` (which `flush_into` would deliver)."""
+        return key in self._holder or key in self._loaded
+
+    def hold_again(self, key: Hashable, worker: Optional[torch.Tensor], server: Optional[torch.Tensor]) -> None:
+        """Hold residuals `flush_into` took for a reduction that was skipped (a NaN): nothing is lost."""
+        self._loaded[key] = (worker, server)
 
     def _release(self, old: BucketState, key) -> None:
         """`old` no longer holds `key`'s residuals: zero them there (it may be used again), forget it when it

@@ -235,6 +235,10 @@ class DoubleSqueezeState:
             numbers.append(n)
         return numbers
 
+    def number_of(self, param) -> Optional[int]:
+        """The key of `param` in this state (the order the hook first saw it), or None if the hook has not."""
+        return self._numbers.get(id(param))
+
     def describe_key(self, key) -> str:
         """A parameter's name (with a model attached), else its number and shape, for warnings and TensorBoard
         tags (DDP's hook sees no names)."""

@@ -99,7 +99,6 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         self.momentum: Optional[DoubleSqueezeCollective] = None
         self._ddp_state = None
         self._pending_sd: Optional[dict] = None
-        self._warmup_delivered = False       # the warm-up collective's residuals went into the momentum
         self._module, self._named = None, {}
         self._name_from(module if module is not None else ddp)
         if ddp is not None:
@@ -240,53 +239,37 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                         st["denom"] = (st.pop("exp_avg_sq") / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                         st["exp_avg"].div_(st["denom"])
 
-    def _held_by_warmup(self) -> dict:
-        """{id(parameter): this rank's share of the mass the warm-up's collective still holds} (flat, float32):
-        its worker residual ``e_i``, plus ``W`` times the server residual of the blocks it owns, so that the mean
-        over ranks is ``mean_i e_i + e``, what error feedback had not delivered when the variance froze. Empty once
-        delivered (the collective's residuals are then zero)."""
-        c = self.grads
-        if c is None or self._warmup_delivered or not getattr(c, "bound", True):
-            return {}
-        if hasattr(c, "drain"):
-            c.drain()
-        coll = getattr(c, "collective", c)
-        params = self._ddp_state._params if self._ddp_state is not None else self._params()
-        held, unknown = {}, []
-        for k, w in coll.worker_residuals().items():
-            if k < len(params):
-                held[id(params[k])] = w.float().reshape(-1).clone()
-            elif w.any():
-                unknown.append(k)
-        for k, s in coll.server_residuals().items():
-            if k >= len(params):
-                if s.any():
-                    unknown.append(k)
-                continue
-            p = params[k]
-            full = coll.expand_server_residual(k, s, p.numel()).float().reshape(-1) * coll.world_size
-            held[id(p)] = held[id(p)] + full if id(p) in held else full
-        if unknown:         # a DDP run resumed from a checkpoint saved at the freeze: its hook never numbered them
-            warnings.warn(f"DoubleSqueezeAdamW: the warm-up's residuals of {len(unknown)} tensor(s), saved at the "
-                          f"freeze, cannot be matched to parameters in this run and are not delivered",
-                          stacklevel=3)
-        return held
+    def _warmup_key(self, n: int, p) -> Optional[int]:
+        """The key of parameter number `n` in the warm-up's collective (DDP's state numbers them as its hook
+        first saw them; None if it never did)."""
+        return self._ddp_state.number_of(p) if self._ddp_state is not None else n
 
     def _momentum_step(self) -> None:
         t = self.steps + 1
-        whitened, entries = [], []
-        held = self._held_by_warmup()
+        whitened, entries, flushed = [], [], []
+        warm = getattr(self.grads, "collective", self.grads)
+        first = t == self.warmup_steps + 1
+        if first and warm is not None and hasattr(self.grads, "drain"):
+            self.grads.drain()
         for n, p in enumerate(self._params()):
             st = self.state.get(p)
             if not st or "denom" not in st:
                 continue                     # never had a gradient during warm-up: stays where it is
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if id(p) in held:                # the warm-up's undelivered mass joins the first momentum
-                g = g + held[id(p)].view_as(g).to(g.dtype)
+            key = self._warmup_key(n, p) if warm is not None else None
+            if key is not None and warm.holds(key):     # what the warm-up's residuals hold joins the momentum
+                g = g.clone()
+                taken = warm.flush_into(key, g.view(-1))
+                if taken is not None:
+                    flushed.append((key, *taken))
             beta1 = self._group_of(p)["betas"][0]
             w = st["exp_avg"] * beta1 + (g / st["denom"]) * (1 - beta1)
             whitened.append((n, w.reshape(-1)))
             entries.append(p)
+        if first and warm is not None and (warm.worker_residuals() or warm.server_residuals()):
+            # a DDP run resumed from a checkpoint saved at the freeze: its hook never numbered the parameters
+            warnings.warn("DoubleSqueezeAdamW: residuals of the warm-up, saved at the freeze, cannot be matched to "
+                          "parameters in this run and are not delivered", stacklevel=3)
         if not whitened:
             return
         outs = {}
@@ -295,10 +278,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                 outs[whitened[i][0]] = (entries[i], m)
         self.momentum.finish_step()
         ok = torch.stack([torch.isfinite(m).all() for _, m in outs.values()]).all()
-        if not self._warmup_delivered and bool(ok):    # delivered: the momentum's own residuals keep what it drops
-            if held:
-                getattr(self.grads, "collective", self.grads).reset_residuals()
-            self._warmup_delivered = True
+        if flushed and not bool(ok):         # a skipped step delivers nothing: the warm-up's residuals stay held
+            for taken in flushed:
+                warm.hold_again(*taken)
         for p, m in outs.values():
             grp = self._group_of(p)
             beta1 = grp["betas"][0]
@@ -326,7 +308,6 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["doublesqueeze"] = dict(format=_FORMAT, steps=self.steps, warmup_steps=self.warmup_steps,
-                                   warmup_delivered=self._warmup_delivered,
                                    grads=None if self.grads is None or not self.grads.bound
                                    else self.grads.state_dict(),
                                    momentum=None if self.momentum is None else self.momentum.state_dict())
@@ -343,7 +324,6 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                              f"this optimizer has {self.warmup_steps}")
         super().load_state_dict(state_dict)
         self.steps = ours["steps"]
-        self._warmup_delivered = ours.get("warmup_delivered", self.steps > self.warmup_steps)
         if self.momentum is None:
             self._pending_sd = ours
         else:
