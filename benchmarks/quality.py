@@ -13,10 +13,10 @@ Methods (each one word):
     dense               plain DDP
     default             DoubleSqueezeConfig() with nothing passed: the README's one line
     auto                DoubleSqueezeConfig(compressor="auto")
-    adamw:SPEC[@warmup=N][@warmup_compressor=S]
+    adamw:SPEC[@warmup=N][@warmup_compressor=S][@refresh=R]
                         `dsq.DoubleSqueezeAdamW` (AdamW only): AdamW on DoubleSqueeze-averaged gradients (S, default
                         int4:128) for N steps (default a fifth of the run), then Adam's variance frozen and the
-                        momentum compressed with SPEC
+                        momentum compressed with SPEC; the variance refreshed every R steps (default never)
     fsdp                plain FSDP2 (`fully_shard` on every block, then the model; parameters kept after forward)
     fsdp:SPEC[@downlink=D][@reshard=True][@residual_dtype=T][@K=V...]
                         FSDP2 with `dsq_plugins.fsdp.install` (D: delta, quantized or dense; reshard: the blocks
@@ -167,7 +167,9 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
         o = dict(opts)
         warm = int(o.pop("warmup", max(1, args.steps // 5)))
         wspec = o.pop("warmup_compressor", "int4:128")
+        refresh = int(o.pop("refresh", 0))
         opt = dsq.DoubleSqueezeAdamW(groups, lr=args.lr, weight_decay=args.wd, warmup_steps=warm,
+                                     variance_refresh=refresh,
                                      config=dsq.DoubleSqueezeConfig(guard=0.0, **o),
                                      warmup_config=dsq.DoubleSqueezeConfig(compressor=wspec), ddp=ddp)
     elif args.opt == "adamw":

@@ -2,7 +2,7 @@
 
 Each rank writes OUT/rank{r}.pt: per step its local gradient (before the optimizer's exchange, by parameter name),
 the parameters after the step, and, once the variance is frozen, the whitened momentum and the denominators; at
-the end the momentum collective's residuals and the bytes sent.
+the freeze and each refresh of the variance, the warm-up collective's residuals; at the end the momentum collective's residuals and the bytes sent.
 """
 import argparse
 from pathlib import Path
@@ -24,7 +24,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--beta2", type=float, default=0.999)
+    ap.add_argument("--refresh", type=int, default=0)
+    ap.add_argument("--save-at", type=int, nargs="*", default=[], help="steps after which to save a checkpoint")
+    ap.add_argument("--load-step", type=int, default=0, help="with --load: the checkpoint of that step")
     ap.add_argument("--load", default=None)
     ap.add_argument("--nan-at", type=int, default=-1)
     return ap
@@ -46,11 +49,12 @@ def run(args) -> None:
     ddp = DDP(model)
     cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=256, min_numel=16, guard=0.0)
     wcfg = dsq.DoubleSqueezeConfig(compressor=args.warmup_compressor, block_size=256, min_numel=16)
-    opt = dsq.DoubleSqueezeAdamW(ddp.parameters(), lr=args.lr, weight_decay=0.1, warmup_steps=args.warmup,
-                                 config=cfg, warmup_config=wcfg, ddp=ddp)
+    opt = dsq.DoubleSqueezeAdamW(ddp.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.1,
+                                 warmup_steps=args.warmup, variance_refresh=args.refresh, config=cfg,
+                                 warmup_config=wcfg, ddp=ddp)
     first = 0
     if args.load:
-        ckpt = torch.load(f"{args.load}/ckpt_rank{rank}.pt", weights_only=False)
+        ckpt = torch.load(f"{args.load}/ckpt{args.load_step}_rank{rank}.pt", weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         first = ckpt["step"]
@@ -62,18 +66,19 @@ def run(args) -> None:
             x[0, 0] = float("nan")
         opt.zero_grad()
         torch.nn.functional.mse_loss(ddp(x), y).backward()
-        rec = {"grad": {n: p.grad.detach().clone() for n, p in zip(names, model.parameters())}, "frozen": opt.frozen}
+        rec = {"grad": {n: p.grad.detach().clone() for n, p in zip(names, model.parameters())}, "frozen": opt.frozen,
+               "refresh": opt.refreshing}
         opt.step()
         rec["param"] = {n: p.detach().clone() for n, p in zip(names, model.parameters())}
         if opt.frozen:
             rec["m"] = {n: opt.state[p]["exp_avg"].clone() for n, p in zip(names, model.parameters())}
             rec["denom"] = {n: opt.state[p]["denom"].clone() for n, p in zip(names, model.parameters())}
-        if step + 1 == args.warmup:        # what the warm-up's residuals hold when the variance freezes
+        if step + 1 == args.warmup or rec["refresh"]:   # what the warm-up's residuals hold at a freeze or refresh
             rec.update(_warmup_residuals(opt, model))
         records.append(rec)
-        if step + 1 == args.save_at:
+        if step + 1 in args.save_at:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
-                       out / f"ckpt_rank{rank}.pt")
+                       out / f"ckpt{step + 1}_rank{rank}.pt")
     momentum = opt.momentum
     torch.save({"records": records, "first": first, "names": names,
                 "worker_residual": {names[k]: v for k, v in momentum.worker_residuals().items()},

@@ -1,11 +1,14 @@
 """`dsq.DoubleSqueezeAdamW` under the real torchrun and DDP (2 ranks, gloo), against plain torch.
 
 - Lossless compressors: the warm-up equals `torch.optim.AdamW` on the mean gradient, step for step, and the
-  frozen phase equals AdamW with its variance frozen, written here in plain torch.
+  frozen phase equals AdamW with its variance frozen (and refreshed every few steps), written here in plain torch.
 - Sign on the momentum: the conservation law in the whitened space, ``sum_t m_t = sum_t mean_i w_i,t - mean_i e_i
   - e``, with ``w_i,t`` rebuilt here from the recorded local gradients and, at the first frozen step, what the
   warm-up's residuals held at the freeze (nothing is lost there); every step applies exactly ``m_t``; the
-  momentum travels in a twentieth of dense's bytes.
+  momentum travels in a twentieth of dense's bytes. With refreshes of the variance the law holds in the gradient's
+  units (each step's ``m_t`` and ``w_i,t`` times its denominator, the final residuals times the last one): the
+  residuals carried across a refresh are re-expressed in the new whitening, and what the warm-up's collective held
+  after a refresh joins the next momentum.
 - A resumed run continues bit for bit; a NaN on one rank skips the step on both.
 """
 import json
@@ -20,6 +23,7 @@ WORKER = ROOT / "tests" / "adamw_worker.py"
 HVD_WORKER = ROOT / "tests" / "hvd_adamw_worker.py"
 DS_WORKER = ROOT / "tests" / "ds_adamw_worker.py"
 LR, WD, BETAS, EPS = 0.01, 0.1, (0.9, 0.999), 1e-8
+REFRESH_BETA2 = 0.9          # so that a refresh of 3-4 steps moves the variance by a third, not a fraction of 1%
 REFUSED = [({"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
             "ZeRO stage 1 (it partitions the optimizer state"),
            ({"bf16": {"enabled": True}}, "bf16 training"),
@@ -34,9 +38,15 @@ def torch_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adamw")
     return launch_cases(tmp, 2, {
         "lossless": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 9, "--warmup", 4, "--lr", LR),
+        "lossless_refresh": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 12, "--warmup", 4,
+                             "--refresh", 3, "--beta2", REFRESH_BETA2, "--lr", LR),
         "sign": ("--compressor", "sign", "--steps", 12, "--warmup", 4, "--lr", LR),
-        "full": ("--steps", 10, "--warmup", 4, "--save-at", 6),
-        "part": ("--steps", 10, "--warmup", 4, "--load", tmp / "cases" / "full"),
+        "sign_refresh": ("--compressor", "sign", "--steps", 14, "--warmup", 4, "--refresh", 4,
+                         "--beta2", REFRESH_BETA2, "--lr", LR),
+        "full": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--save-at", 2, 6),
+        "part": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full", "--load-step", 6),
+        "part_warm": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full",
+                      "--load-step", 2),
         "nan": ("--steps", 9, "--warmup", 4, "--nan-at", 6)}, worker=WORKER)
 
 
@@ -64,6 +74,10 @@ def _mean_grads(model, step):
 
 def test_lossless_is_adamw_then_adamw_with_its_variance_frozen(torch_runs):
     check_against_plain_torch(torch_runs.ranks("lossless"), 9, 4)
+
+
+def test_lossless_with_variance_refreshes_is_the_plain_torch_reference(torch_runs):
+    check_against_plain_torch(torch_runs.ranks("lossless_refresh"), 12, 4, refresh=3, beta2=REFRESH_BETA2)
 
 
 def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(tmp_path):
@@ -110,11 +124,13 @@ def test_on_deepspeed_what_it_cannot_run_is_refused_before_training(deepspeed_ru
             assert error is not None and message in error, (extra, error)
 
 
-def check_against_plain_torch(ranks, steps, warm):
+def check_against_plain_torch(ranks, steps, warm, refresh=0, beta2=BETAS[1]):
+    """AdamW for `warm` steps, then its variance frozen (the momentum whitened by the frozen denominator), and
+    every `refresh` steps an AdamW step that updates the variance as if by `refresh` steps."""
     model = build_model("multi")
     params = list(model.parameters())
-    ref = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    m = denom = None
+    ref = torch.optim.AdamW(params, lr=LR, betas=(BETAS[0], beta2), eps=EPS, weight_decay=WD)
+    m = denom = v = None
     for t in range(steps):
         g = _mean_grads(model, t)
         with torch.no_grad():
@@ -124,8 +140,16 @@ def check_against_plain_torch(ranks, steps, warm):
                 ref.step()
                 if t == warm - 1:
                     st = [ref.state[p] for p in params]
-                    denom = [(s["exp_avg_sq"] / (1 - BETAS[1] ** warm)).sqrt() + EPS for s in st]
+                    v = [s["exp_avg_sq"].clone() for s in st]
+                    denom = [(s["exp_avg_sq"] / (1 - beta2 ** warm)).sqrt() + EPS for s in st]
                     m = [s["exp_avg"] / d for s, d in zip(st, denom)]
+            elif refresh and (t + 1 - warm) % refresh == 0:
+                for i, (p, gi) in enumerate(zip(params, g)):
+                    v[i] = beta2 ** refresh * v[i] + (1 - beta2 ** refresh) * gi * gi
+                    new = (v[i] / (1 - beta2 ** (t + 1))).sqrt() + EPS
+                    m[i] = (BETAS[0] * m[i] * denom[i] + (1 - BETAS[0]) * gi) / new
+                    denom[i] = new
+                    p.mul_(1 - LR * WD).add_(m[i], alpha=-LR / (1 - BETAS[0] ** (t + 1)))
             else:
                 for i, (p, gi) in enumerate(zip(params, g)):
                     m[i] = BETAS[0] * m[i] + (1 - BETAS[0]) * gi / denom[i]
@@ -137,10 +161,25 @@ def check_against_plain_torch(ranks, steps, warm):
 
 
 def test_sign_momentum_conserves_its_mass_and_applies_it(torch_runs):
-    steps, warm = 12, 4
-    ranks = torch_runs.ranks("sign")
+    check_sign_momentum(torch_runs.ranks("sign"), 12, 4)
+
+
+def test_sign_momentum_with_variance_refreshes_conserves_its_mass_in_the_gradients_units(torch_runs):
+    ranks = torch_runs.ranks("sign_refresh")
+    recs = ranks[0]["records"]
+    assert [t for t in range(14) if recs[t]["refresh"]] == [7, 11]
+    moved = max(float(((recs[7]["denom"][n] - recs[6]["denom"][n]) / recs[6]["denom"][n]).abs().max())
+                for n in ranks[0]["names"])
+    assert moved > 0.05, f"a refresh moved no denominator by more than {moved:.3f}: the test checks nothing"
+    check_sign_momentum(ranks, 14, 4, refresh=4)
+
+
+def check_sign_momentum(ranks, steps, warm, refresh=0):
+    """Both ranks agree; every step applies ``m_t`` (a refresh: its own AdamW step, checked against the plain
+    torch reference in the lossless case); the conservation law, each step's terms times its denominator."""
     recs = [r["records"] for r in ranks]
     names = ranks[0]["names"]
+    refreshes = {t for t in range(warm, steps) if refresh and (t + 1 - warm) % refresh == 0}
     for t in range(warm, steps):
         assert recs[0][t]["frozen"]
         for name in names:
@@ -151,45 +190,58 @@ def test_sign_momentum_conserves_its_mass_and_applies_it(torch_runs):
         sent = torch.zeros_like(applied)
         prev = recs[0][warm - 1]["m"][name]
         zero = torch.zeros_like(denom)
-        # what the warm-up's int4 residuals held at the freeze joins the first momentum: e_i, and W e where owned
-        held = [(recs[r][warm - 1]["warm_worker"].get(name, zero).view_as(zero)
-                 + 2 * recs[r][warm - 1]["warm_server"].get(name, zero).view_as(zero)) for r in range(2)]
+
+        def held_at(t):
+            """What the warm-up's residuals held after step t (the freeze or a refresh): it joins the next
+            momentum, e_i from rank i and W e from the owner of each block."""
+            return [(recs[r][t]["warm_worker"].get(name, zero).view_as(zero)
+                     + 2 * recs[r][t]["warm_server"].get(name, zero).view_as(zero)) for r in range(2)]
+        held = held_at(warm - 1)
         for t in range(warm, steps):
-            w = [BETAS[0] * prev + (1 - BETAS[0]) * (recs[r][t]["grad"][name] + (held[r] if t == warm else 0))
-                 / denom for r in range(2)]
-            sent += ((w[0] + w[1]) / 2).double()
-            m = recs[0][t]["m"][name]
-            applied += m.double()
-            # the step applies m_t itself (decoupled weight decay beside it)
             p0, p1 = recs[0][t - 1]["param"][name], recs[0][t]["param"][name]
+            m = recs[0][t]["m"][name]
+            # the step applies m_t itself (decoupled weight decay beside it)
             torch.testing.assert_close(p1, p0 * (1 - LR * WD) - LR * m / (1 - BETAS[0] ** (t + 1)),
                                        rtol=1e-5, atol=1e-7)
+            if t in refreshes:
+                prev, held = m, held_at(t)
+                continue
+            denom = recs[0][t]["denom"][name]
+            w = [BETAS[0] * prev + (1 - BETAS[0]) * (recs[r][t]["grad"][name] + held[r]) / denom for r in range(2)]
+            held = [zero, zero]
+            sent += (denom * (w[0] + w[1]) / 2).double()
+            applied += (denom * m).double()
             prev = m
         zero = torch.zeros_like(applied)          # tensors below min_numel travel dense and keep no residual
         e_w = sum(r["worker_residual"].get(name, zero).double().view_as(applied) for r in ranks) / 2
         e_s = sum(r["server_residual"].get(name, zero).double().view_as(applied) for r in ranks)
-        torch.testing.assert_close(applied, sent - e_w - e_s, rtol=0, atol=1e-4 * (1 + float(sent.abs().max())),
+        held_end = denom.double() * (e_w + e_s)
+        torch.testing.assert_close(applied, sent - held_end, rtol=0, atol=1e-4 * (1 + float(sent.abs().max())),
                                    msg=lambda msg: f"conservation broken for {name}: {msg}")
         assert float(applied.norm()) > 0.3 * float(sent.norm()), f"{name}: the momentum stayed in the residuals"
         for r in ranks:                  # delivered, so no longer held by the warm-up's collective
             for kind in ("warm_worker", "warm_server"):
                 assert not r["after"][kind].get(name, zero).any(), f"{name}: the warm-up's residual is still held"
-    held = sum(float(recs[r][warm - 1]["warm_worker"][n].norm()) for r in range(2) for n in names
-               if n in recs[r][warm - 1]["warm_worker"])
-    assert held > 0, "the warm-up's int4 residuals were empty at the freeze: the test checks nothing"
+    for t in [warm - 1, *sorted(refreshes)]:
+        held = sum(float(recs[r][t]["warm_worker"][n].norm()) for r in range(2) for n in names
+                   if n in recs[r][t]["warm_worker"])
+        assert held > 0, f"the warm-up's int4 residuals were empty after step {t}: the test checks nothing"
     numel = sum(p.numel() for p in build_model("multi").parameters())
     dense = 2 * (2 - 1) / 2 * numel * 4          # what a ring all-reduce sends per rank per step
     per_step = max(r["momentum_bytes"] for r in ranks) / ranks[0]["momentum_steps"]
     assert per_step < dense / 10, (per_step, dense)
 
 
-def test_resume_continues_exactly(torch_runs):
-    a, b = torch_runs.ranks("full"), torch_runs.ranks("part")
+@pytest.mark.parametrize("case, at", [("part_warm", 2), ("part", 6)])
+def test_resume_continues_exactly(torch_runs, case, at):
+    """Resumed during the warm-up (DDP's hook reduces with the loaded residuals in the first backward, before the
+    optimizer's first step) and after the freeze, just before a refresh of the variance."""
+    a, b = torch_runs.ranks("full"), torch_runs.ranks(case)
     for r in range(2):
-        assert b[r]["first"] == 6
-        for t in range(6, 10):
+        assert b[r]["first"] == at
+        for t in range(at, 10):
             for name, p in a[r]["records"][t]["param"].items():
-                assert torch.equal(b[r]["records"][t - 6]["param"][name], p), f"rank {r} step {t} {name}"
+                assert torch.equal(b[r]["records"][t - at]["param"][name], p), f"rank {r} step {t} {name}"
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_both(torch_runs):
@@ -206,6 +258,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(torch_runs):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(warmup_steps=0), "warmup_steps must be an integer >= 1"),
+    (dict(variance_refresh=-1), "variance_refresh must be an integer >= 0"),
     (dict(betas=(0.9, 1.0)), "invalid betas"),
     (dict(config="sign"), "config must be a DoubleSqueezeConfig"),
 ])

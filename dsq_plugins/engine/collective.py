@@ -36,7 +36,7 @@ from .bucket import BucketState, ErrorNorms, Exchange, Scratch, now
 from .guard import QualityGuard
 from .policy import PolicyError, TensorInfo, TensorPolicy
 from ..monitoring.monitor import Monitor, RoundStats
-from .plan import BucketPlan, expand_owned
+from .plan import BucketPlan, expand_owned, owned_blocks
 
 __all__ = ["DoubleSqueezeCollective", "BucketExchange", "Exchange", "default_chunk_elements"]
 
@@ -461,6 +461,30 @@ class DoubleSqueezeCollective:
     def hold_again(self, key: Hashable, worker: Optional[torch.Tensor], server: Optional[torch.Tensor]) -> None:
         """Hold residuals `flush_into` took for a reduction that was skipped (a NaN): nothing is lost."""
         self._loaded[key] = (worker, server)
+
+    def rescale(self, key: Hashable, factor: torch.Tensor) -> None:
+        """Multiply tensor `key`'s residuals, coordinate by coordinate, by `factor` (flat, its size), for a caller
+        that changes the units of what it reduces (`DoubleSqueezeAdamW`'s variance refresh changes the whitening
+        of its momentum): the mass held keeps its value in the new units."""
+        state = self._holder.get(key)
+        if state is not None:
+            w, s = state.worker_residual(key), state.server_residual(key)
+        elif key in self._loaded:
+            w, s = self._loaded[key]
+        else:
+            return
+        factor = factor.reshape(-1)
+        if w is not None:
+            w = w * factor.to(device=w.device, dtype=w.dtype)
+        if s is not None:
+            f = factor.to(device=s.device, dtype=s.dtype)
+            cfg = self.config
+            parts = [f[a:b] for a, b in owned_blocks(key, f.numel(), cfg.block_size, self.world_size, self.rank)]
+            s = s * (torch.cat(parts) if parts else f[:0])
+        if state is not None:
+            state.load_residuals(key, w, s)
+        else:
+            self._loaded[key] = (w, s)
 
     def _release(self, old: BucketState, key) -> None:
         """`old` no longer holds `key`'s residuals: zero them there (it may be used again), forget it when it

@@ -11,12 +11,22 @@ linear in what crosses the wire, which is the momentum:
     warm-up (step < warmup_steps): AdamW on gradients averaged by DoubleSqueeze with `warmup_config`
         (default ``int4:128``: 4.7 bits per element, as accurate as dense for Adam's variance)
     freeze: d = sqrt(v_hat) + eps, per coordinate, the same on every rank
-    then, every step, rank i:
+    then, every step but the refreshes, rank i:
         w_i = beta1 * m + (1 - beta1) * g_i / d         the momentum, whitened by the frozen denominator
-            (at the first of these steps g_i also carries what the warm-up's residuals held: e_i, and W e on the
-            blocks rank i owns, so that nothing the warm-up's compressor dropped is lost at the freeze)
+            (at the first of these steps after the warm-up or a refresh, g_i also carries what the warm-up
+            collective's residuals held: e_i, and W e on the blocks rank i owns, so that nothing its compressor
+            dropped is lost)
         m   = DoubleSqueeze(w_i)                         compressed with `config` (default ``sign``), both residuals
         x  <- x * (1 - lr * weight_decay) - lr * m / (1 - beta1^t)
+    every `variance_refresh` steps after the freeze (0/1 Adam's remedy for a variance frozen before it settled;
+    0, the default: never, as in 1-bit Adam), an AdamW step on the gradient averaged as in the warm-up, its
+    variance updated as if by the k = `variance_refresh` steps since the last update:
+        v <- beta2^k v + (1 - beta2^k) g^2,    d' = sqrt(v / (1 - beta2^t)) + eps
+        m <- (beta1 m d + (1 - beta1) g) / d'  (the whitened momentum, and the momentum's residuals (times d/d'),
+                                                 re-expressed in the new whitening: what they hold keeps its value)
+        x  <- x * (1 - lr * weight_decay) - lr * m / (1 - beta1^t)
+    (v is not kept between refreshes: it is rebuilt from d, v = (d - eps)^2 (1 - beta2^(t - k)), so the state is
+    1-bit Adam's.) A refresh sends the warm-up's bytes instead of the momentum's.
 
 Whitening makes every coordinate of the compressed vector comparable (a scaled sign over a block then contracts as
 on Gaussian data), and the update, ``m`` itself, is what the conservation law counts:
@@ -60,7 +70,8 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             of training; too short a warm-up freezes a variance that has not settled).
         config: the DoubleSqueeze config of the momentum (default: ``sign`` on both passes, both residuals,
             the quality guard off: the whitened momentum is what sign contracts on).
-        warmup_config: the config of the warm-up's gradients (default ``int4:128``).
+        warmup_config: the config of the warm-up's gradients (default ``int4:128``), and of the refreshes'.
+        variance_refresh: steps between refreshes of the frozen variance (module docstring); 0: never.
         ddp: the `DistributedDataParallel` model whose gradients this optimizer averages (its comm hook is
             replaced). None: the optimizer averages them itself.
         process_group: the group to average over (default: the world), or
@@ -72,7 +83,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, *, warmup_steps: int = 1000,
+                 weight_decay: float = 0.01, *, warmup_steps: int = 1000, variance_refresh: int = 0,
                  config: Optional[DoubleSqueezeConfig] = None, warmup_config: Optional[DoubleSqueezeConfig] = None,
                  ddp=None, process_group=None, communicator: Optional[Communicator] = None,
                  monitor: Optional[Monitor] = None, module: Optional[torch.nn.Module] = None):
@@ -83,6 +94,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be an integer >= 1 (Adam's variance is learnt then frozen), "
                              f"got {warmup_steps!r}")
+        if isinstance(variance_refresh, bool) or not isinstance(variance_refresh, int) or variance_refresh < 0:
+            raise ValueError(f"variance_refresh must be an integer >= 0 (steps between refreshes of the frozen "
+                             f"variance; 0: never), got {variance_refresh!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.config = config or DoubleSqueezeConfig(compressor="sign", guard=0.0)
         self.warmup_config = warmup_config or DoubleSqueezeConfig(compressor="int4:128")
@@ -92,6 +106,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             if c.auto:
                 raise ValueError(f"{name}: compressor='auto' is for gradient hooks; name a compressor here")
         self.warmup_steps = warmup_steps
+        self.variance_refresh = variance_refresh
         self.monitor = monitor
         self.steps = 0
         self._process_group, self._communicator = process_group, communicator
@@ -125,6 +140,13 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         """Whether the variance is frozen and the momentum is what travels."""
         return self.steps >= self.warmup_steps
 
+    @property
+    def refreshing(self) -> bool:
+        """Whether the step being taken (the next `step()`) refreshes the frozen variance: its gradients are
+        averaged as in the warm-up."""
+        t, r = self.steps + 1, self.variance_refresh
+        return r > 0 and t > self.warmup_steps and (t - self.warmup_steps) % r == 0
+
     def _comm(self) -> Communicator:
         if self._communicator is None:
             if not dist.is_initialized():
@@ -150,7 +172,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             self._load_collectives(sd)
 
     def _attach(self, ddp) -> None:
-        """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up, nothing after."""
+        """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up and refreshes, nothing else."""
         from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
         self._ddp_state = DoubleSqueezeState(self.warmup_config, process_group=self._process_group,
                                              monitor=self.monitor, module=self._module)
@@ -158,7 +180,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         opt = self
 
         def hook(state, bucket):
-            if opt.frozen:
+            if opt.frozen and not opt.refreshing:
                 fut = torch.futures.Future()
                 fut.set_result(bucket.buffer())      # the local gradient: the momentum travels in step()
                 return fut
@@ -193,6 +215,8 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         self._collectives()
         if not self.frozen:
             self._warmup_step()
+        elif self.refreshing:
+            self._refresh_step()
         else:
             self._momentum_step()
         self.steps += 1
@@ -201,7 +225,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
     def _items(self, tensors):
         return [(n, t.reshape(-1)) for n, t in tensors]
 
-    def _warmup_step(self) -> None:
+    def _average_gradients(self) -> bool:
+        """Average the gradients with the warm-up's collective (DDP's hook has, if there is one); whether they
+        are all finite (DoubleSqueeze makes a skipped bucket all-NaN on every rank: the step is then skipped)."""
         params = [(n, p) for n, p in enumerate(self._params()) if p.grad is not None]
         if self._ddp_state is None and params:       # no DDP: average the gradients here
             named = [(n, p.grad) for n, p in params]
@@ -209,10 +235,12 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                 group = [named[i] for i in bucket]
                 self.grads.reduce(self._items(group), outs=[g.reshape(-1) for _, g in group])
             self.grads.finish_step()
-        t = self.steps + 1
         grads = [p.grad for _, p in params]
-        # a NaN or Inf anywhere (DoubleSqueeze makes a skipped bucket all-NaN on every rank): the step is skipped
-        ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def _warmup_step(self) -> None:
+        ok = self._average_gradients()
+        t = self.steps + 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -239,6 +267,28 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                         st["denom"] = (st.pop("exp_avg_sq") / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                         st["exp_avg"].div_(st["denom"])
 
+    def _refresh_step(self) -> None:
+        """A refresh of the frozen variance (module docstring): skipped, as a warm-up step, on a NaN or Inf."""
+        if not self._average_gradients():
+            return
+        t, k = self.steps + 1, self.variance_refresh
+        for n, p in enumerate(self._params()):
+            st = self.state.get(p)
+            if not st or "denom" not in st or p.grad is None:
+                continue
+            grp = self._group_of(p)
+            beta1, beta2 = grp["betas"]
+            g, d = p.grad, st["denom"]
+            v = (d - grp["eps"]).square_().mul_(1 - beta2 ** (t - k))       # what d was made of
+            v.mul_(beta2 ** k).addcmul_(g, g, value=1 - beta2 ** k)
+            new = v.div_(1 - beta2 ** t).sqrt_().add_(grp["eps"])
+            ratio = d / new
+            st["exp_avg"].mul_(ratio).mul_(beta1).addcdiv_(g, new, value=1 - beta1)
+            self.momentum.rescale(n, ratio.reshape(-1))
+            st["denom"] = new
+            p.mul_(1 - grp["lr"] * grp["weight_decay"])
+            p.add_(st["exp_avg"], alpha=-grp["lr"] / (1 - beta1 ** t))
+
     def _warmup_key(self, n: int, p) -> Optional[int]:
         """The key of parameter number `n` in the warm-up's collective (DDP's state numbers them as its hook
         first saw them; None if it never did)."""
@@ -249,7 +299,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         whitened, entries, flushed = [], [], []
         warm = getattr(self.grads, "collective", self.grads)
         first = t == self.warmup_steps + 1
-        if first and warm is not None and hasattr(self.grads, "drain"):
+        r = self.variance_refresh
+        after_warm = first or (r > 0 and (t - 1 - self.warmup_steps) % r == 0)    # a refresh was the last step
+        if after_warm and warm is not None and hasattr(self.grads, "drain"):
             self.grads.drain()
         for n, p in enumerate(self._params()):
             st = self.state.get(p)
@@ -324,6 +376,10 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                              f"this optimizer has {self.warmup_steps}")
         super().load_state_dict(state_dict)
         self.steps = ours["steps"]
+        if self._ddp_state is not None and ours.get("grads") is not None:
+            # now, not at the first step(): DDP's hook reduces with it in the backward before that step
+            self._ddp_state.load_state_dict(ours["grads"])
+            ours = dict(ours, grads=None)
         if self.momentum is None:
             self._pending_sd = ours
         else:
