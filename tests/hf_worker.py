@@ -70,6 +70,26 @@ class Loaded(TrainerCallback):
                    self.out / f"loaded{args.process_index}.pt")
 
 
+class EngineResidual(TrainerCallback):
+    """DeepSpeed modes: the engine's DoubleSqueeze worker residual (ZeRO-3: the parameters' flat forms one after
+    another) when a checkpoint is saved (OUT/saved{rank}_step{N}.pt) and when training begins, after the Trainer
+    loaded a resumed run's checkpoint (OUT/loaded{rank}.pt): this rank's own record of what it held."""
+
+    def __init__(self, trainer, out: Path):
+        self.trainer, self.out = trainer, out
+
+    def _record(self, name):
+        dsq = getattr(self.trainer.model_wrapped, "doublesqueeze", None)
+        if dsq is not None and getattr(dsq, "residual", None) is not None:
+            torch.save({"residual": dsq.residual.detach().clone(), "step": dsq.step}, self.out / name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._record(f"loaded{args.process_index}.pt")
+
+    def on_save(self, args, state, control, **kwargs):
+        self._record(f"saved{args.process_index}_step{state.global_step}.pt")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -78,6 +98,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--universal", action="store_true", help="resume from a universal checkpoint (ds_to_universal)")
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -102,6 +123,8 @@ def main():
                 "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
                 "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}
             ds_config["zero_allow_untested_optimizer"] = True
+        if args.universal:
+            ds_config["checkpoint"] = {"load_universal": True}
         if args.dsq:
             ds_config["doublesqueeze"] = {"enabled": True, "compressor": "sign", "block_size": 1024, "guard": 0}
     training = TrainingArguments(
@@ -113,6 +136,8 @@ def main():
     counter = Bytes()
     trainer.add_callback(counter)
     callback = None
+    if args.mode.startswith("deepspeed") and args.dsq:
+        trainer.add_callback(EngineResidual(trainer, out))
     if args.mode == "ddp" and args.dsq:
         import dsq_plugins as dsq
         from dsq_plugins.frontends.hf_trainer import DoubleSqueezeCallback

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,30 @@ def test_trainer_trains_with_doublesqueeze_and_resumes_exactly(tmp_path, mode):
         assert_mass_kept([torch.load(checkpoint / f"doublesqueeze_rank_{r:05d}.pt", weights_only=False)
                           for r in range(2)], [torch.load(three / f"loaded{r}.pt", weights_only=False)
                                                for r in range(3)])
+    if mode == "deepspeed-zero3":          # resumed by 3 processes from a universal checkpoint
+        three = tmp_path / "universal"
+        universal = three / "trainer" / "checkpoint-4"
+        shutil.copytree(checkpoint, universal)
+        to_universal(universal / "global_step4", universal / "global_step4_universal")
+        job("hf_worker.py", three, *dsq_flag, "--steps", "6", "--resume", "--universal", nproc=3)
+        assert result(three)["step"] == 6
+        mean = sum(torch.load(full / f"saved{r}_step4.pt", weights_only=False)["residual"] for r in range(2)) / 2
+        assert float(mean.abs().sum()) > 0.1
+        for r in range(3):
+            loaded = torch.load(three / f"loaded{r}.pt", weights_only=False)
+            assert loaded["step"] == 4 and torch.equal(loaded["residual"], mean), r
+
+
+def to_universal(folder: Path, universal: Path) -> None:
+    """What the README says a user does: DeepSpeed's `ds_to_universal`, our files copied beside its output, and
+    `latest_universal` naming it."""
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(folder), "--output_folder", str(universal), "--inject_missing_state"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for f in folder.glob("doublesqueeze_rank_*.pt"):
+        shutil.copy(f, universal / f.name)
+    (folder.parent / "latest_universal").write_text(universal.name)
 
 
 def assert_mass_kept(saved, loaded):
