@@ -198,7 +198,8 @@ def test_malformed_traffic_leaves_the_server_serving():
 
 
 def test_sigkilled_worker_is_dropped_others_go_on_and_a_restart_rejoins_with_a_full_pull():
-    with async_ps.ParameterServer(bind="tcp://127.0.0.1:0", heartbeat_timeout=1.5, max_staleness=10_000) as srv, \
+    # workers heartbeat every second: 3 s of silence is two missed beats, not one late beat on a loaded machine
+    with async_ps.ParameterServer(bind="tcp://127.0.0.1:0", heartbeat_timeout=3.0, max_staleness=10_000) as srv, \
             cleanup() as procs:
         env = {"DSQ_PS_ADDR": srv.address, "DSQ_PS_TOKEN": srv.token}
         for wid in ("0", "1"):
@@ -209,9 +210,9 @@ def test_sigkilled_worker_is_dropped_others_go_on_and_a_restart_rejoins_with_a_f
         procs[1].kill(signal.SIGKILL)
         procs[1].wait(10)
         t_kill = time.monotonic()
-        assert srv.wait_for(lambda s: "1" not in s.slots, 10), "the killed worker was not detected"
+        assert srv.wait_for(lambda s: "1" not in s.slots, 15), "the killed worker was not detected"
         detected_after = time.monotonic() - t_kill
-        assert 1.0 <= detected_after < 5.0, detected_after
+        assert 2.0 <= detected_after < 8.0, detected_after
         snap = srv.snapshot()
         assert snap["counters"]["dropped"] == 1 and "1" not in snap["workers"]
         survivor = snap["workers"]["0"]["accepted"]
