@@ -15,11 +15,16 @@ of its partition (`param_compressor`, ``int8`` per block by default: `sharded.Qu
 the owner included, computes with ``Q(x)``; the owner's exact partition, which the optimizer updates, is untouched.
 Each parameter is gathered on its own (blocks start at its partition), so ``Q(x)`` does not depend on how
 DeepSpeed's prefetcher groups parameters.
-Gathers outside those calls stay DeepSpeed's own and exact: `deepspeed.zero.GatheredParameters` in the user's code,
-checkpoint consolidation, and the optimizer step's re-gather of the parameters DeepSpeed keeps whole (those under
-``stage3_param_persistence_threshold``: small, and exact whether the run was resumed or not); so does everything
-during warm-up steps and auto's dense steps (whose first gather, in forward, is where a step's mode is decided; the
-residual then goes along with the gradients, `ShardedZeroState.flush_into`).
+The parameters DeepSpeed keeps whole between forward and backward (``ds_persist``: those under
+``stage3_param_persistence_threshold``) go the same way: DeepSpeed re-gathers them exactly after each optimizer step
+and after each checkpoint save or load, to hold them until the next; with DoubleSqueeze installed those re-gathers
+are left out (`_without_persistent`), so the next forward gathers them with the others, ``Q(x)`` on a compressed
+step, once a step (they stay gathered through backward). Every parameter then computes with what its step's mode
+says, and a resumed run with what the run it continues computed with.
+Gathers outside those calls stay DeepSpeed's own and exact: `deepspeed.zero.GatheredParameters` in the user's code
+and checkpoint consolidation; so does everything during warm-up steps and auto's dense steps (whose first gather, in
+forward, is where a step's mode is decided; the residual then goes along with the gradients,
+`ShardedZeroState.flush_into`).
 
 DeepSpeed has no communication-hook API. The reduce-scatter is replaced on the optimizer instance. The gathers go
 through `partition_parameters._dist_allgather_fn`, a module function every non-quantized parameter gather calls
@@ -222,6 +227,8 @@ def attach(engine, state: ZeroThreeState) -> None:
 
     setattr(optimizer, name, types.MethodType(avg_scatter_grads, optimizer))
     optimizer.step = types.MethodType(step, optimizer)
+    for method in ("_post_step", "checkpoint_event_epilogue"):
+        setattr(optimizer, method, _without_persistent(optimizer, getattr(optimizer, method)))
     for method in ("forward", "backward"):
         stock = getattr(engine, method)
         setattr(engine, method, functools.wraps(stock)(functools.partial(state.active, stock)))
@@ -231,34 +238,34 @@ def attach(engine, state: ZeroThreeState) -> None:
     partition_parameters._dist_allgather_fn = _dispatch_gather
 
 
+def _without_persistent(optimizer, method):
+    """`optimizer`'s `method` with its re-gather of the parameters DeepSpeed keeps whole left out (it gathers
+    ``optimizer.persistent_parameters``): the next forward gathers them, compressed where its step is."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        persistent, optimizer.persistent_parameters = optimizer.persistent_parameters, []
+        try:
+            return method(*args, **kwargs)
+        finally:
+            optimizer.persistent_parameters = persistent
+    return run
+
+
 def _one_by_one(gather, state: ZeroThreeState):
     """A parameter's `all_gather_coalesced` that, while `state` compresses, gathers each parameter of the list on
-    its own: the blocks then start at each parameter's partition, so what the model computes with does not depend
-    on which parameters DeepSpeed's prefetcher happens to group. The padding of a partition (DeepSpeed allocates it
-    uninitialised) is zeroed first, so that it cannot set a block's range.
-
-    Parameters DeepSpeed keeps whole (``ds_persist``) go exactly, as all together: they are exact everywhere else
-    (the step's and the checkpoints' re-gathers), and only a step without a trace yet (a run's first, resumed or
-    not) releases them and gathers them again inside forward and backward; exact there too, a resumed run computes
-    with what the run it continues computed with."""
+    its own, those DeepSpeed keeps whole included: the blocks then start at each parameter's partition, so what the
+    model computes with does not depend on which parameters DeepSpeed's prefetcher happens to group. The padding of
+    a partition (DeepSpeed allocates it uninitialised) is zeroed first, so that it cannot set a block's range."""
     @functools.wraps(gather)
     def all_gather_coalesced(params, safe_mode: bool = False, quantize: bool = False):
         params = list(params)
         if not _ACTIVE or _ACTIVE[-1] is not state or not state.compressing():
             return gather(params, safe_mode=safe_mode, quantize=quantize)
         params.sort(key=lambda p: p.ds_id)          # the same order on every rank, as DeepSpeed's own gather sorts
-        persistent = [p for p in params if getattr(p, "ds_persist", False)]
         handles = []
-        if persistent:
-            _ACTIVE.append(None)           # None: the dispatcher hands these to DeepSpeed's own gather
-            try:
-                handles.append(gather(persistent, safe_mode=safe_mode, quantize=quantize))
-            finally:
-                _ACTIVE.pop()
         for p in params:
-            if not getattr(p, "ds_persist", False):
-                _zero_padding(p, state.rank)
-                handles.append(gather([p], safe_mode=safe_mode, quantize=quantize))
+            _zero_padding(p, state.rank)
+            handles.append(gather([p], safe_mode=safe_mode, quantize=quantize))
         return handles[0] if len(handles) == 1 else partition_parameters.MultipleAllGatherHandles(handles)
     return all_gather_coalesced
 

@@ -37,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--nan-param", default=None, help="with --nan-at: only this parameter's gradient is made Inf")
     ap.add_argument("--fp16", action="store_true", help="DeepSpeed's fp16 with its dynamic loss scaler")
     ap.add_argument("--scale-window", type=int, default=1000, help="fp16.loss_scale_window")
+    ap.add_argument("--persist", type=int, default=0, help="stage3_param_persistence_threshold (elements)")
     ap.add_argument("--local_rank", type=int, default=-1)
     return ap
 
@@ -54,7 +55,7 @@ def run(args) -> None:
     reference = copy.deepcopy(model)
     cfg = {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10 ** 6, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True,
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": args.persist,
                                  "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": 0}}
     if args.fp16:
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": args.scale_window,
@@ -129,7 +130,8 @@ def run(args) -> None:
                                ds_skipped=engine.skipped_steps)
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out / "ckpt"), tag=f"step{step + 1}")
-    result = {"records": records, "world": engine.world_size, "dsq": dsq is not None, "loaded": loaded}
+    result = {"records": records, "world": engine.world_size, "dsq": dsq is not None, "loaded": loaded,
+              "persistent": sorted(n for n, p in params.items() if getattr(p, "ds_persist", False))}
     if dsq is not None:
         result.update(residual=dsq.residual.clone(), step=dsq.step, totals=dsq.totals.as_dict(),
                       gathers=dsq.gathers, gathered_elements=dsq.gathered_elements, memory=dsq.memory_report(),

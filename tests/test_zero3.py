@@ -57,13 +57,16 @@ def quantized_partitions(x: torch.Tensor, W: int) -> torch.Tensor:
     return torch.cat([blockwise(int8_block, padded[r * s:(r + 1) * s]) for r in range(W)])[:d]
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_zero3_equals_the_plain_torch_reference_on_both_passes(tmp_path, nproc):
+@pytest.mark.parametrize("nproc, persist", [(2, 0), (3, 0), (2, 10 ** 4)])
+def test_zero3_equals_the_plain_torch_reference_on_both_passes(tmp_path, nproc, persist):
     """One 40x50 weight: the engine computes with int8 of every owner's exact partition (padding included, blocks
     of 256), the same on every rank; the exact parameters move by the reference's sign uplink with error feedback;
     the worker residuals equal the reference's; conservation; at least 1.8x fewer bytes than stock's collectives
-    would move (the issue's resharded target)."""
-    ranks, _ = run(tmp_path, nproc, "--steps", "4")
+    would move (the issue's resharded target). Kept whole by DeepSpeed (under `stage3_param_persistence_threshold`,
+    which stock re-gathers exactly after every step), the weight is computed with as int8 at every step all the
+    same."""
+    ranks, _ = run(tmp_path, nproc, "--steps", "4", "--persist", persist)
+    assert ranks[0]["persistent"] == (["weight"] if persist else [])
     W = nproc
     for t in range(4):
         x = ranks[0]["records"][t]["before"]["weight"]
