@@ -36,7 +36,8 @@ $(STAMP): $(CORE) tools/horovod_wheel.sh
 # parameter server's worker and server (in-process), so the code a
 # GPU runs is tested on a machine without one. It leaves out what no fast path touches: the refusal of foreign
 # checkpoints, the pickled form of a resume, and of FSDP2 what runs no other sharded code than the first run's:
-# Lightning, the kernel's byte counts, the resumes, HSDP (the engine's collective, tested here under DDP).
+# Lightning, the kernel's byte counts, the resumes, HSDP (the engine's collective, tested here under DDP); and
+# ZeRO-3's reference with its weight kept whole by DeepSpeed (the same passes as the other cases there).
 CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engine.py tests/test_codec.py \
 	tests/test_auto.py tests/test_ddp_hook.py tests/test_async_ps_inproc.py tests/test_guard.py tests/test_pipeline.py \
 	tests/test_fsdp.py tests/test_zero2.py::test_zero2_equals_the_plain_torch_reference_on_both_passes \
@@ -46,7 +47,7 @@ test: setup
 	$(PY) -m pytest -q --durations=20 tests
 	DSQ_FAST_PATHS=0 $(PY) -m pytest -q $(CORE_TESTS) \
 		-k "not refused and not pickled and not lightning_model_parallel and not bytes_counted_by_the_kernel \
-		    and not fsdp2_resume and not hsdp_replica"
+		    and not fsdp2_resume and not hsdp_replica and not persistent"
 
 # The main demo: 4 DDP ranks on the digits data, five methods side by side (see examples/demo.py).
 demo: setup-core

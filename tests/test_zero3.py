@@ -57,7 +57,7 @@ def quantized_partitions(x: torch.Tensor, W: int) -> torch.Tensor:
     return torch.cat([blockwise(int8_block, padded[r * s:(r + 1) * s]) for r in range(W)])[:d]
 
 
-@pytest.mark.parametrize("nproc, persist", [(2, 0), (3, 0), (2, 10 ** 4)])
+@pytest.mark.parametrize("nproc, persist", [(2, 0), (3, 0), pytest.param(2, 10 ** 4, id="2-persistent")])
 def test_zero3_equals_the_plain_torch_reference_on_both_passes(tmp_path, nproc, persist):
     """One 40x50 weight: the engine computes with int8 of every owner's exact partition (padding included, blocks
     of 256), the same on every rank; the exact parameters move by the reference's sign uplink with error feedback;
