@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_convergence_quick(tmp_path):
     out = tmp_path / "convergence.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--json", str(out),
-                    "--outdir", str(tmp_path / "img")], check=True, timeout=120, capture_output=True)
+                    "--outdir", str(tmp_path / "img")], check=True, timeout=300, capture_output=True)
     r = json.loads(out.read_text())
 
     d = r["digits"]
