@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--beta2", type=float, default=0.999)
     ap.add_argument("--refresh", type=int, default=0)
+    ap.add_argument("--no-ddp", action="store_true", help="a plain model: the optimizer averages the gradients")
     ap.add_argument("--save-at", type=int, nargs="*", default=[], help="steps after which to save a checkpoint")
     ap.add_argument("--load-step", type=int, default=0, help="with --load: the checkpoint of that step")
     ap.add_argument("--load", default=None)
@@ -46,12 +47,12 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = build_model("multi")
     names = [n for n, _ in model.named_parameters()]
-    ddp = DDP(model)
+    ddp = model if args.no_ddp else DDP(model)
     cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=256, min_numel=16, guard=0.0)
     wcfg = dsq.DoubleSqueezeConfig(compressor=args.warmup_compressor, block_size=256, min_numel=16)
     opt = dsq.DoubleSqueezeAdamW(ddp.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.1,
                                  warmup_steps=args.warmup, variance_refresh=args.refresh, config=cfg,
-                                 warmup_config=wcfg, ddp=ddp)
+                                 warmup_config=wcfg, ddp=None if args.no_ddp else ddp, module=model)
     first = 0
     if args.load:
         ckpt = torch.load(f"{args.load}/ckpt{args.load_step}_rank{rank}.pt", weights_only=False)
@@ -94,9 +95,14 @@ def _warmup_residuals(opt, model) -> dict:
     the server residual (in place, zeros elsewhere). DDP's state numbers parameters in the order its hook first saw
     them (a run resumed after the freeze never numbered them: what it loaded is left out)."""
     state = opt.grads
-    coll = state.collective
-    key_name = {state.number_of(p): n for n, p in model.named_parameters() if state.number_of(p) is not None}
-    numel = {state.number_of(p): p.numel() for p in model.parameters()}
+    if hasattr(state, "collective"):       # DDP's state
+        coll = state.collective
+        key_name = {state.number_of(p): n for n, p in model.named_parameters() if state.number_of(p) is not None}
+        numel = {state.number_of(p): p.numel() for p in model.parameters()}
+    else:                                  # the optimizer's own collective: parameters by their number
+        coll = state
+        key_name = dict(enumerate(n for n, _ in model.named_parameters()))
+        numel = dict(enumerate(p.numel() for p in model.parameters()))
     return {"warm_worker": {key_name[k]: v.clone() for k, v in coll.worker_residuals().items() if k in key_name},
             "warm_server": {key_name[k]: coll.expand_server_residual(k, v, numel[k]).clone()
                             for k, v in coll.server_residuals().items() if k in key_name}}

@@ -8,7 +8,7 @@
   momentum travels in a twentieth of dense's bytes. With refreshes of the variance the law holds in the gradient's
   units (each step's ``m_t`` and ``w_i,t`` times its denominator, the final residuals times the last one): the
   residuals carried across a refresh are re-expressed in the new whitening, and what the warm-up's collective held
-  after a refresh joins the next momentum.
+  after a refresh joins the next momentum; under DDP and on a plain model (the optimizer then averages itself).
 - A resumed run continues bit for bit; a NaN on one rank skips the step on both.
 """
 import json
@@ -43,6 +43,10 @@ def torch_runs(tmp_path_factory):
         "sign": ("--compressor", "sign", "--steps", 12, "--warmup", 4, "--lr", LR),
         "sign_refresh": ("--compressor", "sign", "--steps", 14, "--warmup", 4, "--refresh", 4,
                          "--beta2", REFRESH_BETA2, "--lr", LR),
+        "lossless_refresh_own": ("--compressor", "none", "--warmup-compressor", "none", "--steps", 12, "--warmup", 4,
+                                 "--refresh", 3, "--beta2", REFRESH_BETA2, "--lr", LR, "--no-ddp"),
+        "sign_refresh_own": ("--compressor", "sign", "--steps", 14, "--warmup", 4, "--refresh", 4,
+                             "--beta2", REFRESH_BETA2, "--lr", LR, "--no-ddp"),
         "full": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--save-at", 2, 6),
         "part": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full", "--load-step", 6),
         "part_warm": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full",
@@ -76,8 +80,11 @@ def test_lossless_is_adamw_then_adamw_with_its_variance_frozen(torch_runs):
     check_against_plain_torch(torch_runs.ranks("lossless"), 9, 4)
 
 
-def test_lossless_with_variance_refreshes_is_the_plain_torch_reference(torch_runs):
-    check_against_plain_torch(torch_runs.ranks("lossless_refresh"), 12, 4, refresh=3, beta2=REFRESH_BETA2)
+@pytest.mark.parametrize("case", ["lossless_refresh", "lossless_refresh_own"])
+def test_lossless_with_variance_refreshes_is_the_plain_torch_reference(torch_runs, case):
+    """Under DDP, and on a plain model (the optimizer averages the gradients itself, as under Horovod and
+    DeepSpeed)."""
+    check_against_plain_torch(torch_runs.ranks(case), 12, 4, refresh=3, beta2=REFRESH_BETA2)
 
 
 def test_on_horovod_lossless_is_the_same_and_sign_agrees_everywhere(tmp_path):
@@ -164,8 +171,9 @@ def test_sign_momentum_conserves_its_mass_and_applies_it(torch_runs):
     check_sign_momentum(torch_runs.ranks("sign"), 12, 4)
 
 
-def test_sign_momentum_with_variance_refreshes_conserves_its_mass_in_the_gradients_units(torch_runs):
-    ranks = torch_runs.ranks("sign_refresh")
+@pytest.mark.parametrize("case", ["sign_refresh", "sign_refresh_own"])
+def test_sign_momentum_with_variance_refreshes_conserves_its_mass_in_the_gradients_units(torch_runs, case):
+    ranks = torch_runs.ranks(case)
     recs = ranks[0]["records"]
     assert [t for t in range(14) if recs[t]["refresh"]] == [7, 11]
     moved = max(float(((recs[7]["denom"][n] - recs[6]["denom"][n]) / recs[6]["denom"][n]).abs().max())
