@@ -144,7 +144,11 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
     def refreshing(self) -> bool:
         """Whether the step being taken (the next `step()`) refreshes the frozen variance: its gradients are
         averaged as in the warm-up."""
-        t, r = self.steps + 1, self.variance_refresh
+        return self._refreshes_at(self.steps + 1)
+
+    def _refreshes_at(self, t: int) -> bool:
+        """Whether step number `t` (from 1) refreshes the frozen variance."""
+        r = self.variance_refresh
         return r > 0 and t > self.warmup_steps and (t - self.warmup_steps) % r == 0
 
     def _comm(self) -> Communicator:
@@ -299,9 +303,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         whitened, entries, flushed = [], [], []
         warm = getattr(self.grads, "collective", self.grads)
         first = t == self.warmup_steps + 1
-        r = self.variance_refresh
-        after_warm = first or (r > 0 and (t - 1 - self.warmup_steps) % r == 0)    # a refresh was the last step
-        if after_warm and warm is not None and hasattr(self.grads, "drain"):
+        if (first or self._refreshes_at(t - 1)) and warm is not None and hasattr(self.grads, "drain"):
             self.grads.drain()
         for n, p in enumerate(self._params()):
             st = self.state.get(p)
