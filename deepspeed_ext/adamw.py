@@ -26,7 +26,8 @@ the optimizer averages; stock DeepSpeed clips the average. A warning says so onc
 Checkpoints: the residuals differ by rank, while DeepSpeed saves the optimizer of rank 0 only; so
 `engine.save_checkpoint` also writes every rank's `state_dict()` (``doublesqueeze_adamw_rank_XXXXX.pt``) in the
 tag's folder, and `engine.load_checkpoint` loads the model through DeepSpeed and the optimizer from that file. A
-checkpoint from another number of ranks, or without the files, is refused.
+checkpoint from another number of ranks is resumed with the residuals redistributed, their mass kept
+(`DoubleSqueezeAdamW.load_resharded`); one without every rank's file is refused.
 """
 import os
 import warnings
@@ -92,6 +93,20 @@ def install_optimizer(engine) -> DoubleSqueezeAdamW:
     return opt
 
 
+def _saved_world_size(folder: str) -> int:
+    """The number of ranks that saved the DoubleSqueezeAdamW files in `folder`; raises if any file is missing."""
+    first = os.path.join(folder, _FILE.format(0))
+    if not os.path.isfile(first):
+        raise FileNotFoundError(f"{first} is missing: a DoubleSqueezeAdamW checkpoint keeps every rank's residuals "
+                                f"in its own file (saved by engine.save_checkpoint)")
+    saved_world = torch.load(first, weights_only=False).get("world_size")
+    missing = [_FILE.format(r) for r in range(saved_world) if not os.path.isfile(os.path.join(folder, _FILE.format(r)))]
+    if missing:
+        raise FileNotFoundError(f"the checkpoint in {folder} was saved by {saved_world} ranks, but "
+                                f"{', '.join(missing)} are missing: every rank's residuals are needed to resume")
+    return saved_world
+
+
 def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
     rank, world = ds_dist.get_rank(group=groups._get_data_parallel_group()), engine.dp_world_size
     save_rank_files(engine, lambda folder: torch.save({"world_size": world, "optimizer": opt.state_dict()},
@@ -102,15 +117,14 @@ def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
         load_path, client_state = load(load_dir, tag, load_module_strict, False, *args, **kwargs)
         if load_path is None or not load_optimizer_states:
             return load_path, client_state
-        path = os.path.join(os.path.dirname(load_path), _FILE.format(rank))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: a DoubleSqueezeAdamW checkpoint keeps every rank's "
-                                    f"residuals in its own file (saved by engine.save_checkpoint)")
-        sd = torch.load(path, weights_only=False)
-        if sd.get("world_size") != world:
-            raise ValueError(f"cannot resume DoubleSqueezeAdamW on {world} ranks from a checkpoint of "
-                             f"{sd.get('world_size')}: its residuals are per rank")
-        opt.load_state_dict(sd["optimizer"])
+        folder = os.path.dirname(load_path)
+        path = os.path.join(folder, _FILE.format(rank))
+        saved_world = _saved_world_size(folder)
+        if saved_world == world:
+            opt.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
+        else:                  # every saved rank's state, the residuals redistributed with their mass kept
+            opt.load_resharded([torch.load(os.path.join(folder, _FILE.format(r)), weights_only=False)["optimizer"]
+                                for r in range(saved_world)])
         return load_path, client_state
 
     load_checkpoint.__doc__ = load.__doc__

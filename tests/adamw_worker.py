@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-at", type=int, nargs="*", default=[], help="steps after which to save a checkpoint")
     ap.add_argument("--load-step", type=int, default=0, help="with --load: the checkpoint of that step")
     ap.add_argument("--load", default=None)
+    ap.add_argument("--load-ranks", type=int, default=0,
+                    help="with --load: load every one of that many saved ranks' states (load_resharded)")
     ap.add_argument("--nan-at", type=int, default=-1)
     return ap
 
@@ -55,9 +57,15 @@ def run(args) -> None:
                                  warmup_config=wcfg, ddp=None if args.no_ddp else ddp, module=model)
     first = 0
     if args.load:
-        ckpt = torch.load(f"{args.load}/ckpt{args.load_step}_rank{rank}.pt", weights_only=False)
+        ckpt = torch.load(f"{args.load}/ckpt{args.load_step}_rank{0 if args.load_ranks else rank}.pt",
+                          weights_only=False)
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
+        if args.load_ranks:
+            opt.load_resharded([torch.load(f"{args.load}/ckpt{args.load_step}_rank{r}.pt", weights_only=False)["opt"]
+                                for r in range(args.load_ranks)])
+            torch.save(_residuals(opt, model), out / f"loaded{rank}.pt")
+        else:
+            opt.load_state_dict(ckpt["opt"])
         first = ckpt["step"]
     records = []
     for step in range(first, args.steps):
@@ -80,6 +88,7 @@ def run(args) -> None:
         if step + 1 in args.save_at:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
                        out / f"ckpt{step + 1}_rank{rank}.pt")
+            torch.save(_residuals(opt, model), out / f"held{step + 1}_rank{rank}.pt")   # this run's own record
     momentum = opt.momentum
     torch.save({"records": records, "first": first, "names": names,
                 "worker_residual": {names[k]: v for k, v in momentum.worker_residuals().items()},
@@ -88,6 +97,25 @@ def run(args) -> None:
                 "after": _warmup_residuals(opt, model),
                 "momentum_bytes": momentum.totals.bytes_sent, "momentum_steps": momentum.step,
                 "bytes_sent": opt.bytes_sent(), "skipped": momentum.skipped_steps}, out / f"rank{rank}.pt")
+
+
+def _residuals(opt, model) -> dict:
+    """Both collectives' residuals by parameter name (the momentum's as `m_worker` and `m_server`, the server's in
+    place, zeros elsewhere), and AdamW's state."""
+    names = [n for n, _ in model.named_parameters()]
+    out = _warmup_residuals(opt, model)
+    if opt.momentum is not None:
+        m = opt.momentum
+        out["m_worker"] = {names[k]: v.clone() for k, v in m.worker_residuals().items()}
+        out["m_server"] = {names[k]: m.expand_server_residual(k, v, model.get_parameter(names[k]).numel()).clone()
+                           for k, v in m.server_residuals().items()}
+    out["state"] = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()
+                    if p in opt.state}
+    warm = getattr(opt.grads, "collective", opt.grads)       # by key: a resumed DDP hook has not numbered them yet
+    if warm is not None:
+        out["warm_worker_raw"] = {k: v.clone() for k, v in warm.worker_residuals().items()}
+        out["warm_server_raw"] = {k: v.clone() for k, v in warm.server_residuals().items()}
+    return out
 
 
 def _warmup_residuals(opt, model) -> dict:

@@ -64,6 +64,8 @@ def run(args) -> None:
     if args.load:
         engine.load_checkpoint(args.load, tag="ckpt")
         first = opt.steps
+        if opt.momentum is not None:       # created by a resharded load (on as many ranks: at the first step)
+            torch.save(_momentum_residuals(opt, model, names), out / f"loaded{rank}.pt")
     records = []
     for step in range(first, args.steps):
         x, y = batch(step, 0, rank, "multi")
@@ -72,8 +74,17 @@ def run(args) -> None:
         records.append({"param": {n: p.detach().clone() for n, p in zip(names, model.parameters())}})
         if step + 1 == args.save_at:
             engine.save_checkpoint(str(out), tag="ckpt")
+            torch.save(_momentum_residuals(opt, model, names), out / f"held{rank}.pt")     # this run's own record
     torch.save({"records": records, "allreduce": engine.enable_backward_allreduce,
                 "momentum_bytes": opt.momentum.totals.bytes_sent}, out / f"rank{rank}.pt")
+
+
+def _momentum_residuals(opt, model, names) -> dict:
+    """The momentum collective's worker residual and owned server blocks (in place, zeros elsewhere) by name."""
+    m = opt.momentum
+    return {"worker": {names[k]: v.clone() for k, v in m.worker_residuals().items()},
+            "server": {names[k]: m.expand_server_residual(k, v, model.get_parameter(names[k]).numel()).clone()
+                       for k, v in m.server_residuals().items()}, "steps": opt.steps}
 
 
 if __name__ == "__main__":

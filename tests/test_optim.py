@@ -9,7 +9,8 @@
   units (each step's ``m_t`` and ``w_i,t`` times its denominator, the final residuals times the last one): the
   residuals carried across a refresh are re-expressed in the new whitening, and what the warm-up's collective held
   after a refresh joins the next momentum; under DDP and on a plain model (the optimizer then averages itself).
-- A resumed run continues bit for bit; a NaN on one rank skips the step on both.
+- A resumed run continues bit for bit; resumed on 3 ranks from 2 (`load_resharded`) the residuals' mass is kept
+  and delivered; a NaN on one rank skips the step on both.
 """
 import json
 
@@ -51,7 +52,21 @@ def torch_runs(tmp_path_factory):
         "part": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full", "--load-step", 6),
         "part_warm": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full",
                       "--load-step", 2),
-        "nan": ("--steps", 9, "--warmup", 4, "--nan-at", 6)}, worker=WORKER)
+        "nan": ("--steps", 9, "--warmup", 4, "--nan-at", 6),
+        "saved": ("--steps", 6, "--warmup", 4, "--save-at", 2, 6),
+        "saved_own": ("--steps", 6, "--warmup", 4, "--save-at", 6, "--no-ddp")}, worker=WORKER)
+
+
+@pytest.fixture(scope="module")
+def resharded_runs(torch_runs, tmp_path_factory):
+    """3 ranks resume from the 2 ranks' checkpoints of `torch_runs` (`load_resharded`), in one launch: during the
+    warm-up (step 2) and after the freeze (step 6), under DDP and on a plain model."""
+    saved, own = torch_runs.out / "saved", torch_runs.out / "saved_own"
+    return launch_cases(tmp_path_factory.mktemp("adamw3"), 3, {
+        "warm": ("--steps", 6, "--warmup", 4, "--load", saved, "--load-step", 2, "--load-ranks", 2),
+        "frozen": ("--steps", 10, "--warmup", 4, "--load", saved, "--load-step", 6, "--load-ranks", 2),
+        "frozen_own": ("--steps", 10, "--warmup", 4, "--load", own, "--load-step", 6, "--load-ranks", 2,
+                       "--no-ddp")}, worker=WORKER, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +136,31 @@ def test_on_deepspeed_lossless_is_the_same_sign_moves_only_compressed_bytes_and_
                 assert torch.equal(b[0]["records"][t - 6]["param"][name], p), f"resumed step {t} {name}"
     numel = sum(p.numel() for p in build_model("multi").parameters())
     assert 0 < a[0]["momentum_bytes"] < (10 - 3) * numel * 4 / 10      # dense's ring all-reduce: numel * 4 a step
+
+
+def test_on_deepspeed_a_checkpoint_of_two_ranks_resumes_on_three_with_the_residuals_mass(deepspeed_runs, tmp_path):
+    """engine.load_checkpoint on 3 ranks of the 2 ranks' checkpoint (saved after step 6, frozen): every new rank's
+    momentum worker residual is the saved ranks' mean, the server residuals keep their sum (against what the saving
+    ranks recorded themselves), and the 3 ranks train on in step."""
+    three = launch_cases(tmp_path, 3, {"resumed3": ("--steps", 9, "--warmup", 3, "--lr", LR, "--load",
+                                                    deepspeed_runs.out / "sign")},
+                         worker=DS_WORKER, launcher=deepspeed_launch, timeout=300)
+    old = [torch.load(deepspeed_runs.out / "sign" / f"held{r}.pt", weights_only=False) for r in range(2)]
+    loaded = [torch.load(three.out / "resumed3" / f"loaded{r}.pt", weights_only=False) for r in range(3)]
+    mass = 0.0
+    for name, e0 in old[0]["worker"].items():
+        mean = (e0 + old[1]["worker"][name]) / 2
+        for r in range(3):
+            assert loaded[r]["steps"] == 6 and torch.equal(loaded[r]["worker"][name], mean), (name, r)
+        torch.testing.assert_close(sum(x["server"][name] for x in loaded), old[0]["server"][name] +
+                                   old[1]["server"][name], rtol=0, atol=0)
+        mass += float(mean.abs().sum())
+    assert mass > 0.1
+    new = three.ranks("resumed3")
+    assert [len(n["records"]) for n in new] == [3, 3, 3]
+    for t in range(3):
+        for name, p in new[0]["records"][t]["param"].items():
+            assert torch.isfinite(p).all() and all(torch.equal(n["records"][t]["param"][name], p) for n in new)
 
 
 def test_on_deepspeed_what_it_cannot_run_is_refused_before_training(deepspeed_runs):
@@ -250,6 +290,73 @@ def test_resume_continues_exactly(torch_runs, case, at):
         for t in range(at, 10):
             for name, p in a[r]["records"][t]["param"].items():
                 assert torch.equal(b[r]["records"][t - at]["param"][name], p), f"rank {r} step {t} {name}"
+
+
+@pytest.mark.parametrize("case, saved", [("frozen", "saved"), ("frozen_own", "saved_own")])
+def test_resumed_on_three_ranks_the_momentums_residuals_are_delivered(torch_runs, resharded_runs, case, saved):
+    """2 ranks save after step 6 (frozen, sign on the momentum); 3 ranks resume from both ranks' states
+    (`load_resharded`) and take 4 steps. Every new rank starts from AdamW's saved state and the saved ranks' mean
+    worker residual, the server residual keeps its sum; and the conservation law holds across the resume:
+    ``sum_t m_t = sum_t mean_i w_i,t + R_6 - R_10`` over the resumed steps, with ``R = mean_i e_i + e`` and R_6
+    what the saving ranks held (their own record). Starting the residuals afresh breaks it by R_6."""
+    old = [torch.load(torch_runs.out / saved / f"held6_rank{r}.pt", weights_only=False) for r in range(2)]
+    loaded = [torch.load(resharded_runs.out / case / f"loaded{r}.pt", weights_only=False) for r in range(3)]
+    new = resharded_runs.ranks(case)
+    beta1 = BETAS[0]
+    held_mass = 0.0
+    for name, e0 in old[0]["m_worker"].items():
+        mean = (e0 + old[1]["m_worker"][name]) / 2
+        server = old[0]["m_server"][name] + old[1]["m_server"][name]
+        for r in range(3):
+            assert torch.equal(loaded[r]["m_worker"][name], mean), (name, r)
+            for k, v in old[0]["state"][name].items():
+                assert torch.equal(loaded[r]["state"][name][k], v), (name, k, r)
+        torch.testing.assert_close(sum(loaded[r]["m_server"][name] for r in range(3)), server, rtol=0, atol=0)
+        held_mass += float((mean + server).abs().sum())
+
+        recs = [n["records"] for n in new]
+        assert all(n["first"] == 6 and len(n["records"]) == 4 for n in new)
+        applied, sent = torch.zeros_like(mean), torch.zeros_like(mean)
+        m_prev, denom = old[0]["state"][name]["exp_avg"], old[0]["state"][name]["denom"]
+        for t in range(4):
+            m = recs[0][t]["m"][name]
+            for r in range(3):
+                assert torch.equal(recs[r][t]["m"][name], m) and torch.equal(recs[r][t]["denom"][name], denom)
+                assert torch.equal(recs[r][t]["param"][name], recs[0][t]["param"][name])
+                sent += (beta1 * m_prev + (1 - beta1) * recs[r][t]["grad"][name] / denom).reshape(-1) / 3
+            applied += m.reshape(-1)
+            m_prev = m
+        end = sum(n["worker_residual"][name] for n in new) / 3 + sum(n["server_residual"][name] for n in new)
+        expected = sent + (mean + server) - end
+        torch.testing.assert_close(applied, expected, rtol=0, atol=1e-5 * (1 + float(expected.abs().max())),
+                                   msg=lambda msg: f"{name}: the mass held at the save was not delivered: {msg}")
+    assert held_mass > 1.0, "the saving ranks held little residual: the test would not see it dropped"
+
+
+def test_resumed_on_three_ranks_during_the_warm_up_the_gradients_residuals_keep_their_mass(torch_runs,
+                                                                                          resharded_runs):
+    """Saved at step 2 (AdamW on int4 gradients through DDP's hook), resumed on 3 ranks: every new rank's
+    worker residual is the saved mean, the server residuals keep their sum, AdamW's state is the saved one, and
+    the run goes on through the freeze with the ranks in step."""
+    old = [torch.load(torch_runs.out / "saved" / f"held2_rank{r}.pt", weights_only=False) for r in range(2)]
+    loaded = [torch.load(resharded_runs.out / "warm" / f"loaded{r}.pt", weights_only=False) for r in range(3)]
+    assert old[0]["warm_worker_raw"]
+    for key, e0 in old[0]["warm_worker_raw"].items():
+        mean = (e0 + old[1]["warm_worker_raw"][key]) / 2
+        assert float(mean.abs().sum()) > 0, key
+        for r in range(3):
+            assert torch.equal(loaded[r]["warm_worker_raw"][key], mean), (key, r)
+        before = sum(float(o["warm_server_raw"].get(key, torch.zeros(0)).double().sum()) for o in old)
+        after = sum(float(n["warm_server_raw"].get(key, torch.zeros(0)).double().sum()) for n in loaded)
+        assert after == pytest.approx(before, rel=1e-6, abs=1e-9), key
+    for name, st in old[0]["state"].items():
+        for r in range(3):
+            assert all(torch.equal(loaded[r]["state"][name][k], v) for k, v in st.items()), (name, r)
+    new = resharded_runs.ranks("warm")
+    for t in range(4):
+        for name, p in new[0]["records"][t]["param"].items():
+            assert torch.isfinite(p).all() and all(torch.equal(n["records"][t]["param"][name], p) for n in new)
+    assert new[0]["records"][-1]["frozen"]
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_both(torch_runs):

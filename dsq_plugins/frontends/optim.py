@@ -40,10 +40,11 @@ itself. Horovod: pass ``communicator=horovod_ext.communicator.HorovodCommunicato
 `deepspeed_ext` binds it to the engine's data-parallel group and turns the engine's own gradient all-reduce off
 (`engine.enable_backward_allreduce`), so this optimizer moves every byte (`deepspeed_ext/adamw.py`).
 
-Every rank checkpoints its own `state_dict()` (the residuals differ by rank).
+Every rank checkpoints its own `state_dict()` (the residuals differ by rank); `load_resharded` resumes from
+every rank's on any number of ranks.
 """
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ import torch.distributed as dist
 from ..engine.collective import DoubleSqueezeCollective
 from ..engine.communicator import Communicator, TorchDistributedCommunicator
 from ..engine.pipeline import plan_buckets
+from ..engine.reshard import reshard_state_dicts
 from ..engine.policy import TensorInfo, infer_roles, roles_from_shape, unwrap
 from ..config import DoubleSqueezeConfig
 from ..monitoring.monitor import Monitor
@@ -386,6 +388,40 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             self._pending_sd = ours
         else:
             self._load_collectives(ours)
+
+    def load_resharded(self, state_dicts: Sequence[dict]) -> None:
+        """Resume from the `state_dict()` of every rank of a run on any number of ranks (call it on every rank,
+        once the process group exists or the communicator is bound). On as many ranks, this rank's own state,
+        exactly. Else the residuals are redistributed with their mass kept (`dsq_plugins.engine.reshard`): in
+        both collectives, every rank's worker residual is the saved ranks' mean, and each block's server residual
+        goes to its new owner. AdamW's state (the momentum, the frozen denominators) is the same on every rank
+        (the momentum is the exchange's result, the variance comes from averaged gradients), so rank 0's is
+        taken."""
+        saved = [dict(sd) for sd in state_dicts]
+        ours = [sd.pop("doublesqueeze", None) for sd in saved]
+        if not saved or any(o is None or o.get("format") != _FORMAT for o in ours):
+            raise ValueError("load_resharded takes every rank's DoubleSqueezeAdamW.state_dict() of this version "
+                             f"(format {_FORMAT!r})")
+        if len({(o["steps"], o["warmup_steps"]) for o in ours}) != 1:
+            raise ValueError("the saved ranks' states are at different steps or warm-ups: not one run's")
+        comm = self._comm()
+        world, rank = comm.size, comm.rank
+        self._collectives()
+        merged = dict(ours[0])
+        for part in ("momentum", "grads"):
+            parts = [o.get(part) for o in ours]
+            if all(p is None for p in parts):
+                merged[part] = None
+            elif any(p is None for p in parts):
+                raise ValueError(f"some saved ranks have no {part} state: not one run's")
+            elif part == "grads" and self._ddp_state is not None:
+                merged[part] = parts               # DDP's state reshards them itself
+            else:
+                merged[part] = reshard_state_dicts(parts, world, rank)
+        if self._ddp_state is not None and merged["grads"] is not None:
+            self._ddp_state.load_resharded(merged.pop("grads"))
+            merged["grads"] = None
+        self.load_state_dict(dict(saved[0], doublesqueeze=merged))
 
     def _load_collectives(self, ours: dict) -> None:
         if ours.get("momentum") is not None:
