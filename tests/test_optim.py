@@ -381,3 +381,18 @@ def test_bad_arguments_are_refused(kw, message):
     import dsq_plugins as dsq
     with pytest.raises((ValueError, TypeError), match=message):
         dsq.DoubleSqueezeAdamW(build_model("multi").parameters(), **kw)
+
+
+def test_load_resharded_refuses_what_is_not_one_runs_states():
+    """Before anything is loaded: a state that is not a DoubleSqueezeAdamW's, ranks at different steps, another
+    warm-up."""
+    import dsq_plugins as dsq
+    opt = dsq.DoubleSqueezeAdamW(build_model("multi").parameters(), warmup_steps=4)
+    sd = opt.state_dict()
+    at = lambda steps, warm=4: dict(sd, doublesqueeze=dict(sd["doublesqueeze"], steps=steps, warmup_steps=warm))  # noqa: E731
+    with pytest.raises(ValueError, match="takes every rank's DoubleSqueezeAdamW.state_dict"):
+        opt.load_resharded([at(3), torch.optim.AdamW(build_model("multi").parameters()).state_dict()])
+    with pytest.raises(ValueError, match="different steps or warm-ups"):
+        opt.load_resharded([at(3), at(4)])
+    with pytest.raises(ValueError, match="saved with warmup_steps=5"):
+        opt.load_resharded([at(3, 5), at(3, 5)])

@@ -404,6 +404,9 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                              f"(format {_FORMAT!r})")
         if len({(o["steps"], o["warmup_steps"]) for o in ours}) != 1:
             raise ValueError("the saved ranks' states are at different steps or warm-ups: not one run's")
+        if ours[0]["warmup_steps"] != self.warmup_steps:
+            raise ValueError(f"cannot resume: the state was saved with warmup_steps={ours[0]['warmup_steps']}, "
+                             f"this optimizer has {self.warmup_steps}")
         comm = self._comm()
         world, rank = comm.size, comm.rank
         self._collectives()
