@@ -5,6 +5,7 @@ switches it on. Rank 0 writes OUT/result.json (losses, loopback bytes counted by
 steps after the first, residual norms); every rank writes OUT/rank{r}.pt (final weights and residuals).
 
     --mode deepspeed|deepspeed-zero2|deepspeed-zero3|ddp   --dsq (the section / the callback)   --steps N   --save-steps K   --resume
+    --dsq-adamw (ddp: dsq.DoubleSqueezeAdamW as the Trainer's optimizer, with the callback)
 """
 import argparse
 import json
@@ -66,8 +67,11 @@ class Loaded(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         st = self.callback.state
-        torch.save({"worker": st.worker_residuals(), "server": st.server_residuals()},
-                   self.out / f"loaded{args.process_index}.pt")
+        if st is None:                         # DoubleSqueezeAdamW: its momentum collective, once it exists
+            st = self.callback.optimizer.momentum
+        if st is not None:
+            torch.save({"worker": st.worker_residuals(), "server": st.server_residuals()},
+                       self.out / f"loaded{args.process_index}.pt")
 
 
 class EngineResidual(TrainerCallback):
@@ -95,6 +99,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--mode", choices=["deepspeed", "deepspeed-zero2", "deepspeed-zero3", "ddp"], default="deepspeed")
     ap.add_argument("--dsq", action="store_true")
+    ap.add_argument("--dsq-adamw", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
@@ -132,13 +137,24 @@ def main():
         warmup_steps=0, logging_steps=1, save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, save_only_model=False, report_to=[], disable_tqdm=True, seed=0,
         data_seed=0, use_cpu=True, ddp_backend="gloo", deepspeed=ds_config, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=training, train_dataset=Tokens())
+    optimizers = (None, None)
+    if args.dsq_adamw:
+        import dsq_plugins as dsq
+        optimizers = (dsq.DoubleSqueezeAdamW(model.parameters(), lr=3e-3, warmup_steps=2,
+                                             config=dsq.DoubleSqueezeConfig(compressor="sign", block_size=1024,
+                                                                            guard=0.0)), None)
+    trainer = Trainer(model=model, args=training, train_dataset=Tokens(), optimizers=optimizers)
     counter = Bytes()
     trainer.add_callback(counter)
     callback = None
     if args.mode.startswith("deepspeed") and args.dsq:
         trainer.add_callback(EngineResidual(trainer, out))
-    if args.mode == "ddp" and args.dsq:
+    if args.mode == "ddp" and args.dsq_adamw:
+        from dsq_plugins.frontends.hf_trainer import DoubleSqueezeCallback
+        callback = DoubleSqueezeCallback(trainer)
+        trainer.add_callback(callback)
+        trainer.add_callback(Loaded(callback, out))
+    elif args.mode == "ddp" and args.dsq:
         import dsq_plugins as dsq
         from dsq_plugins.frontends.hf_trainer import DoubleSqueezeCallback
         callback = DoubleSqueezeCallback(trainer, dsq.DoubleSqueezeConfig(compressor="sign", block_size=1024))
@@ -148,6 +164,8 @@ def main():
 
     rank = training.process_index
     collective = callback.state if callback else getattr(trainer.model_wrapped, "doublesqueeze", None)
+    if callback is not None and callback.optimizer is not None:
+        collective = callback.optimizer.momentum      # what travels once the variance is frozen
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "dsq": collective is not None,
               "bytes_per_step": (counter.end - counter.start) / max(1, counter.steps - 1)}
     if args.mode == "deepspeed-zero3":              # whole parameters, gathered exactly (outside forward/backward)

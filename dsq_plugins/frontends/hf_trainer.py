@@ -13,6 +13,18 @@ from ``output_dir/checkpoint-{global_step}`` (or `resume_from`), so the residual
 number of processes, every rank reads every rank's file and the residuals are redistributed with their mass kept
 (`DoubleSqueezeState.load_resharded`).
 
+`dsq.DoubleSqueezeAdamW` as the Trainer's optimizer (``Trainer(..., optimizers=(opt, scheduler))``): the same
+callback, without a config, attaches the optimizer to the Trainer's DDP model (`DoubleSqueezeAdamW.attach_ddp`: its
+warm-up's gradients through the DDP hook, then the momentum in `step()`), and keeps every rank's optimizer state in
+the checkpoints (``doublesqueeze_adamw_rank_XXXXX.pt``; the Trainer's own ``optimizer.pt`` is rank 0's only):
+
+    opt = dsq.DoubleSqueezeAdamW(model.parameters(), lr=3e-3, warmup_steps=200)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    trainer.add_callback(DoubleSqueezeCallback(trainer))
+
+The Trainer clips gradients (``max_grad_norm``, 1.0 by default) before the optimizer step; once the variance is
+frozen the gradients are each rank's own there, so each rank clips its own, as under DeepSpeed.
+
 With DeepSpeed (``TrainingArguments(deepspeed=...)``) use the config's "doublesqueeze" section instead: it needs no
 callback (see `deepspeed_ext`), and this callback refuses to run beside it.
 """
@@ -25,11 +37,13 @@ from transformers import TrainerCallback
 
 from ..config import DoubleSqueezeConfig
 from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
+from .optim import DoubleSqueezeAdamW
 from ..monitoring.monitor import Monitor
 
-__all__ = ["DoubleSqueezeCallback", "STATE_FILE"]
+__all__ = ["DoubleSqueezeCallback", "STATE_FILE", "OPTIMIZER_FILE"]
 
 STATE_FILE = "doublesqueeze_rank_{rank:05d}.pt"         # as deepspeed_ext names its files
+OPTIMIZER_FILE = "doublesqueeze_adamw_rank_{rank:05d}.pt"
 
 
 class DoubleSqueezeCallback(TrainerCallback):
@@ -37,17 +51,22 @@ class DoubleSqueezeCallback(TrainerCallback):
 
     Args:
         trainer: the `transformers.Trainer` (its DDP model exists only once `train()` has prepared it).
-        config: the `DoubleSqueezeConfig` (default: `DoubleSqueezeConfig()`, the README's default).
+        config: the `DoubleSqueezeConfig` (default: `DoubleSqueezeConfig()`, the README's default). None with a
+            `DoubleSqueezeAdamW` as the Trainer's optimizer: the optimizer's own configs say how it compresses.
         monitor: optional `dsq_plugins.Monitor`.
         resume_from: a checkpoint folder to load the residuals from when training resumes (default: the
             Trainer's ``output_dir/checkpoint-{global_step}``).
-    The state is `callback.state` (counters, residuals).
+    The state is `callback.state` (counters, residuals); with a `DoubleSqueezeAdamW`, `callback.optimizer`.
     """
 
     def __init__(self, trainer, config: Optional[DoubleSqueezeConfig] = None, monitor: Optional[Monitor] = None,
                  resume_from: Optional[str] = None):
         self.trainer = trainer
-        self.state = DoubleSqueezeState(config or DoubleSqueezeConfig(), monitor=monitor)
+        self.config, self.monitor = config, monitor
+        self.state: Optional[DoubleSqueezeState] = None
+        self.optimizer: Optional[DoubleSqueezeAdamW] = None
+        if not isinstance(_inner(getattr(trainer, "optimizer", None)), DoubleSqueezeAdamW):
+            self.state = DoubleSqueezeState(config or DoubleSqueezeConfig(), monitor=monitor)
         self.resume_from = resume_from
         self._registered = False
 
@@ -61,23 +80,52 @@ class DoubleSqueezeCallback(TrainerCallback):
         if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             raise RuntimeError(f"DoubleSqueezeCallback needs the Trainer to train with DDP (launch it with torchrun "
                                f"or accelerate launch on several processes); its model is a {type(ddp).__name__}")
-        ddp.register_comm_hook(self.state, doublesqueeze_hook)
+        opt = _inner(self.trainer.optimizer)
+        if isinstance(opt, DoubleSqueezeAdamW):
+            if self.config is not None:
+                raise ValueError("the Trainer's optimizer is a DoubleSqueezeAdamW, which compresses the momentum "
+                                 "with its own configs, and DoubleSqueezeCallback was given a config for the "
+                                 "gradients: choose one (DoubleSqueezeCallback(trainer) for the optimizer)")
+            if self.monitor is not None and opt.monitor is None:
+                opt.monitor = self.monitor
+            opt.attach_ddp(ddp)
+            self.optimizer, self.state = opt, None
+        else:
+            if self.state is None:
+                self.state = DoubleSqueezeState(self.config or DoubleSqueezeConfig(), monitor=self.monitor)
+            ddp.register_comm_hook(self.state, doublesqueeze_hook)
         self._registered = True
         if state.global_step > 0:
-            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            path = os.path.join(folder, STATE_FILE.format(rank=args.process_index))
-            every = sorted(glob.glob(os.path.join(folder, STATE_FILE.replace("{rank:05d}", "*"))))
-            if not every:
-                raise FileNotFoundError(f"resuming at step {state.global_step}, but {folder} holds no DoubleSqueeze "
-                                        f"residuals ({os.path.basename(path)}...); pass resume_from= the checkpoint "
-                                        f"folder")
-            mine = torch.load(path, weights_only=False) if os.path.isfile(path) else None
-            if mine is not None and mine.get("world_size") == args.world_size:
-                self.state.load_state_dict(mine)
-            else:                                  # saved by another number of ranks: all files, the mass kept
-                self.state.load_resharded([torch.load(f, weights_only=False) for f in every])
+            self._resume(args, state)
+
+    def _resume(self, args, state) -> None:
+        """Load this rank's saved state (the Trainer loaded the model, and rank 0's optimizer.pt, before)."""
+        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        name = OPTIMIZER_FILE if self.optimizer is not None else STATE_FILE
+        path = os.path.join(folder, name.format(rank=args.process_index))
+        every = sorted(glob.glob(os.path.join(folder, name.replace("{rank:05d}", "*"))))
+        if not every:
+            raise FileNotFoundError(f"resuming at step {state.global_step}, but {folder} holds no DoubleSqueeze "
+                                    f"residuals ({os.path.basename(path)}...); pass resume_from= the checkpoint "
+                                    f"folder")
+        mine = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+        target = self.optimizer if self.optimizer is not None else self.state
+        if mine is not None and mine.get("world_size") == args.world_size:
+            target.load_state_dict(mine["optimizer"] if self.optimizer is not None else mine)
+        else:                                  # saved by another number of ranks: all files, the mass kept
+            saved = [torch.load(f, weights_only=False) for f in every]
+            target.load_resharded([sd["optimizer"] for sd in saved] if self.optimizer is not None else saved)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.state.state_dict(), os.path.join(folder, STATE_FILE.format(rank=args.process_index)))
+        if self.optimizer is not None:
+            torch.save({"world_size": args.world_size, "optimizer": self.optimizer.state_dict()},
+                       os.path.join(folder, OPTIMIZER_FILE.format(rank=args.process_index)))
+        else:
+            torch.save(self.state.state_dict(), os.path.join(folder, STATE_FILE.format(rank=args.process_index)))
+
+
+def _inner(optimizer):
+    """The optimizer under Accelerate's `AcceleratedOptimizer` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -177,6 +177,19 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             sd, self._pending_sd = self._pending_sd, None
             self._load_collectives(sd)
 
+    def attach_ddp(self, ddp) -> None:
+        """Take over the gradient communication of `ddp` (a `DistributedDataParallel` model over this optimizer's
+        parameters), as ``ddp=`` does, for a framework that wraps the model after the optimizer is built (the
+        Hugging Face Trainer: `DoubleSqueezeCallback` calls it). Before the first step and backward only."""
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"attach_ddp takes the DistributedDataParallel model, got {type(ddp).__name__}")
+        if self.momentum is not None or self._ddp_state is not None or self._communicator is not None:
+            raise RuntimeError("DoubleSqueezeAdamW.attach_ddp: the optimizer already communicates (a first step "
+                               "was taken, or it was given ddp= or a communicator)")
+        if self._module is None:
+            self._name_from(ddp)
+        self._attach(ddp)
+
     def _attach(self, ddp) -> None:
         """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up and refreshes, nothing else."""
         from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
@@ -409,6 +422,7 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                              f"this optimizer has {self.warmup_steps}")
         comm = self._comm()
         world, rank = comm.size, comm.rank
+        self._pending_sd = None             # replaced (the HF Trainer loads rank 0's optimizer.pt on every rank first)
         self._collectives()
         merged = dict(ours[0])
         for part in ("momentum", "grads"):
