@@ -1,5 +1,6 @@
 """The front ends people train with, for real, on 2 CPU ranks (gloo): the Hugging Face Trainer (with DeepSpeed,
-switched on by the config section alone, and in DDP mode with `DoubleSqueezeCallback`), Lightning's DDPStrategy
+switched on by the config section alone, and in DDP mode with `DoubleSqueezeCallback`, for the hook or with
+`DoubleSqueezeAdamW` as the Trainer's optimizer), Lightning's DDPStrategy
 with the hook and `DoubleSqueezeCallback`, and Accelerate with the hook registered after `prepare`.
 
 Bytes are the kernel's: each job runs in a network namespace of its own (`unshare --net`, root), where the
