@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-ranks", type=int, default=0,
                     help="with --load: load every one of that many saved ranks' states (load_resharded)")
     ap.add_argument("--nan-at", type=int, default=-1)
+    ap.add_argument("--extra-param", action="store_true", help="the optimizer also gets a parameter DDP does not hold")
     return ap
 
 
@@ -52,7 +53,8 @@ def run(args) -> None:
     ddp = model if args.no_ddp else DDP(model)
     cfg = dsq.DoubleSqueezeConfig(compressor=args.compressor, block_size=256, min_numel=16, guard=0.0)
     wcfg = dsq.DoubleSqueezeConfig(compressor=args.warmup_compressor, block_size=256, min_numel=16)
-    opt = dsq.DoubleSqueezeAdamW(ddp.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.1,
+    params = [*ddp.parameters(), *([torch.nn.Parameter(torch.zeros(3))] if args.extra_param else [])]
+    opt = dsq.DoubleSqueezeAdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.1,
                                  warmup_steps=args.warmup, variance_refresh=args.refresh, config=cfg,
                                  warmup_config=wcfg, ddp=None if args.no_ddp else ddp, module=model)
     first = 0

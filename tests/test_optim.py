@@ -53,6 +53,7 @@ def torch_runs(tmp_path_factory):
         "part_warm": ("--steps", 10, "--warmup", 4, "--refresh", 3, "--load", tmp / "cases" / "full",
                       "--load-step", 2),
         "nan": ("--steps", 9, "--warmup", 4, "--nan-at", 6),
+        "foreign": ("--steps", 2, "--extra-param"),
         "saved": ("--steps", 6, "--warmup", 4, "--save-at", 2, 6),
         "saved_own": ("--steps", 6, "--warmup", 4, "--save-at", 6, "--no-ddp")}, worker=WORKER)
 
@@ -381,6 +382,12 @@ def test_bad_arguments_are_refused(kw, message):
     import dsq_plugins as dsq
     with pytest.raises((ValueError, TypeError), match=message):
         dsq.DoubleSqueezeAdamW(build_model("multi").parameters(), **kw)
+
+
+def test_a_parameter_ddp_does_not_hold_is_refused(torch_runs):
+    """`ddp=` with an optimizer that also holds a parameter outside the DDP model: refused at construction, since
+    DDP would never average that parameter's gradient."""
+    torch_runs.refused("foreign", "1 of this optimizer's parameters are not the DDP model's")
 
 
 def test_load_resharded_refuses_what_is_not_one_runs_states():

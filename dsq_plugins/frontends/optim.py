@@ -75,7 +75,8 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         warmup_config: the config of the warm-up's gradients (default ``int4:128``), and of the refreshes'.
         variance_refresh: steps between refreshes of the frozen variance (module docstring); 0: never.
         ddp: the `DistributedDataParallel` model whose gradients this optimizer averages (its comm hook is
-            replaced). None: the optimizer averages them itself.
+            replaced; every parameter of the optimizer must be one of its). None: the optimizer averages them
+            itself.
         process_group: the group to average over (default: the world), or
         communicator: any `Communicator` (Horovod's), instead of a process group.
         monitor: optional `Monitor` for both collectives' metrics (``dsq/`` during warm-up, ``dsq/momentum/``
@@ -193,6 +194,12 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
     def _attach(self, ddp) -> None:
         """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up and refreshes, nothing else."""
         from .ddp_hook import DoubleSqueezeState, doublesqueeze_hook
+        in_ddp = {id(p) for p in ddp.parameters()}
+        outside = sum(1 for p in self._params() if id(p) not in in_ddp)
+        if outside:
+            raise ValueError(f"{outside} of this optimizer's parameters are not the DDP model's: DDP would never "
+                             f"average their gradients, and the ranks would drift apart; give the optimizer the "
+                             f"DDP model's parameters (or leave ddp out: the optimizer then averages them itself)")
         self._ddp_state = DoubleSqueezeState(self.warmup_config, process_group=self._process_group,
                                              monitor=self.monitor, module=self._module)
         self.grads = self._ddp_state
