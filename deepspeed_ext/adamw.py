@@ -99,7 +99,10 @@ def _saved_world_size(folder: str) -> int:
     if not os.path.isfile(first):
         raise FileNotFoundError(f"{first} is missing: a DoubleSqueezeAdamW checkpoint keeps every rank's residuals "
                                 f"in its own file (saved by engine.save_checkpoint)")
-    saved_world = torch.load(first, weights_only=False).get("world_size")
+    saved_world = torch.load(first, map_location="cpu", weights_only=False).get("world_size")
+    if not isinstance(saved_world, int) or saved_world < 1:
+        raise ValueError(f"{first} does not say how many ranks saved it (no 'world_size'): not a file "
+                         f"engine.save_checkpoint wrote")
     missing = [_FILE.format(r) for r in range(saved_world) if not os.path.isfile(os.path.join(folder, _FILE.format(r)))]
     if missing:
         raise FileNotFoundError(f"the checkpoint in {folder} was saved by {saved_world} ranks, but "
@@ -121,10 +124,10 @@ def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
         path = os.path.join(folder, _FILE.format(rank))
         saved_world = _saved_world_size(folder)
         if saved_world == world:
-            opt.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
+            opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["optimizer"])
         else:                  # every saved rank's state, the residuals redistributed with their mass kept
-            opt.load_resharded([torch.load(os.path.join(folder, _FILE.format(r)), weights_only=False)["optimizer"]
-                                for r in range(saved_world)])
+            opt.load_resharded([torch.load(os.path.join(folder, _FILE.format(r)), map_location="cpu",
+                                           weights_only=False)["optimizer"] for r in range(saved_world)])
         return load_path, client_state
 
     load_checkpoint.__doc__ = load.__doc__

@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                     help="with --load: load every one of that many saved ranks' states (load_resharded)")
     ap.add_argument("--nan-at", type=int, default=-1)
     ap.add_argument("--extra-param", action="store_true", help="the optimizer also gets a parameter DDP does not hold")
+    ap.add_argument("--attach-late", action="store_true",
+                    help="attach_ddp after loading the checkpoint, instead of ddp= (as the HF Trainer's order)")
     return ap
 
 
@@ -56,7 +58,8 @@ def run(args) -> None:
     params = [*ddp.parameters(), *([torch.nn.Parameter(torch.zeros(3))] if args.extra_param else [])]
     opt = dsq.DoubleSqueezeAdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.1,
                                  warmup_steps=args.warmup, variance_refresh=args.refresh, config=cfg,
-                                 warmup_config=wcfg, ddp=None if args.no_ddp else ddp, module=model)
+                                 warmup_config=wcfg, ddp=None if args.no_ddp or args.attach_late else ddp,
+                                 module=model)
     first = 0
     if args.load:
         ckpt = torch.load(f"{args.load}/ckpt{args.load_step}_rank{0 if args.load_ranks else rank}.pt",
@@ -69,6 +72,8 @@ def run(args) -> None:
         else:
             opt.load_state_dict(ckpt["opt"])
         first = ckpt["step"]
+    if args.attach_late:
+        opt.attach_ddp(ddp)
     records = []
     for step in range(first, args.steps):
         x, y = batch(step, 0, rank, "multi")
@@ -117,6 +122,9 @@ def _residuals(opt, model) -> dict:
     if warm is not None:
         out["warm_worker_raw"] = {k: v.clone() for k, v in warm.worker_residuals().items()}
         out["warm_server_raw"] = {k: v.clone() for k, v in warm.server_residuals().items()}
+        if hasattr(opt.grads, "number_of"):      # the element counts by key, where the hook has numbered them
+            out["warm_numels"] = {opt.grads.number_of(p): p.numel() for p in model.parameters()
+                                  if opt.grads.number_of(p) is not None}
     return out
 
 

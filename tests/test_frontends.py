@@ -149,10 +149,23 @@ def test_trainer_with_doublesqueeze_adamw_as_its_optimizer_trains_and_resumes_ex
     mean = {k: sum(sd["optimizer"]["doublesqueeze"]["momentum"]["worker_residuals"][k] for sd in saved) / 2
             for k in saved[0]["optimizer"]["doublesqueeze"]["momentum"]["worker_residuals"]}
     assert mean and sum(float(v.abs().sum()) for v in mean.values()) > 0
+    from dsq_plugins.engine.plan import expand_owned
+    numels = [p.numel() for p in final[0]["params"].values()]      # keys: the optimizer's parameter order
+    server = {k: sum(expand_owned(k, sd["optimizer"]["doublesqueeze"]["momentum"]["server_residuals"][k], numels[k],
+                                  1024, 2, r) for r, sd in enumerate(saved)
+                     if k in sd["optimizer"]["doublesqueeze"]["momentum"]["server_residuals"])
+              for k in set().union(*(sd["optimizer"]["doublesqueeze"]["momentum"]["server_residuals"] for sd in saved))}
+    loaded = [torch.load(three / f"loaded{r}.pt", weights_only=False) for r in range(3)]
     for r in range(3):
-        loaded = torch.load(three / f"loaded{r}.pt", weights_only=False)
-        assert loaded["worker"].keys() == mean.keys()
-        assert all(torch.equal(loaded["worker"][k], v) for k, v in mean.items()), r
+        assert loaded[r]["worker"].keys() == mean.keys()
+        assert all(torch.equal(loaded[r]["worker"][k], v) for k, v in mean.items()), r
+    assert server and any(float(s.abs().sum()) > 0 for s in server.values())
+    for k, s in server.items():                # the owners' blocks, put in place and summed: the saved sum
+        assert torch.equal(sum(expand_owned(k, x["server"][k], numels[k], 1024, 3, r) for r, x in enumerate(loaded)
+                               if k in x["server"]), s), k
+    new = ranks(three, 3)
+    for name, p in new[0]["params"].items():
+        assert torch.equal(new[1]["params"][name], p) and torch.equal(new[2]["params"][name], p), name
     assert result(three)["step"] == 3            # the momentum collective: 2 steps saved, 1 more on 3 ranks
 
 

@@ -23,7 +23,8 @@ the checkpoints (``doublesqueeze_adamw_rank_XXXXX.pt``; the Trainer's own ``opti
     trainer.add_callback(DoubleSqueezeCallback(trainer))
 
 The Trainer clips gradients (``max_grad_norm``, 1.0 by default) before the optimizer step; once the variance is
-frozen the gradients are each rank's own there, so each rank clips its own, as under DeepSpeed.
+frozen the gradients are each rank's own there, so each rank clips its own, as under DeepSpeed. fp16 with the
+Trainer's loss scaler is refused (the scaler would decide each rank's skip alone); bf16 and fp32 run.
 
 With DeepSpeed (``TrainingArguments(deepspeed=...)``) use the config's "doublesqueeze" section instead: it needs no
 callback (see `deepspeed_ext`), and this callback refuses to run beside it.
@@ -86,8 +87,14 @@ class DoubleSqueezeCallback(TrainerCallback):
                 raise ValueError("the Trainer's optimizer is a DoubleSqueezeAdamW, which compresses the momentum "
                                  "with its own configs, and DoubleSqueezeCallback was given a config for the "
                                  "gradients: choose one (DoubleSqueezeCallback(trainer) for the optimizer)")
+            if getattr(getattr(self.trainer, "accelerator", None), "scaler", None) is not None:
+                raise ValueError("DoubleSqueezeAdamW under the Trainer's fp16 loss scaler: once the variance is "
+                                 "frozen each rank's gradient is its own, the scaler could skip the step on one "
+                                 "rank and not on another, and the momentum's exchange would wait forever; train "
+                                 "in bf16 or fp32")
             if self.monitor is not None and opt.monitor is None:
                 opt.monitor = self.monitor
+            opt._pending_sd = None    # the Trainer's resume loaded rank 0's optimizer.pt on every rank: _resume loads
             opt.attach_ddp(ddp)
             self.optimizer, self.state = opt, None
         else:
@@ -108,12 +115,12 @@ class DoubleSqueezeCallback(TrainerCallback):
             raise FileNotFoundError(f"resuming at step {state.global_step}, but {folder} holds no DoubleSqueeze "
                                     f"residuals ({os.path.basename(path)}...); pass resume_from= the checkpoint "
                                     f"folder")
-        mine = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+        mine = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
         target = self.optimizer if self.optimizer is not None else self.state
         if mine is not None and mine.get("world_size") == args.world_size:
             target.load_state_dict(mine["optimizer"] if self.optimizer is not None else mine)
         else:                                  # saved by another number of ranks: all files, the mass kept
-            saved = [torch.load(f, weights_only=False) for f in every]
+            saved = [torch.load(f, map_location="cpu", weights_only=False) for f in every]
             target.load_resharded([sd["optimizer"] for sd in saved] if self.optimizer is not None else saved)
 
     def on_save(self, args, state, control, **kwargs):

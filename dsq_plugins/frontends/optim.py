@@ -184,12 +184,20 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
         Hugging Face Trainer: `DoubleSqueezeCallback` calls it). Before the first step and backward only."""
         if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(f"attach_ddp takes the DistributedDataParallel model, got {type(ddp).__name__}")
-        if self.momentum is not None or self._ddp_state is not None or self._communicator is not None:
-            raise RuntimeError("DoubleSqueezeAdamW.attach_ddp: the optimizer already communicates (a first step "
-                               "was taken, or it was given ddp= or a communicator)")
+        if self._ddp_state is not None:
+            raise RuntimeError("DoubleSqueezeAdamW.attach_ddp: already attached to a DDP model (ddp= or attach_ddp)")
+        if self.momentum is not None or self._communicator is not None:
+            raise RuntimeError("DoubleSqueezeAdamW.attach_ddp: the optimizer already communicates by itself (a step "
+                               "was taken, a state loaded with load_resharded, or a communicator given): attach "
+                               "first, then load")
         if self._module is None:
             self._name_from(ddp)
         self._attach(ddp)
+        pending = self._pending_sd
+        if pending is not None and pending.get("grads") is not None:
+            # a state loaded before: its warm-up residuals go to DDP's hook now, before the first backward uses it
+            self._ddp_state.load_state_dict(pending["grads"])
+            self._pending_sd = dict(pending, grads=None)
 
     def _attach(self, ddp) -> None:
         """Take over `ddp`'s gradient communication: DoubleSqueeze during warm-up and refreshes, nothing else."""
@@ -429,19 +437,23 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
                              f"this optimizer has {self.warmup_steps}")
         comm = self._comm()
         world, rank = comm.size, comm.rank
-        self._pending_sd = None             # replaced (the HF Trainer loads rank 0's optimizer.pt on every rank first)
-        self._collectives()
-        merged = dict(ours[0])
+        merged = dict(ours[0])                 # built and checked before anything here changes
         for part in ("momentum", "grads"):
             parts = [o.get(part) for o in ours]
             if all(p is None for p in parts):
                 merged[part] = None
             elif any(p is None for p in parts):
                 raise ValueError(f"some saved ranks have no {part} state: not one run's")
+            elif part == "grads" and (self._ddp_state is not None) != all(p.get("format") for p in parts):
+                raise ValueError("the saved warm-up state was " + ("not " if self._ddp_state is not None else "")
+                                 + "taken through a DDP hook and this optimizer is " + ("" if self._ddp_state
+                                 is not None else "not ") + "attached to a DDP model: resume it the same way")
             elif part == "grads" and self._ddp_state is not None:
                 merged[part] = parts               # DDP's state reshards them itself
             else:
                 merged[part] = reshard_state_dicts(parts, world, rank)
+        self._pending_sd = None             # replaced (the HF Trainer loads rank 0's optimizer.pt on every rank first)
+        self._collectives()
         if self._ddp_state is not None and merged["grads"] is not None:
             self._ddp_state.load_resharded(merged.pop("grads"))
             merged["grads"] = None
