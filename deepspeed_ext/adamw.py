@@ -31,6 +31,7 @@ checkpoint from another number of ranks is resumed with the residuals redistribu
 """
 import os
 import warnings
+from typing import Tuple
 
 import deepspeed.comm as ds_dist
 import torch
@@ -93,13 +94,15 @@ def install_optimizer(engine) -> DoubleSqueezeAdamW:
     return opt
 
 
-def _saved_world_size(folder: str) -> int:
-    """The number of ranks that saved the DoubleSqueezeAdamW files in `folder`; raises if any file is missing."""
+def _saved_world_size(folder: str) -> Tuple[int, dict]:
+    """The number of ranks that saved the DoubleSqueezeAdamW files in `folder`, and rank 0's file; raises if any
+    file is missing."""
     first = os.path.join(folder, _FILE.format(0))
     if not os.path.isfile(first):
         raise FileNotFoundError(f"{first} is missing: a DoubleSqueezeAdamW checkpoint keeps every rank's residuals "
                                 f"in its own file (saved by engine.save_checkpoint)")
-    saved_world = torch.load(first, map_location="cpu", weights_only=False).get("world_size")
+    sd0 = torch.load(first, map_location="cpu", weights_only=False)
+    saved_world = sd0.get("world_size")
     if not isinstance(saved_world, int) or saved_world < 1:
         raise ValueError(f"{first} does not say how many ranks saved it (no 'world_size'): not a file "
                          f"engine.save_checkpoint wrote")
@@ -107,7 +110,7 @@ def _saved_world_size(folder: str) -> int:
     if missing:
         raise FileNotFoundError(f"the checkpoint in {folder} was saved by {saved_world} ranks, but "
                                 f"{', '.join(missing)} are missing: every rank's residuals are needed to resume")
-    return saved_world
+    return saved_world, sd0
 
 
 def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
@@ -122,12 +125,13 @@ def _wrap_checkpoints(engine, opt: DoubleSqueezeAdamW) -> None:
             return load_path, client_state
         folder = os.path.dirname(load_path)
         path = os.path.join(folder, _FILE.format(rank))
-        saved_world = _saved_world_size(folder)
+        saved_world, sd0 = _saved_world_size(folder)
         if saved_world == world:
-            opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["optimizer"])
+            opt.load_state_dict((sd0 if rank == 0 else torch.load(path, map_location="cpu", weights_only=False))
+                                ["optimizer"])
         else:                  # every saved rank's state, the residuals redistributed with their mass kept
-            opt.load_resharded([torch.load(os.path.join(folder, _FILE.format(r)), map_location="cpu",
-                                           weights_only=False)["optimizer"] for r in range(saved_world)])
+            opt.load_resharded([sd0["optimizer"]] + [torch.load(os.path.join(folder, _FILE.format(r)),
+                               map_location="cpu", weights_only=False)["optimizer"] for r in range(1, saved_world)])
         return load_path, client_state
 
     load_checkpoint.__doc__ = load.__doc__

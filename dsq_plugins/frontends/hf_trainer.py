@@ -98,8 +98,6 @@ class DoubleSqueezeCallback(TrainerCallback):
             opt.attach_ddp(ddp)
             self.optimizer, self.state = opt, None
         else:
-            if self.state is None:
-                self.state = DoubleSqueezeState(self.config or DoubleSqueezeConfig(), monitor=self.monitor)
             ddp.register_comm_hook(self.state, doublesqueeze_hook)
         self._registered = True
         if state.global_step > 0:

@@ -445,9 +445,8 @@ class DoubleSqueezeAdamW(torch.optim.Optimizer):
             elif any(p is None for p in parts):
                 raise ValueError(f"some saved ranks have no {part} state: not one run's")
             elif part == "grads" and (self._ddp_state is not None) != all(p.get("format") for p in parts):
-                raise ValueError("the saved warm-up state was " + ("not " if self._ddp_state is not None else "")
-                                 + "taken through a DDP hook and this optimizer is " + ("" if self._ddp_state
-                                 is not None else "not ") + "attached to a DDP model: resume it the same way")
+                raise ValueError("the saved warm-up state and this optimizer disagree on DDP (one went through a "
+                                 "DDP hook, the other not): resume it the way it was saved (ddp= / attach_ddp)")
             elif part == "grads" and self._ddp_state is not None:
                 merged[part] = parts               # DDP's state reshards them itself
             else:
