@@ -42,13 +42,21 @@ steps; SGD, lr 0.01):
     fsdp-dsq-SPEC    fsdp-stock + dsq_plugins.fsdp.install(compressor SPEC, downlink "delta"); SPEC int4:128, sign,
                      or auto (adapting each phase, as dsq-auto)
     fsdp-dsq-SPEC-quantized   fsdp-stock-reshard + install(compressor SPEC, downlink "quantized": int8 gathers)
+    hsdp-stock       HSDP, FSDP2's own: --hosts/2 "nodes" of 2 ranks each (the first --hosts/2 hosts run two ranks,
+                     the others none), fully_shard on a 2-D mesh (replicate across nodes, shard inside a node,
+                     reshard_after_forward=False); inside a node the ranks talk over the node's own loopback
+                     (unshaped), across nodes over the shaped link
+    hsdp-dsq-SPEC    the same nodes: fully_shard on the node's 1-D mesh and install(compressor SPEC,
+                     replicate_group=the ranks holding the same shard): the replicas' all-reduce of each shard is
+                     the double pass; FSDP's reduce-scatter and all-gather inside the node stay FSDP's own
     pair:M           M (a DDP or FSDP2 DoubleSqueeze method) and its baseline (dense DDP; FSDP2's own stock method) in
                      one job, each on its own copy of the model, stepped alternately on the same batches (the
                      baseline first at one step, second at the next); auto's clock stops while the baseline steps.
                      Reported: the per-step ratio of their times (median with a 95% interval, quartiles), which
                      the machine's drift between phases and jobs does not reach; bytes are not separated
-    The FSDP2 methods also report their persistent memory per rank (FSDP's shards and what install keeps) and
-    compare with their own stock method.
+    The FSDP2 and HSDP methods also report their persistent memory per rank (FSDP's shards and what install keeps)
+    and compare with their own stock method. The HSDP methods' bytes are per node (the two ranks of a node share
+    its interface): "per rank" is then the busiest node's.
 
 Horovod is launched by the real horovodrun (Gloo), run inside host 0's namespace with `-H <ip0>:1,<ip1>:1,...
 --network-interface eth0`: host 0 is local to it, and it reaches the other hosts through a stand-in `ssh`
@@ -110,7 +118,9 @@ ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", 
                "dsq-topk:0.01+int4", "dsq-grouptopk:0.03+sign", "dsq-grouptopk:0.03+int4", "dsq-auto", "hvd-stock",
                "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
                "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto",
-               "ds-z2-stock", "ds-z2-dsq-sign", "ds-z2-dsq-auto", "ds-z3-stock", "ds-z3-dsq-sign", "ds-z3-dsq-auto")
+               "ds-z2-stock", "ds-z2-dsq-sign", "ds-z2-dsq-auto", "ds-z3-stock", "ds-z3-dsq-sign", "ds-z3-dsq-auto",
+               "hsdp-stock", "hsdp-dsq-int4:128", "hsdp-dsq-sign")
+RANKS_PER_NODE = 2          # the HSDP methods: ranks per "node" (host)
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
 
@@ -118,6 +128,8 @@ def baseline_of(method: str):
     """The stock method a DoubleSqueeze method is compared with (None: dense DDP)."""
     if method.startswith("fsdp-dsq-"):
         return "fsdp-stock-reshard" if method.endswith("-quantized") else "fsdp-stock"
+    if method.startswith("hsdp-dsq-"):
+        return "hsdp-stock"
     if method.startswith("ds-z") and "-dsq-" in method:
         return method[:len("ds-zN")] + "-stock"
     return BASELINE.get(method)
@@ -139,7 +151,7 @@ def mlp_parameters(hidden: int) -> int:
 
 
 def framework(method: str) -> str:
-    for prefix in ("hvd", "ds", "fsdp"):
+    for prefix in ("hvd", "ds", "fsdp", "hsdp"):
         if method.startswith(prefix + "-"):
             return prefix
     return "ddp"
@@ -175,8 +187,13 @@ def _instrument(collective, acc: dict) -> None:
     collective.end = timed(collective.end, work=True)
 
 
+def ranks_on_host(method: str) -> int:
+    """Ranks each host runs for `method`: RANKS_PER_NODE for HSDP (its nodes), else one."""
+    return RANKS_PER_NODE if framework(method) == "hsdp" else 1
+
+
 def _torch_setup(m: str, model, acc: dict):
-    """A DDP or FSDP2 method on `model` (the process group exists): (optimizer, forward_backward(x, y) -> the
+    """A DDP, FSDP2 or HSDP method on `model` (the process group exists): (optimizer, forward_backward(x, y) -> the
     time backward starts, auto's tuner or None, DoubleSqueeze's FSDP2 state or None)."""
     import torch
     import torch.nn as nn
@@ -201,6 +218,23 @@ def _torch_setup(m: str, model, acc: dict):
             _instrument(state.collective, acc)
             net.register_comm_hook(state, dsq.doublesqueeze_hook)
             tuner = state.auto
+    elif framework(m) == "hsdp":
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        nodes = dist.get_world_size() // RANKS_PER_NODE        # rank r is on node r // RANKS_PER_NODE
+        mesh = init_device_mesh("cpu", (nodes, RANKS_PER_NODE), mesh_dim_names=("replicate", "shard"))
+        stock = m == "hsdp-stock"
+        on = mesh if stock else mesh["shard"]
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=on, reshard_after_forward=False)
+        net = fully_shard(model, mesh=on, reshard_after_forward=False)
+        if not stock:
+            import dsq_plugins as dsq
+            import dsq_plugins.fsdp as dsq_fsdp
+            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(compressor=m[len("hsdp-dsq-"):], guard=0.0),
+                                          replicate_group=mesh["replicate"].get_group())
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -247,7 +281,7 @@ def worker(args) -> None:
     if pair:
         m = m[len("pair:"):]
     fw = framework(m)
-    if fw in ("ddp", "fsdp"):
+    if fw in ("ddp", "fsdp", "hsdp"):
         import torch.distributed as dist
         dist.init_process_group("gloo")
         rank = dist.get_rank()
@@ -349,10 +383,10 @@ def worker(args) -> None:
     run = Path(args.rundir)
     for _ in range(args.warmup):
         step()
-    out = {"rank": rank, "phases": {}}
+    out = {"rank": rank, "host": int(os.environ.get("DSQ_CLUSTER_HOST", rank)), "phases": {}}
     if m.startswith("ds-z") and getattr(engine, "doublesqueeze", None) is not None:    # what DoubleSqueeze keeps
         out["memory"] = {f"dsq_{k}": v for k, v in engine.doublesqueeze.memory_report().items()}
-    if fw == "fsdp":     # persistent bytes per rank: FSDP's shards (parameters, gradients) and what install added
+    if fw in ("fsdp", "hsdp"):     # persistent bytes per rank: FSDP's shards (parameters, gradients), what install adds
         local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         out["memory"] = {"param_shards": local, "grad_shards": local,
                          **({f"dsq_{k}": v for k, v in fsdp_state.memory_report().items()} if fsdp_state else {})}
@@ -438,11 +472,13 @@ exec ip netns exec "$ns" sh -c "$*"
             return [subprocess.Popen(cmd, cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)]
         procs = []
+        per = ranks_on_host(method)
         for r in range(n):
-            env = self._env(RANK=r, WORLD_SIZE=n, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR=cl.addresses[0],
-                            MASTER_PORT=29555, GLOO_SOCKET_IFNAME=cl.ifname)
-            procs.append(subprocess.Popen(cl.exec_prefix(r) + self._worker_args(method, rundir, phases), cwd=ROOT,
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            env = self._env(RANK=r, WORLD_SIZE=n, LOCAL_RANK=r % per, LOCAL_WORLD_SIZE=per, DSQ_CLUSTER_HOST=r // per,
+                            MASTER_ADDR=cl.addresses[0], MASTER_PORT=29555, GLOO_SOCKET_IFNAME=cl.ifname)
+            procs.append(subprocess.Popen(cl.exec_prefix(r // per) + self._worker_args(method, rundir, phases),
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
         return procs
 
     def _pids(self):
@@ -559,6 +595,9 @@ def summarise(ranks, steps: int, method: str = "") -> dict:
     out = {}
     for phase in ranks[0]["phases"]:
         per = [r["phases"][phase] for r in ranks]
+        # one rank per host counts the host's interface (HSDP: a node's ranks share it)
+        hosts = [r["phases"][phase] for k, r in enumerate(ranks) if r.get("host", k) not in
+                 {q.get("host", j) for j, q in enumerate(ranks[:k])}]
         slowest = [max(p["step_s"][i] for p in per) for i in range(steps)]
         out[phase] = {
             "step_time_s": statistics.median(slowest), "step_times_s": slowest,
@@ -566,8 +605,8 @@ def summarise(ranks, steps: int, method: str = "") -> dict:
             "optimizer_s": statistics.median(per[0]["optimizer_s"]),
             "dsq_pass_s": statistics.median(per[0]["dsq_pass_s"]),
             "dsq_comm_s": statistics.median(per[0]["dsq_comm_s"]),
-            "bytes_per_step_all_hosts": sum(p["tx_bytes"] for p in per) / steps,
-            "bytes_per_step_per_rank": max(max(p["tx_bytes"], p["rx_bytes"]) for p in per) / steps,
+            "bytes_per_step_all_hosts": sum(p["tx_bytes"] for p in hosts) / steps,
+            "bytes_per_step_per_rank": max(max(p["tx_bytes"], p["rx_bytes"]) for p in hosts) / steps,
             "tx_bytes_per_rank": [p["tx_bytes"] for p in per], "rx_bytes_per_rank": [p["rx_bytes"] for p in per]}
         if "base_step_s" in per[0]:
             out[phase].update(paired(slowest, [max(p["base_step_s"][i] for p in per) for i in range(steps)]))
@@ -826,6 +865,10 @@ def main(argv=None) -> int:
         args.warmup = 2 if args.quick else 3
     if args.hosts < 2:
         ap.error("--hosts must be at least 2")
+    if any(framework(m) == "hsdp" for m in methods) and (args.hosts < 2 * RANKS_PER_NODE
+                                                          or args.hosts % RANKS_PER_NODE):
+        ap.error(f"the hsdp methods run nodes of {RANKS_PER_NODE} ranks, at least two nodes: --hosts must be a "
+                 f"multiple of {RANKS_PER_NODE}, at least {2 * RANKS_PER_NODE}")
 
     t_start = time.monotonic()
     stale = remove_stale()
