@@ -22,11 +22,11 @@ def grads_of(step, rank, dtype):
 
 
 def run_world(world, config, steps, buckets, dtype=torch.float32, chunk_elements=128, nan_at=None, device="cpu",
-              nan_key="b"):
+              nan_key="b", residual_dtype=None):
     """Every rank reduces `buckets` (lists of keys) each step, on `device`; returns per rank: updates by step and
     key (on the CPU), and the collective."""
     def rank_main(comm):
-        col = DoubleSqueezeCollective(config, comm, chunk_elements=chunk_elements)
+        col = DoubleSqueezeCollective(config, comm, chunk_elements=chunk_elements, residual_dtype=residual_dtype)
         updates = []
         for t in range(steps):
             g = grads_of(t, comm.rank, dtype)
@@ -44,9 +44,9 @@ def run_world(world, config, steps, buckets, dtype=torch.float32, chunk_elements
     return dsq.ThreadWorld(world).run(rank_main)
 
 
-def simulate(world, config, steps, dtype=torch.float32, nan_at=None, nan_bucket=("a", "b")):
+def simulate(world, config, steps, dtype=torch.float32, nan_at=None, nan_bucket=("a", "b"), residual_dtype=None):
     """Per tensor; a non-finite gradient skips its whole bucket (`nan_bucket`): the Simulator sees it in each."""
-    sims = {k: dsq.Simulator(world, config, key=k) for k in SIZES}
+    sims = {k: dsq.Simulator(world, config, key=k, residual_dtype=residual_dtype) for k in SIZES}
     updates = []
     for t in range(steps):
         per_rank = [grads_of(t, r, dtype) for r in range(world)]

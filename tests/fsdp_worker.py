@@ -113,7 +113,7 @@ def run(args, token: str, out: Path) -> None:
     '+reshard' (reshard_after_forward=True), '+nanT' (rank 1 gets a NaN gradient in unit a at step T) and '+dcp'
     (save and resume with torch.distributed.checkpoint, as --dcp), '+stepsN' (N steps instead of --steps),
     '+bf16' (`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=bfloat16)`: float32 shards, their gathers
-    and gradient reductions in bfloat16); 'auto' and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
+    and gradient reductions in bfloat16), '+bf16res' (residuals kept in bfloat16, `residual_dtype`); 'auto' and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
     downlink, *opts = token.split("+")
     reshard = "reshard" in opts
     nan_step = next((int(o[3:]) for o in opts if o.startswith("nan")), -1)
@@ -136,7 +136,8 @@ def run(args, token: str, out: Path) -> None:
     downlink = {"auto": "delta", "autoq": "quantized"}.get(downlink, downlink)
     state = None
     if downlink == "hsdp":
-        state = dsq_fsdp.install(model, config, replicate_group=replicate)
+        state = dsq_fsdp.install(model, config, replicate_group=replicate,
+                                 residual_dtype=torch.bfloat16 if "bf16res" in opts else None)
     elif downlink != "off":
         state = dsq_fsdp.install(model, config, downlink=downlink)
     opt = torch.optim.SGD(model.parameters(), lr=LR)

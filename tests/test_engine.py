@@ -19,11 +19,13 @@ SPECS = ["none", "fp16", "bf16", "sign", "topk:0.1", "randomk:0.25", "qsgd:4", "
 
 
 def check_against_simulator(world, config, steps=5, dtype=torch.float32, tol=None, buckets=None, nan_at=None,
-                            nan_key="b"):
+                            nan_key="b", residual_dtype=None):
     buckets = buckets or [["a", "b"], ["c", "d", "e"], ["f"]]
-    ranks = run_world(world, config, steps, buckets, dtype, nan_at=nan_at, nan_key=nan_key)
+    ranks = run_world(world, config, steps, buckets, dtype, nan_at=nan_at, nan_key=nan_key,
+                      residual_dtype=residual_dtype)
     nan_bucket = next(b for b in buckets if nan_key in b)
-    expected, sims = simulate(world, config, steps, dtype, nan_at=nan_at, nan_bucket=nan_bucket)
+    expected, sims = simulate(world, config, steps, dtype, nan_at=nan_at, nan_bucket=nan_bucket,
+                              residual_dtype=residual_dtype)
     rtol, atol = tol or ((1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6))
     for r, (updates, col) in enumerate(ranks):
         for t in range(steps):
@@ -84,6 +86,25 @@ def test_half_precision_gradients_keep_float32_residuals(spec, dtype):
         residuals = list(col.worker_residuals().values()) + list(col.server_residuals().values())
         assert residuals and all(e.dtype == torch.float32 for e in residuals)
     check_conservation(ranks, world, steps, dtype, atol=2e-6, keys=[k for k, n in SIZES.items() if n >= 16])
+
+
+@pytest.mark.parametrize("spec", ["sign", "int4:16", "topk:0.1+int4"])
+def test_residuals_kept_in_bfloat16(spec):
+    """residual_dtype=bfloat16 (HSDP's memory option): the residuals are bfloat16, half the bytes of float32 ones;
+    updates and residuals equal the Simulator's with its residuals kept in bfloat16 (each computed in float32 and
+    rounded once), across bucket layouts that change from step to step, and differ from the float32 run's."""
+    world, steps = 3, 6
+    ranks, _, _ = check_against_simulator(world, make_config(spec), steps=steps, residual_dtype=torch.bfloat16)
+    wide = run_world(world, make_config(spec), steps, [["a", "b"], ["c", "d", "e"], ["f"]])
+    for (_, col), (_, ref) in zip(ranks, wide):
+        residuals = list(col.worker_residuals().values()) + list(col.server_residuals().values())
+        assert residuals and all(e.dtype == torch.bfloat16 for e in residuals)
+        narrow, full = col.memory_report(), ref.memory_report()
+        assert 2 * narrow["worker_residual"] == full["worker_residual"], (narrow, full)
+        assert 2 * narrow["server_residual"] == full["server_residual"], (narrow, full)
+        assert any(not torch.equal(e.float(), ref.worker_residuals()[k]) for k, e in col.worker_residuals().items())
+    with pytest.raises(ValueError, match="residual_dtype"):
+        DoubleSqueezeCollective(make_config(spec), residual_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("kw", [dict(worker_ef=False, server_ef=False), dict(server_ef=False),

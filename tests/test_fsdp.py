@@ -250,23 +250,43 @@ def test_fsdp2_bytes_counted_by_the_kernel(tmp_path):
     assert per_step["off+reshard"] > 1.3 * per_step["off"], per_step        # the baseline did gather twice
 
 
-def test_hsdp_replica_all_reduce_is_the_double_pass(tmp_path):
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory):
+    """One launch of 4 ranks: HSDP with float32 residuals, then with residuals kept in bfloat16."""
+    out = tmp_path_factory.mktemp("hsdp")
+    launch(4, ROOT / "tests" / "fsdp_worker.py", [out, "--runs", "hsdp", "hsdp+bf16res", "--steps", 4], timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("token", ["hsdp", "hsdp+bf16res"])
+def test_hsdp_replica_all_reduce_is_the_double_pass(hsdp_runs, token):
     """HSDP on 4 ranks, 2 replicas of 2 shards: FSDP's reduce-scatter averages inside each replica, then the
     replicas' all-reduce of every shard is DoubleSqueeze's double pass. Each step's parameters equal plain torch
     (dense mean inside the node) fed to the Simulator with plain-torch sign across the replicas (one per unit and
-    shard), and so do both residuals; the residuals are the size of the shard."""
+    shard), and so do both residuals; the residuals are the size of the shard. With ``residual_dtype=bfloat16``
+    the residuals are bfloat16 (half the memory) and equal the Simulator's kept in bfloat16, which is not the
+    float32 run."""
     from dsq_plugins import DoubleSqueezeConfig, Simulator
     from dsq_plugins.engine.plan import expand_owned
     from .reference import reference
     world, shards, steps = 4, 2, 4
-    launch(world, ROOT / "tests" / "fsdp_worker.py", [tmp_path, "--runs", "hsdp", "--steps", steps], timeout=300)
-    ranks = load_ranks(tmp_path / "hsdp", world)
+    ranks = load_ranks(hsdp_runs / token, world)
+    narrow = torch.bfloat16 if token.endswith("bf16res") else None
     config = DoubleSqueezeConfig(compressor="sign", block_size=BLOCK, min_numel=0, guard=0.0)
     keys = {u: k for k, u in enumerate(UNITS)}             # units are numbered in named_modules order
     x = {u: to_rows([initial(n) for n in names], shards) for u, names in UNITS.items()}
     real = {u: to_rows([torch.ones(SHAPES[n]) for n in names], shards) for u, names in UNITS.items()}
-    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign")) for u in UNITS
-            for s in range(shards)}
+    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign"), residual_dtype=narrow)
+            for u in UNITS for s in range(shards)}
+    if narrow is not None:
+        wide = load_ranks(hsdp_runs / "hsdp", world)
+        assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["records"][0]["worker"].values())
+        assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["records"][0]["server"].values())
+        for r, w in zip(ranks, wide):
+            assert r["memory"]["worker_residual"] * 2 == w["memory"]["worker_residual"], (r["memory"], w["memory"])
+            assert r["memory"]["server_residual"] * 2 == w["memory"]["server_residual"]
+        assert any(not torch.equal(r["records"][-1]["worker"][u].float(), w["records"][-1]["worker"][u])
+                   for r, w in zip(ranks, wide) for u in UNITS), "bfloat16 residuals gave the float32 run's"
     for t in range(steps):
         for u, names in UNITS.items():
             used = from_rows(x[u], [SHAPES[n] for n in names], shards)
@@ -282,8 +302,9 @@ def test_hsdp_replica_all_reduce_is_the_double_pass(tmp_path):
                     torch.testing.assert_close(rec["worker"][u], sims[(u, s)].worker_errors[r], rtol=1e-5,
                                                atol=1e-6, msg=lambda m: f"step {t} {u} shard {s} replica {r}: {m}")
                     assert rec["worker"][u].numel() == x[u][s].numel()
-                    server += expand_owned(keys[u], rec["server"][u], server.numel(), BLOCK, 2, r)
-                torch.testing.assert_close(server, sims[(u, s)].server_error, rtol=1e-5, atol=1e-6,
+                    server += expand_owned(keys[u], rec["server"][u].float(), server.numel(), BLOCK, 2, r)
+                torch.testing.assert_close(server.to(sims[(u, s)].server_error.dtype), sims[(u, s)].server_error,
+                                           rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"step {t} {u} shard {s} server residual: {m}")
         expected = {}
         for u, names in UNITS.items():

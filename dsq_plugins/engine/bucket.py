@@ -125,7 +125,7 @@ class BucketState:
     """What persists for one bucket layout: plan, residuals, wire buffers, static seeds (module docstring)."""
 
     def __init__(self, plan: BucketPlan, wc: Compressor, sc: Compressor, worker_ef: bool, server_ef: bool,
-                 base_seed: int):
+                 base_seed: int, residual_dtype: Optional[torch.dtype] = None):
         self.plan, self.wc, self.sc = plan, wc, sc
         self.live: set = set()        # the keys whose residuals this state holds now (the collective's bookkeeping)
         p, dev, dt = plan, plan.device, plan.compute_dtype
@@ -133,11 +133,15 @@ class BucketState:
         self.has_rows = p.R + p.T > 0
         self.keep_worker = worker_ef and not wc.lossless and self.has_rows
         self.keep_server = server_ef and not sc.lossless and self.has_rows
-        zeros = lambda *shape: torch.zeros(*shape, dtype=dt, device=dev)     # noqa: E731
-        self.e_full = zeros(p.R, B) if self.keep_worker else None
-        self.e_tail = zeros(p.T, p.cap) if self.keep_worker else None
-        self.s_full = zeros(p.F_me, B) if self.keep_server else None
-        self.s_tail = zeros(p.T_me, p.cap) if self.keep_server else None
+        # residuals stored narrower than the compensation's dtype: each update is computed in `compute_dtype` and
+        # rounded once into the store
+        rdt = residual_dtype or dt
+        self.narrow_residuals = rdt != dt
+        zeros = lambda *shape, dtype=dt: torch.zeros(*shape, dtype=dtype, device=dev)     # noqa: E731
+        self.e_full = zeros(p.R, B, dtype=rdt) if self.keep_worker else None
+        self.e_tail = zeros(p.T, p.cap, dtype=rdt) if self.keep_worker else None
+        self.s_full = zeros(p.F_me, B, dtype=rdt) if self.keep_server else None
+        self.s_tail = zeros(p.T_me, p.cap, dtype=rdt) if self.keep_server else None
         self.dense_buf = None
         self.compressed_keys = {s.key: s for s in p.compressed}   # the tensors it compresses, keeps residuals of
         if not self.has_rows:
@@ -306,11 +310,11 @@ class BucketState:
         """e <- v - decode(out), unless the exchange is skipped (then e stays as it is). `decode(out)` decodes the
         sent fields into `out` (None: a new tensor). Where the skip is known on the host, e itself takes the
         decoded values and the difference in place; else the difference goes through `tmp` and `torch.where`.
-        16-bit gradients: the fields decode in their dtype (into `tmp`, of that dtype) and the difference is taken
-        in e's."""
+        16-bit gradients, or residuals stored narrower than `v`: the fields decode in the gradients' dtype (into
+        `tmp`, of that dtype) and the difference is taken in `v`'s dtype, then stored in e's."""
         if ex.host_skip:
             return
-        if self.plan.low_precision:
+        if self.plan.low_precision or self.narrow_residuals:
             dec = decode(tmp)
             new = torch.sub(v, dec, out=e) if ex.host_skip is False else v - dec
         elif ex.host_skip is None:
@@ -327,7 +331,7 @@ class BucketState:
         if ex.guard_sums is not None and tensors is not None:
             self._guard_rows(ex, 0 if side is Side.WORKER else 2, new, v, tensors)
         if ex.host_skip is None:
-            torch.where(ex.skip, e, new, out=e)
+            torch.where(ex.skip, e, new.to(e.dtype), out=e)
 
     @staticmethod
     def _guard_rows(ex: Exchange, row: int, err: torch.Tensor, v: torch.Tensor, tensors: torch.Tensor) -> None:
@@ -366,7 +370,7 @@ class BucketState:
     def _decode_buf(self, ex: Exchange, scratch: Scratch) -> Optional[torch.Tensor]:
         """The chunk-sized temporary `_update_residual` decodes into, where it needs one (None: into e)."""
         p = self.plan
-        if ex.host_skip is None or p.low_precision:
+        if ex.host_skip is None or p.low_precision or self.narrow_residuals:
             return scratch.get("dec", p.chunk_rows * p.block_size, p.dtype, p.device)
         return None
 

@@ -100,14 +100,22 @@ class DoubleSqueezeCollective:
         key_names: how a key is named in warnings and TensorBoard tags (default: ``str(key)``).
         tensor_info: what the config's `policy` needs to know of a key (`TensorInfo`: name, shape, roles), or None
             for a key the integration cannot describe; needed only with a policy.
+        residual_dtype: the dtype residuals are stored in (default: `residual_dtype_for` the gradients' dtype,
+            the dtype the compensation is computed in). ``torch.bfloat16`` halves their memory: each update is
+            still computed in that wider dtype and rounded once into the store.
     """
 
     def __init__(self, config: DoubleSqueezeConfig, communicator: Optional[Communicator] = None,
                  monitor: Optional[Monitor] = None, chunk_elements: Optional[int] = None,
                  key_names: Optional[Callable[[Hashable], str]] = None,
-                 tensor_info: Optional[Callable[[Hashable], Optional[TensorInfo]]] = None):
+                 tensor_info: Optional[Callable[[Hashable], Optional[TensorInfo]]] = None,
+                 residual_dtype: Optional[torch.dtype] = None):
         if not isinstance(config, DoubleSqueezeConfig):
             raise TypeError(f"config must be a DoubleSqueezeConfig, got {type(config).__name__}")
+        if residual_dtype is not None and residual_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"residual_dtype must be torch.float32, torch.bfloat16 or torch.float16, "
+                             f"got {residual_dtype!r}")
+        self.residual_dtype = residual_dtype
         self.config = config
         self.monitor = monitor
         self.chunk_elements = chunk_elements
@@ -400,7 +408,7 @@ class DoubleSqueezeCollective:
         chunk = self.chunk_elements or default_chunk_elements(device)
         plan = BucketPlan(keys, numels, dense, dtype, device, self.world_size, self.rank, cfg.block_size, chunk)
         wc, sc = self._pair(spec if spec is not None else cfg.candidate_specs[0])
-        return BucketState(plan, wc, sc, cfg.worker_ef, cfg.server_ef, cfg.seed)
+        return BucketState(plan, wc, sc, cfg.worker_ef, cfg.server_ef, cfg.seed, self.residual_dtype)
 
     def _pair(self, spec: str):
         """(worker, server) compressors of a part compressed with `spec`."""

@@ -27,6 +27,9 @@ class Simulator:
         compressors: (worker, server) to use instead of the config's: any objects with ``compress(block, seed=)``,
             ``decompress(payload)``, ``lossless`` and ``seed_per_rank`` (tests pass references written in plain
             torch, so that the engine's compressors are checked too, not only its plumbing).
+        residual_dtype: the dtype the residuals are kept in between rounds (default: the compensation's, float32
+            for 16-bit gradients, else the gradients'); each new residual is computed in the compensation's dtype
+            and then rounded to it.
 
     Attributes:
         worker_errors: the n worker residuals e_i; server_error: the server residual e (flat).
@@ -34,7 +37,7 @@ class Simulator:
     """
 
     def __init__(self, num_workers: int, config: Optional[DoubleSqueezeConfig] = None, key=0,
-                 compressors: Optional[Tuple[object, object]] = None):
+                 compressors: Optional[Tuple[object, object]] = None, residual_dtype: Optional[torch.dtype] = None):
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         self.n = num_workers
@@ -44,6 +47,7 @@ class Simulator:
                              "the job's own timings; simulate each candidate instead")
         self.key = key
         self.compressors = compressors or (self.config.worker, self.config.server)
+        self.residual_dtype = residual_dtype
         self.worker_errors: List[torch.Tensor] = []
         self.server_error: Optional[torch.Tensor] = None
         self.steps = 0
@@ -63,9 +67,10 @@ class Simulator:
         flat = [g.detach().reshape(-1) for g in grads]
         d = flat[0].numel()
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        kept = self.residual_dtype or acc
         if not self.worker_errors:
-            self.worker_errors = [torch.zeros(d, dtype=acc) for _ in range(self.n)]
-            self.server_error = torch.zeros(d, dtype=acc)
+            self.worker_errors = [torch.zeros(d, dtype=kept) for _ in range(self.n)]
+            self.server_error = torch.zeros(d, dtype=kept)
         if any(not torch.isfinite(g).all() for g in flat):
             self.skipped_steps += 1
             return torch.full(shape, float("nan"), dtype=dtype)
@@ -86,17 +91,17 @@ class Simulator:
         cs = []
         for i in range(self.n):
             g = flat[i].to(acc)
-            v = g + self.worker_errors[i] if cfg.worker_ef else g
+            v = g + self.worker_errors[i].to(acc) if cfg.worker_ef else g
             c = compress(wc, v, UPLINK, i)
             if cfg.worker_ef and not wc.lossless:
-                self.worker_errors[i] = v - c
+                self.worker_errors[i] = (v - c).to(kept)
             cs.append(c)
         mean = cs[0].clone()
         for c in cs[1:]:
             mean += c
         mean /= self.n
-        v = mean + self.server_error if cfg.server_ef else mean
+        v = mean + self.server_error.to(acc) if cfg.server_ef else mean
         c = compress(sc, v, DOWNLINK, -1)
         if cfg.server_ef and not sc.lossless:
-            self.server_error = v - c
+            self.server_error = (v - c).to(kept)
         return c.to(dtype).view(shape)

@@ -24,7 +24,8 @@ HSDP (shard inside a node, replicate across nodes): shard on the node's 1-D mesh
 ``install(model, config, replicate_group=mesh["replicate"].get_group())`` with ``fully_shard(..., mesh=
 mesh["shard"])``. FSDP's reduce-scatter and all-gather inside the node stay FSDP's own; the all-reduce of each
 shard across replicas (`FSDPModule.set_all_reduce_hook`) becomes the full double pass of
-`DoubleSqueezeCollective`, with residuals the size of the shard (worker) and of the blocks this rank owns (server).
+`DoubleSqueezeCollective`, with residuals the size of the shard (worker) and of the blocks this rank owns (server):
+1 + 1/R times the shard's gradient for R replicas, half that with ``residual_dtype=torch.bfloat16``.
 
 A step is one reduce-scatter of every unit; warm-up steps, and units smaller than ``min_numel``, go dense (FSDP's
 own collectives). What this does not honour fails in `install`, before training: ``compressor="auto"``, native
@@ -178,7 +179,7 @@ class FSDPDoubleSqueezeState:
         self.collective: Optional[DoubleSqueezeCollective] = None
         if replicate_group is not None:
             self.collective = DoubleSqueezeCollective(config, TorchDistributedCommunicator(replicate_group), monitor,
-                                                      key_names=self._unit_name)
+                                                      key_names=self._unit_name, residual_dtype=residual_dtype)
         self.residual_dtype = residual_dtype
         # compressor="auto": per unit, dense or a candidate, from the job's own step times (engine/auto.py)
         self.auto: Optional[AutoTuner] = (AutoTuner(config.candidate_specs)
@@ -607,7 +608,9 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         downlink: a `Downlink` (or its value); default: ``DELTA`` if no unit reshards after forward, else
             ``QUANTIZED``.
         residual_dtype: dtype of the worker residuals (default: float32 for 16-bit gradients, e.g. a
-            `MixedPrecisionPolicy` reducing in bfloat16, else the gradients' reduce dtype).
+            `MixedPrecisionPolicy` reducing in bfloat16, else the gradients' reduce dtype). Under HSDP the dtype
+            both residuals of the replicas' double pass are stored in (``torch.bfloat16``: half their memory;
+            the compensation is still computed in the wider dtype).
         param_compressor: the compressor of ``QUANTIZED`` all-gathers (default ``"int8"``).
         replicate_group: HSDP: the process group of this rank's replicas (the ranks holding the same shard): the
             all-reduce across it becomes the double pass; FSDP's own collectives inside the node stay as they are
@@ -641,9 +644,6 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         if downlink not in (None, Downlink.DENSE, Downlink.DENSE.value):
             raise ValueError("with a replicate_group (HSDP) the double pass runs across replicas: FSDP's own "
                              "collectives inside the node stay dense (downlink None or 'dense')")
-        if residual_dtype is not None:
-            raise ValueError("residual_dtype is for the sharded uplink; under HSDP the engine keeps residuals in the "
-                             "gradients' dtype")
         downlink = Downlink.DENSE
     if downlink is None:
         downlink = Downlink.QUANTIZED if any(_reshards_after_forward(m) for m in units) else Downlink.DELTA
