@@ -635,7 +635,9 @@ def report(results, bandwidths, probes, args) -> dict:
             doc["methods"][m] = r
     ok = {m: r for m, r in doc["methods"].items() if not m.startswith("pair:")}
     compute = {m: r["unshaped"]["step_time_s"] for m, r in ok.items()}
-    print(f"\n{args.hosts} hosts x 1 rank, MLP 1024-{args.hidden}-{args.hidden}-1000 "
+    nodes = (f" (the hsdp methods: {args.hosts // RANKS_PER_NODE} nodes x {RANKS_PER_NODE} ranks, bytes per node)"
+             if any(framework(m) == "hsdp" for m in ok) else "")
+    print(f"\n{args.hosts} hosts x 1 rank{nodes}, MLP 1024-{args.hidden}-{args.hidden}-1000 "
           f"({mlp_parameters(args.hidden) / 1e6:.1f}M parameters), batch {args.batch}, {args.steps} steps per "
           f"phase after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f}")
     print("compute = the same job's median step on the unshaped link (forward, backward, compression, optimizer; "

@@ -21,6 +21,10 @@ Methods (each one word):
     fsdp:SPEC[@downlink=D][@reshard=True][@residual_dtype=T][@K=V...]
                         FSDP2 with `dsq_plugins.fsdp.install` (D: delta, quantized or dense; reshard: the blocks
                         reshard after forward, as ZeRO-3; T: the worker residuals' dtype, e.g. bfloat16)
+    hsdp:SPEC[@residual_dtype=T][@K=V...]
+                        HSDP (--nproc 4 or more, even): 2-rank "nodes", FSDP2 on each node's 1-D mesh and
+                        `install(replicate_group=...)`: the replicas' all-reduce of each shard is the double pass
+                        (T: both residuals' dtype, e.g. bfloat16); its bytes are the replicas' exchange alone
     zeroN               stock DeepSpeed ZeRO stage N (2 or 3; `overlap_comm`, `contiguous_gradients`), fp32
     zeroN:SPEC[@residual_dtype=T][@param_compressor=P][@K=V...]
                         the same with the config's "doublesqueeze" section (T: fp32 or bf16, the worker residual's
@@ -81,6 +85,8 @@ def parse_method(method: str):
         return "fsdp", {}
     if method.startswith("fsdp:"):
         return "fsdp", _options(*method[len("fsdp:"):].split("@"))
+    if method.startswith("hsdp:"):
+        return "hsdp", _options(*method[len("hsdp:"):].split("@"))
     for stage in ("zero2", "zero3"):
         if method == stage:
             return stage, {}
@@ -130,21 +136,28 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
     # the whole model in one bucket, the only layout where it works on gloo.
     state = fsdp_state = None
     counted = {"bytes": 0}
-    if kind == "fsdp":
+    if kind in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import fully_shard
         import dsq_plugins.fsdp as dsq_fsdp
         opts = dict(opts)
         downlink, reshard = opts.pop("downlink", None), bool(opts.pop("reshard", False))
         residual_dtype = opts.pop("residual_dtype", None)
         residual_dtype = getattr(torch, residual_dtype) if residual_dtype else None
+        mesh = replicate = None
+        if kind == "hsdp":               # nodes of 2 ranks: shard inside a node, the double pass across nodes
+            from torch.distributed.device_mesh import init_device_mesh
+            if world < 4 or world % 2:
+                raise ValueError("hsdp: methods need --nproc 4 or more, even (nodes of 2 ranks, at least two)")
+            both = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+            mesh, replicate = both["shard"], both["replicate"].get_group()
         for blk in getattr(model, "blocks", []):
-            fully_shard(blk, reshard_after_forward=reshard)
-        fully_shard(model, reshard_after_forward=False)
+            fully_shard(blk, reshard_after_forward=reshard, mesh=mesh)
+        fully_shard(model, reshard_after_forward=False, mesh=mesh)
         ddp = model
         if opts:
             opts.setdefault("guard", 0.0)
             fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(**opts), downlink=downlink,
-                                          residual_dtype=residual_dtype)
+                                          residual_dtype=residual_dtype, replicate_group=replicate)
     else:
         ddp = DDP(model, bucket_cap_mb=1024) if kind == "powersgd" else DDP(model)
     if kind == "dsq":
@@ -219,7 +232,7 @@ def run_method(args, method: str, task, world: int, rank: int) -> dict:
         sent = 1.5 * dense_bytes * steps_done         # a reduce-scatter, and all-gathers in forward and backward
     elif dsq_zero is not None:
         sent = dsq_zero.totals.bytes_sent
-    elif kind == "fsdp":
+    elif kind in ("fsdp", "hsdp"):
         sent = fsdp_state.totals.bytes_sent
     elif kind == "dsq":
         state.drain()
