@@ -49,6 +49,7 @@ steps; SGD, lr 0.01):
     hsdp-dsq-SPEC    the same nodes: fully_shard on the node's 1-D mesh and install(compressor SPEC,
                      replicate_group=the ranks holding the same shard): the replicas' all-reduce of each shard is
                      the double pass; FSDP's reduce-scatter and all-gather inside the node stay FSDP's own
+    hsdp-dsq-SPEC-bf16   the same with residual_dtype=torch.bfloat16 (both residuals in bfloat16)
     pair:M           M (a DDP or FSDP2 DoubleSqueeze method) and its baseline (dense DDP; FSDP2's own stock method) in
                      one job, each on its own copy of the model, stepped alternately on the same batches (the
                      baseline first at one step, second at the next); auto's clock stops while the baseline steps.
@@ -119,7 +120,7 @@ ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", 
                "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
                "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto",
                "ds-z2-stock", "ds-z2-dsq-sign", "ds-z2-dsq-auto", "ds-z3-stock", "ds-z3-dsq-sign", "ds-z3-dsq-auto",
-               "hsdp-stock", "hsdp-dsq-int4:128", "hsdp-dsq-sign")
+               "hsdp-stock", "hsdp-dsq-int4:128", "hsdp-dsq-sign", "hsdp-dsq-int4:128-bf16", "hsdp-dsq-sign-bf16")
 RANKS_PER_NODE = 2          # the HSDP methods: ranks per "node" (host)
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
@@ -233,8 +234,12 @@ def _torch_setup(m: str, model, acc: dict):
         if not stock:
             import dsq_plugins as dsq
             import dsq_plugins.fsdp as dsq_fsdp
-            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(compressor=m[len("hsdp-dsq-"):], guard=0.0),
-                                          replicate_group=mesh["replicate"].get_group())
+            spec = m[len("hsdp-dsq-"):]
+            narrow = spec.endswith("-bf16")
+            fsdp_state = dsq_fsdp.install(model, dsq.DoubleSqueezeConfig(compressor=spec.replace("-bf16", ""),
+                                                                         guard=0.0),
+                                          replicate_group=mesh["replicate"].get_group(),
+                                          residual_dtype=torch.bfloat16 if narrow else None)
     else:
         from torch.distributed.fsdp import fully_shard
 
