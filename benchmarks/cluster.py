@@ -50,9 +50,12 @@ steps; SGD, lr 0.01):
                      replicate_group=the ranks holding the same shard): the replicas' all-reduce of each shard is
                      the double pass; FSDP's reduce-scatter and all-gather inside the node stay FSDP's own
     hsdp-dsq-SPEC-bf16   the same with residual_dtype=torch.bfloat16 (both residuals in bfloat16)
-    pair:M           M (a DDP or FSDP2 DoubleSqueeze method) and its baseline (dense DDP; FSDP2's own stock method) in
-                     one job, each on its own copy of the model, stepped alternately on the same batches (the
-                     baseline first at one step, second at the next); auto's clock stops while the baseline steps.
+    hsdp-dsq-auto    the same under compressor "auto" (dense or int4:128 for the replicas' exchange, adapting each
+                     phase, as dsq-auto)
+    pair:M           M (a DDP, FSDP2 or HSDP DoubleSqueeze method) and its baseline (dense DDP; FSDP2's and HSDP's
+                     own stock method) in one job, each on its own copy of the model, stepped alternately on the
+                     same batches (the baseline first at one step, second at the next); auto's clock stops while
+                     the baseline steps.
                      Reported: the per-step ratio of their times (median with a 95% interval, quartiles), which
                      the machine's drift between phases and jobs does not reach; bytes are not separated
     The FSDP2 and HSDP methods also report their persistent memory per rank (FSDP's shards and what install keeps)
@@ -120,7 +123,8 @@ ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", 
                "hvd-dsq-sign", "ds-stock", "ds-dsq-sign", "fsdp-stock", "fsdp-stock-reshard", "fsdp-dsq-int4:128",
                "fsdp-dsq-sign", "fsdp-dsq-int4:128-quantized", "fsdp-dsq-sign-quantized", "fsdp-dsq-auto",
                "ds-z2-stock", "ds-z2-dsq-sign", "ds-z2-dsq-auto", "ds-z3-stock", "ds-z3-dsq-sign", "ds-z3-dsq-auto",
-               "hsdp-stock", "hsdp-dsq-int4:128", "hsdp-dsq-sign", "hsdp-dsq-int4:128-bf16", "hsdp-dsq-sign-bf16")
+               "hsdp-stock", "hsdp-dsq-int4:128", "hsdp-dsq-sign", "hsdp-dsq-int4:128-bf16", "hsdp-dsq-sign-bf16",
+               "hsdp-dsq-auto")
 RANKS_PER_NODE = 2          # the HSDP methods: ranks per "node" (host)
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
@@ -240,6 +244,7 @@ def _torch_setup(m: str, model, acc: dict):
                                                                          guard=0.0),
                                           replicate_group=mesh["replicate"].get_group(),
                                           residual_dtype=torch.bfloat16 if narrow else None)
+            tuner = fsdp_state.auto
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -862,10 +867,10 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ALL_METHODS and not (
         m.startswith("pair:") and m[len("pair:"):] in ALL_METHODS and "dsq" in m
-        and framework(m[len("pair:"):]) in ("ddp", "fsdp"))]
+        and framework(m[len("pair:"):]) in ("ddp", "fsdp", "hsdp"))]
     if bad:
-        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}, and pair:M for a DDP or "
-                 f"FSDP2 DoubleSqueeze method M")
+        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}, and pair:M for a DDP, "
+                 f"FSDP2 or HSDP DoubleSqueeze method M")
     if args.steps is None:
         args.steps = 2 if args.quick else 8
     if args.warmup is None:

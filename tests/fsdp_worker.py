@@ -91,10 +91,6 @@ def refusals(out: Path) -> None:
         return m
     quiet = dict(guard=0.0)
     attempt("not sharded", lambda: dsq_fsdp.install(Root(), dsq.DoubleSqueezeConfig(**quiet)))
-    attempt("auto under HSDP", lambda: dsq_fsdp.install(
-        sharded(mesh=init_device_mesh("cpu", (dist.get_world_size(),))), dsq.DoubleSqueezeConfig(compressor="auto",
-                                                                                                **quiet),
-        replicate_group=dist.group.WORLD))
     attempt("unknown downlink", lambda: dsq_fsdp.install(sharded(), dsq.DoubleSqueezeConfig(**quiet),
                                                          downlink="sparse"))
     attempt("delta without server_ef", lambda: dsq_fsdp.install(
@@ -113,7 +109,8 @@ def run(args, token: str, out: Path) -> None:
     '+reshard' (reshard_after_forward=True), '+nanT' (rank 1 gets a NaN gradient in unit a at step T) and '+dcp'
     (save and resume with torch.distributed.checkpoint, as --dcp), '+stepsN' (N steps instead of --steps),
     '+bf16' (`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=bfloat16)`: float32 shards, their gathers
-    and gradient reductions in bfloat16), '+bf16res' (residuals kept in bfloat16, `residual_dtype`); 'auto' and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
+    and gradient reductions in bfloat16), '+bf16res' (residuals kept in bfloat16, `residual_dtype`), '+auto'
+    (compressor="auto" with --compressor as its one candidate); 'auto' and 'autoq' are 'delta' and 'quantized' under compressor="auto" with --compressor as its one candidate."""
     downlink, *opts = token.split("+")
     reshard = "reshard" in opts
     nan_step = next((int(o[3:]) for o in opts if o.startswith("nan")), -1)
@@ -130,7 +127,7 @@ def run(args, token: str, out: Path) -> None:
         else MixedPrecisionPolicy()
     for unit in (model.a, model.b, model):
         fully_shard(unit, reshard_after_forward=reshard, mesh=mesh, mp_policy=mp)
-    compressor = "auto" if downlink.startswith("auto") else args.compressor
+    compressor = "auto" if downlink.startswith("auto") or "auto" in opts else args.compressor
     config = dsq.DoubleSqueezeConfig(compressor=compressor, block_size=16, min_numel=0, guard=0.0,
                                      candidates=args.compressor if compressor == "auto" else None)
     downlink = {"auto": "delta", "autoq": "quantized"}.get(downlink, downlink)

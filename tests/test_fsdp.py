@@ -208,14 +208,13 @@ def test_fsdp2_skips_a_unit_with_a_nonfinite_gradient_on_every_rank(runs):
 
 
 def test_fsdp2_refusals_name_what_is_valid(runs):
-    """install refuses, before training, what it cannot honour: a module not sharded, compressor='auto', an
-    unknown downlink, 'delta' without the owner's residual, native HSDP (its replica all-reduce would be dense),
-    a per-parameter policy (units are compressed whole)."""
+    """install refuses, before training, what it cannot honour: a module not sharded, an unknown downlink, 'delta'
+    without the owner's residual, native HSDP (its replica all-reduce would be dense), a per-parameter policy
+    (units are compressed whole)."""
     import json
     found = json.loads((runs / "refusals.json").read_text())
     assert found["plain config"] is None
-    expected = {"not sharded": "fully_shard", "auto under HSDP": "'auto' under HSDP is not supported",
-                "unknown downlink": "one of ['delta', 'quantized', 'dense']",
+    expected = {"not sharded": "fully_shard", "unknown downlink": "one of ['delta', 'quantized', 'dense']",
                 "delta without server_ef": "server_ef=True", "native HSDP": "HSDP",
                 "policy": "not supported under FSDP2 yet"}
     for case, words in expected.items():
@@ -252,9 +251,10 @@ def test_fsdp2_bytes_counted_by_the_kernel(tmp_path):
 
 @pytest.fixture(scope="module")
 def hsdp_runs(tmp_path_factory):
-    """One launch of 4 ranks: HSDP with float32 residuals, then with residuals kept in bfloat16."""
+    """One launch of 4 ranks: HSDP with float32 residuals, with residuals kept in bfloat16, and under auto."""
     out = tmp_path_factory.mktemp("hsdp")
-    launch(4, ROOT / "tests" / "fsdp_worker.py", [out, "--runs", "hsdp", "hsdp+bf16res", "--steps", 4], timeout=300)
+    launch(4, ROOT / "tests" / "fsdp_worker.py", [out, "--runs", "hsdp", "hsdp+bf16res", "hsdp+auto+steps12",
+                                                  "--steps", 4], timeout=300)
     return out
 
 
@@ -305,6 +305,65 @@ def test_hsdp_replica_all_reduce_is_the_double_pass(hsdp_runs, token):
                     server += expand_owned(keys[u], rec["server"][u].float(), server.numel(), BLOCK, 2, r)
                 torch.testing.assert_close(server.to(sims[(u, s)].server_error.dtype), sims[(u, s)].server_error,
                                            rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} {u} shard {s} server residual: {m}")
+        expected = {}
+        for u, names in UNITS.items():
+            expected.update(zip(names, from_rows(x[u], [SHAPES[n] for n in names], shards)))
+        for i, rank in enumerate(ranks):
+            for name, p in expected.items():
+                torch.testing.assert_close(rank["records"][t]["params"][name], p, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"step {t} rank {i} {name}: {m}")
+
+
+def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
+    """compressor="auto" (candidate sign) under HSDP: the replicas' exchange of each unit explores sign, then
+    dense, on the job's own step times, every rank choosing the same at the same step. Replayed with its choices:
+    a compressed step is the Simulator's (plain-torch sign) across the replicas, a dense one the plain mean of
+    ``node mean + e_i`` plus the server residual (what the residuals held goes out with it, and they are zero
+    after it); every step's parameters and both residuals match, nothing lost in either switch."""
+    from dsq_plugins import DoubleSqueezeConfig, Simulator
+    from dsq_plugins.engine.plan import expand_owned
+    from .reference import reference
+    world, shards = 4, 2
+    ranks = load_ranks(hsdp_runs / "hsdp+auto+steps12", world)
+    choices = [rec["specs"] for rec in ranks[0]["records"]]
+    assert all(r["records"][t]["specs"] == choices[t] for r in ranks for t in range(len(choices)))
+    seen = {spec for c in choices for spec in c.values()}
+    assert {"sign", None} <= seen, choices
+    config = DoubleSqueezeConfig(compressor="sign", block_size=BLOCK, min_numel=0, guard=0.0)
+    keys = {u: k for k, u in enumerate(UNITS)}
+    x = {u: to_rows([initial(n) for n in names], shards) for u, names in UNITS.items()}
+    real = {u: to_rows([torch.ones(SHAPES[n]) for n in names], shards) for u, names in UNITS.items()}
+    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign")) for u in UNITS
+            for s in range(shards)}
+    for t, chosen in enumerate(choices):
+        for u, names in UNITS.items():
+            used = from_rows(x[u], [SHAPES[n] for n in names], shards)
+            grads = [to_rows([A * p + coefficients(i, t, n) for p, n in zip(used, names)], shards)
+                     for i in range(world)]
+            for s in range(shards):
+                sim = sims[(u, s)]
+                node_means = [sum(grads[r * shards + j][s] for j in range(shards)) / shards for r in range(2)]
+                if chosen[u] is None:         # dense: the residuals go out with the mean
+                    held = [sim.worker_errors[r] if sim.worker_errors else 0 for r in range(2)]
+                    update = sum(m + e for m, e in zip(node_means, held)) / 2
+                    if sim.server_error is not None:
+                        update = update + sim.server_error
+                    sim.worker_errors = [torch.zeros_like(update) for _ in range(2)]
+                    sim.server_error = torch.zeros_like(update)
+                    sim.steps += 1
+                else:
+                    update = sim.step(node_means)
+                x[u][s] -= LR * update * real[u][s]
+                server = torch.zeros_like(x[u][s])
+                for r in range(2):
+                    rec = ranks[r * shards + s]["records"][t]
+                    torch.testing.assert_close(rec["worker"].get(u, torch.zeros_like(server)), sim.worker_errors[r],
+                                               rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"step {t} {u} shard {s} replica {r}: {m}")
+                    if u in rec["server"]:
+                        server += expand_owned(keys[u], rec["server"][u], server.numel(), BLOCK, 2, r)
+                torch.testing.assert_close(server, sim.server_error, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"step {t} {u} shard {s} server residual: {m}")
         expected = {}
         for u, names in UNITS.items():

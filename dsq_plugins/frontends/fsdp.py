@@ -28,9 +28,9 @@ shard across replicas (`FSDPModule.set_all_reduce_hook`) becomes the full double
 1 + 1/R times the shard's gradient for R replicas, half that with ``residual_dtype=torch.bfloat16``.
 
 A step is one reduce-scatter of every unit; warm-up steps, and units smaller than ``min_numel``, go dense (FSDP's
-own collectives). What this does not honour fails in `install`, before training: ``compressor="auto"``, native
-HSDP (a 2-D mesh: its replica all-reduce would stay dense), ``server_ef=False`` with ``DELTA`` (the copies would
-drift), parameters not sharded on dim 0.
+own collectives). What this does not honour fails in `install`, before training: native HSDP (a 2-D mesh: its
+replica all-reduce would stay dense), ``server_ef=False`` with ``DELTA`` (the copies would drift), parameters not
+sharded on dim 0.
 """
 import enum
 import functools
@@ -181,9 +181,10 @@ class FSDPDoubleSqueezeState:
             self.collective = DoubleSqueezeCollective(config, TorchDistributedCommunicator(replicate_group), monitor,
                                                       key_names=self._unit_name, residual_dtype=residual_dtype)
         self.residual_dtype = residual_dtype
-        # compressor="auto": per unit, dense or a candidate, from the job's own step times (engine/auto.py)
-        self.auto: Optional[AutoTuner] = (AutoTuner(config.candidate_specs)
-                                          if config.auto and replicate_group is None else None)
+        # compressor="auto": per unit, dense or a candidate, from the job's own step times (engine/auto.py); under
+        # HSDP the collective's own, deciding the replicas' exchange
+        self.auto: Optional[AutoTuner] = (None if not config.auto else AutoTuner(config.candidate_specs)
+                                          if self.collective is None else self.collective.auto)
         self._started = -1
         self.step = 0
         self.skipped_steps = 0
@@ -303,9 +304,15 @@ class FSDPDoubleSqueezeState:
             self._close_round()
 
     def _all_reduce(self, unit: _Unit, reduce_output: torch.Tensor) -> None:
-        """HSDP: the shard (averaged inside the node by FSDP) averaged across replicas by the double pass."""
+        """HSDP: the shard (averaged inside the node by FSDP) averaged across replicas by the double pass (under
+        auto, the collective's choice: a unit going dense sends its residuals along)."""
         flat = reduce_output.view(-1)
-        self.collective.reduce([(unit.number, flat)], outs=[flat])
+        col = self.collective
+        bex = col.begin([(unit.number, flat)], flat)       # flat: a dense step is all-reduced in place
+        col.serve(bex)
+        col.end(bex)                                      # the averages written into `flat` itself
+        spec = col.auto.choice((unit.number,)) if col.auto is not None else self.config.compressor
+        unit.last_spec = spec if spec is not None and col.compresses(flat.numel()) else None
         if unit.number in self._reduced:
             self._close_round()
         self._reduced.add(unit.number)
@@ -628,8 +635,6 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         raise ValueError("DoubleSqueezeConfig.policy chooses compressors per parameter, and FSDP2 compresses each "
                          "unit's flat gradient as one: not supported under FSDP2 yet; leave the policy out (every unit "
                          "then uses `compressor`)")
-    if config.auto and replicate_group is not None:
-        raise ValueError("compressor='auto' under HSDP is not supported yet: name a compressor (default 'int4:128')")
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     for m in units:
         for p in _managed_params(m):
