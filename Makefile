@@ -47,7 +47,7 @@ test: setup
 	$(PY) -m pytest -q --durations=20 tests
 	DSQ_FAST_PATHS=0 $(PY) -m pytest -q $(CORE_TESTS) \
 		-k "not refused and not pickled and not lightning_model_parallel and not bytes_counted_by_the_kernel \
-		    and not fsdp2_resume and not hsdp_replica and not persistent"
+		    and not fsdp2_resume and not hsdp and not persistent"
 
 # The main demo: 4 DDP ranks on the digits data, five methods side by side (see examples/demo.py).
 demo: setup-core
