@@ -777,7 +777,7 @@ def targets(doc, bandwidths) -> dict:
     for bw in bandwidths:
         st = doc["by_bandwidth"].get(bw, {}).get("step_time_s", {})
         for m, t in st.items():
-            base = baseline_of(m) if m.startswith(("fsdp-dsq-", "ds-z")) else None
+            base = baseline_of(m) if m.startswith(("fsdp-dsq-", "hsdp-dsq-", "ds-z")) else None
             if base in st:
                 out.setdefault(bw, {})[f"{m}_speedup_vs_{base}"] = st[base] / t
                 lines.append(f"  {bw}: {m} {t:.3f} s = {st[base] / t:.2f}x faster than {base} ({st[base]:.3f} s)")

@@ -317,10 +317,11 @@ def test_hsdp_replica_all_reduce_is_the_double_pass(hsdp_runs, token):
 
 def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
     """compressor="auto" (candidate sign) under HSDP: the replicas' exchange of each unit explores sign, then
-    dense, on the job's own step times, every rank choosing the same at the same step. Replayed with its choices:
-    a compressed step is the Simulator's (plain-torch sign) across the replicas, a dense one the plain mean of
-    ``node mean + e_i`` plus the server residual (what the residuals held goes out with it, and they are zero
-    after it); every step's parameters and both residuals match, nothing lost in either switch."""
+    dense, on the job's own step times averaged over the whole job, every rank (both replica groups) choosing the
+    same at the same step. Replayed with its choices: a compressed step is the Simulator's (plain-torch sign)
+    across the replicas, a dense one the plain mean of ``node mean + e_i`` plus the server residual (what the
+    residuals held goes out with it, and they are zero after it); every step's parameters and both residuals
+    match: nothing is lost in the switch to dense."""
     from dsq_plugins import DoubleSqueezeConfig, Simulator
     from dsq_plugins.engine.plan import expand_owned
     from .reference import reference

@@ -116,6 +116,9 @@ class DoubleSqueezeCollective:
             raise ValueError(f"residual_dtype must be torch.float32, torch.bfloat16 or torch.float16, "
                              f"got {residual_dtype!r}")
         self.residual_dtype = residual_dtype
+        # the ranks auto's measurements are averaged over, so that they decide alike (None: this collective's
+        # group); HSDP sets the whole job's, whose replica groups each run a collective of their own
+        self.decision_comm: Optional[Communicator] = None
         self.config = config
         self.monitor = monitor
         self.chunk_elements = chunk_elements
@@ -347,8 +350,10 @@ class DoubleSqueezeCollective:
         return self.comm.all_reduce_sum(t).tolist()
 
     def _mean_over_ranks(self, values: List[float], device) -> List[float]:
+        """`values` averaged over the ranks that decide together: `decision_comm`'s if set, else this group's."""
+        comm = self.decision_comm or self.comm
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        return (self.comm.all_reduce_sum(t) / self.world_size).tolist()
+        return (comm.all_reduce_sum(t) / comm.size).tolist()
 
     def _time_all_reduce(self, nbytes: int, device) -> float:
         """Seconds of a blocking all-reduce of `nbytes` (auto's probe of the link)."""
@@ -482,13 +487,13 @@ class DoubleSqueezeCollective:
         else:
             return
         factor = factor.reshape(-1)
-        if w is not None:
-            w = w * factor.to(device=w.device, dtype=w.dtype)
+        if w is not None:           # in float32 at least (residuals may be stored in bfloat16); stored as they were
+            w = (w * factor.to(device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))).to(w.dtype)
         if s is not None:
-            f = factor.to(device=s.device, dtype=s.dtype)
+            f = factor.to(device=s.device, dtype=torch.promote_types(s.dtype, torch.float32))
             cfg = self.config
             parts = [f[a:b] for a, b in owned_blocks(key, f.numel(), cfg.block_size, self.world_size, self.rank)]
-            s = s * (torch.cat(parts) if parts else f[:0])
+            s = (s * (torch.cat(parts) if parts else f[:0])).to(s.dtype)
         if state is not None:
             state.load_residuals(key, w, s)
         else:

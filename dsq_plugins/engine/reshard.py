@@ -60,7 +60,9 @@ def reshard_state_dicts(saved: Sequence[dict], world_size: int, rank: int) -> di
     for key in worker_keys:
         parts = [sd["worker_residuals"].get(key) for sd in old]
         like = next(p for p in parts if p is not None)
-        worker[key] = sum(p if p is not None else torch.zeros_like(like) for p in parts) / W0
+        wide = torch.promote_types(like.dtype, torch.float32)       # summed in float32 at least (bf16 residuals)
+        worker[key] = (sum(p.to(wide) if p is not None else torch.zeros_like(like, dtype=wide) for p in parts)
+                       / W0).to(like.dtype)
 
     server = {}
     for key in sorted({k for sd in old for k in sd["server_residuals"]}, key=str):

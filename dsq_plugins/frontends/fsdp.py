@@ -180,6 +180,8 @@ class FSDPDoubleSqueezeState:
         if replicate_group is not None:
             self.collective = DoubleSqueezeCollective(config, TorchDistributedCommunicator(replicate_group), monitor,
                                                       key_names=self._unit_name, residual_dtype=residual_dtype)
+            # auto: every replica group decides alike, on step times averaged over the whole job
+            self.collective.decision_comm = TorchDistributedCommunicator(dist.group.WORLD)
         self.residual_dtype = residual_dtype
         # compressor="auto": per unit, dense or a candidate, from the job's own step times (engine/auto.py); under
         # HSDP the collective's own, deciding the replicas' exchange
@@ -312,6 +314,8 @@ class FSDPDoubleSqueezeState:
         col.serve(bex)
         col.end(bex)                                      # the averages written into `flat` itself
         spec = col.auto.choice((unit.number,)) if col.auto is not None else self.config.compressor
+        if spec is not None and col.guard is not None:
+            spec = col.guard.spec_for(unit.number, spec)
         unit.last_spec = spec if spec is not None and col.compresses(flat.numel()) else None
         if unit.number in self._reduced:
             self._close_round()
@@ -658,7 +662,7 @@ def install(module: torch.nn.Module, config: Optional[DoubleSqueezeConfig] = Non
         raise ValueError(f"unknown downlink {downlink!r}: one of {[d.value for d in Downlink]}") from None
     if downlink is Downlink.DELTA and not config.server_ef:
         raise ValueError("downlink='delta' needs server_ef=True: without the owner's residual the copies drift")
-    if config.guard:
+    if config.guard and replicate_group is None:     # (under HSDP the replicas' collective runs it)
         warnings.warn("the quality guard does not run under FSDP2: units keep their compressor "
                       "(DoubleSqueezeConfig(guard=0) silences this)", UserWarning, stacklevel=2)
     return FSDPDoubleSqueezeState(module, config, downlink, monitor, residual_dtype, param_compressor,
