@@ -258,86 +258,23 @@ def hsdp_runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("token", ["hsdp", "hsdp+bf16res"])
-def test_hsdp_replica_all_reduce_is_the_double_pass(hsdp_runs, token):
-    """HSDP on 4 ranks, 2 replicas of 2 shards: FSDP's reduce-scatter averages inside each replica, then the
-    replicas' all-reduce of every shard is DoubleSqueeze's double pass. Each step's parameters equal plain torch
-    (dense mean inside the node) fed to the Simulator with plain-torch sign across the replicas (one per unit and
-    shard), and so do both residuals; the residuals are the size of the shard. With ``residual_dtype=bfloat16``
-    the residuals are bfloat16 (half the memory) and equal the Simulator's kept in bfloat16, which is not the
-    float32 run."""
-    from dsq_plugins import DoubleSqueezeConfig, Simulator
-    from dsq_plugins.engine.plan import expand_owned
-    from .reference import reference
-    world, shards, steps = 4, 2, 4
-    ranks = load_ranks(hsdp_runs / token, world)
-    narrow = torch.bfloat16 if token.endswith("bf16res") else None
-    config = DoubleSqueezeConfig(compressor="sign", block_size=BLOCK, min_numel=0, guard=0.0)
-    keys = {u: k for k, u in enumerate(UNITS)}             # units are numbered in named_modules order
-    x = {u: to_rows([initial(n) for n in names], shards) for u, names in UNITS.items()}
-    real = {u: to_rows([torch.ones(SHAPES[n]) for n in names], shards) for u, names in UNITS.items()}
-    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign"), residual_dtype=narrow)
-            for u in UNITS for s in range(shards)}
-    if narrow is not None:
-        wide = load_ranks(hsdp_runs / "hsdp", world)
-        assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["records"][0]["worker"].values())
-        assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["records"][0]["server"].values())
-        for r, w in zip(ranks, wide):
-            assert r["memory"]["worker_residual"] * 2 == w["memory"]["worker_residual"], (r["memory"], w["memory"])
-            assert r["memory"]["server_residual"] * 2 == w["memory"]["server_residual"]
-        assert any(not torch.equal(r["records"][-1]["worker"][u].float(), w["records"][-1]["worker"][u])
-                   for r, w in zip(ranks, wide) for u in UNITS), "bfloat16 residuals gave the float32 run's"
-    for t in range(steps):
-        for u, names in UNITS.items():
-            used = from_rows(x[u], [SHAPES[n] for n in names], shards)
-            grads = [to_rows([A * p + coefficients(i, t, n) for p, n in zip(used, names)], shards)
-                     for i in range(world)]
-            for s in range(shards):
-                node_means = [sum(grads[r * shards + j][s] for j in range(shards)) / shards for r in range(2)]
-                update = sims[(u, s)].step(node_means)
-                x[u][s] -= LR * update * real[u][s]
-                server = torch.zeros_like(x[u][s])
-                for r in range(2):
-                    rec = ranks[r * shards + s]["records"][t]
-                    torch.testing.assert_close(rec["worker"][u], sims[(u, s)].worker_errors[r], rtol=1e-5,
-                                               atol=1e-6, msg=lambda m: f"step {t} {u} shard {s} replica {r}: {m}")
-                    assert rec["worker"][u].numel() == x[u][s].numel()
-                    server += expand_owned(keys[u], rec["server"][u].float(), server.numel(), BLOCK, 2, r)
-                torch.testing.assert_close(server.to(sims[(u, s)].server_error.dtype), sims[(u, s)].server_error,
-                                           rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"step {t} {u} shard {s} server residual: {m}")
-        expected = {}
-        for u, names in UNITS.items():
-            expected.update(zip(names, from_rows(x[u], [SHAPES[n] for n in names], shards)))
-        for i, rank in enumerate(ranks):
-            for name, p in expected.items():
-                torch.testing.assert_close(rank["records"][t]["params"][name], p, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"step {t} rank {i} {name}: {m}")
-
-
-def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
-    """compressor="auto" (candidate sign) under HSDP: the replicas' exchange of each unit explores sign, then
-    dense, on the job's own step times averaged over the whole job, every rank (both replica groups) choosing the
-    same at the same step. Replayed with its choices: a compressed step is the Simulator's (plain-torch sign)
-    across the replicas, a dense one the plain mean of ``node mean + e_i`` plus the server residual (what the
-    residuals held goes out with it, and they are zero after it); every step's parameters and both residuals
-    match: nothing is lost in the switch to dense."""
+def replay_hsdp(ranks, residual_dtype=None, dense=lambda t, u: False) -> None:
+    """An HSDP run of 4 ranks (2 replicas of 2 shards) against its reference, step by step: plain torch inside the
+    node (the dense mean of the node's two gradients) fed to the Simulator with plain-torch sign across the
+    replicas, one per unit and shard, its residuals kept in `residual_dtype`. Where `dense(t, u)` (auto sent unit
+    u dense at step t) the update is the plain mean of ``node mean + e_i`` plus the server residual, and the
+    residuals are zero after it. Asserts every step's parameters on every rank and both residuals."""
     from dsq_plugins import DoubleSqueezeConfig, Simulator
     from dsq_plugins.engine.plan import expand_owned
     from .reference import reference
     world, shards = 4, 2
-    ranks = load_ranks(hsdp_runs / "hsdp+auto+steps12", world)
-    choices = [rec["specs"] for rec in ranks[0]["records"]]
-    assert all(r["records"][t]["specs"] == choices[t] for r in ranks for t in range(len(choices)))
-    seen = {spec for c in choices for spec in c.values()}
-    assert {"sign", None} <= seen, choices
     config = DoubleSqueezeConfig(compressor="sign", block_size=BLOCK, min_numel=0, guard=0.0)
-    keys = {u: k for k, u in enumerate(UNITS)}
+    keys = {u: k for k, u in enumerate(UNITS)}             # units are numbered in named_modules order
     x = {u: to_rows([initial(n) for n in names], shards) for u, names in UNITS.items()}
     real = {u: to_rows([torch.ones(SHAPES[n]) for n in names], shards) for u, names in UNITS.items()}
-    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign")) for u in UNITS
-            for s in range(shards)}
-    for t, chosen in enumerate(choices):
+    sims = {(u, s): Simulator(2, config, key=keys[u], compressors=reference("sign"), residual_dtype=residual_dtype)
+            for u in UNITS for s in range(shards)}
+    for t in range(len(ranks[0]["records"])):
         for u, names in UNITS.items():
             used = from_rows(x[u], [SHAPES[n] for n in names], shards)
             grads = [to_rows([A * p + coefficients(i, t, n) for p, n in zip(used, names)], shards)
@@ -345,8 +282,8 @@ def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
             for s in range(shards):
                 sim = sims[(u, s)]
                 node_means = [sum(grads[r * shards + j][s] for j in range(shards)) / shards for r in range(2)]
-                if chosen[u] is None:         # dense: the residuals go out with the mean
-                    held = [sim.worker_errors[r] if sim.worker_errors else 0 for r in range(2)]
+                if dense(t, u):               # the residuals go out with the mean
+                    held = sim.worker_errors or [0, 0]
                     update = sum(m + e for m, e in zip(node_means, held)) / 2
                     if sim.server_error is not None:
                         update = update + sim.server_error
@@ -359,12 +296,14 @@ def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
                 server = torch.zeros_like(x[u][s])
                 for r in range(2):
                     rec = ranks[r * shards + s]["records"][t]
-                    torch.testing.assert_close(rec["worker"].get(u, torch.zeros_like(server)), sim.worker_errors[r],
+                    worker = rec["worker"].get(u, torch.zeros_like(server))
+                    assert worker.numel() == x[u][s].numel()
+                    torch.testing.assert_close(worker.to(sim.worker_errors[r].dtype), sim.worker_errors[r],
                                                rtol=1e-5, atol=1e-6,
                                                msg=lambda m: f"step {t} {u} shard {s} replica {r}: {m}")
                     if u in rec["server"]:
-                        server += expand_owned(keys[u], rec["server"][u], server.numel(), BLOCK, 2, r)
-                torch.testing.assert_close(server, sim.server_error, rtol=1e-5, atol=1e-6,
+                        server += expand_owned(keys[u], rec["server"][u].float(), server.numel(), BLOCK, 2, r)
+                torch.testing.assert_close(server.to(sim.server_error.dtype), sim.server_error, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"step {t} {u} shard {s} server residual: {m}")
         expected = {}
         for u, names in UNITS.items():
@@ -373,6 +312,44 @@ def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
             for name, p in expected.items():
                 torch.testing.assert_close(rank["records"][t]["params"][name], p, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"step {t} rank {i} {name}: {m}")
+
+
+@pytest.mark.parametrize("token", ["hsdp", "hsdp+bf16res"])
+def test_hsdp_replica_all_reduce_is_the_double_pass(hsdp_runs, token):
+    """HSDP on 4 ranks, 2 replicas of 2 shards: FSDP's reduce-scatter averages inside each replica, then the
+    replicas' all-reduce of every shard is DoubleSqueeze's double pass. Each step's parameters equal plain torch
+    (dense mean inside the node) fed to the Simulator with plain-torch sign across the replicas (one per unit and
+    shard), and so do both residuals; the residuals are the size of the shard. With ``residual_dtype=bfloat16``
+    the residuals are bfloat16 (half the memory) and equal the Simulator's kept in bfloat16, which is not the
+    float32 run."""
+    world = 4
+    ranks = load_ranks(hsdp_runs / token, world)
+    narrow = torch.bfloat16 if token.endswith("bf16res") else None
+    if narrow is not None:
+        wide = load_ranks(hsdp_runs / "hsdp", world)
+        assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["records"][0]["worker"].values())
+        assert all(e.dtype == torch.bfloat16 for r in ranks for e in r["records"][0]["server"].values())
+        for r, w in zip(ranks, wide):
+            assert r["memory"]["worker_residual"] * 2 == w["memory"]["worker_residual"], (r["memory"], w["memory"])
+            assert r["memory"]["server_residual"] * 2 == w["memory"]["server_residual"]
+        assert any(not torch.equal(r["records"][-1]["worker"][u].float(), w["records"][-1]["worker"][u])
+                   for r, w in zip(ranks, wide) for u in UNITS), "bfloat16 residuals gave the float32 run's"
+    replay_hsdp(ranks, narrow)
+
+
+def test_hsdp_auto_switches_lose_nothing(hsdp_runs):
+    """compressor="auto" (candidate sign) under HSDP: the replicas' exchange of each unit explores sign, then
+    dense, on the job's own step times averaged over the whole job, every rank (both replica groups) choosing the
+    same at the same step. Replayed with its choices: a compressed step is the Simulator's (plain-torch sign)
+    across the replicas, a dense one the plain mean of ``node mean + e_i`` plus the server residual (what the
+    residuals held goes out with it, and they are zero after it); every step's parameters and both residuals
+    match: nothing is lost in the switch to dense."""
+    ranks = load_ranks(hsdp_runs / "hsdp+auto+steps12", 4)
+    choices = [rec["specs"] for rec in ranks[0]["records"]]
+    assert all(r["records"][t]["specs"] == choices[t] for r in ranks for t in range(len(choices)))
+    seen = {spec for c in choices for spec in c.values()}
+    assert {"sign", None} <= seen, choices
+    replay_hsdp(ranks, dense=lambda t, u: choices[t][u] is None)
 
 
 def test_lightning_model_parallel_strategy_equals_reference_and_resumes(tmp_path):
