@@ -66,7 +66,8 @@ class BucketExchange:
         step: the step (communication round) it belongs to.
         keys, items: the bucket's tensors.
         spec: the bucket's compressor (auto's choice or the config's; None: dense).
-        parts, index: the parts, and for each the positions of its tensors among `items`.
+        parts, index, specs: the parts, and for each the positions of its tensors among `items` and its compressor
+            (None: dense).
         skip: 0-d bool tensor once served: whether some rank had a NaN or Inf in the bucket.
     """
 
@@ -74,6 +75,7 @@ class BucketExchange:
         self.step, self.keys, self.items, self.spec = step, keys, items, spec
         self.parts: List[Exchange] = []
         self.index: List[List[int]] = []
+        self.specs: List[Optional[str]] = []
         self.skip: Optional[torch.Tensor] = None
 
     @property
@@ -231,6 +233,7 @@ class DoubleSqueezeCollective:
             self._count(ex, t0)
             bex.parts.append(ex)
             bex.index.append(idx)
+            bex.specs.append(part_spec)
         return bex
 
     def serve(self, bex: BucketExchange) -> None:

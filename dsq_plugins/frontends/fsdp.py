@@ -313,10 +313,7 @@ class FSDPDoubleSqueezeState:
         bex = col.begin([(unit.number, flat)], flat)       # flat: a dense step is all-reduced in place
         col.serve(bex)
         col.end(bex)                                      # the averages written into `flat` itself
-        spec = col.auto.choice((unit.number,)) if col.auto is not None else self.config.compressor
-        if spec is not None and col.guard is not None:
-            spec = col.guard.spec_for(unit.number, spec)
-        unit.last_spec = spec if spec is not None and col.compresses(flat.numel()) else None
+        unit.last_spec = bex.specs[0]                     # one tensor: one part
         if unit.number in self._reduced:
             self._close_round()
         self._reduced.add(unit.number)
