@@ -49,6 +49,42 @@ def test_pipeline_equals_simulator_across_warmup():
     assert totals.dense_buckets == 2 * len(BUCKETS) and totals.compressed_buckets == 3 * len(BUCKETS)
 
 
+def test_dense_bucket_is_averaged_without_waiting_for_the_next():
+    """A bucket dense throughout (warm-up, auto's dense mode) has no downlink: its average is written as soon as its
+    all-reduce has arrived, not behind the next bucket's reduction (which would put the division on the step's
+    critical tail); its future still completes only in order. A compressed bucket waits for its downlink's finish,
+    queued behind the next bucket."""
+    world = 2
+    config = make_config("sign", warmup_steps=1)
+
+    def rank_main(comm):
+        col = DoubleSqueezeCollective(config, comm, chunk_elements=128)
+        pipe = BucketPipeline(col, begin_on_thread=False)
+        seen = []
+        for t in range(2):
+            g = grads_of(t, comm.rank, torch.float32)
+            raw = g["a"].clone()
+            done = pipe.issue([("a", g["a"])])
+            pipe.drain()                              # its all-reduce (or uplink) has arrived and been served
+            seen.append((raw, g["a"].clone(), done.done()))
+            pipe.issue([("f", g["f"])])
+            pipe.end_step().wait()
+            assert done.done()
+        pipe.stop()
+        return seen
+
+    ranks = dsq.ThreadWorld(world).run(rank_main)
+    for t in range(2):
+        mean = sum(ranks[r][t][0] for r in range(world)) / world
+        for r in range(world):
+            raw, after_serve, completed = ranks[r][t]
+            assert not completed                      # the future waits for the finish, in order
+            if t == 0:                                # warm-up: dense, averaged in place already
+                torch.testing.assert_close(after_serve, mean)
+            else:                                     # sign: untouched until its downlink is decoded
+                assert torch.equal(after_serve, raw)
+
+
 def test_plan_buckets_by_size_dtype_and_device():
     f32 = [("a", torch.zeros(100)), ("b", torch.zeros(100)), ("c", torch.zeros(300)), ("d", torch.zeros(10))]
     mixed = f32[:2] + [("h", torch.zeros(100, dtype=torch.float16))] + f32[2:]

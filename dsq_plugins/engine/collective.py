@@ -79,6 +79,12 @@ class BucketExchange:
         self.skip: Optional[torch.Tensor] = None
 
     @property
+    def awaits_downlink(self) -> bool:
+        """Once served: whether some part still has a downlink in flight (a bucket dense throughout has none, and
+        can end at once)."""
+        return any(ex.down is not None for ex in self.parts)
+
+    @property
     def stats(self) -> RoundStats:
         total = RoundStats()
         for ex in self.parts:

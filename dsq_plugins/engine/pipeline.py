@@ -6,6 +6,8 @@ gradients and hands them over bucket by bucket; `BucketPipeline` does the rest, 
     issue(b)     the worker pass of bucket b (here, or on the thread) and its uplink; then, on the thread, b's
                  server pass and downlink, and the finish of the bucket issued before b: decode its downlink into
                  its outputs and complete its future. A bucket's downlink travels while the next one's uplink does.
+                 A bucket dense throughout (warm-up, auto's dense mode) has no downlink: it is averaged into its
+                 outputs right after its all-reduce, and only its future waits for the finish.
     end_step()   the step's last bucket has been issued: the step advances at once (the next buckets belong to
                  the next step), its last finish and the closing of its counters are queued behind the rest.
 
@@ -142,17 +144,15 @@ class BucketPipeline:
         device = items[0][1].device
         if self.begin_on_thread:
             begun = self._submit(lambda: c.begin(items, flat), device)
-
-            def serve():
-                bex = begun.wait()
-                c.serve(bex)
-                return bex
         else:
             bex = c.begin(items, flat)
 
-            def serve():
-                c.serve(bex)
-                return bex
+        def serve():
+            b = begun.wait() if self.begin_on_thread else bex
+            c.serve(b)
+            # a bucket dense throughout has no downlink to wait for: it ends now, while the next bucket's reduction
+            # travels, not behind it (its future still completes in the finisher's order)
+            return b, (None if b.awaits_downlink else c.end(b, outs))
         served = self._submit(serve, device)
         done = new_future(device)
         previous, self._behind = self._behind, _Issued(served, outs, done, result, device)
@@ -188,8 +188,9 @@ class BucketPipeline:
             stats = None
             try:
                 step = advance() if advance is not None else None
-                bex = issued.served.wait()            # re-raises an error of its worker or server pass
-                outs = c.end(bex, issued.outs)
+                bex, outs = issued.served.wait()      # re-raises an error of its worker or server pass
+                if outs is None:
+                    outs = c.end(bex, issued.outs)
                 if step is not None:
                     stats = c.close_step(step)
             except BaseException as e:
