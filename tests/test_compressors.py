@@ -694,3 +694,21 @@ def test_int_quantisers_numba_kernels_equal_the_torch_path_bit_for_bit(spec):
         assert torch.equal(got[name], ref[name]), name
     assert torch.equal(got_dec, ref_dec)
     assert (got_dec - x).abs().max() <= (got["steps"].max() / 2) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_divide_finite_kernel_equals_torch_division_bit_for_bit(world):
+    """The CPU fast path of a dense bucket's mean (numba: divide by W and check for NaN and infinity in one pass)
+    against torch's ``div_``: the same float32 values, and a NaN or an infinity anywhere reported."""
+    from dsq_plugins.compression import kernels
+    if not kernels.available():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(world)
+    x = torch.randn(10_001, generator=g) * torch.logspace(-30, 30, 10_001)
+    got = x.clone()
+    assert kernels.divide_finite(got.numpy(), world) is False
+    assert torch.equal(got, x.clone().div_(world))
+    for i, bad in ((0, float("nan")), (10_000, float("inf")), (4_321, float("-inf"))):
+        y = x.clone()
+        y[i] = bad
+        assert kernels.divide_finite(y.numpy(), world) is True

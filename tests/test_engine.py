@@ -121,9 +121,13 @@ def test_conservation_law():
     check_conservation(ranks, world, steps)
 
 
-@pytest.mark.parametrize("nan_key", ["b", "e"], ids=["compressed", "dense-in-mixed-bucket"])
-def test_non_finite_gradient_is_skipped_everywhere(nan_key):
-    config = make_config("sign")
+@pytest.mark.parametrize("nan_key,warmup", [("b", 0), ("e", 0), ("b", 3), ("c", 3)],
+                         ids=["compressed", "dense-in-mixed-bucket", "dense-bucket", "dense-bucket-tail"])
+def test_non_finite_gradient_is_skipped_everywhere(nan_key, warmup):
+    """A NaN on one rank skips its bucket on every rank: in a compressed message's header, in a mixed bucket's
+    dense section, and in a bucket dense throughout (warm-up: all-reduced, its mean and check in one pass on the
+    CPU fast path, two on the torch path)."""
+    config = make_config("sign", warmup_steps=warmup)
     ranks, expected, sims = check_against_simulator(3, config, steps=4, nan_at=(2, 1), nan_key=nan_key)
     skipped = "ab" if nan_key == "b" else "cde"
     for updates, col in ranks:

@@ -14,6 +14,8 @@ elements.
 - `sign_apply_delta`: both, block by block, while a block is in cache (a push answered by its pull).
 - `sign_residual`: ``c = x + e``, its scales and sign bits, and ``e' = c - scale[r] * sign(c)`` (a worker's error
   feedback: compensate, compress, keep what was left behind).
+- `divide_finite`: ``x /= W`` and whether any result is NaN or infinite, in one pass (a dense bucket's all-reduced
+  sum into its mean, and the skip check on it).
 
 Per block, the bits are unpacked with one table look-up per byte (eight flags as one 64-bit word) and packed with
 one multiplication per byte (eight 0/1 flag bytes times 0x8040201008040201 gather their bits in the top byte), so
@@ -26,7 +28,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["available", "sign_apply", "sign_delta", "sign_apply_delta", "sign_residual", "int_quantize", "int_decode"]
+__all__ = ["available", "sign_apply", "sign_delta", "sign_apply_delta", "sign_residual", "int_quantize", "int_decode",
+           "divide_finite"]
 
 try:
     import numba
@@ -291,3 +294,20 @@ def int_quantize(x: np.ndarray, chunk: int, bits: int, mins: np.ndarray, steps: 
 def int_decode(q: np.ndarray, chunk: int, bits: int, mins: np.ndarray, steps: np.ndarray, out: np.ndarray) -> None:
     """Inverse of `int_quantize`: ``out = level * step + min`` (two roundings, as the torch path)."""
     _int_decode(q, chunk, bits, mins, steps, out)
+
+
+if numba is not None:
+    @numba.njit(nogil=True, cache=True)
+    def _divide_finite(x, w):                          # pragma: no cover - compiled
+        bad = False
+        for i in range(x.shape[0]):
+            v = x[i] / w
+            x[i] = v
+            bad |= not np.isfinite(v)
+        return bad
+
+
+def divide_finite(x: np.ndarray, divisor: int) -> bool:
+    """``x /= divisor`` in place (1-D float32; one rounding per element, as torch's ``div_``); whether any result is
+    NaN or infinite."""
+    return bool(_divide_finite(x, np.float32(divisor)))

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..compression import fastpath, rng
+from ..compression import fastpath, kernels, rng
 from ..compression.compressors import Compressor
 from ..monitoring.monitor import RoundStats
 from .kinds import Pass, Rows, SeedSite, Side, TailSlots
@@ -94,6 +94,7 @@ class Exchange:
         self.up = self.down = self.dense = None        # pending collectives
         self.dense_buf: Optional[torch.Tensor] = None
         self.in_place_dense = False
+        self.averaged = False                         # dense_buf already divided by W (the CPU fast path)
         self.skip: Optional[torch.Tensor] = None      # 0-d bool, on the device
         self.host_skip: Optional[bool] = None         # the same, where reading it is free (CPU fast path)
         self.stats = RoundStats()
@@ -287,9 +288,14 @@ class BucketState:
     # -- stage 2: residual update and the server pass ---------------------------------------------------------
     def skip_flag(self, ex: Exchange, recv: Optional[torch.Tensor]) -> torch.Tensor:
         """0-d bool: whether any rank had a NaN or Inf in this part: a flag in the header of an uplink message of
-        `recv` (W messages to this rank), or, in a part that is dense throughout, a non-finite reduced sum."""
+        `recv` (W messages to this rank), or, in a part that is dense throughout, a NaN or Inf in the reduced sum
+        (on the CPU fast path, float32, the sum is divided into the mean in the same pass: `Exchange.averaged`)."""
         if recv is None:
-            return ~torch.isfinite(ex.dense_buf.sum())
+            buf = ex.dense_buf
+            if buf.dtype == torch.float32 and buf.is_contiguous() and kernels.available() and fastpath.on_cpu(buf):
+                ex.averaged = True                    # the mean and the check in one pass
+                return torch.tensor(kernels.divide_finite(buf.numpy(), self.plan.world_size))
+            return ~torch.isfinite(buf.sum())
         M = self.up.sizes[self.plan.rank]
         return (recv[:self.recv_size].view(self.plan.world_size, M)[:, 0] != 0).any()
 
@@ -496,7 +502,7 @@ class BucketState:
                 segs, views = down.dense_views(gathered)
                 _copy([outs[i].narrow(0, start, n) for i, start, n in segs], views)
         elif p.dense_items:
-            buf = ex.dense_buf.div_(p.world_size)
+            buf = ex.dense_buf if ex.averaged else ex.dense_buf.div_(p.world_size)
             self._nan_if_skipped(ex, buf)
             if not (ex.in_place_dense and into_items):
                 off, dst, src = 0, [], []
