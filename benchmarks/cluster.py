@@ -19,6 +19,11 @@ steps; SGD, lr 0.01):
     ddp-powersgd     DDP + torch's powerSGD_hook: matrix_approximation_rank 2, start_powerSGD_iter 2, warm_start,
                      use_error_feedback, min_compression_rate 2 (its defaults otherwise); DDP bucket_cap_mb 1024
                      (one bucket: with several, the hook deadlocks on Gloo, see the worker)
+    ddp-hook         (named only) DDP + torch's default_hooks.allreduce_hook: the built-in's all-reduce as
+                     a Python comm hook (what any hook costs against DDP's C++ path, which folds the
+                     division by W into its bucket copy)
+    dsq-dense        (named only) DDP + dsq_plugins.doublesqueeze_hook whose warm-up never ends:
+                     DoubleSqueeze's dense path alone (what auto's dense mode runs)
     dsq-int4:128     DDP + dsq_plugins.doublesqueeze_hook, DoubleSqueezeConfig() (its default compressor, int4:128)
     dsq-sign         the same with compressor "sign"
     dsq-topk:0.01    the same with compressor "topk:0.01"
@@ -52,10 +57,10 @@ steps; SGD, lr 0.01):
     hsdp-dsq-SPEC-bf16   the same with residual_dtype=torch.bfloat16 (both residuals in bfloat16)
     hsdp-dsq-auto    the same under compressor "auto" (dense or int4:128 for the replicas' exchange, adapting each
                      phase, as dsq-auto)
-    pair:M           M (a DDP, FSDP2 or HSDP DoubleSqueeze method) and its baseline (dense DDP; FSDP2's and HSDP's
-                     own stock method) in one job, each on its own copy of the model, stepped alternately on the
-                     same batches (the baseline first at one step, second at the next); auto's clock stops while
-                     the baseline steps.
+    pair:M           M (a DDP, FSDP2 or HSDP DoubleSqueeze method, or ddp-hook) and its baseline (dense
+                     DDP; FSDP2's and HSDP's own stock method) in one job, each on its own copy of the
+                     model, stepped alternately on the same batches (the baseline first at one step,
+                     second at the next); auto's clock stops while the baseline steps.
                      Reported: the per-step ratio of their times (median with a 95% interval, quartiles), which
                      the machine's drift between phases and jobs does not reach; bytes are not separated
     The FSDP2 and HSDP methods also report their persistent memory per rank (FSDP's shards and what install keeps)
@@ -125,6 +130,7 @@ ALL_METHODS = ("dense", "ddp-fp16", "ddp-powersgd", "dsq-int4:128", "dsq-sign", 
                "ds-z2-stock", "ds-z2-dsq-sign", "ds-z2-dsq-auto", "ds-z3-stock", "ds-z3-dsq-sign", "ds-z3-dsq-auto",
                "hsdp-stock", "hsdp-dsq-int4:128", "hsdp-dsq-sign", "hsdp-dsq-int4:128-bf16", "hsdp-dsq-sign-bf16",
                "hsdp-dsq-auto")
+DIAGNOSTIC_METHODS = ("ddp-hook", "dsq-dense")     # named only, not in the default run
 RANKS_PER_NODE = 2          # the HSDP methods: ranks per "node" (host)
 BASELINE = {"hvd-dsq-sign": "hvd-stock", "ds-dsq-sign": "ds-stock"}
 
@@ -209,9 +215,10 @@ def _torch_setup(m: str, model, acc: dict):
         # PowerSGD in one bucket: torch's powerSGD_hook waits on an allreduce inside a Gloo callback, and with two
         # buckets in flight both of Gloo's worker threads block there and the job deadlocks (seen here, torch 2.13)
         net = DDP(model, bucket_cap_mb=1024) if m == "ddp-powersgd" else DDP(model)
-        if m == "ddp-fp16":
+        if m in ("ddp-fp16", "ddp-hook"):
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            net.register_comm_hook(None, default_hooks.fp16_compress_hook)
+            net.register_comm_hook(None, default_hooks.fp16_compress_hook if m == "ddp-fp16" else
+                                   default_hooks.allreduce_hook)
         elif m == "ddp-powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
             state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2,
@@ -219,7 +226,9 @@ def _torch_setup(m: str, model, acc: dict):
             net.register_comm_hook(state, ps.powerSGD_hook)
         elif m.startswith("dsq-"):
             import dsq_plugins as dsq
-            state = dsq.DoubleSqueezeState(dsq.DoubleSqueezeConfig(compressor=m[len("dsq-"):]))
+            config = (dsq.DoubleSqueezeConfig(warmup_steps=10 ** 9) if m == "dsq-dense" else
+                      dsq.DoubleSqueezeConfig(compressor=m[len("dsq-"):]))
+            state = dsq.DoubleSqueezeState(config)
             _instrument(state.collective, acc)
             net.register_comm_hook(state, dsq.doublesqueeze_hook)
             tuner = state.auto
@@ -865,12 +874,13 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS and not (
-        m.startswith("pair:") and m[len("pair:"):] in ALL_METHODS and "dsq" in m
+    valid = ALL_METHODS + DIAGNOSTIC_METHODS
+    bad = [m for m in methods if m not in valid and not (
+        m.startswith("pair:") and m[len("pair:"):] in valid and ("dsq" in m or m == "pair:ddp-hook")
         and framework(m[len("pair:"):]) in ("ddp", "fsdp", "hsdp"))]
     if bad:
-        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(ALL_METHODS)}, and pair:M for a DDP, "
-                 f"FSDP2 or HSDP DoubleSqueeze method M")
+        ap.error(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(valid)}, and pair:M for a DDP, "
+                 f"FSDP2 or HSDP DoubleSqueeze method M or ddp-hook")
     if args.steps is None:
         args.steps = 2 if args.quick else 8
     if args.warmup is None:
