@@ -14,7 +14,8 @@ down ``C_s(mean + e)``, and DDP receives the result as the averaged gradient (do
 Overlap: the hook runs the worker pass and issues the uplink (on the process group), then returns a future at
 once; the state's `BucketPipeline` serves the buckets on its communication thread in the order they were issued
 (server pass, downlink on a second process group), decodes each one's downlink once the next one has been served,
-and completes each future, while backward goes on. The state
+and completes each future, while backward goes on (a bucket sent dense, in warm-up or auto's dense mode, is one
+all-reduce, averaged as soon as it arrives). The state
 binds its process group at the first hook call, so it can be built before ``init_process_group`` (Lightning's
 ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)`` and Accelerate do that), as `PowerSGDState` can.
 
