@@ -94,7 +94,6 @@ class Exchange:
         self.up = self.down = self.dense = None        # pending collectives
         self.dense_buf: Optional[torch.Tensor] = None
         self.in_place_dense = False
-        self.averaged = False                         # dense_buf already divided by W (the CPU fast path)
         self.skip: Optional[torch.Tensor] = None      # 0-d bool, on the device
         self.host_skip: Optional[bool] = None         # the same, where reading it is free (CPU fast path)
         self.stats = RoundStats()
@@ -288,14 +287,13 @@ class BucketState:
     # -- stage 2: residual update and the server pass ---------------------------------------------------------
     def skip_flag(self, ex: Exchange, recv: Optional[torch.Tensor]) -> torch.Tensor:
         """0-d bool: whether any rank had a NaN or Inf in this part: a flag in the header of an uplink message of
-        `recv` (W messages to this rank), or, in a part that is dense throughout, a NaN or Inf in the reduced sum
-        (on the CPU fast path, float32, the sum is divided into the mean in the same pass: `Exchange.averaged`)."""
+        `recv` (W messages to this rank), or, in a part that is dense throughout, a NaN or Inf in its all-reduced
+        sum, which is turned into the mean here in the same pass (one on the CPU fast path, float32)."""
         if recv is None:
             buf = ex.dense_buf
             if buf.dtype == torch.float32 and buf.is_contiguous() and kernels.available() and fastpath.on_cpu(buf):
-                ex.averaged = True                    # the mean and the check in one pass
                 return torch.tensor(kernels.divide_finite(buf.numpy(), self.plan.world_size))
-            return ~torch.isfinite(buf.sum())
+            return ~torch.isfinite(buf.div_(self.plan.world_size).sum())
         M = self.up.sizes[self.plan.rank]
         return (recv[:self.recv_size].view(self.plan.world_size, M)[:, 0] != 0).any()
 
@@ -502,7 +500,7 @@ class BucketState:
                 segs, views = down.dense_views(gathered)
                 _copy([outs[i].narrow(0, start, n) for i, start, n in segs], views)
         elif p.dense_items:
-            buf = ex.dense_buf if ex.averaged else ex.dense_buf.div_(p.world_size)
+            buf = ex.dense_buf                          # the mean already (`skip_flag`)
             self._nan_if_skipped(ex, buf)
             if not (ex.in_place_dense and into_items):
                 off, dst, src = 0, [], []

@@ -143,12 +143,13 @@ class BucketPipeline:
         c = self.collective
         device = items[0][1].device
         if self.begin_on_thread:
-            begun = self._submit(lambda: c.begin(items, flat), device)
+            begun = self._submit(lambda: c.begin(items, flat), device).wait
         else:
             bex = c.begin(items, flat)
+            begun = lambda: bex             # noqa: E731
 
         def serve():
-            b = begun.wait() if self.begin_on_thread else bex
+            b = begun()
             c.serve(b)
             # a bucket dense throughout has no downlink to wait for: it ends now, while the next bucket's reduction
             # travels, not behind it (its future still completes in the finisher's order)
