@@ -15,7 +15,9 @@ work and the bytes on the wire. It explores, then exploits:
     choose    the fastest mode; dense unless a compressed mode is faster by more than `prefer_dense`.
     exploit   every `check_every` steps the mean step time is compared with the chosen mode's: `drift` slower or
               faster (the link or the load changed: another mode may win now), and it explores again (a drift
-              whose exploration changes nothing widens the band 1.5x, up to 4x `drift`: noise). A
+              whose exploration changes nothing widens the band 1.5x, up to 4x `drift`: noise). The chosen
+              mode's time is the mean of its first `check_every` steps in exploitation (the exploration's
+              median of `measure` steps moves with the spread of single steps, and would start drifts itself). A
               compressed mode bound by its compression work does not get faster when the link does, so every
               `probe_every` steps two timed all-reduces (a few KB, then about 20 ms worth) measure the link, and
               dense's step is predicted from it (the chosen step, less its compression work, plus dense's ring
@@ -27,8 +29,14 @@ work and the bytes on the wire. It explores, then exploits:
 
 Every rank must take the same decision at the same step: decisions fall on step counts that are the same
 everywhere, and every measurement they use goes through one small all-reduce (`sync`) first, so all ranks decide
-from the same numbers. Switching never loses mass: a bucket that goes dense sends its residuals along with its
-gradients, and one that changes compressor carries its residuals over (`DoubleSqueezeCollective`).
+from the same numbers. The exploit phase's check does not wait for it where the caller can issue it without
+waiting (`sync_async`): the all-reduce is issued at the step that completes the `check_every` steps and its result
+read, and the check decided, at the next one. A blocking all-reduce there would hold every rank's backward pass
+until the slowest reaches it, a barrier each `check_every` steps that costs what the ranks' skew is (on a loaded
+host, tens to hundreds of milliseconds).
+
+Switching never loses mass: a bucket that goes dense sends its residuals along with its gradients, and one that
+changes compressor carries its residuals over (`DoubleSqueezeCollective`).
 """
 import statistics
 import time
@@ -93,11 +101,13 @@ class AutoTuner:
         self._period = reexplore_every
         self._drift_now = drift
         self._by_drift = False
+        self._rebase = False                  # the next check takes its mean as the chosen mode's time
         self.probe_every = probe_every
         self._probe_holdoff = probe_every
         self._last_probe = 0
         self.ring = 1.0                       # bytes a ring all-reduce moves per rank, per byte of its buffer
         self._probe: Optional[Callable[[int], float]] = None
+        self._sync_async: Optional[Callable[[List[float]], Callable[[], List[float]]]] = None
         self.bandwidth = 125e6                # the last probe's estimate (bytes/s per rank); a first guess
         self._choice_bandwidth: Optional[float] = None     # the first probe's estimate after the last choice
         self.link_change = link_change
@@ -105,6 +115,7 @@ class AutoTuner:
         self._explored_from: Optional[str] = None    # the mode chosen before this exploration
         self._last_start: Optional[float] = None
         self._local: List[float] = []              # this rank's step times not yet synchronised
+        self._pending: Optional[Callable[[], List[float]]] = None     # a check's mean in flight (`sync_async`)
         self._work: Dict[str, Dict[Hashable, List[float]]] = {}   # mode -> bucket -> [seconds, bytes, dense bytes]
         self._work_steps: Dict[str, int] = {}
 
@@ -131,12 +142,16 @@ class AutoTuner:
 
     # -- the schedule ------------------------------------------------------------------------------------------
     def on_step_start(self, step: int, now: float, sync: Callable[[List[float]], List[float]],
-                      probe: Optional[Callable[[int], float]] = None) -> None:
+                      probe: Optional[Callable[[int], float]] = None,
+                      sync_async: Optional[Callable[[List[float]], Callable[[], List[float]]]] = None) -> None:
         """A step begins at `now` (seconds): account the one that just ended, then decide this step's mode.
         `sync(values)` is the mean of `values` over the ranks (an all-reduce), called at the same steps on every
         rank. `probe(nbytes)` times (seconds, this rank) an all-reduce of `nbytes`: the link's throughput, which a
-        compressed mode's own step time no longer shows once compression work, not the wire, bounds it."""
+        compressed mode's own step time no longer shows once compression work, not the wire, bounds it.
+        `sync_async(values)`, if given, issues the same all-reduce and returns a callable that waits for it and
+        gives the mean: the exploit phase's checks then read it one step later instead of waiting."""
         self._probe = probe
+        self._sync_async = sync_async
         if self._last_start is not None:
             self._local.append(now - self._last_start)
             self._done += 1
@@ -191,29 +206,45 @@ class AutoTuner:
         self._by_drift = False
         self._switch(best)
         self._chosen_time = self.times[best]
+        self._rebase = True
 
     def _exploit_step(self, sync) -> None:
         self._since_choice += 1
         if self._done <= self.settle:
             self._local.clear()
             return
+        if self._pending is not None:          # the mean issued at the last step: decide on it now
+            t, self._pending = self._pending()[0], None
+            self._check(t, sync)
+            return
         if len(self._local) < self.check_every:
             return
-        t = sync([sum(self._local) / len(self._local)])[0]
+        mean = sum(self._local) / len(self._local)
         self._local.clear()
-        if abs(t - self._chosen_time) > self._drift_now * self._chosen_time:
+        if self._sync_async is not None:
+            self._pending = self._sync_async([mean])
+            return
+        self._check(sync([mean])[0], sync)
+
+    def _check(self, t: float, sync) -> None:
+        """The exploit phase's check of the chosen mode, on `t`, the mean step time over the last `check_every`
+        steps and the ranks. The first check after a choice takes `t` as the chosen mode's time: the exploration
+        measured it over `measure` steps, where one slow or fast step moves the median by the step times' spread."""
+        if self._rebase:
+            self._rebase, self._chosen_time = False, t
+        elif abs(t - self._chosen_time) > self._drift_now * self._chosen_time:
             self._by_drift = True
             self.explore()
-        elif self._since_choice >= self._period:
-            self.explore()
-        elif self._dense_pays_now(sync):
+            return
+        if self._since_choice >= self._period or self._dense_pays_now(sync):
             self.explore()
 
     def _dense_pays_now(self, sync) -> bool:
         """Under a compressed mode, every `probe_every` steps: the link's throughput from two timed all-reduces
-        (a small one for the latency, one sized for about 20 ms), and from it dense's step predicted as the chosen
-        mode's step less its compression work plus dense's ring bytes over the link (no overlap assumed). True
-        when that beats the chosen mode by `prefer_dense`: the link got faster, explore."""
+        (a small one for the latency, one sized for about 20 ms, after an untimed small one that every rank
+        reaches first), and from it dense's step predicted as the chosen mode's step less its compression work
+        plus dense's ring bytes over the link (no overlap assumed). True when that beats the chosen mode by
+        `prefer_dense`: the link got faster, explore."""
         if self._probe is None or self.mode == DENSE or self._since_choice - self._last_probe < self.probe_every:
             return False
         self._last_probe = self._since_choice
@@ -223,6 +254,7 @@ class AutoTuner:
             return False
         big = int(min(64 << 20, max(256 << 10, self.bandwidth * 0.02)))
         small = 4096
+        self._probe(small)          # untimed: the ranks' skew is waited out here, not in the latency's figure
         t_small, t_big = sync([self._probe(small), self._probe(big)])
         if t_big <= t_small:
             return False
@@ -311,5 +343,5 @@ class AutoTuner:
         """Resume in the saved mode; a mixed mode, whose buckets are named by this process, is explored again."""
         if sd.get("phase") == "exploit" and sd.get("mode") != MIXED and sd.get("chosen_time"):
             self.mode, self.phase, self.times = sd["mode"], "exploit", dict(sd["times"])
-            self._chosen_time = sd["chosen_time"]
+            self._chosen_time, self._rebase = sd["chosen_time"], True
         self.switches = sd.get("switches", 0)

@@ -309,7 +309,8 @@ class DoubleSqueezeCollective:
             W = self.world_size
             self.auto.ring = 2 * (W - 1) / W
             self.auto.on_step_start(self.step, self.auto.clock(), lambda v: self._mean_over_ranks(v, device),
-                                    (lambda n: self._time_all_reduce(n, device)) if W > 1 else None)
+                                    (lambda n: self._time_all_reduce(n, device)) if W > 1 else None,
+                                    lambda v: self._mean_over_ranks_async(v, device))
         if self.guard is not None:
             with self._lock:
                 due = self.guard.due(self.step)
@@ -363,6 +364,14 @@ class DoubleSqueezeCollective:
         comm = self.decision_comm or self.comm
         t = torch.tensor(values, dtype=torch.float64, device=device)
         return (comm.all_reduce_sum(t) / comm.size).tolist()
+
+    def _mean_over_ranks_async(self, values: List[float], device) -> Callable[[], List[float]]:
+        """`_mean_over_ranks` issued now (in this group's order of collectives on every rank); the callable it
+        returns waits for it and gives the mean."""
+        comm = self.decision_comm or self.comm
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        pending = comm.all_reduce_sum_async(t, name="dsq.auto.check")
+        return lambda: (pending.wait() / comm.size).tolist()
 
     def _time_all_reduce(self, nbytes: int, device) -> float:
         """Seconds of a blocking all-reduce of `nbytes` (auto's probe of the link)."""

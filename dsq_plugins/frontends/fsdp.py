@@ -256,9 +256,13 @@ class FSDPDoubleSqueezeState:
                     t = torch.tensor(values, dtype=torch.float64, device=device)
                     return (comm.all_reduce_sum(t) / W).tolist()
 
+                def sync_async(values):
+                    pending = comm.all_reduce_sum_async(torch.tensor(values, dtype=torch.float64, device=device))
+                    return lambda: (pending.wait() / W).tolist()
+
                 def probe(nbytes):
                     return time_all_reduce(comm, nbytes, device)
-                self.auto.on_step_start(self.step, self.auto.clock(), sync, probe if W > 1 else None)
+                self.auto.on_step_start(self.step, self.auto.clock(), sync, probe if W > 1 else None, sync_async)
         spec = self._spec_for(unit)
         if spec is not None and self.auto is not None:
             unit.uplink.set_compressor(get_compressor(spec))
