@@ -361,13 +361,11 @@ class DoubleSqueezeCollective:
 
     def _mean_over_ranks(self, values: List[float], device) -> List[float]:
         """`values` averaged over the ranks that decide together: `decision_comm`'s if set, else this group's."""
-        comm = self.decision_comm or self.comm
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        return (comm.all_reduce_sum(t) / comm.size).tolist()
+        return self._mean_over_ranks_async(values, device)()
 
     def _mean_over_ranks_async(self, values: List[float], device) -> Callable[[], List[float]]:
-        """`_mean_over_ranks` issued now (in this group's order of collectives on every rank); the callable it
-        returns waits for it and gives the mean."""
+        """`_mean_over_ranks`'s all-reduce issued now (in this group's order of collectives on every rank); the
+        callable it returns waits for it and gives the mean."""
         comm = self.decision_comm or self.comm
         t = torch.tensor(values, dtype=torch.float64, device=device)
         pending = comm.all_reduce_sum_async(t, name="dsq.auto.check")

@@ -252,13 +252,12 @@ class FSDPDoubleSqueezeState:
                 W = comm.size
                 self.auto.ring = 2 * (W - 1) / W
 
-                def sync(values):
-                    t = torch.tensor(values, dtype=torch.float64, device=device)
-                    return (comm.all_reduce_sum(t) / W).tolist()
-
                 def sync_async(values):
                     pending = comm.all_reduce_sum_async(torch.tensor(values, dtype=torch.float64, device=device))
                     return lambda: (pending.wait() / W).tolist()
+
+                def sync(values):
+                    return sync_async(values)()
 
                 def probe(nbytes):
                     return time_all_reduce(comm, nbytes, device)
