@@ -43,11 +43,24 @@ CORE_TESTS := tests/test_compressors.py tests/test_simulator.py tests/test_engin
 	tests/test_fsdp.py tests/test_zero2.py::test_zero2_equals_the_plain_torch_reference_on_both_passes \
 	tests/test_zero3.py::test_zero3_equals_the_plain_torch_reference_on_both_passes
 
+FAST_PATHS_OFF := -k "not refused and not pickled and not lightning_model_parallel and not bytes_counted_by_the_kernel \
+	and not fsdp2_resume and not hsdp and not persistent"
+
+# The suite runs as two lanes side by side (tools/run_lanes.py), one pytest each, so that both cores stay busy: one
+# test after another, the launches of 2-4 processes kept 1.5 of 2 cores busy on average. Lane `launchers` holds
+# the files of the largest launches (the front ends, the LM yardstick, Horovod, the examples, the cluster, ZeRO-3);
+# lane `rest` every other file (a new test file lands there), then the second run with the fast paths off. Measured
+# 2026-12-08, the two took about the same time. Each pytest runs torch on one thread (OMP_NUM_THREADS=1), as the
+# launched ranks do: two lanes of two threads each would only take turns on the 2 cores.
+LANE_LAUNCHERS := tests/test_frontends.py tests/test_quality.py tests/test_horovod.py tests/test_examples.py \
+	tests/test_universal.py tests/test_cluster.py tests/test_convergence.py tests/test_zero3.py
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
 test: setup
-	$(PY) -m pytest -q --durations=20 tests
-	DSQ_FAST_PATHS=0 $(PY) -m pytest -q $(CORE_TESTS) \
-		-k "not refused and not pickled and not lightning_model_parallel and not bytes_counted_by_the_kernel \
-		    and not fsdp2_resume and not hsdp and not persistent"
+	$(PY) tools/run_lanes.py \
+		--lane launchers '$(PYTEST) --durations=10 $(LANE_LAUNCHERS)' \
+		--lane rest '$(PYTEST) --durations=10 tests $(addprefix --ignore=,$(LANE_LAUNCHERS)) && \
+			DSQ_FAST_PATHS=0 $(PYTEST) $(CORE_TESTS) $(FAST_PATHS_OFF)'
 
 # The main demo: 4 DDP ranks on the digits data, five methods side by side (see examples/demo.py).
 demo: setup-core

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,18 @@ def horovodrun(nproc: int, script, args=(), timeout: float = 180.0, check: bool 
 
 
 def deepspeed_launch(nproc: int, script, args=(), timeout: float = 180.0, check: bool = True):
-    """Run `script` under the real `deepspeed` launcher with `nproc` local CPU ranks (gloo)."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(nproc), str(script),
-           *map(str, args)]
+    """Run `script` under the real `deepspeed` launcher with `nproc` local CPU ranks (gloo), on a free port (the
+    launcher's default, 29500, would collide with another job's)."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(nproc),
+           "--master_port", str(free_port()), str(script), *map(str, args)]
     return _run(cmd, timeout, check)
+
+
+def free_port() -> int:
+    """A TCP port of the loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(cmd, timeout, check) -> subprocess.CompletedProcess:
