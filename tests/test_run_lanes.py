@@ -1,7 +1,10 @@
 """tools/run_lanes.py, which `make test` runs its pytest lanes with: the lanes run side by side, each lane's output
 is printed whole under its name, and the run fails with the first failed lane's status."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 from .conftest import ROOT
 
@@ -45,3 +48,24 @@ def test_a_lane_killed_by_a_signal_fails_the_run():
 def test_lane_names_must_differ():
     proc = lanes(("a", "true"), ("a", "true"))
     assert proc.returncode == 2 and "lane names must differ" in proc.stderr
+
+
+def test_stopped_it_stops_every_lane(tmp_path):
+    """SIGTERM to the runner: each lane's process group gets SIGTERM (the lane's own processes with it), and the
+    runner exits 128 + 15."""
+    marker = tmp_path / "pid"
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "--lane", "a", f"sleep 300 & echo $! > {marker}; wait",
+                             "--lane", "b", "sleep 300"], stdout=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if marker.exists() and marker.read_text().strip():
+            break
+        time.sleep(0.05)
+    sleeper = int(marker.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):                     # the sleep's parent shell reaps it
+        if not os.path.exists(f"/proc/{sleeper}") or open(f"/proc/{sleeper}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the lane's process outlived the runner")
